@@ -1,0 +1,199 @@
+"""``medrl`` command line. Usage/config errors exit 2 with one line; unexpected errors exit 1 and keep the
+traceback in ``runs/<name>/logs/medrl.log``. Stage code is imported lazily so ``--help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from medrl.errors import UsageError
+
+log = logging.getLogger("medrl")
+
+OFFLINE_ENV = {"DS_ACCELERATOR": "cpu", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, default=None,
+                   help="YAML config (default: built-in defaults for Qwen3-1.7B)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides applied after the file, e.g. ppo.kl.target=0.1 run.name=exp2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medrl", description="RL trainer that turns a small open model into a safer medical assistant.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prepare", help="load, normalise, clean and split medical data; write DATA_CARD.md")
+    _add_config_args(p)
+    p.add_argument("--sources", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
+                   help="comma-separated source names overriding data.sources (e.g. medical-o1,delicate-medical)")
+    p.add_argument("--strict", action="store_true", help="fail on the first rejected row instead of recording it")
+
+    p = sub.add_parser("sft", help="LoRA supervised fine-tuning on the prepared train split")
+    _add_config_args(p)
+    p.add_argument("--resume", default=None, help="'auto' (newest checkpoint) or a checkpoint directory")
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into the base model and save a full model directory")
+    _add_config_args(p)
+    p.add_argument("--adapter", type=Path, default=None, help="adapter dir (default: the run's RL, else SFT adapter)")
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+
+    p = sub.add_parser("judge", help="score a JSONL file with rule rewards and the teacher judge")
+    _add_config_args(p)
+    p.add_argument("--input", type=Path, required=True,
+                   help="JSONL with prompt, response and optional reference, risk")
+    p.add_argument("--out", type=Path, required=True, help="output JSONL with reward breakdowns")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    p.add_argument("--dry-run", action="store_true", help="estimate tokens and cost without calling the judge")
+
+    p = sub.add_parser("ppo", help="RL: Ray rollout actors, streamed judge scoring, PPO/GRPO/RLOO/REINFORCE++ learner")
+    _add_config_args(p)
+    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint directory")
+
+    p = sub.add_parser("estimate-memory", help="expected peak GPU memory of the learner for a config")
+    _add_config_args(p)
+
+    p = sub.add_parser("eval", help="evaluate base / SFT / RL models on test, gold, red-team and PubMedQA")
+    _add_config_args(p)
+    p.add_argument("--models", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
+                   help="comma-separated subset of base,sft,rl (default: those that exist)")
+    p.add_argument("--sets", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
+                   help="comma-separated subset of eval.sets")
+
+    p = sub.add_parser("report", help="build report.html / report.md for a run directory")
+    p.add_argument("run_dir", type=Path, help="run directory, e.g. runs/local_tiny")
+
+    p = sub.add_parser("pipeline", help="prepare -> sft -> ppo -> eval -> report, skipping stages already done")
+    _add_config_args(p)
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="re-run STAGE even if its output exists (repeatable; 'all' for every stage)")
+
+    p = sub.add_parser("tiny-model", help="build a tiny random Qwen3 + BPE tokenizer for tests and CPU runs")
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--corpus", type=Path, action="append", default=[], help="extra text file(s) for the tokenizer")
+
+    p = sub.add_parser("download-model", help="fetch a model snapshot through ModelScope into the local cache")
+    p.add_argument("model_id", help="e.g. Qwen/Qwen3-1.7B")
+    p.add_argument("--cache-dir", default=None, help="default: $MODELSCOPE_CACHE or ~/.cache/modelscope")
+    p.add_argument("--revision", default=None)
+    return parser
+
+
+def _configured(args):
+    """Load the config, prepare the run dir, logging and the saved (redacted) config."""
+    from medrl.config import load_config
+    from medrl.runs import RunDir, setup_logging
+
+    cfg = load_config(args.config, args.overrides)
+    run = RunDir.from_config(cfg).ensure()
+    setup_logging(run, secret_envs=_secret_envs(cfg))
+    run.save_config(cfg)
+    if cfg.model.build_tiny_if_missing and not Path(cfg.model.path).exists():
+        from medrl.models.tiny import build_tiny_model
+
+        log.info("building the tiny Qwen3 model at %s", cfg.model.path)
+        build_tiny_model(cfg.model.path)
+    return cfg, run
+
+
+def _secret_envs(cfg) -> list[str]:
+    names = {"DEEPSEEK_API_KEY", "OPENAI_API_KEY"}
+    judge = getattr(cfg.reward, "judge", None)
+    env = getattr(judge, "api_key_env", None)
+    if env:
+        names.add(env)
+    return sorted(names)
+
+
+def _dispatch(args) -> int:
+    cmd = args.command
+    if cmd == "tiny-model":
+        from medrl.models.tiny import TinySpec, build_tiny_model
+
+        out = build_tiny_model(args.out, TinySpec(vocab_size=args.vocab_size, seed=args.seed), args.corpus)
+        print(f"tiny Qwen3 model written to {out}")
+        return 0
+    if cmd == "download-model":
+        from medrl.models.loading import download_model
+
+        print(download_model(args.model_id, cache_dir=args.cache_dir, revision=args.revision))
+        return 0
+    if cmd == "report":
+        if not args.run_dir.is_dir():
+            raise UsageError(f"run directory not found: {args.run_dir}")
+        from medrl.evaluation.report import build_report
+        from medrl.runs import RunDir, setup_logging
+
+        run = RunDir(args.run_dir)
+        setup_logging(run)
+        print(build_report(run))
+        return 0
+
+    cfg, run = _configured(args)
+    if cmd == "prepare":
+        from medrl.data.prepare import run_prepare
+
+        run_prepare(cfg, run, sources=args.sources, strict=args.strict)
+    elif cmd == "sft":
+        from medrl.sft.trainer import run_sft
+
+        run_sft(cfg, run, resume=args.resume)
+    elif cmd == "merge":
+        from medrl.sft.merge import merge_adapter
+
+        print(merge_adapter(cfg, run, adapter=args.adapter, out=args.out))
+    elif cmd == "judge":
+        from medrl.reward.judge_cli import run_judge
+
+        run_judge(cfg, run, input_path=args.input, out_path=args.out, limit=args.limit, dry_run=args.dry_run)
+    elif cmd == "ppo":
+        from medrl.ppo.driver import run_ppo
+
+        run_ppo(cfg, run, resume=args.resume)
+    elif cmd == "estimate-memory":
+        from medrl.ppo.memory import run_estimate_memory
+
+        run_estimate_memory(cfg)
+    elif cmd == "eval":
+        from medrl.evaluation.evaluate import run_eval
+
+        run_eval(cfg, run, models=args.models, sets=args.sets)
+    elif cmd == "pipeline":
+        from medrl.pipeline import run_pipeline
+
+        run_pipeline(cfg, run, force=args.force)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UsageError as exc:
+        print(f"medrl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medrl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # unexpected: full traceback to the log file, one line on the console
+        log.debug("unexpected error", exc_info=True)
+        where = next((h.baseFilename for h in log.handlers if isinstance(h, logging.FileHandler)), None)
+        hint = f" (traceback in {where})" if where else ""
+        print(f"medrl: unexpected error: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+        if not where:
+            import traceback
+
+            traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""One typed config tree, loaded from YAML with dotted overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails with one line naming the key, the
+file and the expected type. Each stage owns its section class in its own package (``medrl/<stage>/config.py``);
+this module only composes them and owns loading, overriding, saving and secret redaction.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from medrl.config_base import StrictModel
+
+from medrl.errors import ConfigError
+
+
+class RunConfig(StrictModel):
+    name: str = "default"
+    """Run name; outputs go to ``<root>/<name>/``."""
+    root: str = "runs"
+    """Directory holding all runs (relative paths are relative to the working directory)."""
+    seed: int = 42
+
+
+class ModelConfig(StrictModel):
+    path: str = "Qwen/Qwen3-1.7B"
+    """Local model directory, or a hub id already fetched with ``medrl download-model`` (training never downloads)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bfloat16 on GPU, float32 on CPU."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache_dir: str | None = None
+    """Where ``download-model`` puts snapshots; default ``$MODELSCOPE_CACHE`` or ``~/.cache/modelscope``."""
+    system_prompt: str = (
+        "You are a careful medical assistant. Think step by step inside <think></think>, then give a clear, safe "
+        "answer. Recommend emergency care when symptoms suggest an emergency."
+    )
+    """System prompt used for SFT, rollouts and eval alike."""
+    build_tiny_if_missing: bool = False
+    """If ``path`` does not exist, build the tiny random Qwen3 there first (CPU demo / tests only)."""
+
+
+class RayConfig(StrictModel):
+    address: str | None = None
+    """None: start a private local Ray runtime in this process; otherwise a cluster address (or ``auto``)."""
+    num_cpus: float | None = None
+    """CPUs for the local runtime (None: all)."""
+    include_dashboard: bool = False
+
+
+# Stage sections are imported after the base classes they build on.
+from medrl.data.config import DataConfig  # noqa: E402
+from medrl.evaluation.config import EvalConfig  # noqa: E402
+from medrl.ppo.config import PPOConfig  # noqa: E402
+from medrl.reward.config import RewardConfig  # noqa: E402
+from medrl.sft.config import SFTConfig  # noqa: E402
+
+
+class Config(StrictModel):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        return redact_secrets(data) if redact else data
+
+    def to_yaml(self, redact: bool = True) -> str:
+        return yaml.safe_dump(self.to_dict(redact), sort_keys=False, allow_unicode=True)
+
+    def digest(self) -> str:
+        """Short stable hash of the resolved config (used in DATA_CARD and checkpoints)."""
+        blob = json.dumps(self.to_dict(redact=True), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- secrets
+_SECRET_KEY = re.compile(r"(api_key|apikey|secret|password|token)$", re.IGNORECASE)
+
+
+def redact_secrets(obj: Any) -> Any:
+    """Replace values of secret-looking keys (``api_key``, ``*_token``...) with ``***``. ``*_env`` names are kept:
+    they hold the *name* of an environment variable, never the secret itself."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, str) and _SECRET_KEY.search(k) and v not in (None, ""):
+                out[k] = "***"
+            else:
+                out[k] = redact_secrets(v)
+        return out
+    if isinstance(obj, list):
+        return [redact_secrets(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- loading
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _field_at(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | None, Any]:
+    """Walk ``loc`` through nested models; return (parent model, annotation of the last key)."""
+    parent: type[BaseModel] | None = model
+    annotation: Any = model
+    for part in loc:
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            # unwrap Optional[Model] / containers of models
+            models = [a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if not models or not isinstance(part, str):
+                continue
+            annotation = models[0]
+        parent = annotation
+        field = annotation.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return parent, None
+        annotation = field.annotation
+    return parent, annotation
+
+
+def _format_error(err: dict, source: str) -> str:
+    loc = tuple(p for p in err["loc"])
+    key = ".".join(str(p) for p in loc)
+    parent, annotation = _field_at(Config, loc)
+    if err["type"] == "extra_forbidden":
+        known = ", ".join(parent.model_fields) if parent is not None else ""
+        where = ".".join(str(p) for p in loc[:-1]) or "top level"
+        return f"{source}: unknown key '{key}' (known keys in {where}: {known})"
+    if err["type"] == "missing":
+        return f"{source}: missing required key '{key}'"
+    expected = _type_name(annotation) if annotation is not None else "a valid value"
+    got = err.get("input")
+    return f"{source}: key '{key}' expects {expected}, got {type(got).__name__} {got!r} ({err['msg']})"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: cannot set '{dotted}': '{'.'.join(parts[: i + 1])}' is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``ppo.kl.target=0.1`` -> (``ppo.kl.target``, 0.1). Values are parsed as YAML scalars/lists."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate_tree(tree: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc.errors()[0], source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or defaults when ``path`` is None), apply dotted overrides, validate."""
+    tree: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{source}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    cfg = validate_tree(tree, source)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, f"override '{text}'")
+        cfg = validate_tree(tree, f"override '{text}'")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config with secrets redacted."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(cfg.to_yaml(redact=True), encoding="utf-8")
+    return p

@@ -1,0 +1,8 @@
+"""The base class every config section derives from (kept apart from ``medrl.config`` to avoid import cycles)."""
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors; assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())

@@ -1,0 +1,47 @@
+"""``medrl pipeline``: prepare -> sft -> ppo -> eval -> report, skipping stages whose output already exists."""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+
+from medrl.config import Config
+from medrl.errors import UsageError
+from medrl.runs import STAGES, RunDir
+
+log = logging.getLogger("medrl.pipeline")
+
+# stage -> (module, function, keyword arguments)
+_ENTRY = {
+    "prepare": ("medrl.data.prepare", "run_prepare", {"sources": None, "strict": False}),
+    "sft": ("medrl.sft.trainer", "run_sft", {"resume": "auto"}),
+    "ppo": ("medrl.ppo.driver", "run_ppo", {"resume": "auto"}),
+    "eval": ("medrl.evaluation.evaluate", "run_eval", {"models": None, "sets": None}),
+}
+
+
+def run_pipeline(cfg: Config, run: RunDir, force: list[str] = ()) -> dict[str, str]:
+    force = set(force)
+    unknown = force - set(STAGES) - {"all"}
+    if unknown:
+        raise UsageError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}, all")
+    outcome: dict[str, str] = {}
+    for stage in STAGES:
+        output = run.stage_output(stage)
+        if output.exists() and stage not in force and "all" not in force:
+            log.info("[%s] skipped: %s exists (use --force %s to re-run)", stage, output, stage)
+            outcome[stage] = "skipped"
+            continue
+        t0 = time.time()
+        log.info("[%s] running", stage)
+        if stage == "report":
+            from medrl.evaluation.report import build_report
+
+            build_report(run)
+        else:
+            module, fn, kwargs = _ENTRY[stage]
+            getattr(importlib.import_module(module), fn)(cfg, run, **kwargs)
+        outcome[stage] = f"done in {time.time() - t0:.1f}s"
+        log.info("[%s] %s", stage, outcome[stage])
+    log.info("pipeline finished: %s", ", ".join(f"{k} {v}" for k, v in outcome.items()))
+    return outcome

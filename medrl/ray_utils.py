@@ -1,0 +1,26 @@
+"""Starting and stopping Ray the same way for every stage."""
+from __future__ import annotations
+
+import os
+
+from medrl.config import RayConfig
+
+# Keep Ray on loopback and quiet on a single machine (see ../shared/STACK.md).
+_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def init_ray(cfg: RayConfig, runtime_env: dict | None = None):
+    """Connect to ``cfg.address`` or start a private local runtime (``address="local"`` never attaches to another
+    cluster running on the same machine). Returns whether this call started Ray (the caller then shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    for k, v in _RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    if cfg.address:
+        ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
+                 runtime_env=runtime_env, log_to_driver=True, _node_ip_address="127.0.0.1")
+    return True

@@ -1,0 +1,206 @@
+"""The run directory: the one place in code that owns output paths, logs and metrics.
+
+    runs/<name>/
+      config.yaml          resolved config, secrets redacted (rewritten by every stage that runs)
+      logs/medrl.log       full log, tracebacks of unexpected errors included
+      metrics.jsonl        one JSON object per logged step: {"stage", "step", "time", ...metrics}
+      tb/<stage>/          TensorBoard events
+      data/                prepared data (train/dev/test/gold/redteam/rl_prompts .jsonl, rejects.jsonl, DATA_CARD.md)
+      sft/                 SFT adapter + tokenizer; sft/checkpoints/
+      ppo/                 RL adapter (+ value head); ppo/checkpoints/
+      eval/                generations and scores (.jsonl), eval summary
+      report/              report.html, report.md, plots
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medrl.config import Config, save_config
+
+STAGES = ("prepare", "sft", "ppo", "eval", "report")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "RunDir":
+        return cls(Path(cfg.run.root) / cfg.run.name)
+
+    # ---- paths (directories are created on demand by ``ensure``)
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def log_file(self) -> Path:
+        return self.logs / "medrl.log"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def tb_dir(self, stage: str) -> Path:
+        return self.root / "tb" / stage
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def sft(self) -> Path:
+        return self.root / "sft"
+
+    @property
+    def ppo(self) -> Path:
+        return self.root / "ppo"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    # ---- the main output of each stage; ``medrl pipeline`` skips a stage whose output exists
+    @property
+    def data_card(self) -> Path:
+        return self.data / "DATA_CARD.md"
+
+    @property
+    def sft_adapter(self) -> Path:
+        return self.sft / "adapter"
+
+    @property
+    def ppo_adapter(self) -> Path:
+        return self.ppo / "adapter"
+
+    @property
+    def eval_summary(self) -> Path:
+        return self.eval / "summary.json"
+
+    @property
+    def report_html(self) -> Path:
+        return self.report / "report.html"
+
+    def stage_output(self, stage: str) -> Path:
+        return {"prepare": self.data_card, "sft": self.sft_adapter, "ppo": self.ppo_adapter,
+                "eval": self.eval_summary, "report": self.report_html}[stage]
+
+    def checkpoints(self, stage: str) -> Path:
+        return self.root / stage / "checkpoints"
+
+    def ensure(self) -> "RunDir":
+        for d in (self.root, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def save_config(self, cfg: Config) -> Path:
+        self.ensure()
+        return save_config(cfg, self.config_path)
+
+
+# --------------------------------------------------------------------------- logging
+class SecretFilter(logging.Filter):
+    """Masks the values of secret environment variables (API keys) in every log record."""
+
+    def __init__(self, env_names: list[str]):
+        super().__init__()
+        self.secrets = [os.environ[n] for n in env_names if os.environ.get(n)]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            for s in self.secrets:
+                msg = msg.replace(s, "***")
+            record.msg, record.args = msg, None
+        return True
+
+
+def setup_logging(run: RunDir | None, secret_envs: list[str] | None = None, level: int = logging.INFO) -> None:
+    """Console (INFO) + ``logs/medrl.log`` (DEBUG) for the ``medrl`` logger; secrets masked in both."""
+    logger = logging.getLogger("medrl")
+    logger.setLevel(logging.DEBUG)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    secret_filter = SecretFilter(secret_envs or [])
+    console = logging.StreamHandler()
+    console.setLevel(level)
+    console.setFormatter(fmt)
+    console.addFilter(secret_filter)
+    logger.addHandler(console)
+    if run is not None:
+        run.ensure()
+        fh = logging.FileHandler(run.log_file, encoding="utf-8")
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(fmt)
+        fh.addFilter(secret_filter)
+        logger.addHandler(fh)
+    logger.propagate = False
+
+
+# --------------------------------------------------------------------------- metrics
+class MetricsLogger:
+    """Appends ``{"stage", "step", "time", **metrics}`` to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run: RunDir, stage: str, tensorboard: bool = True):
+        run.ensure()
+        self.stage = stage
+        self.path = run.metrics_path
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(run.tb_dir(stage)))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"stage": self.stage, "step": int(step), "time": round(time.time(), 3)}
+        row.update({k: _plain(v) for k, v in metrics.items()})
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self._writer is not None:
+            for k, v in row.items():
+                if k not in ("stage", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._writer.add_scalar(f"{self.stage}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item") and callable(v.item):
+        try:
+            return v.item()
+        except (ValueError, RuntimeError):
+            pass
+    return v
+
+
+def read_metrics(run: RunDir, stage: str | None = None) -> list[dict]:
+    if not run.metrics_path.exists():
+        return []
+    rows = [json.loads(line) for line in run.metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if stage is None or r.get("stage") == stage]

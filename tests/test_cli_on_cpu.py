@@ -1,0 +1,58 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medrl.cli import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = ["prepare", "sft", "merge", "judge", "ppo", "estimate-memory", "eval", "report", "pipeline", "tiny-model",
+            "download-model"]
+
+
+def _medrl(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "medrl.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_help_for_every_subcommand():
+    r = _medrl("--help")
+    assert r.returncode == 0
+    for cmd in COMMANDS:
+        assert cmd in r.stdout
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(COMMANDS)
+    for cmd in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([cmd, "--help"])
+        assert e.value.code == 0
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  no_such_key: 1\n")
+    r = _medrl("prepare", "--config", str(bad), f"run.root={tmp_path}/runs")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"medrl: error: {bad}: unknown key 'ppo.no_such_key'")
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_config_and_bad_override_exit_2(tmp_path):
+    r = _medrl("sft", "--config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and r.stderr.strip() == f"medrl: error: config file not found: {tmp_path}/missing.yaml"
+    r = _medrl("eval", "--config", "configs/local_tiny.yaml", "run.seed=x", f"run.root={tmp_path}")
+    assert r.returncode == 2 and "key 'run.seed' expects int" in r.stderr
+
+
+def test_tiny_model_command(tmp_path):
+    r = _medrl("tiny-model", "--out", str(tmp_path / "m"), "--vocab-size", "1000")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+def test_report_on_missing_dir_exits_2(tmp_path):
+    r = _medrl("report", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "run directory not found" in r.stderr

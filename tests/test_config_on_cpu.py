@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medrl.config import Config, load_config, redact_secrets, save_config
+from medrl.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _write(tmp_path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_shipped_configs_validate():
+    for name in ("local_tiny.yaml", "qwen3_1p7b_24gb.yaml", "qwen3_1p7b_16gb.yaml"):
+        cfg = load_config(CONFIGS / name)
+        assert isinstance(cfg, Config)
+    assert load_config(CONFIGS / "local_tiny.yaml").model.device == "cpu"
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(CONFIGS / "local_tiny.yaml", ["run.seed=7", "model.dtype=bfloat16"])
+    out = save_config(cfg, tmp_path / "saved.yaml")
+    again = load_config(out)
+    assert again == cfg
+    assert again.run.seed == 7 and again.model.dtype == "bfloat16"
+
+
+def test_override_types_and_nesting(tmp_path):
+    p = _write(tmp_path, "run:\n  name: a\n")
+    cfg = load_config(p, ["run.name=b", "run.seed=3", "ray.num_cpus=0.5", "ray.address=null"])
+    assert (cfg.run.name, cfg.run.seed, cfg.ray.num_cpus, cfg.ray.address) == ("b", 3, 0.5, None)
+
+
+def test_unknown_key_names_key_file_and_known_keys(tmp_path):
+    p = _write(tmp_path, "run:\n  nmae: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}: unknown key 'run.nmae' (known keys in run: name, root, seed)"
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["run.sed=3"])
+    assert str(e.value) == "override 'run.sed=3': unknown key 'run.sed' (known keys in run: name, root, seed)"
+
+
+def test_wrong_type_names_expected_type(tmp_path):
+    p = _write(tmp_path, "run:\n  seed: abc\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: key 'run.seed' expects int, got str 'abc'")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.dtype=float64"])
+    assert str(e.value).startswith(
+        "override 'model.dtype=float64': key 'model.dtype' expects one of 'auto', 'float32', 'bfloat16', 'float16',"
+        " got str 'float64'")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "nope.yaml")
+    assert str(e.value) == f"config file not found: {tmp_path / 'nope.yaml'}"
+    p = _write(tmp_path, "run: [1, 2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: line ") and "is not valid YAML" in str(e.value)
+    p = _write(tmp_path, "- 1\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(p)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["run.seed"])
+    assert str(e.value) == "override 'run.seed' must look like section.key=value"
+
+
+def test_secrets_redacted():
+    tree = {"judge": {"api_key": "sk-abcdef", "api_key_env": "DEEPSEEK_API_KEY", "auth_token": "t"}, "x": [{"secret": 1}]}
+    red = redact_secrets(tree)
+    assert red == {"judge": {"api_key": "***", "api_key_env": "DEEPSEEK_API_KEY", "auth_token": "***"},
+                   "x": [{"secret": "***"}]}
+
+
+def test_saved_config_is_yaml_with_every_section(tmp_path):
+    cfg = load_config(CONFIGS / "local_tiny.yaml")
+    tree = yaml.safe_load(save_config(cfg, tmp_path / "c.yaml").read_text())
+    assert set(tree) == set(Config.model_fields)
+    assert cfg.digest() == load_config(CONFIGS / "local_tiny.yaml").digest()
+    assert cfg.digest() != load_config(CONFIGS / "local_tiny.yaml", ["run.seed=1"]).digest()
