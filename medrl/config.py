@@ -29,6 +29,16 @@ class RunConfig(StrictModel):
     seed: int = 42
 
 
+class LoraSettings(StrictModel):
+    """LoRA adapter shape shared by SFT and RL (the RL policy starts from the SFT adapter)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """Default: every attention and MLP projection of Qwen3."""
+
+
 class ModelConfig(StrictModel):
     path: str = "Qwen/Qwen3-1.7B"
     """Local model directory, or a hub id already fetched with ``medrl download-model`` (training never downloads)."""
@@ -42,6 +52,8 @@ class ModelConfig(StrictModel):
         "answer. Recommend emergency care when symptoms suggest an emergency."
     )
     """System prompt used for SFT, rollouts and eval alike."""
+    lora: LoraSettings = LoraSettings()
+    gradient_checkpointing: bool = True
     build_tiny_if_missing: bool = False
     """If ``path`` does not exist, build the tiny random Qwen3 there first (CPU demo / tests only)."""
 

@@ -86,3 +86,33 @@ def test_download_fails_fast_offline(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="cannot reach the model hub .* set model.path"):
         download_model("Qwen/Qwen3-1.7B")
     assert time.time() - t0 < 5
+
+
+def test_generation_and_policy_helpers(tiny_model_dir, tmp_path):
+    from medrl.config import ModelConfig
+    from medrl.models.chat import render_prompt
+    from medrl.models.generation import generate
+    from medrl.models.loading import load_policy
+
+    mcfg = ModelConfig(path=str(tiny_model_dir), device="cpu", dtype="float32")
+    tok = load_tokenizer(mcfg.path)
+    prompts = [render_prompt(tok, "Be safe.", q) for q in ("胸痛怎么办？", "What is a normal blood pressure?")]
+    assert prompts[0].startswith("<|im_start|>system\nBe safe.<|im_end|>") and prompts[0].endswith("assistant\n")
+    policy = load_policy(mcfg, trainable=True)
+    assert sum(p.numel() for p in policy.parameters() if p.requires_grad) > 0
+    gens = generate(policy, tok, prompts, max_new_tokens=12, temperature=1.0, num_return_sequences=2, seed=0)
+    assert [g.prompt for g in gens] == [prompts[0], prompts[0], prompts[1], prompts[1]]
+    for g in gens:
+        assert 1 <= len(g.response_ids) <= 12
+        assert g.finished == (g.response_ids[-1] in (tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id))
+        assert g.prompt_ids == tok(g.prompt, add_special_tokens=False)["input_ids"]
+    again = generate(policy, tok, prompts, max_new_tokens=12, temperature=1.0, num_return_sequences=2, seed=0)
+    assert [g.response_ids for g in again] == [g.response_ids for g in gens]
+    policy.save_pretrained(tmp_path / "adapter")
+    reloaded = load_policy(mcfg, adapter=tmp_path / "adapter")
+    ids = torch.tensor([gens[0].prompt_ids])
+    with torch.no_grad():
+        assert torch.allclose(policy(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+        with reloaded.disable_adapter():
+            base_logits = reloaded(input_ids=ids).logits
+    assert base_logits.shape == policy(input_ids=ids).logits.shape

@@ -111,3 +111,30 @@ def load_causal_lm(path: str, dtype: str = "auto", device: str = "auto", cache_d
         str(resolve_model_path(path, cache_dir)), dtype=pick_dtype(dtype, dev)
     )
     return model.to(dev)
+
+
+def lora_config(settings, inference_mode: bool = False):
+    """peft ``LoraConfig`` for a causal LM from ``cfg.model.lora``."""
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(task_type=TaskType.CAUSAL_LM, r=settings.r, lora_alpha=settings.alpha,
+                      lora_dropout=settings.dropout, target_modules=list(settings.target_modules),
+                      inference_mode=inference_mode)
+
+
+def load_policy(model_cfg, adapter: str | Path | None = None, trainable: bool = False, device: str | None = None):
+    """Base model + LoRA adapter as a ``PeftModel``: ``adapter`` loaded from a directory, or a fresh adapter from
+    ``model_cfg.lora`` when ``trainable`` and none is given. With no adapter and not trainable: the plain base model.
+    The reference policy of RL is this same model under ``with model.disable_adapter():``."""
+    from peft import PeftModel, get_peft_model
+
+    base = load_causal_lm(model_cfg.path, dtype=model_cfg.dtype, device=device or model_cfg.device,
+                          cache_dir=model_cfg.cache_dir)
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise UsageError(f"adapter directory {adapter} has no adapter_config.json")
+        return PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
+    if trainable:
+        return get_peft_model(base, lora_config(model_cfg.lora))
+    return base
