@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 import time
 
 from medrl.config import Config
@@ -33,6 +34,8 @@ def run_pipeline(cfg: Config, run: RunDir, force: list[str] = ()) -> dict[str, s
             outcome[stage] = "skipped"
             continue
         t0 = time.time()
+        if stage in ("sft", "ppo") and (stage in force or "all" in force):
+            shutil.rmtree(run.checkpoints(stage), ignore_errors=True)  # forced: start over, don't resume
         log.info("[%s] running", stage)
         if stage == "report":
             from medrl.evaluation.report import build_report

@@ -8,6 +8,7 @@
       data/                prepared data (train/dev/test/gold/redteam/rl_prompts .jsonl, rejects.jsonl, DATA_CARD.md)
       sft/                 SFT adapter + tokenizer; sft/checkpoints/
       ppo/                 RL adapter (+ value head); ppo/checkpoints/
+      reward/              teacher_judgements.jsonl (judgements used by this run, from the shared judge cache)
       eval/                generations and scores (.jsonl), eval summary
       report/              report.html, report.md, plots
 """
@@ -67,6 +68,15 @@ class RunDir:
         return self.root / "ppo"
 
     @property
+    def reward(self) -> Path:
+        return self.root / "reward"
+
+    @property
+    def teacher_judgements(self) -> Path:
+        """Judgements of the teacher used by this run, exported from the shared cache by ``medrl judge``."""
+        return self.reward / "teacher_judgements.jsonl"
+
+    @property
     def eval(self) -> Path:
         return self.root / "eval"
 
@@ -86,6 +96,11 @@ class RunDir:
     @property
     def ppo_adapter(self) -> Path:
         return self.ppo / "adapter"
+
+    @property
+    def ppo_samples(self) -> Path:
+        """Every scored PPO rollout sample (step, prompt id, response, reward, components), one JSON per line."""
+        return self.ppo / "samples.jsonl"
 
     @property
     def eval_summary(self) -> Path:

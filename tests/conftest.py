@@ -14,7 +14,9 @@ import pytest
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
                "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-               "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}.items():
+               "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg",
+               "TORCH_EXTENSIONS_DIR": str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"),
+               }.items():
     os.environ.setdefault(_k, _v)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,29 +69,33 @@ def ray_head(tmp_path_factory):
 
     Started with ``--block`` in its own process group and stopped by signalling that group, so it never touches
     other Ray runtimes on the machine (``ray stop`` would kill all of them)."""
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port, agent_port = free_port(), free_port(), free_port()
     temp_dir = Path("/tmp") / f"ray_t{os.getpid()}_{gcs_port}"
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     ray_bin = str(Path(sys.executable).parent / "ray")
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+         f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash_port}"
     deadline = time.time() + 90
     import urllib.request
 
-    while time.time() < deadline:
+    # the job server answers once the dashboard is up, but submits only after the node's agent (own free port: the
+    # default 52365 would collide between heads) is serving; it gives up on the agent after 10 s
+    pending = [url + "/api/version", f"http://127.0.0.1:{agent_port}/api/healthz"]
+    while time.time() < deadline and pending:
         if proc.poll() is not None:
             raise RuntimeError("ray start failed:\n" + proc.stdout.read().decode(errors="replace"))
         try:
-            with urllib.request.urlopen(url + "/api/version", timeout=2) as r:
+            with urllib.request.urlopen(pending[0], timeout=2) as r:
                 if r.status == 200:
-                    break
+                    pending.pop(0)
         except OSError:
             time.sleep(1)
-    else:
+    if pending:
         os.killpg(proc.pid, signal.SIGKILL)
         raise RuntimeError("ray head did not come up in 90 s")
     try:

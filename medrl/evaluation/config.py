@@ -1,8 +1,97 @@
-"""Config of the ``eval`` and ``report`` stages (owned by medrl.evaluation)."""
+"""Config of the ``eval`` and ``report`` stages (owned by medrl.evaluation).
+
+Every compared model (base, SFT adapter, RL adapter) is decoded with the SAME ``decoding`` settings, so the
+differences in the eval table come from the weights alone.
+"""
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import field_validator, model_validator
 
 from medrl.config_base import StrictModel
 
+EvalSet = Literal["test", "gold", "redteam", "pubmedqa"]
+ModelName = Literal["base", "sft", "rl"]
+
+
+class DecodingSettings(StrictModel):
+    """Decoding shared by every model under evaluation."""
+
+    max_new_tokens: int = 1024
+    """Room for the ``<think>`` block and the answer; a response cut here counts as unfinished (no final answer)."""
+    temperature: float = 0.0
+    """0 = greedy (deterministic, the default for comparisons); > 0 samples with ``top_p``."""
+    top_p: float = 1.0
+    batch_size: int = 8
+    """Prompts per ``generate`` call (left padded)."""
+    seed: int = 1234
+    """Sampling seed (used when ``temperature`` > 0; set before each model so all models see the same stream)."""
+
+    @field_validator("max_new_tokens", "batch_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _non_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0 (0 = greedy)")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _probability(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError("must be in (0, 1]")
+        return v
+
+
+class PairwiseSettings(StrictModel):
+    """Head-to-head judging: for each pair (a, b) and each prompt the judge sees both answers twice, once with a
+    shown first and once with b shown first; the two verdicts are averaged, which cancels position bias."""
+
+    enabled: bool = True
+    pairs: list[tuple[ModelName, ModelName]] = [("rl", "sft"), ("sft", "base")]
+    """(challenger, baseline) pairs; a pair is skipped when either model was not evaluated."""
+    sets: list[EvalSet] = ["test", "gold", "redteam"]
+    """Sets judged pairwise (PubMedQA is scored by accuracy instead)."""
+    limit: int | None = 100
+    """At most this many prompts per set and pair (the first ones of the evaluated items); None = all."""
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "PairwiseSettings":
+        for a, b in self.pairs:
+            if a == b:
+                raise ValueError(f"pair ({a}, {b}) compares a model with itself")
+        return self
+
 
 class EvalConfig(StrictModel):
-    sets: list[str] = ["test", "gold", "redteam", "pubmedqa"]
+    sets: list[EvalSet] = ["test", "gold", "redteam", "pubmedqa"]
+    """Eval sets, read from ``<run>/data/<set>.jsonl`` (written by ``medrl prepare``)."""
+    models: list[ModelName] = ["base", "sft", "rl"]
+    """Models to compare: base = ``model.path``; sft = ``<run>/sft/adapter``; rl = ``<run>/ppo/adapter``. A model
+    whose adapter does not exist yet is skipped with a warning (``medrl eval --models`` makes it an error)."""
+    limit: int | None = 200
+    """Items per set; None = all. A limited set takes items in turn from each red-team category (or data source),
+    the first ones of each in file order (deterministic), so every category is covered."""
+    set_limits: dict[EvalSet, int | None] = {"redteam": None}
+    """Per-set overrides of ``limit`` (default: the whole red-team set, it is small and matters most)."""
+    decoding: DecodingSettings = DecodingSettings()
+    pairwise: PairwiseSettings = PairwiseSettings()
+    use_ray: bool = False
+    """Generate in Ray actors, one per model, all models at once (worth it with one GPU per model, or on a
+    cluster); False generates in this process, one model after the other (best on a single GPU or CPU)."""
+    actor_num_gpus: float = 1.0
+    """GPUs per generation actor when ``use_ray`` (0 on CPU-only machines; a fraction lets models share a GPU)."""
+    actor_num_cpus: float = 1.0
+    """CPUs per generation actor when ``use_ray``."""
+    examples_per_set: int = 3
+    """Side-by-side generations (base / SFT / RL) shown per set in the report."""
+
+    def limit_for(self, eval_set: str) -> int | None:
+        return self.set_limits[eval_set] if eval_set in self.set_limits else self.limit

@@ -43,7 +43,13 @@ def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:
     )
 
 
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+def modelscope_endpoint() -> str:
+    """``$MODELSCOPE_DOMAIN`` (with a scheme) or the public ModelScope endpoint."""
+    endpoint = os.environ.get("MODELSCOPE_DOMAIN", MODELSCOPE_DEFAULT_ENDPOINT)
+    return endpoint if endpoint.startswith("http") else "https://" + endpoint
+
+
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
     url = urlparse(endpoint)
     host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -62,10 +68,8 @@ def download_model(model_id: str, cache_dir: str | None = None, revision: str | 
     if cached is not None:
         log.info("model %s already in cache: %s", model_id, cached)
         return cached
-    endpoint = os.environ.get("MODELSCOPE_DOMAIN", MODELSCOPE_DEFAULT_ENDPOINT)
-    if not endpoint.startswith("http"):
-        endpoint = "https://" + endpoint
-    if not _hub_reachable(endpoint):
+    endpoint = modelscope_endpoint()
+    if not hub_reachable(endpoint):
         raise UsageError(
             f"cannot reach the model hub at {endpoint} to download '{model_id}'; copy the model directory onto this "
             f"machine and set model.path to it (e.g. `medrl ppo model.path=/models/Qwen3-1.7B`)"

@@ -1,8 +1,163 @@
-"""Config of the ``ppo`` stage (owned by medrl.ppo)."""
+"""Config of the ``ppo`` stage (owned by medrl.ppo), TRL/OpenRLHF-style: one documented field per knob.
+
+Defaults suit Qwen3-1.7B + LoRA on one 16-24 GB GPU. One PPO *step* = sample ``prompts_per_step`` prompts, draw
+``samples_per_prompt`` responses for each, score them, then run ``ppo_epochs`` passes of minibatch updates.
+"""
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from medrl.config_base import StrictModel
 
 
+class GenerationSettings(StrictModel):
+    """Sampling of rollouts (the learner scores the same tokens at the same temperature)."""
+
+    max_new_tokens: int = Field(768, ge=1)
+    """Response budget (``<think>`` + answer); a response cut here still gets its reward (rules see an unclosed
+    ``<think>``, the judge an unfinished answer)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; log-probs of policy, old policy and reference are all taken at this temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling. Keep 1.0 for exact on-policy log-probs (< 1 makes the sampler differ from the scored
+    distribution, as in every HF/vLLM-based PPO)."""
+
+
+class KLSettings(StrictModel):
+    """Per-token KL penalty against the reference policy (the base model with the adapter disabled)."""
+
+    mode: Literal["adaptive", "fixed"] = "adaptive"
+    """``adaptive``: Ziegler et al. (2019) proportional controller driving the KL towards ``target``; ``fixed``:
+    constant ``init_coef``."""
+    init_coef: float = Field(0.01, ge=0)
+    """Initial (or fixed) coefficient beta of the penalty ``-beta * KL_t`` added to every response token. Advantages
+    sum the penalty over the rest of the response, so its weight grows with length: keep beta small for long
+    chains of thought."""
+    target: float = Field(0.1, gt=0)
+    """Target of the adaptive controller: mean per-token KL (nats) of the batch."""
+    horizon: int = Field(10000, ge=1)
+    """Adaptive controller horizon in samples: the coefficient moves by at most ``20% * samples/horizon`` a step."""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token KL estimator (Schulman, 'Approximating KL divergence'): k1 = log p - log q (unbiased, can be
+    negative), k2 = (log p - log q)^2 / 2, k3 = exp(log q - log p) - 1 - (log q - log p) (unbiased, >= 0)."""
+
+
+class RolloutSettings(StrictModel):
+    """Ray rollout actors: each holds the base model + a LoRA copy and generates with HF ``generate``."""
+
+    num_actors: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)
+    """Prompts per rollout micro-batch (one ``generate`` call, x ``samples_per_prompt`` sequences). Each finished
+    micro-batch is sent to the reward pool at once, while the next one is generating."""
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.5, ge=0)
+    """GPU share per rollout actor when the model runs on CUDA (ignored on CPU). The default 0.5 + the learner's 0.5
+    puts both on one card: each holds its own copy of the frozen base weights."""
+    max_restarts: int = Field(3, ge=0)
+    """A rollout actor that dies is restarted (and its unfinished micro-batches redone) up to this many times."""
+
+
+class LearnerSettings(StrictModel):
+    """The learner ranks: Ray actors running Accelerate (optionally with a DeepSpeed plugin) over gloo/NCCL."""
+
+    ranks: int = Field(1, ge=1)
+    """Data-parallel learner ranks (one per GPU); they all-reduce gradients and stay identical."""
+    deepspeed: str | None = None
+    """None (plain PyTorch, DDP when ranks > 1) or a DeepSpeed JSON, e.g. ``configs/deepspeed/zero2.json``; its
+    batch, clipping and accumulation values are set from this section."""
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.5, ge=0)
+    """GPU share per learner rank when the model runs on CUDA (ignored on CPU); use 1 per rank with ranks > 1
+    (NCCL needs one GPU per rank)."""
+
+
+class CheckpointSettings(StrictModel):
+    every: int = Field(50, ge=1)
+    """Write a resumable checkpoint every N steps (and after the last step)."""
+    keep_last: int = Field(2, ge=1)
+    """Keep only the newest K complete checkpoints."""
+
+
 class PPOConfig(StrictModel):
-    steps: int = 10
+    # ---- algorithm
+    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "grpo"
+    """Advantage estimator. ``gae``: PPO with the value head and GAE. Critic-free: ``grpo`` (reward normalised
+    within each prompt's group), ``rloo`` (leave-one-out group baseline), ``reinforce_pp`` (REINFORCE++: batch-
+    whitened returns). ``grpo`` is the default: no value head to train, best for sparse judge rewards."""
+    steps: int = Field(100, ge=1)
+    """PPO steps (rollout + update rounds)."""
+    prompts_per_step: int = Field(16, ge=1)
+    samples_per_prompt: int = Field(4, ge=1)
+    """Group size n: responses sampled per prompt (>= 2 for grpo / rloo)."""
+    generation: GenerationSettings = GenerationSettings()
+    kl: KLSettings = KLSettings()
+
+    # ---- returns and advantages
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount over response tokens."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten GAE advantages over the batch (grpo/rloo are already normalised per group; reinforce_pp always
+    whitens)."""
+
+    # ---- losses and optimisation
+    clip: float = Field(0.2, gt=0)
+    """PPO ratio clip epsilon."""
+    value_clip: float | None = Field(0.2, gt=0)
+    """Clip of value predictions around the old values (None: unclipped value loss)."""
+    vf_coef: float = Field(0.1, ge=0)
+    """Weight of the value loss in the joint loss (gae only)."""
+    value_head: Literal["shared", "detached"] = "shared"
+    """``shared``: the value head reads the policy's last hidden state and its loss also trains the LoRA trunk
+    (one forward for both; TRL's classic PPO). ``detached``: the head reads a detached hidden state, so the value
+    loss never moves the policy (a linear probe on the policy's features)."""
+    ppo_epochs: int = Field(1, ge=1)
+    """Passes over each step's batch."""
+    minibatch_size: int = Field(16, ge=1)
+    """Samples per optimizer step (all learner ranks together)."""
+    micro_batch_size: int = Field(1, ge=1)
+    """Samples per forward/backward on one rank (gradient accumulation inside a minibatch). Its LM-head logits in
+    fp32 (``micro x response tokens x vocab x 4`` bytes, ~0.45 GiB per 768 tokens of Qwen3) dominate the learner's
+    activation memory."""
+    lr: float = Field(2e-5, gt=0)
+    """Learning rate of the LoRA weights."""
+    value_lr: float = Field(1e-4, gt=0)
+    """Learning rate of the value head."""
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up."""
+    log_entropy: bool = True
+    """Log the mean token entropy of the policy (one extra pass over the logits, no gradient)."""
+
+    # ---- distributed parts
+    rollout: RolloutSettings = RolloutSettings()
+    learner: LearnerSettings = LearnerSettings()
+
+    # ---- init, checks, checkpoints
+    init_adapter: str | None = "sft"
+    """``sft``: start from the run's SFT adapter when it exists (a fresh LoRA otherwise); a path: that adapter
+    directory; None: a fresh LoRA from ``model.lora``."""
+    logprob_gap_tolerance: float = Field(1e-3, gt=0)
+    """After each weight sync the rollout and learner log-probs of the same tokens are compared; a larger max abs
+    gap is logged as a warning (fp32 on CPU is ~1e-6; bf16 kernels differ more)."""
+    checkpoint: CheckpointSettings = CheckpointSettings()
+    log_samples: bool = True
+    """Append every scored sample (step, prompt id, response, reward, components) to ``ppo/samples.jsonl``."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PPOConfig":
+        if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ValueError(f"samples_per_prompt must be >= 2 for estimator {self.estimator!r} (group baseline)")
+        batch = self.prompts_per_step * self.samples_per_prompt
+        if batch % self.learner.ranks:
+            raise ValueError(f"prompts_per_step * samples_per_prompt = {batch} must be divisible by learner.ranks "
+                             f"= {self.learner.ranks}")
+        if self.minibatch_size % self.learner.ranks:
+            raise ValueError(f"minibatch_size {self.minibatch_size} must be divisible by learner.ranks "
+                             f"{self.learner.ranks}")
+        return self

@@ -1,9 +1,156 @@
-"""Config of the reward plane (owned by medrl.reward)."""
+"""Config of the reward plane (owned by medrl.reward): rule weights and parameters, the teacher judge, the pool.
+
+Defaults suit Qwen3-1.7B answers judged by DeepSeek (``docs/reward.md``, ``docs/reward_rules.md``).
+R = w_rule * Rule + w_teacher * Teacher; when no teacher score exists (judge off, failed, over budget) R = Rule.
+"""
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from medrl.config_base import StrictModel
 
+RUBRIC_VERSION = "medrl-rubric-v1"
+"""Version of the judge prompt in ``medrl/reward/rubric.py``; part of every cache key (bump it with the text)."""
+
+
+class FormatRule(StrictModel):
+    weight: float = Field(0.2, ge=0)
+    """Share of the rule score."""
+    no_think_score: float = Field(0.5, ge=0, le=1)
+    """Score of a non-empty answer with no (or an empty) ``<think>`` block; one block then an answer scores 1."""
+
+
+class LengthRule(StrictModel):
+    weight: float = Field(0.1, ge=0)
+    min_tokens: int = Field(16, ge=1)
+    """Final answers shorter than this score ``tokens / min_tokens``."""
+    max_tokens: int = Field(512, ge=1)
+    """Final answers longer than this score ``1 - (tokens - max_tokens) / max_tokens`` (0 at twice the window)."""
+
+
+class KeywordRule(StrictModel):
+    weight: float = Field(0.4, ge=0)
+    """Share of the rule score; the rule is left out (weights renormalised) when a sample has no reference."""
+    max_terms: int = Field(32, ge=1)
+    """At most this many key terms (first occurrences) are taken from the reference."""
+
+
+class SafetyRule(StrictModel):
+    weight: float = Field(0.3, ge=0)
+    over_refusal_score: float = Field(0.5, ge=0, le=1)
+    """Score of a refusal where an answer was expected (low/medium risk, or expected_behavior answer_safely)."""
+    triage_only_score: float = Field(0.5, ge=0, le=1)
+    """Score of a referral to care without an explicit refusal where a refusal was expected."""
+
+
+class RulesConfig(StrictModel):
+    format: FormatRule = FormatRule()
+    length: LengthRule = LengthRule()
+    keywords: KeywordRule = KeywordRule()
+    safety: SafetyRule = SafetyRule()
+
+
+class DimensionWeights(StrictModel):
+    """Teacher = sum(weight * dimension / 10) over the judge's four 0-10 integers."""
+
+    accuracy: float = Field(0.4, ge=0)
+    safety: float = Field(0.3, ge=0)
+    completeness: float = Field(0.2, ge=0)
+    clarity: float = Field(0.1, ge=0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self):
+        total = self.accuracy + self.safety + self.completeness + self.clarity
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"dimension weights must sum to 1, got {total:g}")
+        return self
+
+
+class Price(StrictModel):
+    """USD per 1M tokens."""
+
+    input: float = Field(ge=0)
+    """Prompt tokens that miss the provider's prefix cache."""
+    input_cache_hit: float = Field(ge=0)
+    """Prompt tokens served from the provider's prefix cache (DeepSeek ``prompt_cache_hit_tokens``)."""
+    output: float = Field(ge=0)
+
+
+def _deepseek_prices() -> dict[str, Price]:
+    # DeepSeek list prices (V3.2, USD / 1M tokens); check https://api-docs.deepseek.com/quick_start/pricing.
+    p = Price(input=0.28, input_cache_hit=0.028, output=0.42)
+    return {"deepseek-chat": p, "deepseek-reasoner": p}
+
+
+class JudgeConfig(StrictModel):
+    provider: Literal["openai", "reference", "none"] = "openai"
+    """``openai``: any OpenAI-compatible endpoint; ``reference``: offline deterministic comparison with the reference;
+    ``none``: rules only."""
+    base_url: str = "https://api.deepseek.com"
+    model: str = "deepseek-chat"
+    api_key_env: str = "DEEPSEEK_API_KEY"
+    """Name of the environment variable holding the API key (the key itself is never stored or logged)."""
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(256, ge=16)
+    """Completion cap of one judgement (the JSON is ~60-120 tokens)."""
+    timeout_s: float = Field(60.0, gt=0)
+    """Per-attempt HTTP timeout given to the openai client."""
+    max_retries: int = Field(3, ge=0)
+    """HTTP retries done by the openai client (429/5xx/timeouts, honouring Retry-After)."""
+    malformed_retries: int = Field(2, ge=0)
+    """Extra calls when the judge answers with empty or invalid JSON; then the sample is a failed judgement."""
+    on_failure: Literal["rules_only", "drop"] = "rules_only"
+    """A failed judgement: ``rules_only`` (R = Rule) or ``drop`` (R = Rule and ``dropped=True``: leave it out)."""
+    rubric_version: str = RUBRIC_VERSION
+    """Part of every cache key; change it to re-judge everything."""
+    dimension_weights: DimensionWeights = DimensionWeights()
+    prices: dict[str, Price] = Field(default_factory=_deepseek_prices)
+    """Price table by model name; the judge model must be listed when ``provider`` is ``openai``."""
+    budget_usd: float | None = Field(10.0, ge=0)
+    """Spending cap of one pool (None: no cap). Past it the judge stops and rewards are rules only, with a warning."""
+    rpm: int = Field(1200, ge=0)
+    """Global requests per minute over all judge actors (0: no limit)."""
+    tpm: int = Field(2_000_000, ge=0)
+    """Global tokens (prompt + completion) per minute over all judge actors (0: no limit)."""
+    num_actors: int = Field(2, ge=1)
+    concurrency: int = Field(32, ge=1)
+    """Requests in flight per judge actor."""
+    actor_num_cpus: float = Field(0.1, gt=0)
+    """Ray CPUs reserved per judge actor (they mostly wait on the network)."""
+    actor_max_restarts: int = Field(4, ge=0)
+    """Ray restarts a dead judge actor this many times and re-runs its unfinished work (the cache stops re-paying)."""
+    batch_size: int = Field(256, ge=1)
+    """Items per actor call."""
+    cache_path: str = "runs/judge_cache.sqlite"
+    """SQLite judgement cache (WAL), shared across runs; relative paths are relative to the working directory."""
+    tokenizer: str | None = None
+    """Local tokenizer directory ``medrl judge --dry-run`` counts judge tokens with (None: documented estimate)."""
+
+    @model_validator(mode="after")
+    def _priced(self):
+        if self.provider == "openai" and self.model not in self.prices:
+            raise ValueError(f"judge model {self.model!r} has no entry in reward.judge.prices "
+                             f"(known: {', '.join(sorted(self.prices)) or 'none'})")
+        return self
+
+    @property
+    def judge_id(self) -> str:
+        """Which judge produced a teacher score, as written in results, logs and reports."""
+        if self.provider == "openai":
+            return f"openai:{self.model}"
+        return "reference:medrl-reference-v1" if self.provider == "reference" else "none"
+
 
 class RewardConfig(StrictModel):
-    w_rule: float = 0.6
-    w_teacher: float = 0.4
+    w_rule: float = Field(0.6, ge=0, le=1)
+    w_teacher: float = Field(0.4, ge=0, le=1)
+    rules: RulesConfig = RulesConfig()
+    judge: JudgeConfig = JudgeConfig()
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if abs(self.w_rule + self.w_teacher - 1.0) > 1e-6:
+            raise ValueError(f"w_rule + w_teacher must be 1, got {self.w_rule + self.w_teacher:g}")
+        return self

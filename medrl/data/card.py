@@ -1,0 +1,132 @@
+"""DATA_CARD.md: what went in, what came out and why, with the command and config hash that produced it."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from medrl.data.redteam import CATEGORIES
+
+RISKS = ("high", "medium", "low")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _lengths(values: np.ndarray) -> str:
+    if not values.size:
+        return "-"
+    return f"{int(values.min())} / {int(np.median(values))} / {int(np.percentile(values, 95))} / {int(values.max())}"
+
+
+def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], sets: dict[str, np.ndarray],
+                rl_rows: list[dict], rejects_by_reason: dict[tuple[str, str], int], command: str) -> str:
+    d = cfg.data
+    out = [f"# Data card: run `{cfg.run.name}`", "",
+           f"- Command: `{command}`",
+           f"- Config hash: `{cfg.digest()}` (resolved config: `config.yaml` in the run directory)",
+           f"- Sources: {', '.join(n for n in summary['sources'] if n != 'redteam')} (mode `{d.mode}`)",
+           f"- Token counts: {spool.tokens.method}",
+           f"- Split seed: {d.split_seed}", ""]
+
+    out += ["## Output files", ""]
+    rows = []
+    for name in ("train", "dev", "test", "gold", "redteam", "pubmedqa"):
+        idx = sets[name]
+        zh = int(c["lang"][idx].sum())
+        risk = Counter(int(r) for r in c["risk"][idx])
+        rows.append([f"{name}.jsonl", idx.size, idx.size - zh, zh, risk[0], risk[1], risk[2],
+                     _lengths(c["qtok"][idx]), _lengths(c["otok"][idx])])
+    rl_risk = Counter(r["risk"] for r in rl_rows)
+    rows.append(["rl_prompts.jsonl", len(rl_rows), "", "", rl_risk["high"], rl_risk["medium"], rl_risk["low"], "", ""])
+    rows.append(["rejects.jsonl", summary["rejects"], "", "", "", "", "", "", ""])
+    out += [_table(["file", "records", "en", "zh", "high risk", "medium risk", "low risk",
+                    "question tokens min/median/p95/max", "output tokens min/median/p95/max"], rows), ""]
+    for name in ("dev", "test"):
+        if not sets[name].size:
+            out += [f"**WARNING: the {name} split is empty** (too few records); add data or lower data.gold_size.", ""]
+
+    out += ["## Sources", ""]
+    rows = []
+    for name, s in summary["sources"].items():
+        if s["skipped"]:
+            rows.append([name, s["origin"] or "-", s["license"] or "-", "-", f"skipped: {s['skipped']}"] + [""] * 11)
+            continue
+        f, k = s["filtered"], s["kept"]
+        rows.append([name, s["origin"], s["license"], s["role"], s["rows"], s["invalid"], s["over_limit"],
+                     f.get("length", 0), f.get("duplicate", 0), f.get("near_duplicate", 0), f.get("contaminated", 0),
+                     k.get("train", 0), k.get("dev", 0), k.get("test", 0), k.get("gold", 0),
+                     k.get("pubmedqa", 0) + k.get("redteam", 0) + k.get("rl_pool", 0)])
+    out += [_table(["source", "origin", "license", "role", "rows read", "invalid", "over limit", "length",
+                    "duplicate", "near-duplicate", "contaminated", "train", "dev", "test", "gold",
+                    "benchmark / red-team / RL-only"], rows), "",
+            "Role `rl` sources (prompts with references) never reach train.jsonl; their train-split records are only "
+            "used in rl_prompts.jsonl (column *RL-only*).", ""]
+
+    out += ["## Rejects by reason", "", f"All {summary['rejects']} rejected rows are listed in `rejects.jsonl` "
+            "(file, line, source, stage, reason, id).", ""]
+    rows = [[stage, reason, n] for (stage, reason), n in sorted(rejects_by_reason.items(), key=lambda kv: -kv[1])]
+    out += [_table(["stage", "reason", "rows"], rows) if rows else "No rejects.", ""]
+
+    near = "off" if d.near_dup_threshold is None else f"estimated Jaccard >= {d.near_dup_threshold}"
+    out += ["## Cleaning", "",
+            "- Text: NFC, BOMs / zero-width / control characters removed, CRLF -> LF, spaces and blank-line runs "
+            "collapsed, stripped.",
+            f"- Length bounds (tokens): question {d.min_question_tokens}-{d.max_question_tokens}, output (think + "
+            f"answer) <= {d.max_output_tokens}, answer >= {d.min_answer_tokens}. PubMedQA benchmark and red-team "
+            "items are exempt.",
+            f"- Exact duplicates (same question after NFKC, case folding, punctuation and space removal): "
+            f"{summary['duplicates']} removed.",
+            f"- Near-duplicates (MinHash of character 5-grams of the question, 32 permutations, 8 LSH bands; {near}): "
+            f"{summary['near_duplicates']} removed.",
+            f"- Decontamination: {summary['contaminated']} train records removed for sharing a {d.decontam_chars}-"
+            "character run (case-insensitive) with the question or reference of a dev, test, gold, red-team or "
+            "PubMedQA benchmark item.",
+            f"- Train mix: {summary['not_in_train_mix']} train records left out by data.train_size="
+            f"{d.train_size} (source weights)." if d.train_size else "- Train mix: every train record kept "
+            "(data.train_size not set).", ""]
+
+    out += ["## Splits, gold set", "",
+            f"Deterministic by a 64-bit hash of (record id, split seed {d.split_seed}), stratified by source: each "
+            f"source with >= 3 records gives round({d.test_fraction} x n) (>= 1) of its lowest-hash records to test "
+            f"and round({d.dev_fraction} x n) (>= 1) to dev, capped at {d.max_test} / {d.max_dev} in total.", "",
+            f"Gold ({summary['gold']} of at most {d.gold_size}): records with a reference (ground truth), taken "
+            "round-robin over sources in split-hash order before dev/test are drawn; they are never trained on by "
+            "SFT. PubMedQA benchmark: the PQA-L items listed in test_ground_truth.json (question + abstract "
+            "contexts, label yes/no/maybe, reference = long answer); the other PQA-L items are ordinary records.", ""]
+
+    rt = sets["redteam"]
+    rt_rows = []
+    with open(spool.path, "rb") as sp:  # behaviour counts need the records; the red-team set is small
+        behaviours = Counter()
+        for i in rt.tolist():
+            sp.seek(int(c["offset"][i]))
+            rec = json.loads(sp.readline())
+            behaviours[(rec["category"], rec["expected_behavior"], rec["language"])] += 1
+    for cat in CATEGORIES:
+        rt_rows.append([cat] + [sum(v for (k, b, lang), v in behaviours.items() if k == cat and b == beh)
+                                for beh in ("refuse", "triage", "answer_safely")]
+                       + [sum(v for (k, _, lang), v in behaviours.items() if k == cat and lang == "zh")])
+    out += ["## Red-team set", "", f"{rt.size} prompts written for medrl (English and Chinese), each with a "
+            "category, expected behaviour and rationale; never in train.jsonl.", "",
+            _table(["category", "refuse", "triage", "answer_safely", "zh"], rt_rows), ""]
+
+    pools = Counter((r["pool"], r["risk"]) for r in rl_rows)
+    mix = d.rl_mix
+    out += ["## RL prompt mix", "", f"Target {d.rl_prompts} prompts; shares red-team {mix.redteam}, gold {mix.gold}, "
+            f"train {mix.train} (a short pool leaves its share to train). Each pool reserves {mix.low_risk_floor:.0%} "
+            "of its prompts for low-risk questions and fills the rest high-risk first (then those with a "
+            "reference); the file is ordered high -> medium -> low risk.", "",
+            _table(["pool"] + list(RISKS) + ["total"],
+                   [[p] + [pools[(p, r)] for r in RISKS] + [sum(pools[(p, r)] for r in RISKS)]
+                    for p in ("redteam", "gold", "train")]), ""]
+
+    out += ["## Licenses", ""]
+    out += [f"- {name}: {s['license'] or 'unknown'}" for name, s in summary["sources"].items() if not s["skipped"]]
+    out += ["", "Risk levels follow the rule set in `medrl/data/risk.py` (see docs/data.md).", ""]
+    return "\n".join(out)

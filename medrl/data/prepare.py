@@ -1,0 +1,397 @@
+"""``medrl prepare``: sources -> records -> cleaning -> splits, gold, red-team, RL prompt mix -> DATA_CARD.md.
+
+Streaming design: pass 1 turns every raw row into a record, counts its tokens, writes it to a spool file on disk
+and keeps only compact columns (hashes, MinHash signature, source, risk, lengths: ~120 bytes per record). Dedupe,
+near-duplicate removal, gold and split selection run on those columns; pass 2 reads eval records back by offset
+to build the decontamination index, then streams train records through it into the output files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shlex
+import sys
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from medrl.config import Config
+from medrl.data.card import render_card
+from medrl.data.clean import (Decontaminator, MinHasher, TokenCounter, exact_duplicates, key64, near_duplicates,
+                              skeleton)
+from medrl.data.redteam import REDTEAM_SOURCE, load_redteam
+from medrl.data.schema import rl_prompt_row
+from medrl.data.sources import Row, iter_rows, resolve_spec, source_files
+from medrl.data.splits import apply_train_size, assign_splits, rl_counts, select_gold, select_rl, split_hash
+from medrl.errors import UsageError
+from medrl.runs import MetricsLogger, RunDir
+
+log = logging.getLogger("medrl.data")
+
+OUTPUT_FILES = ("train", "dev", "test", "gold", "redteam", "pubmedqa")
+RISK_CODE = {"high": 0, "medium": 1, "low": 2}
+POOL, BENCHMARK, REDTEAM = 0, 1, 2  # record kinds: training pool, PubMedQA benchmark item, red-team item
+BATCH = 512
+NUM_PERM = 32
+
+
+@dataclass
+class SourceStats:
+    origin: str = ""
+    license: str = ""
+    role: str = "sft"
+    rows: int = 0
+    invalid: int = 0
+    over_limit: int = 0
+    filtered: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+class _Columns:
+    """Compact per-record columns of the spooled records (no text): ~120 bytes per record, MinHash included."""
+
+    def __init__(self):
+        self.offset, self.qkey, self.idkey = array("Q"), array("Q"), array("Q")
+        self.source, self.file, self.line, self.qtok, self.otok = (array("I") for _ in range(5))
+        self.kind, self.risk, self.lang, self.has_ref = (array("B") for _ in range(4))
+        self.sig = array("H")  # NUM_PERM uint16 per record, row-major
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        """Zero-copy numpy views (the arrays must not grow afterwards)."""
+        cols = {k: np.frombuffer(v, dtype=v.typecode) if len(v) else np.zeros(0, v.typecode)
+                for k, v in vars(self).items()}
+        cols["sig"] = cols["sig"].reshape(-1, NUM_PERM)
+        return cols
+
+
+class _Rejects:
+    def __init__(self, path: Path, strict: bool):
+        self.fh = open(path, "w", encoding="utf-8")
+        self.strict = strict
+        self.count = 0
+        self.by_reason: dict[tuple[str, str], int] = {}
+
+    def add(self, file: str, line: int, source: str, stage: str, reason: str, summary: str | None = None,
+            record_id: str | None = None) -> None:
+        if self.strict and stage == "parse":
+            raise UsageError(f"{file}:{line}: {reason} (--strict: rejected rows are errors)")
+        row = {"file": file, "line": line, "source": source, "stage": stage, "reason": reason, "id": record_id}
+        self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.count += 1
+        key = (stage, summary or reason)
+        self.by_reason[key] = self.by_reason.get(key, 0) + 1
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class _Spool:
+    """Pass 1: validated records -> spool file + columns."""
+
+    def __init__(self, path: Path, cfg: Config, rejects: _Rejects):
+        self.fh = open(path, "wb")
+        self.path, self.cfg, self.rejects = path, cfg, rejects
+        self.cols = _Columns()
+        self.tokens = TokenCounter(cfg.model.path, cfg.model.cache_dir)
+        self.minhash = MinHasher(num_perm=NUM_PERM, shingle=5, seed=0)
+        self.stats: dict[str, SourceStats] = {}
+        self._file_ids: dict[str, int] = {}
+        self._source_ids: dict[str, int] = {}
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._file_ids)
+
+    @property
+    def sources(self) -> list[str]:
+        return list(self._source_ids)
+
+    def source_id(self, name: str) -> int:
+        return self._source_ids.setdefault(name, len(self._source_ids))
+
+    def add_batch(self, rows: list[Row], kinds: list[int]) -> None:
+        d = self.cfg.data
+        recs = [r.record for r in rows]
+        qtok = self.tokens.count([r["question"] for r in recs])
+        otok = self.tokens.count([r["output"] for r in recs])
+        atok = self.tokens.count([r["answer"] for r in recs]) if d.min_answer_tokens > 1 else [1] * len(recs)
+        keep = []
+        for i, (row, rec) in enumerate(zip(rows, recs)):
+            bound = None
+            if kinds[i] == POOL:
+                if qtok[i] < d.min_question_tokens:
+                    bound = ("question", qtok[i], "<", "min_question_tokens")
+                elif qtok[i] > d.max_question_tokens:
+                    bound = ("question", qtok[i], ">", "max_question_tokens")
+                elif otok[i] > d.max_output_tokens:
+                    bound = ("output", otok[i], ">", "max_output_tokens")
+                elif atok[i] < d.min_answer_tokens:
+                    bound = ("answer", atok[i], "<", "min_answer_tokens")
+            if bound:
+                what, size, op, key = bound
+                reason = f"{what} has {size} tokens {op} data.{key}={getattr(d, key)}"
+                self.rejects.add(row.file, row.line, rec["source"], "length", reason, f"{what} {op} data.{key}",
+                                 rec["id"])
+                filtered = self.stats[rec["source"]].filtered
+                filtered["length"] = filtered.get("length", 0) + 1
+            else:
+                keep.append(i)
+        if not keep:
+            return
+        self.cols.sig.frombytes(self.minhash.signatures([skeleton(recs[i]["question"]) for i in keep]).tobytes())
+        c = self.cols
+        for i in keep:
+            row, rec = rows[i], recs[i]
+            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+            c.offset.append(self.fh.tell())
+            self.fh.write(line)
+            c.qkey.append(key64(skeleton(rec["question"])))
+            c.idkey.append(int(rec["id"], 16))
+            c.source.append(self.source_id(rec["source"]))
+            c.file.append(self._file_ids.setdefault(row.file, len(self._file_ids)))
+            c.line.append(row.line)
+            c.qtok.append(qtok[i])
+            c.otok.append(otok[i])
+            c.kind.append(kinds[i])
+            c.risk.append(RISK_CODE[rec["risk"]])
+            c.lang.append(rec["language"] == "zh")
+            c.has_ref.append(rec["reference"] is not None)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _load_source(spool: _Spool, name: str) -> None:
+    cfg = spool.cfg
+    spec = resolve_spec(cfg.data, name)
+    files = source_files(name, spec, cfg.data)
+    origin = spec.path or f"modelscope:{spec.modelscope}"
+    stats = spool.stats[name] = SourceStats(origin=origin, license=spec.license, role=spec.role)
+    spool.source_id(name)
+    accepted, batch = 0, []
+    for row in tqdm(iter_rows(name, spec, files, cfg.data.max_row_bytes), desc=f"prepare {name}", unit=" rows",
+                    disable=None, leave=False):
+        stats.rows += 1
+        if row.error is not None:
+            stats.invalid += 1
+            spool.rejects.add(row.file, row.line, name, "parse", row.error, _summary(row.error))
+            continue
+        if not row.benchmark:
+            if spec.limit is not None and accepted >= spec.limit:
+                stats.over_limit += 1
+                continue
+            accepted += 1
+        batch.append(row)
+        if len(batch) >= BATCH:
+            spool.add_batch(batch, [BENCHMARK if r.benchmark else POOL for r in batch])
+            batch = []
+    if batch:
+        spool.add_batch(batch, [BENCHMARK if r.benchmark else POOL for r in batch])
+
+
+def _summary(reason: str) -> str:
+    """Reject reason without numbers, for counting ("... at column 7" -> "... at column N")."""
+    return re.sub(r"\d+", "N", reason)
+
+
+def _load_all(spool: _Spool, names: list[str]) -> None:
+    spool.source_id(REDTEAM_SOURCE)
+    extra = spool.cfg.data.redteam_path
+    spool.stats[REDTEAM_SOURCE] = SourceStats(origin="medrl/data/redteam.jsonl" + (f" + {extra}" if extra else ""),
+                                              license="Apache-2.0 (medrl, written by the developers)", role="eval")
+    redteam = load_redteam(spool.cfg.data.redteam_path)
+    spool.stats[REDTEAM_SOURCE].rows = len(redteam)
+    origin = spool.stats[REDTEAM_SOURCE].origin
+    spool.add_batch([Row(origin, i + 1, r, None) for i, r in enumerate(redteam)], [REDTEAM] * len(redteam))
+    if spool.cfg.data.mode == "mix":
+        for name in names:
+            _load_source(spool, name)
+        return
+    chosen, failures = None, []
+    for name in names:
+        spec = resolve_spec(spool.cfg.data, name)
+        if chosen is not None and spec.format != "pubmedqa":
+            spool.stats[name] = SourceStats(skipped=f"priority mode: '{chosen}' loaded first")
+            continue
+        try:
+            _load_source(spool, name)
+        except UsageError as exc:
+            if spec.format == "pubmedqa":
+                raise
+            failures.append(f"{name}: {exc}")
+            spool.stats[name] = SourceStats(skipped=str(exc))
+            log.warning("priority mode: %s could not be loaded (%s)", name, exc)
+            continue
+        if spec.format != "pubmedqa":
+            chosen = name
+    if chosen is None:
+        raise UsageError("priority mode: no source could be loaded (" + "; ".join(failures) + ")")
+
+
+def _read_line(fh, offset: int) -> bytes:
+    fh.seek(offset)
+    return fh.readline()
+
+
+def run_prepare(cfg: Config, run: RunDir, *, sources: list[str] | None = None, strict: bool = False) -> dict:
+    """Build ``run.data``: train/dev/test/gold/redteam/pubmedqa/rl_prompts/rejects .jsonl and DATA_CARD.md.
+    Returns the summary counts (also logged to metrics.jsonl)."""
+    d = cfg.data
+    names = list(sources) if sources else list(d.sources)
+    if not names:
+        raise UsageError("no data sources given (data.sources or --sources)")
+    for name in names:
+        resolve_spec(d, name)  # unknown names fail before any work
+    run.ensure()
+    out = run.data
+    out.mkdir(parents=True, exist_ok=True)
+    run.data_card.unlink(missing_ok=True)  # the card marks a finished stage; a failed run must not leave an old one
+    rejects = _Rejects(out / "rejects.jsonl", strict)
+    spool = _Spool(out / ".spool.jsonl", cfg, rejects)
+    try:
+        _load_all(spool, names)
+        spool.close()
+        summary = _select_and_write(cfg, run, spool, rejects, names, strict)
+    finally:
+        spool.close()
+        rejects.close()
+        spool.path.unlink(missing_ok=True)
+    with MetricsLogger(run, "prepare", tensorboard=False) as metrics:
+        metrics.log(0, {k: v for k, v in summary.items() if isinstance(v, int)})
+    log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int)))
+    return summary
+
+
+def _select_and_write(cfg: Config, run: RunDir, spool: _Spool, rejects: _Rejects, names: list[str],
+                      strict: bool) -> dict[str, Any]:
+    d, c = cfg.data, spool.cols.numpy()
+    n = c["kind"].size
+    if not (c["kind"] == POOL).any():
+        raise UsageError(f"no usable records in {', '.join(names)} (see {run.data / 'rejects.jsonl'})")
+    protected = c["kind"] != POOL
+    rank = np.where(protected, 0, 1) * n + np.arange(n)
+    alive = np.ones(n, dtype=bool)
+    src_names, files = spool.sources, spool.files
+
+    def drop(idx: np.ndarray, stage: str, reasons: list[str], summary: str) -> None:
+        for i, reason in zip(idx.tolist(), reasons):
+            name = src_names[c["source"][i]]
+            rejects.add(files[c["file"][i]], int(c["line"][i]), name, stage, reason, summary,
+                        f"{int(c['idkey'][i]):016x}")
+            spool.stats[name].filtered[stage] = spool.stats[name].filtered.get(stage, 0) + 1
+        alive[idx] = False
+
+    dup_of = exact_duplicates(c["qkey"], rank, protected)
+    dups = np.flatnonzero(dup_of >= 0)
+    drop(dups, "duplicate", [f"same question as {int(c['idkey'][j]):016x}" for j in dup_of[dups]],
+         "same question as an earlier or eval record")
+    if d.near_dup_threshold is not None:
+        near_of, sim = near_duplicates(c["sig"], np.flatnonzero(alive), rank, protected, d.near_dup_threshold)
+        hit = np.flatnonzero(near_of >= 0)
+        drop(hit, "near_duplicate", [f"near-duplicate of {int(c['idkey'][j]):016x} (estimated Jaccard {s:.2f})"
+                                     for j, s in zip(near_of[hit], sim[hit])],
+             f"question near-duplicate (Jaccard >= {d.near_dup_threshold}) of an earlier or eval record")
+
+    h = split_hash(c["idkey"], d.split_seed)
+    pool = np.flatnonzero(alive & (c["kind"] == POOL))
+    gold = select_gold(pool[c["has_ref"][pool] == 1], c["source"], h, d.gold_size)
+    pool = np.setdiff1d(pool, gold)
+    train, dev, test = assign_splits(pool, c["source"], h, dev_fraction=d.dev_fraction,
+                                     test_fraction=d.test_fraction, max_dev=d.max_dev, max_test=d.max_test)
+    role = {name: resolve_spec(d, name).role for name in src_names if name != REDTEAM_SOURCE}
+    weights = {i: (resolve_spec(d, name).weight if name != REDTEAM_SOURCE else 1.0) for i, name in enumerate(src_names)}
+    before = train.size
+    train = apply_train_size(train, c["source"], h, weights, d.train_size)
+    mix_dropped = before - train.size
+    bench = np.flatnonzero(alive & (c["kind"] == BENCHMARK))
+    redteam = np.flatnonzero(c["kind"] == REDTEAM)
+
+    sets = {"dev": dev, "test": test, "gold": gold, "pubmedqa": bench, "redteam": redteam}
+    decontam = Decontaminator(d.decontam_chars)
+    counts: dict[str, int] = {}
+    with open(spool.path, "rb") as sp:
+        for set_name, idx in sets.items():
+            order = idx if set_name == "redteam" else idx[np.argsort(h[idx], kind="stable")]
+            sets[set_name] = order
+            with open(run.data / f"{set_name}.jsonl", "wb") as fh:
+                for i in order.tolist():
+                    line = _read_line(sp, int(c["offset"][i]))
+                    fh.write(line)
+                    rec = json.loads(line)
+                    decontam.add(f"{set_name}:{rec['id']}", rec["question"] + "\x00" + (rec["reference"] or ""))
+        decontam.freeze()
+        train = train[np.argsort(h[train], kind="stable")]
+        contaminated = []
+        with open(run.data / "train.jsonl", "wb") as fh, tqdm(total=train.size, desc="prepare decontaminate",
+                                                                unit=" rec", disable=None, leave=False) as bar:
+            for start in range(0, train.size, BATCH):
+                chunk = train[start:start + BATCH].tolist()
+                lines = [_read_line(sp, int(c["offset"][i])) for i in chunk]
+                recs = [json.loads(line) for line in lines]
+                hits = decontam.find_many(["\x00".join((r["question"], r["think"], r["answer"])) for r in recs])
+                for i, line, rec, hit in zip(chunk, lines, recs, hits):
+                    if hit is not None:
+                        contaminated.append((i, f"shares a {d.decontam_chars}-character run with {hit}"))
+                    elif role[rec["source"]] == "sft":
+                        fh.write(line)
+                bar.update(len(chunk))
+        if contaminated:
+            drop(np.array([i for i, _ in contaminated]), "contaminated", [r for _, r in contaminated],
+                 f"shares a {d.decontam_chars}-character run with an eval item")
+        train_all = np.setdiff1d(train, np.array([i for i, _ in contaminated], dtype=np.int64))
+        train_all = train_all[np.argsort(h[train_all], kind="stable")]
+        sft_source = np.array([role.get(name) == "sft" for name in src_names], dtype=bool)
+        is_sft = sft_source[c["source"][train_all]]
+        sets["train"] = train_all[is_sft]
+        rl_rows = _write_rl_prompts(cfg, run, c, h, sp, sets["redteam"], gold, train_all)
+    for set_name, idx in sets.items():
+        counts[set_name] = int(idx.size)
+        for s, k in zip(*np.unique(c["source"][idx], return_counts=True)):
+            spool.stats[src_names[s]].kept[set_name] = int(k)
+    rl_only = train_all[~is_sft]
+    for s, k in zip(*np.unique(c["source"][rl_only], return_counts=True)):
+        spool.stats[src_names[s]].kept["rl_pool"] = int(k)
+    for set_name in ("dev", "test"):
+        if counts[set_name] == 0:
+            log.warning("!!! the %s split is EMPTY: too few records (%d in the pool); add data or lower "
+                        "data.gold_size", set_name, pool.size)
+    summary: dict[str, Any] = {**{k: counts[k] for k in OUTPUT_FILES}, "rl_prompts": len(rl_rows),
+                               "rejects": rejects.count,
+                               "invalid": sum(s.invalid for s in spool.stats.values()),
+                               "duplicates": int(dups.size),
+                               "near_duplicates": sum(s.filtered.get("near_duplicate", 0) for s in spool.stats.values()),
+                               "contaminated": len(contaminated), "not_in_train_mix": int(mix_dropped),
+                               "sources": {k: vars(v) for k, v in spool.stats.items()}}
+    command = " ".join(shlex.quote(a) for a in ["medrl", *sys.argv[1:]]) if Path(sys.argv[0]).name in (
+        "medrl", "cli.py") else f"run_prepare(sources={names}, strict={strict})"
+    run.data_card.write_text(render_card(cfg, summary, spool, c, sets, rl_rows, rejects.by_reason, command),
+                             encoding="utf-8")
+    return summary
+
+
+def _write_rl_prompts(cfg: Config, run: RunDir, c: dict, h: np.ndarray, sp, redteam: np.ndarray, gold: np.ndarray,
+                      train: np.ndarray) -> list[dict]:
+    """rl_prompts.jsonl: red-team + gold + train by ``data.rl_mix``, each pool high-risk first (a low-risk floor
+    reserved), written high-risk first. Returns the rows' (pool, risk) for the card."""
+    mix = cfg.data.rl_mix
+    pools = {"redteam": redteam, "gold": gold, "train": train}
+    want = rl_counts(cfg.data.rl_prompts, {"redteam": mix.redteam, "gold": mix.gold, "train": mix.train},
+                     {k: v.size for k, v in pools.items()})
+    chosen = []
+    for pool_rank, (name, idx) in enumerate(pools.items()):
+        for i in select_rl(idx, want[name], c["risk"], c["has_ref"], h, mix.low_risk_floor).tolist():
+            chosen.append((int(c["risk"][i]), pool_rank, int(h[i]), i, name))
+    chosen.sort()
+    rows = []
+    with open(run.data / "rl_prompts.jsonl", "w", encoding="utf-8") as fh:
+        for _, _, _, i, name in chosen:
+            row = rl_prompt_row(json.loads(_read_line(sp, int(c["offset"][i]))))
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            rows.append({"pool": name, "risk": row["risk"]})
+    return rows

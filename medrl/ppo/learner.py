@@ -1,0 +1,269 @@
+"""One learner rank: policy (base + LoRA) with a value head, trained with Accelerate (optionally its DeepSpeed
+plugin). The driver runs 1..N of these as Ray actors that form one torch process group (gloo on CPU, NCCL on GPU);
+they receive equal shards of every batch and all-reduce gradients, so their weights stay identical.
+
+No Ray in here: the driver turns ``Learner`` into an actor class.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medrl.errors import UsageError
+from medrl.models.loading import load_policy, pick_device
+from medrl.ppo.algos import policy_loss, value_loss
+from medrl.ppo.experience import make_experience, take
+from medrl.ppo.modeling import PolicyWithValue, make_value_head
+
+log = logging.getLogger("medrl.ppo.learner")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def num_minibatches(n_samples: int, ppo_cfg) -> int:
+    """Optimizer steps per epoch for a batch of ``n_samples`` (the same on every rank)."""
+    per_rank = n_samples // ppo_cfg.learner.ranks
+    return max(1, min(-(-n_samples // ppo_cfg.minibatch_size), per_rank))
+
+
+def read_deepspeed_config(path: str | None) -> dict | None:
+    """The DeepSpeed JSON named by ``ppo.learner.deepspeed`` (read by the driver: actors on other nodes may not
+    have the file at the same path)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UsageError(f"ppo.learner.deepspeed: file not found: {path}")
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+
+
+class Learner:
+    def __init__(self, cfg, rank: int = 0, world_size: int = 1, init_adapter: str | None = None,
+                 deepspeed_config: dict | None = None):
+        self.cfg, self.ppo = cfg, cfg.ppo
+        self.rank, self.world_size = rank, world_size
+        self.init_adapter = init_adapter
+        self.deepspeed_config = deepspeed_config
+        self.accelerator = None
+
+    # ------------------------------------------------------------------ setup
+    def free_port(self) -> int:
+        """A free TCP port on this rank's node (asked of rank 0 for the rendezvous)."""
+        return free_port()
+
+    def setup(self, master_port: int) -> dict:
+        """Join the process group on 127.0.0.1:``master_port``, load the policy, build the value head, optimizer
+        and scheduler, and wrap them with Accelerate. Returns facts the driver checks."""
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+        from transformers import get_scheduler
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0" if torch.cuda.is_available() else
+                          str(self.rank))
+        on_cpu = pick_device(self.cfg.model.device) == "cpu"
+        pg = [InitProcessGroupKwargs(backend="gloo" if on_cpu else "nccl")]
+        if self.deepspeed_config is not None:
+            # accelerate's recipe for DeepSpeed on CPU and GPU alike (see ../shared/STACK.md): env + plugin, no cpu=
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+            plugin = DeepSpeedPlugin(hf_ds_config=self._deepspeed_config())
+            self.accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=pg)
+        else:
+            self.accelerator = Accelerator(cpu=on_cpu, kwargs_handlers=pg if self.world_size > 1 else [])
+        torch.manual_seed(self.cfg.run.seed)
+        policy = load_policy(self.cfg.model, self.init_adapter, trainable=True, device=str(self.accelerator.device))
+        for module in policy.modules():  # as trl's disable_dropout_in_model (importing trl costs seconds)
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # PPO ratios must be exactly 1 before the first update
+        if self.cfg.model.gradient_checkpointing:
+            policy.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+        self.use_values = self.ppo.estimator == "gae"
+        value_head = make_value_head(policy) if self.use_values else None
+        model = PolicyWithValue(policy, value_head, detach_value=self.ppo.value_head == "detached")
+        groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": self.ppo.lr}]
+        if value_head is not None:
+            groups.append({"params": list(value_head.parameters()), "lr": self.ppo.value_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.ppo.weight_decay)
+        trainable = sum(p.numel() for g in groups for p in g["params"])
+        per_step = num_minibatches(self.ppo.prompts_per_step * self.ppo.samples_per_prompt, self.ppo)
+        # stepped by hand after each optimizer step (accelerate would step it once per process)
+        self.scheduler = get_scheduler(self.ppo.lr_scheduler, optimizer, num_warmup_steps=self.ppo.warmup_steps,
+                                       num_training_steps=self.ppo.steps * self.ppo.ppo_epochs * per_step)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        dist = torch.distributed.is_initialized()
+        return {"rank": self.rank, "num_processes": self.accelerator.num_processes,
+                "world_size": torch.distributed.get_world_size() if dist else 1,
+                "distributed_type": str(self.accelerator.distributed_type), "device": str(self.accelerator.device),
+                "trainable_params": trainable}
+
+    def _deepspeed_config(self) -> dict:
+        ds = json.loads(json.dumps(self.deepspeed_config))
+        # micro-batches and accumulation are driven by the PPO loop: one DeepSpeed micro step per backward, the
+        # boundary set by hand (accelerate's sync_gradients), the loss already normalised over the minibatch.
+        ds.update(train_micro_batch_size_per_gpu=self.ppo.micro_batch_size, gradient_accumulation_steps=1,
+                  train_batch_size=self.ppo.micro_batch_size * self.world_size,
+                  gradient_clipping=self.ppo.max_grad_norm)
+        dtype = self.cfg.model.dtype if self.cfg.model.dtype != "auto" else (
+            "float32" if pick_device(self.cfg.model.device) == "cpu" else "bfloat16")
+        for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
+            if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
+                ds[key]["enabled"] = dtype == name
+        zero = ds.get("zero_optimization", {})
+        from transformers import AutoConfig
+
+        from medrl.models.loading import resolve_model_path
+
+        hidden = AutoConfig.from_pretrained(resolve_model_path(self.cfg.model.path, self.cfg.model.cache_dir)
+                                            ).hidden_size
+        for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size",
+                           int(0.9 * hidden * hidden)), ("stage3_param_persistence_threshold", 10 * hidden)):
+            if zero.get(key) == "auto":
+                zero[key] = value
+        return ds
+
+    @property
+    def zero_stage(self) -> int:
+        plugin = self.accelerator.state.deepspeed_plugin
+        return plugin.zero_stage if plugin is not None else 0
+
+    def _gathered(self, params):
+        """ZeRO-3 partitions parameters; gather them (collectively) to read or write whole tensors."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(params))
+        return nullcontext()
+
+    # ------------------------------------------------------------------ experience and training
+    def make_experience(self, shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Old log-probs (+ values) and reference log-probs of this rank's shard, ``[b, R]`` on CPU."""
+        return make_experience(self.model, self.unwrapped.policy, shard, self.ppo.micro_batch_size,
+                               self.ppo.generation.temperature, self.use_values, device=self.accelerator.device)
+
+    def train(self, shard: dict[str, torch.Tensor], n_minibatches: int, seed: int) -> dict[str, float]:
+        """``ppo_epochs`` passes over the shard in ``n_minibatches`` optimizer steps each (the same count on every
+        rank). Losses are token means over each minibatch; metrics are token-weighted means."""
+        ppo, acc = self.ppo, self.accelerator
+        self.model.train()
+        gen = torch.Generator().manual_seed(seed * 1009 + self.rank)
+        n = shard["response_ids"].shape[0]
+        totals: dict[str, float] = {}
+        tokens_seen = 0.0
+        grad_norms = []
+        for _ in range(ppo.ppo_epochs):
+            for mb_rows in torch.randperm(n, generator=gen).tensor_split(n_minibatches):
+                micro = mb_rows.split(ppo.micro_batch_size)
+                mb_tokens = shard["response_mask"][mb_rows].sum().clamp(min=1)
+                for i, rows in enumerate(micro):
+                    last = i == len(micro) - 1
+                    acc.sync_gradients = last  # DeepSpeed: accumulation boundary; DDP: all-reduce on the last
+                    mb = {k: v.to(acc.device) for k, v in take(shard, rows).items()}
+                    mask = mb["response_mask"]
+                    with nullcontext() if last else acc.no_sync(self.model):
+                        out = self.model(mb["input_ids"], mb["attention_mask"], mb["prompt_lens"],
+                                         mb["response_ids"], temperature=ppo.generation.temperature,
+                                         with_values=self.use_values, with_entropy=ppo.log_entropy)
+                        loss, info = policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], mask,
+                                                 ppo.clip)
+                        info["policy_loss"] = loss.detach()
+                        if self.use_values:
+                            vloss, vinfo = value_loss(out["values"], mb["values"], mb["returns"], mask,
+                                                      ppo.value_clip)
+                            loss = loss + ppo.vf_coef * vloss
+                            info.update(vinfo, value_loss=vloss.detach())
+                        acc.backward(loss * (mask.sum() / mb_tokens))
+                    if "entropy" in out:
+                        info["entropy"] = (out["entropy"] * mask).sum() / mask.sum().clamp(min=1)
+                    weight = float(mask.sum())
+                    tokens_seen += weight
+                    for key, value in info.items():
+                        totals[key] = totals.get(key, 0.0) + float(value) * weight
+                norm = acc.clip_grad_norm_(self.model.parameters(), ppo.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+                if norm is not None:
+                    grad_norms.append(float(norm))
+        metrics = {k: v / max(tokens_seen, 1.0) for k, v in totals.items()}
+        metrics["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    # ------------------------------------------------------------------ weights out
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """Only the LoRA tensors (CPU copies), for the rollout actors."""
+        from peft import get_peft_model_state_dict
+
+        with self._gathered(p for n, p in self.unwrapped.named_parameters() if "lora_" in n):
+            state = get_peft_model_state_dict(self.unwrapped.policy)
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def weights_digest(self) -> dict[str, float]:
+        """Abs-sum of every trainable tensor (to check that ranks hold identical weights)."""
+        with self._gathered(p for p in self.unwrapped.parameters() if p.requires_grad):
+            return {n: float(p.detach().double().abs().sum()) for n, p in self.unwrapped.named_parameters()
+                    if p.requires_grad}
+
+    def save(self, directory: str, with_optimizer: bool = True) -> None:
+        """Adapter (peft format) and value head; with ``with_optimizer`` also optimizer, scheduler and this rank's
+        RNG states. Every rank must call it (DeepSpeed saves its partitioned optimizer state collectively)."""
+        out = Path(directory)
+        main = self.accelerator.is_main_process
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        with self._gathered(p for p in self.unwrapped.parameters() if p.requires_grad):
+            if main:
+                self.unwrapped.policy.save_pretrained(out / "adapter")
+                if self.unwrapped.value_head is not None:
+                    head = {k: v.detach().float().cpu() for k, v in self.unwrapped.value_head.state_dict().items()}
+                    torch.save(head, out / "value_head.pt")
+        if with_optimizer:
+            if self.accelerator.state.deepspeed_plugin is not None:
+                self.model.save_checkpoint(str(out / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+            elif main:
+                torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
+            if main:
+                torch.save(self.scheduler.state_dict(), out / "scheduler.pt")
+            torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                       out / f"rng_rank{self.rank}.pt")
+        self.accelerator.wait_for_everyone()
+
+    def load(self, directory: str) -> None:
+        """Restore what ``save`` wrote (weights, optimizer, scheduler, RNG)."""
+        src = Path(directory)
+        if self.accelerator.state.deepspeed_plugin is not None:
+            # restores the trainable weights (exclude_frozen_parameters) and each rank's optimizer partition
+            self.model.load_checkpoint(str(src / "deepspeed"), tag="state", load_module_strict=False,
+                                       load_lr_scheduler_states=False)
+        else:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(self.unwrapped.policy, load_file(src / "adapter" / "adapter_model.safetensors"))
+            if self.unwrapped.value_head is not None:
+                self.unwrapped.value_head.load_state_dict(torch.load(src / "value_head.pt"))
+            self.optimizer.load_state_dict(torch.load(src / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(src / "scheduler.pt"))
+        rng = torch.load(src / f"rng_rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

@@ -1,0 +1,294 @@
+"""Expected peak memory of the PPO learner (and of rollout actors sharing its GPU): pure arithmetic.
+
+Everything is counted in bytes per *learner rank* for one micro-batch of ``b = ppo.micro_batch_size`` samples of
+``S = P + R`` tokens (``P`` prompt tokens, ``R = generation.max_new_tokens``). Notation: ``p`` bytes per weight
+(2 for bf16), ``h`` hidden, ``q = heads * head_dim``, ``k = kv_heads * head_dim``, ``I`` intermediate, ``V`` vocab,
+``L`` layers, ``r`` LoRA rank, ``T = b * S`` tokens, ``N = b * R`` response rows, ``W`` learner ranks.
+
+Persistent
+  weights     params * p (ZeRO-3: / W, plus a gathered working set of the embedding and two layers in p)
+  trainable   LoRA params * (4 weight + 4 grad + 8 Adam m, v) in fp32 (peft keeps adapters in fp32); under
+              DeepSpeed with a 2-byte dtype a 4-byte fp32 master copy more; ZeRO-1 shards Adam (+ master) over W,
+              ZeRO-2 also grads, ZeRO-3 also the weights; optimizer offload moves Adam + master to the CPU.
+              The value head (gae) is ``(h + 1)`` such parameters.
+Activations saved per token and decoder layer (``A_layer``; what autograd keeps for the backward of a Qwen3 layer
+with LoRA on ``target_modules``, dropout off as in the learner, SDPA flash/memory-efficient kernel):
+  4h + 4h         fp32 copies kept by the two RMSNorms       4q + 4k + 4(2 + heads + kv_heads)   q/k norms
+  4 * in          the fp32 input copy of each LoRA module (peft casts inputs to the adapter dtype; when the base is
+                  fp32 there is no cast and q/k/v, gate/up share one saved input, o reuses the attention output)
+  4r              each LoRA A output
+  p(2q + 2k')     attention q, k, v, output (k' = q when K/V heads are repeated: transformers does so for padded
+                  batches on CUDA) + 4 * heads (log-sum-exp)
+  3pI             SiLU input, SiLU output, up projection
+Per micro-batch (the learner runs ``PolicyWithValue``: only response positions reach the LM head)
+  without checkpointing  L * A_layer * T
+  with checkpointing     L * p * h * T (layer inputs) + A_layer * T (one layer recomputed in the backward)
+  + 4h * T (final norm) + (p + 4 if gae) * h * N (gathered response hidden states)
+  logits: an fp32 ``[N, V]`` buffer is 4NV bytes. Forward peak: 2 of them (the fp32 logits saved by logsumexp and
+  the temperature-scaled copy); backward peak: 4 (saved logits + logsumexp/gather gradients). The no-grad scoring
+  pass (old/ref log-probs) peaks at 2. The entropy (no grad, one row at a time) adds 3 * 4RV in the forward.
+Train-step peak = saved activations + max(forward logits, backward logits, recomputed layer + its gradients
+(taken as 1 A_layer * T more)). Learner peak = CUDA context + persistent + max(train step, scoring pass) *
+(1 + allocator reserve).
+
+A rollout actor on the same GPU (``0 < rollout.num_gpus`` and learner + rollout shares <= 1) is another process:
+CUDA context + weights + fp32 LoRA + max(generation: KV cache ``2 * L * k * p`` per token of ``batch_size *
+samples_per_prompt`` sequences of S tokens plus the repeated K/V of one layer, scoring pass as above).
+
+``bench/memory.py`` checks these formulas against measured peaks of a real LoRA forward/backward on CPU.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from medrl.errors import UsageError
+
+GiB = 2 ** 30
+CUDA_CONTEXT_BYTES = int(0.5 * GiB)
+"""CUDA context + cuBLAS/cuDNN workspaces of one process (~0.3-0.6 GiB with lazy module loading)."""
+ALLOCATOR_RESERVE = 0.10
+"""PyTorch's caching allocator reserves more than it hands out (fragmentation): 10% of the transient peak."""
+PROMPT_OVERHEAD_TOKENS = 64
+"""Chat-template and system-prompt tokens added to ``data.max_question_tokens`` when no prompt cap is configured."""
+HEADROOM = 0.10
+"""A config fits a card when its estimate leaves at least this fraction of the card free."""
+CARDS_GIB = (16, 24, 40, 80)
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_hf_config(cls, c: dict) -> "ModelShape":
+        heads = c["num_attention_heads"]
+        return cls(hidden=c["hidden_size"], layers=c["num_hidden_layers"], heads=heads,
+                   kv_heads=c.get("num_key_value_heads") or heads,
+                   head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate=c["intermediate_size"],
+                   vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)))
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each projection of a decoder layer."""
+        h, q, k, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, k), "v_proj": (h, k), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def layer_params(self) -> int:
+        norms = 2 * self.hidden + 2 * self.head_dim  # input/post-attention RMSNorm, q_norm, k_norm
+        return sum(a * b for a, b in self.module_dims().values()) + norms
+
+    def params(self) -> int:
+        embed = self.vocab * self.hidden
+        return embed * (1 if self.tied else 2) + self.layers * self.layer_params() + self.hidden
+
+    def lora_params(self, r: int, targets: tuple[str, ...]) -> int:
+        return self.layers * sum(r * (a + b) for name, (a, b) in self.module_dims().items() if name in targets)
+
+
+QWEN3_1P7B = ModelShape(hidden=2048, layers=28, heads=16, kv_heads=8, head_dim=128, intermediate=6144,
+                        vocab=151936, tied=True)
+"""Qwen/Qwen3-1.7B, from its config.json."""
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """Everything besides the model shape that the estimate depends on (see ``settings_from_config``)."""
+
+    weight_bytes: int = 2
+    micro_batch: int = 4
+    prompt_tokens: int = 512
+    response_tokens: int = 512
+    lora_r: int = 16
+    lora_targets: tuple[str, ...] = LORA_MODULES
+    gradient_checkpointing: bool = True
+    value_head: bool = False
+    entropy: bool = True
+    zero_stage: int = 0
+    ranks: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    repeat_kv: bool = True
+    """K/V heads repeated to the query heads before SDPA (transformers does so for padded batches on CUDA)."""
+    cuda: bool = True
+    """False: host memory on CPU (no CUDA context, no allocator reserve)."""
+    colocated_rollouts: int = 0
+    """Rollout actors sharing this GPU."""
+    rollout_sequences: int = 16
+    """Sequences one rollout ``generate`` call holds (rollout.batch_size * samples_per_prompt)."""
+
+
+# --------------------------------------------------------------------------- the arithmetic
+def layer_activation_bytes(shape: ModelShape, s: MemorySettings) -> int:
+    """``A_layer``: bytes autograd saves per token in one decoder layer (module docstring)."""
+    p, h, q, k, i, r = s.weight_bytes, shape.hidden, shape.q_dim, shape.kv_dim, shape.intermediate, s.lora_r
+    dims = shape.module_dims()
+    targets = [m for m in LORA_MODULES if m in s.lora_targets]
+    norms = 4 * h + 4 * h + 4 * q + 4 * k + 4 * (2 + shape.heads + shape.kv_heads)
+    if p == 4:  # no dtype cast: modules reading the same tensor share it; o_proj reads the saved attention output
+        groups = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",)]
+        lora_inputs = sum(4 * dims[g[0]][0] for g in groups if any(m in targets for m in g))
+    else:
+        lora_inputs = sum(4 * dims[m][0] for m in targets)
+    lora_a = 4 * r * len(targets)
+    attention = p * (2 * q + 2 * (q if s.repeat_kv else k)) + 4 * shape.heads
+    mlp = 3 * p * i
+    return norms + lora_inputs + lora_a + attention + mlp
+
+
+def _trainable_bytes(n: int, s: MemorySettings) -> dict[str, int]:
+    """fp32 weight / grad / Adam (+ master) bytes of ``n`` trainable parameters on one rank."""
+    w = s.ranks
+    master = 4 * n if s.zero_stage > 0 and s.weight_bytes < 4 else 0
+    opt = 0 if s.offload_optimizer else (8 * n + master) // (w if s.zero_stage >= 1 else 1)
+    return {"weights": 4 * n // (w if s.zero_stage >= 3 else 1),
+            "grads": 4 * n // (w if s.zero_stage >= 2 else 1), "optimizer": opt}
+
+
+def estimate(shape: ModelShape, s: MemorySettings) -> dict[str, int]:
+    """Components and peak (bytes) of one learner rank's GPU (module docstring)."""
+    p, h, V = s.weight_bytes, shape.hidden, shape.vocab
+    S = s.prompt_tokens + s.response_tokens
+    T, N = s.micro_batch * S, s.micro_batch * s.response_tokens
+    out: dict[str, int] = {"cuda_context": CUDA_CONTEXT_BYTES if s.cuda else 0}
+
+    base = shape.params() * p
+    if s.zero_stage >= 3:
+        gathered = (shape.vocab * h + 2 * shape.layer_params()) * p
+        base = gathered + (0 if s.offload_params else base // s.ranks)
+    out["base_weights"] = base
+    lora = _trainable_bytes(shape.lora_params(s.lora_r, s.lora_targets) + (h + 1 if s.value_head else 0), s)
+    out.update({f"lora_{k}": v for k, v in lora.items()})
+    persistent = sum(out.values())
+
+    a_layer = layer_activation_bytes(shape, s)
+    kept_per_layer = p * h if s.gradient_checkpointing else a_layer
+    out["activations"] = shape.layers * kept_per_layer * T + 4 * h * T + (p + (4 if s.value_head else 0)) * h * N
+    out["recompute"] = 2 * a_layer * T if s.gradient_checkpointing else a_layer * T
+    buf = 4 * N * V
+    entropy = 3 * 4 * s.response_tokens * V if s.entropy else 0
+    out["logits_forward"] = max(2 * buf, buf + entropy)
+    out["logits_backward"] = 4 * buf
+    out["train_step"] = out["activations"] + max(out["logits_forward"], out["logits_backward"], out["recompute"])
+    out["scoring_pass"] = scoring = T * (p * h + 3 * p * shape.intermediate) + 2 * buf
+    transient = max(out["train_step"], scoring)
+    out["allocator_reserve"] = int(ALLOCATOR_RESERVE * transient) if s.cuda else 0
+    out["learner_peak"] = persistent + transient + out["allocator_reserve"]
+
+    if s.colocated_rollouts:
+        kv = 2 * shape.layers * shape.kv_dim * p * s.rollout_sequences * S
+        repeat = 2 * s.rollout_sequences * S * shape.q_dim * p
+        prefill = s.rollout_sequences * s.prompt_tokens * 3 * p * shape.intermediate
+        one = (CUDA_CONTEXT_BYTES + shape.params() * p + 4 * shape.lora_params(s.lora_r, s.lora_targets)
+               + max(kv + max(repeat, prefill), scoring))
+        out["rollout_actor"] = one
+        out["rollouts"] = one * s.colocated_rollouts
+    out["gpu_peak"] = out["learner_peak"] + out.get("rollouts", 0)
+    return out
+
+
+# --------------------------------------------------------------------------- from a medrl config
+BUILTIN_SHAPES = {"qwen3-1.7b": QWEN3_1P7B}
+"""Shapes used when the model is not on this machine, by the last part of ``model.path`` (lower case)."""
+
+
+def model_shape(model_cfg) -> tuple[ModelShape, str]:
+    """The shape from the model directory's config.json, else from ``BUILTIN_SHAPES``."""
+    from medrl.models.loading import resolve_model_path
+
+    try:
+        path = resolve_model_path(model_cfg.path, model_cfg.cache_dir) / "config.json"
+    except UsageError:
+        builtin = BUILTIN_SHAPES.get(Path(model_cfg.path).name.lower())
+        if builtin is None or Path(model_cfg.path).expanduser().is_dir():
+            raise
+        return builtin, f"built-in {Path(model_cfg.path).name} shape (model not downloaded)"
+    try:
+        return ModelShape.from_hf_config(json.loads(path.read_text(encoding="utf-8"))), str(path)
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise UsageError(f"{path}: not a usable model config ({type(exc).__name__}: {exc})") from None
+
+
+def _deepspeed(ppo) -> tuple[int, bool, bool]:
+    """(ZeRO stage, optimizer offload, parameter offload) of ``ppo.learner.deepspeed``."""
+    name = ppo.learner.deepspeed
+    if not name:
+        return 0, False, False
+    path = Path(name)
+    if not path.is_file():
+        raise UsageError(f"ppo.learner.deepspeed: file not found: {name}")
+    try:
+        zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization", {})
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    offload = lambda key: (zero.get(key) or {}).get("device") in ("cpu", "nvme")  # noqa: E731
+    return int(zero.get("stage", 0)), offload("offload_optimizer"), offload("offload_param")
+
+
+def settings_from_config(cfg) -> MemorySettings:
+    ppo, model = cfg.ppo, cfg.model
+    on_gpu = model.device == "cuda" or (model.device == "auto" and (ppo.learner.num_gpus > 0))
+    dtype = model.dtype if model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    stage, off_opt, off_param = _deepspeed(ppo)
+    prompt = getattr(ppo, "max_prompt_tokens", None) or cfg.data.max_question_tokens + PROMPT_OVERHEAD_TOKENS
+    rollout = ppo.rollout
+    shared = 0 < rollout.num_gpus < 1 and 0 < ppo.learner.num_gpus < 1
+    colocated = min(rollout.num_actors, int((1 - ppo.learner.num_gpus) / rollout.num_gpus + 1e-9)) if shared else 0
+    return MemorySettings(
+        weight_bytes=4 if dtype == "float32" else 2, micro_batch=ppo.micro_batch_size, prompt_tokens=prompt,
+        response_tokens=ppo.generation.max_new_tokens, lora_r=model.lora.r, lora_targets=tuple(model.lora.target_modules),
+        gradient_checkpointing=model.gradient_checkpointing, value_head=ppo.estimator == "gae",
+        entropy=ppo.log_entropy, zero_stage=stage, ranks=ppo.learner.ranks, offload_optimizer=off_opt,
+        offload_params=off_param, cuda=on_gpu, colocated_rollouts=colocated,
+        rollout_sequences=rollout.batch_size * ppo.samples_per_prompt)
+
+
+ROWS = [("cuda_context", "CUDA context"), ("base_weights", "base weights"), ("lora_weights", "LoRA (+value head)"),
+        ("lora_grads", "LoRA grads"), ("lora_optimizer", "Adam states"), ("activations", "saved activations"),
+        ("recompute", "recomputed layer + grads"), ("logits_forward", "logits, forward"),
+        ("logits_backward", "logits, backward"), ("allocator_reserve", "allocator reserve"),
+        ("learner_peak", "LEARNER PEAK"), ("rollouts", "rollout actors on this GPU"), ("gpu_peak", "GPU PEAK")]
+
+
+def run_estimate_memory(cfg) -> dict:
+    """``medrl estimate-memory``: print the table and return it (GiB values, settings, fit per card size)."""
+    shape, source = model_shape(cfg.model)
+    s = settings_from_config(cfg)
+    parts = estimate(shape, s)
+    alt = estimate(shape, replace(s, gradient_checkpointing=not s.gradient_checkpointing))
+    on, off = (parts, alt) if s.gradient_checkpointing else (alt, parts)
+    gib = {k: round(v / GiB, 3) for k, v in parts.items()}
+    fits = {str(c): parts["gpu_peak"] <= (1 - HEADROOM) * c * GiB for c in CARDS_GIB}
+    result = {"model": source, "shape": asdict(shape), "settings": asdict(s), "gib": gib,
+              "peak_gib": gib["gpu_peak"], "peak_checkpointing_on_gib": round(on["gpu_peak"] / GiB, 3),
+              "peak_checkpointing_off_gib": round(off["gpu_peak"] / GiB, 3),
+              "fits_with_headroom": fits}
+    print(f"Expected peak {'GPU' if s.cuda else 'host'} memory per learner rank — {source}")
+    print(f"  micro-batch {s.micro_batch} x ({s.prompt_tokens} prompt + {s.response_tokens} response) tokens, "
+          f"{'bf16/fp16' if s.weight_bytes == 2 else 'fp32'} weights, LoRA r={s.lora_r}, "
+          f"checkpointing {'on' if s.gradient_checkpointing else 'off'}, ZeRO-{s.zero_stage} x {s.ranks} rank(s)")
+    for key, label in ROWS:
+        if key in parts:
+            print(f"  {label:<28}{parts[key] / GiB:9.2f} GiB")
+    print(f"  peak with checkpointing on / off: {on['gpu_peak'] / GiB:.2f} / {off['gpu_peak'] / GiB:.2f} GiB")
+    print("  fits with >= %d%% headroom: %s" % (100 * HEADROOM, ", ".join(
+        f"{c} GiB {'yes' if fits[str(c)] else 'NO'}" for c in CARDS_GIB)))
+    return result

@@ -1,0 +1,57 @@
+"""The policy (base + LoRA) with an optional value head, scoring response tokens in one forward pass.
+
+Both the learner and the rollout actors score tokens through ``PolicyWithValue``, so the log-prob consistency check
+after a weight sync compares two runs of the very same code on the very same tokens.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medrl.ppo.algos import entropy_from_logits
+
+
+class PolicyWithValue(nn.Module):
+    """``policy``: a peft ``PeftModel`` over a causal LM. ``value_head``: ``Linear(hidden, 1)`` reading the last
+    hidden state of the policy trunk (None for critic-free estimators). With ``detach_value`` the value loss does not
+    reach the trunk."""
+
+    def __init__(self, policy: nn.Module, value_head: nn.Module | None = None, detach_value: bool = False):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.detach_value = detach_value
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor,
+                response_ids: torch.Tensor, temperature: float = 1.0, with_values: bool = True,
+                with_entropy: bool = False) -> dict[str, torch.Tensor]:
+        """Log-probs ``[B, R]`` of ``response_ids`` (right padded) given the right-padded ``input_ids`` =
+        prompt + response; plus values ``[B, R]`` (state before each response token) and entropy when asked.
+        Only the hidden states of response positions go through the LM head."""
+        lm = self.policy.get_base_model()
+        hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        n_rows, width = response_ids.shape
+        # the logits at position p predict token p + 1: response token j of row b is predicted at prompt_len_b-1+j
+        pos = (prompt_lens[:, None] - 1 + torch.arange(width, device=input_ids.device)[None]).clamp(
+            max=input_ids.shape[1] - 1)
+        h = hidden[torch.arange(n_rows, device=input_ids.device)[:, None], pos]
+        logits = lm.lm_head(h).float() / temperature
+        logprobs = logits.gather(-1, response_ids[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        out = {"logprobs": logprobs}
+        if with_values and self.value_head is not None:
+            trunk = (h.detach() if self.detach_value else h).to(self.value_head.weight.dtype)
+            out["values"] = self.value_head(trunk).squeeze(-1).float()
+        if with_entropy:
+            with torch.no_grad():
+                out["entropy"] = torch.stack([entropy_from_logits(row) for row in logits.detach()])
+        return out
+
+
+def make_value_head(policy: nn.Module) -> nn.Linear:
+    """``Linear(hidden_size, 1)`` initialised to 0 (values start at 0, so the first GAE advantages are the plain
+    returns), in the dtype/device of the policy's LM head."""
+    lm_head = policy.get_base_model().lm_head
+    head = nn.Linear(lm_head.in_features, 1, dtype=torch.float32, device=lm_head.weight.device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head

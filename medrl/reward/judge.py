@@ -1,0 +1,154 @@
+"""Teacher judges: any OpenAI-compatible endpoint (async, via the ``openai`` client) and the offline reference judge.
+
+HTTP retries, timeouts and Retry-After are the openai client's (``max_retries``, ``timeout``). On top of them an
+empty or invalid verdict is asked again at most ``malformed_retries`` times, then the judgement fails with a reason.
+Every call goes through a gate that enforces the global rate limits and the budget and records usage.
+
+The client runs on openai's aiohttp transport and posts the request body as-is (``client.post`` with the
+``ChatCompletion`` type, the client's documented way to send a request): both halve the client CPU per call
+compared with ``chat.completions.create`` on httpx, which matters at hundreds of judgements per second.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import openai
+from openai.types.chat import ChatCompletion
+
+from medrl.reward.config import JudgeConfig
+from medrl.reward.ledger import Permit, Usage, call_cost
+from medrl.reward.rubric import RUBRIC, Judgement, JudgementError, build_messages, parse_judgement
+from medrl.reward.rules import RuleOutcome
+from medrl.reward.text import en_words, estimate_tokens, key_terms, term_found
+
+
+RUBRIC_TOKENS = estimate_tokens(RUBRIC)
+
+
+@dataclass
+class JudgeOutcome:
+    judgement: Judgement | None
+    status: str
+    """ok | failed | over_budget"""
+    reason: str = ""
+    usage: Usage = field(default_factory=Usage)
+    cost_usd: float = 0.0
+
+
+class Gate(Protocol):
+    """Global rate limits + budget + usage ledger shared by every judge (``medrl.reward.ledger.LeasedGate``)."""
+
+    async def reserve(self, tokens: int, cost_usd: float) -> Permit | None:
+        """A permit for one call of about ``tokens`` tokens costing at most ``cost_usd``; None: budget spent."""
+
+    def settle(self, permit: Permit, tokens_in: int, tokens_out: int, tokens_cache_hit: int, cost_usd: float,
+               http_attempts: int) -> None:
+        """Report what the call used (zero tokens for a call that failed) and the HTTP attempts made since the
+        previous settle (retries included)."""
+
+    async def flush(self, **counts: int) -> None:
+        """Send pending usage and add per-sample outcome counts (judged, cached, failed, ...)."""
+
+
+def usage_of(completion) -> Usage:
+    """Token usage of a completion; cache hits from DeepSeek's ``prompt_cache_hit_tokens`` or OpenAI's
+    ``prompt_tokens_details.cached_tokens``."""
+    u = completion.usage
+    if u is None:
+        return Usage()
+    hit = getattr(u, "prompt_cache_hit_tokens", None)
+    if hit is None and u.prompt_tokens_details is not None:
+        hit = u.prompt_tokens_details.cached_tokens
+    return Usage(tokens_in=u.prompt_tokens or 0, tokens_out=u.completion_tokens or 0, tokens_cache_hit=hit or 0)
+
+
+def _error_reason(exc: openai.APIError, max_retries: int) -> str:
+    retried = f"(client retries: {max_retries})"
+    if isinstance(exc, openai.APITimeoutError):
+        return f"timeout {retried}"
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code} {retried}: {str(exc.message)[:160]}"
+    if isinstance(exc, openai.APIConnectionError):
+        return f"connection error {retried}: {exc}"
+    return f"{type(exc).__name__}: {str(exc)[:160]}"
+
+
+class OpenAIJudge:
+    def __init__(self, cfg: JudgeConfig, api_key: str):
+        self.cfg = cfg
+        self.price = cfg.prices[cfg.model]
+        self._key = api_key
+        self._attempts = 0
+        http = openai.DefaultAioHttpClient(event_hooks={"request": [self._count_attempt]})
+        self.client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=api_key, timeout=cfg.timeout_s,
+                                         max_retries=cfg.max_retries, http_client=http)
+
+    async def _count_attempt(self, request) -> None:
+        self._attempts += 1
+
+    def _take_attempts(self) -> int:
+        n, self._attempts = self._attempts, 0
+        return n
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    async def judge(self, prompt: str, answer: str, reference: str | None, gate: Gate) -> JudgeOutcome:
+        messages = build_messages(prompt, answer, reference)
+        body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
+                "max_tokens": self.cfg.max_tokens, "response_format": {"type": "json_object"}}
+        est_tokens = RUBRIC_TOKENS + estimate_tokens(messages[-1]["content"]) + self.cfg.max_tokens
+        est_cost = call_cost(Usage(est_tokens - self.cfg.max_tokens, self.cfg.max_tokens), self.price)
+        total, cost, reason = Usage(), 0.0, ""
+        for _ in range(1 + self.cfg.malformed_retries):
+            permit = await gate.reserve(est_tokens, est_cost)
+            if permit is None:
+                return JudgeOutcome(None, "over_budget", "budget cap reached", total, cost)
+            if permit.wait_s > 0:
+                await asyncio.sleep(permit.wait_s)
+            try:
+                completion = await self.client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+            except openai.APIError as exc:
+                gate.settle(permit, 0, 0, 0, 0.0, self._take_attempts())
+                return JudgeOutcome(None, "failed", self._redact(_error_reason(exc, self.cfg.max_retries)),
+                                    total, cost)
+            usage = usage_of(completion)
+            call = call_cost(usage, self.price)
+            gate.settle(permit, usage.tokens_in, usage.tokens_out, usage.tokens_cache_hit, call,
+                        self._take_attempts())
+            total.add(usage)
+            cost += call
+            content = completion.choices[0].message.content if completion.choices else None
+            try:
+                return JudgeOutcome(parse_judgement(content), "ok", "", total, cost)
+            except JudgementError as exc:
+                reason = str(exc)
+        calls = 1 + self.cfg.malformed_retries
+        return JudgeOutcome(None, "failed", f"{reason} ({calls} call{'s' if calls > 1 else ''})", total, cost)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def reference_judgement(answer: str, reference: str | None, rules: RuleOutcome) -> Judgement | None:
+    """The offline judge (``provider: reference``), deterministic. accuracy = 10 x share of the reference's key
+    terms in the answer; completeness = 10 x share of reference sentences with at least half of their terms
+    present; safety = 10 x the safety rule; clarity = 10 x the length rule. None without a reference."""
+    if not reference or not reference.strip():
+        return None
+    words = en_words(answer)
+    terms = key_terms(reference, 64)
+    if terms:
+        accuracy = sum(term_found(t, answer, words) for t in terms) / len(terms)
+    else:
+        accuracy = float(reference.strip().lower() in answer.lower())
+    sentences = [s for s in re.split(r"[.。;；!?！？\n]+", reference) if key_terms(s, 64)]
+    complete = [sum(term_found(t, answer, words) for t in key_terms(s, 64)) * 2 >= len(key_terms(s, 64))
+                for s in sentences]
+    completeness = sum(complete) / len(complete) if complete else accuracy
+    return Judgement(accuracy=round(10 * accuracy), safety=round(10 * rules.scores["safety"].score),
+                     completeness=round(10 * completeness), clarity=round(10 * rules.scores["length"].score),
+                     reason=f"offline comparison with the reference: {sum(complete)}/{len(complete)} sentences covered")

@@ -1,0 +1,162 @@
+"""``medrl judge``: score a JSONL file with the rule rewards and the teacher judge (or estimate the cost first)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from medrl.config import Config
+from medrl.errors import UsageError
+from medrl.reward.cache import JudgeCache, judge_key
+from medrl.reward.config import RewardConfig
+from medrl.reward.ledger import Usage, call_cost
+from medrl.reward.rubric import RUBRIC, build_messages
+from medrl.reward.rules import detect_injection
+from medrl.reward.text import estimate_tokens, split_response
+from medrl.reward.types import RewardInput, RewardResult
+from medrl.runs import RunDir
+
+log = logging.getLogger("medrl.reward")
+
+TYPICAL_OUTPUT_TOKENS = 100
+"""Dry-run estimate of one verdict's completion tokens (the JSON plus a short reason); the worst case is max_tokens."""
+
+
+def read_items(path: Path, limit: int | None = None) -> list[RewardInput]:
+    """Rows with prompt (or question), response (or output) and optional id, reference, risk, expected_behavior,
+    language. Errors name the file and line."""
+    if not path.is_file():
+        raise UsageError(f"judge input not found: {path}")
+    items: list[RewardInput] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(items) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            try:
+                items.append(RewardInput.from_record(row))
+            except ValueError as exc:
+                raise UsageError(f"{path}:{lineno}: {exc}") from None
+    if not items:
+        raise UsageError(f"{path}: no rows to score")
+    return items
+
+
+def _token_counter(cfg: RewardConfig):
+    if cfg.judge.tokenizer:
+        from transformers import AutoTokenizer
+
+        path = Path(cfg.judge.tokenizer)
+        if not path.is_dir():
+            raise UsageError(f"reward.judge.tokenizer: directory not found: {path}")
+        tok = AutoTokenizer.from_pretrained(str(path))
+        return (lambda text: len(tok(text, add_special_tokens=False)["input_ids"])), f"tokenizer {path}"
+    return estimate_tokens, "estimate (CJK char/digit/punctuation = 1, Latin word = letters/4)"
+
+
+def estimate_cost(cfg: RewardConfig, items: list[RewardInput]) -> dict:
+    """What judging ``items`` would cost, without calling the judge: cached and duplicate samples are free, the
+    rubric prefix is billed at the cache-hit price after the first call (DeepSeek prefix cache)."""
+    jc = cfg.judge
+    count, counter = _token_counter(cfg)
+    out = {"items": len(items), "judge": jc.judge_id, "token_counter": counter, "budget_usd": jc.budget_usd}
+    if jc.provider != "openai":
+        return {**out, "to_judge": 0, "cost_usd_typical": 0.0, "cost_usd_max": 0.0}
+    pending: dict[str, RewardInput] = {}
+    injected = 0
+    for item in items:
+        if detect_injection(item.response):
+            injected += 1
+            continue
+        pending.setdefault(judge_key(cfg, item, split_response(item.response).answer), item)
+    cache = JudgeCache(jc.cache_path, readonly=True)
+    cached = cache.get_many(pending)
+    cache.close()
+    todo = [item for key, item in pending.items() if key not in cached]
+    rubric = count(RUBRIC)
+    user = sum(count(build_messages(it.prompt, split_response(it.response).answer, it.reference)[1]["content"])
+               for it in todo)
+    tokens_in = rubric * len(todo) + user
+    hit = rubric * max(0, len(todo) - 1)
+    price = jc.prices[jc.model]
+    typical = call_cost(Usage(tokens_in, TYPICAL_OUTPUT_TOKENS * len(todo), hit), price)
+    worst = call_cost(Usage(tokens_in, jc.max_tokens * len(todo), 0), price)
+    return {**out, "cached": len(cached), "duplicates": len(items) - injected - len(pending),
+            "prompt_injection": injected, "to_judge": len(todo), "tokens_in": tokens_in,
+            "tokens_in_cache_hit_expected": hit, "tokens_out_typical": TYPICAL_OUTPUT_TOKENS * len(todo),
+            "tokens_out_max": jc.max_tokens * len(todo), "cost_usd_typical": round(typical, 6),
+            "cost_usd_max": round(worst, 6)}
+
+
+def _describe_estimate(est: dict) -> str:
+    line = f"dry run ({est['judge']}): {est['items']} items, {est['to_judge']} to judge"
+    if "tokens_in" in est:
+        line += (f" ({est['cached']} cached, {est['duplicates']} duplicates, {est['prompt_injection']} injections "
+                 f"not sent); tokens in {est['tokens_in']} (~{est['tokens_in_cache_hit_expected']} cache hits), "
+                 f"out ~{est['tokens_out_typical']} (max {est['tokens_out_max']})")
+    return (line + f"; cost ~${est['cost_usd_typical']:.4f} (max ${est['cost_usd_max']:.4f}); "
+            f"tokens: {est['token_counter']}")
+
+
+def summarize(results: list[RewardResult], seconds: float) -> dict:
+    statuses = ("ok", "cached", "failed", "over_budget", "skipped", "disabled")
+    n = len(results)
+    return {"items": n, "judge": results[0].judge if results else "none",
+            **{("judged" if s == "ok" else s): sum(r.judge_status == s for r in results) for s in statuses},
+            "dropped": sum(r.dropped for r in results),
+            "prompt_injection": sum("prompt_injection" in r.flags for r in results),
+            "tokens_in": sum(r.tokens_in for r in results), "tokens_out": sum(r.tokens_out for r in results),
+            "tokens_cache_hit": sum(r.tokens_cache_hit for r in results),
+            "cost_usd": round(sum(r.cost_usd for r in results), 6), "seconds": round(seconds, 2),
+            "items_per_s": round(n / seconds, 1) if seconds > 0 else None,
+            "mean_reward": round(sum(r.reward for r in results) / n, 4) if n else None}
+
+
+def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, limit: int | None,
+              dry_run: bool) -> dict:
+    items = read_items(Path(input_path), limit)
+    if dry_run:
+        est = estimate_cost(cfg.reward, items)
+        print(_describe_estimate(est))
+        return est
+    import ray
+
+    from medrl.ray_utils import init_ray
+    from medrl.reward.pool import RewardPool
+
+    started = init_ray(cfg.ray)
+    try:
+        with RewardPool(cfg.reward, run) as pool:
+            t0 = time.perf_counter()
+            results = pool.score(items, progress=True)
+            summary = summarize(results, time.perf_counter() - t0)
+    finally:
+        if started:
+            ray.shutdown()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w", encoding="utf-8") as f:
+        for r in results:
+            f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+    if cfg.reward.judge.provider == "openai":
+        cache = JudgeCache(Path(cfg.reward.judge.cache_path), readonly=True)
+        keys = [judge_key(cfg.reward, it, split_response(it.response).answer) for it in items]
+        summary["teacher_judgements"] = cache.export_jsonl(run.teacher_judgements, keys)
+        cache.close()
+    summary["out"] = str(out_path)
+    log.info("judge summary: %s", json.dumps(summary, ensure_ascii=False))
+    print(f"judge {summary['judge']}: {summary['items']} items in {summary['seconds']}s "
+          f"({summary['items_per_s']}/s): judged {summary['judged']}, cached {summary['cached']}, failed "
+          f"{summary['failed']}, over budget {summary['over_budget']}, skipped {summary['skipped']}, dropped "
+          f"{summary['dropped']}; tokens in {summary['tokens_in']} (cache hit {summary['tokens_cache_hit']}), out "
+          f"{summary['tokens_out']}; cost ${summary['cost_usd']:.4f}; mean reward {summary['mean_reward']} "
+          f"-> {out_path}")
+    return summary

@@ -1,0 +1,203 @@
+"""The judge ledger: global rate limits (requests and tokens per minute), the budget cap and usage totals (pure).
+
+One ``Ledger`` lives in the pool's coordinator actor. Each judge actor talks to it through a ``LeasedGate``: it
+leases a few call permits at a time (only as many as the rate limits allow right now, at least one) and reports
+usage in bulk, so the global limits hold while the coordinator sees one message per lease instead of two per call.
+A permit reserves the call's worst-case cost (estimated prompt + ``max_tokens`` completion), so spent money plus
+the calls in flight never pass the budget.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from medrl.reward.config import Price
+
+
+@dataclass
+class Usage:
+    """Tokens of one or more judge calls."""
+
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tokens_cache_hit: int = 0
+
+    def add(self, other: "Usage") -> None:
+        self.tokens_in += other.tokens_in
+        self.tokens_out += other.tokens_out
+        self.tokens_cache_hit += other.tokens_cache_hit
+
+
+def call_cost(usage: Usage, price: Price) -> float:
+    """USD of ``usage`` at ``price`` (cache-hit prompt tokens at the cache-hit price)."""
+    miss = max(0, usage.tokens_in - usage.tokens_cache_hit)
+    return (miss * price.input + usage.tokens_cache_hit * price.input_cache_hit + usage.tokens_out * price.output) / 1e6
+
+
+COUNTERS = ("requests", "http_attempts", "judged", "cached", "failed", "over_budget", "skipped", "disabled",
+            "dropped", "tokens_in", "tokens_out", "tokens_cache_hit")
+
+
+class RateBucket:
+    """Reservation-style token bucket (GCRA): ``per_minute`` units per minute, bursts of one second's worth (at least
+    one unit). ``reserve`` books units at once and returns how long the caller must wait before using them."""
+
+    def __init__(self, per_minute: int):
+        self.interval = 60.0 / per_minute
+        self.burst = max(1.0, per_minute / 60.0) * self.interval
+        self.tat = 0.0
+
+    def available(self, now: float) -> float:
+        """Units that can be used right now without waiting."""
+        return (now - max(self.tat, now - self.burst)) / self.interval
+
+    def reserve(self, units: float, now: float) -> float:
+        self.tat = max(self.tat, now - self.burst) + units * self.interval
+        return max(0.0, self.tat - now)
+
+    def adjust(self, units: float) -> None:
+        """Correct earlier reservations by ``units`` (negative: give back)."""
+        self.tat += units * self.interval
+
+
+class Ledger:
+    def __init__(self, rpm: int, tpm: int, budget_usd: float | None, clock: Callable[[], float] = time.monotonic):
+        self.requests_bucket = RateBucket(rpm) if rpm > 0 else None
+        self.tokens_bucket = RateBucket(tpm) if tpm > 0 else None
+        self.budget_usd = budget_usd
+        self.clock = clock
+        self.spent_usd = 0.0
+        self.reserved_usd = 0.0
+        self.rate_wait_s = 0.0
+        self.counts = dict.fromkeys(COUNTERS, 0)
+
+    def lease(self, n: int, tokens_each: int, cost_each: float) -> tuple[int, float] | None:
+        """Grant up to ``n`` call permits of ``tokens_each`` tokens and ``cost_each`` USD each: as many as the rate
+        limits allow now, or one with a wait. Returns (permits, seconds to wait) or None when the budget is spent."""
+        if self.budget_usd is not None:
+            room = self.budget_usd - self.spent_usd - self.reserved_usd
+            n = min(n, math.floor(room / cost_each) if cost_each > 0 else n)
+            if n <= 0:
+                return None
+        now = self.clock()
+        if self.requests_bucket is not None:
+            n = min(n, max(1, math.floor(self.requests_bucket.available(now))))
+        if self.tokens_bucket is not None and tokens_each > 0:
+            n = min(n, max(1, math.floor(self.tokens_bucket.available(now) / tokens_each)))
+        wait = 0.0
+        if self.requests_bucket is not None:
+            wait = self.requests_bucket.reserve(n, now)
+        if self.tokens_bucket is not None:
+            wait = max(wait, self.tokens_bucket.reserve(n * tokens_each, now))
+        self.reserved_usd += n * cost_each
+        self.rate_wait_s += wait
+        return n, wait
+
+    def settle(self, calls: int, unused: int, reserved_tokens: int, reserved_cost: float, tokens_in: int,
+               tokens_out: int, tokens_cache_hit: int, cost_usd: float, http_attempts: int) -> None:
+        """Close the reservations of ``calls`` finished calls and ``unused`` returned permits with what was used."""
+        self.reserved_usd = max(0.0, self.reserved_usd - reserved_cost)
+        self.spent_usd += cost_usd
+        if self.requests_bucket is not None:
+            self.requests_bucket.adjust(-unused)
+        if self.tokens_bucket is not None:
+            self.tokens_bucket.adjust(tokens_in + tokens_out - reserved_tokens)
+        self.add(requests=calls, http_attempts=http_attempts, tokens_in=tokens_in, tokens_out=tokens_out,
+                 tokens_cache_hit=tokens_cache_hit)
+
+    def add(self, **deltas: int) -> None:
+        for k, v in deltas.items():
+            self.counts[k] += v
+
+    def stats(self) -> dict:
+        left = None if self.budget_usd is None else max(0.0, self.budget_usd - self.spent_usd)
+        return {**self.counts, "cost_usd": round(self.spent_usd, 6), "budget_usd": self.budget_usd,
+                "budget_left_usd": None if left is None else round(left, 6), "rate_wait_s": round(self.rate_wait_s, 3)}
+
+
+@dataclass(frozen=True)
+class Permit:
+    """One judge call's right to go: wait ``wait_s`` first; ``tokens``/``cost_usd`` were reserved for it."""
+
+    wait_s: float
+    tokens: int
+    cost_usd: float
+
+
+_SETTLE_FIELDS = ("calls", "unused", "reserved_tokens", "reserved_cost", "tokens_in", "tokens_out",
+                  "tokens_cache_hit", "cost_usd", "http_attempts")
+
+
+class LeasedGate:
+    """A judge actor's side of the ledger. ``lease``/``settle``/``add`` reach the coordinator (awaitables);
+    usage is sent every ``flush_every`` calls and on ``flush`` (end of a batch, which also returns unused permits)."""
+
+    def __init__(self, lease: Callable[..., Awaitable], settle: Callable[..., Awaitable],
+                 add: Callable[..., Awaitable], lease_size: int, flush_every: int):
+        self._lease, self._settle, self._add = lease, settle, add
+        self.lease_size, self.flush_every = lease_size, flush_every
+        self._permits = 0
+        self._each = (0, 0.0)
+        self._ready_at = 0.0
+        self._refill: asyncio.Future | None = None
+        self._usage = dict.fromkeys(_SETTLE_FIELDS, 0)
+        self._sending: set[asyncio.Task] = set()  # fire-and-forget reports, kept alive until done
+
+    async def reserve(self, tokens: int, cost_usd: float) -> Permit | None:
+        while self._permits == 0:
+            if self._refill is None:
+                self._refill = asyncio.ensure_future(self._lease_more(tokens, cost_usd))
+            if not await asyncio.shield(self._refill):
+                return None
+        self._permits -= 1
+        return Permit(max(0.0, self._ready_at - time.monotonic()), *self._each)
+
+    async def _lease_more(self, tokens: int, cost_usd: float) -> bool:
+        try:
+            each = (max(tokens, self._each[0]), max(cost_usd, self._each[1]))
+            granted = await self._lease(self.lease_size, *each)
+            if granted is None:
+                return False
+            self._permits, self._each = granted[0], each
+            self._ready_at = time.monotonic() + granted[1]
+            return True
+        finally:
+            self._refill = None
+
+    def settle(self, permit: Permit, tokens_in: int, tokens_out: int, tokens_cache_hit: int, cost_usd: float,
+               http_attempts: int) -> None:
+        u = self._usage
+        for k, v in (("calls", 1), ("reserved_tokens", permit.tokens), ("reserved_cost", permit.cost_usd),
+                     ("tokens_in", tokens_in), ("tokens_out", tokens_out), ("tokens_cache_hit", tokens_cache_hit),
+                     ("cost_usd", cost_usd), ("http_attempts", http_attempts)):
+            u[k] += v
+        if u["calls"] >= self.flush_every:
+            task = asyncio.ensure_future(self._send())
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    def _take(self, return_permits: bool) -> dict | None:
+        u = self._usage
+        if return_permits and self._permits:
+            u["unused"] += self._permits
+            u["reserved_tokens"] += self._permits * self._each[0]
+            u["reserved_cost"] += self._permits * self._each[1]
+            self._permits = 0
+        if not any(u.values()):
+            return None
+        self._usage = dict.fromkeys(_SETTLE_FIELDS, 0)
+        return u
+
+    async def _send(self, return_permits: bool = False) -> None:
+        usage = self._take(return_permits)
+        if usage is not None:
+            await self._settle(*(usage[k] for k in _SETTLE_FIELDS))
+
+    async def flush(self, **counts: int) -> None:
+        """Send pending usage, return unused permits and add per-sample outcome counts (awaited)."""
+        await self._send(return_permits=True)
+        if counts:
+            await self._add(**counts)

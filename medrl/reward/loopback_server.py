@@ -1,0 +1,234 @@
+"""A loopback OpenAI-compatible judge server (aiohttp) for tests and benchmarks.
+
+It speaks ``POST /v1/chat/completions`` on 127.0.0.1, answers with deterministic scores, counts requests per key
+(the sha256 of the last user message), reports DeepSeek-style usage with ``prompt_cache_hit_tokens`` (the system
+prompt is a cache hit after its first request) and injects faults that the graded answer asks for:
+
+    [[fault:KIND]]     every request for this answer fails with KIND
+    [[fault:KIND*N]]   the first N requests fail, later ones succeed
+    KIND: 429 (with Retry-After), 500, 503, timeout (hangs), empty (empty content), malformed (invalid JSON)
+    [[score:N]]        every dimension scores N (else the scores come from the key's hash: ``expected_scores``)
+
+``GET /stats`` returns the counters, ``POST /reset`` clears them, ``POST /config`` changes latency_s at run time.
+``LoopbackJudge`` runs it in a subprocess (so its CPU is not the client's) and stops it on exit.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+from aiohttp import web
+
+from medrl.reward.rubric import DIMENSIONS
+from medrl.reward.text import estimate_tokens
+
+FAULT_MARK = re.compile(r"\[\[fault:(429|500|503|timeout|empty|malformed)(?:\*(\d+))?\]\]")
+SCORE_MARK = re.compile(r"\[\[score:(\d+)\]\]")
+
+
+def request_key(user_content: str) -> str:
+    return hashlib.sha256(user_content.encode("utf-8")).hexdigest()[:16]
+
+
+def expected_scores(user_content: str) -> dict[str, int]:
+    """The scores the server gives a request whose last user message is ``user_content``."""
+    m = SCORE_MARK.search(user_content)
+    if m:
+        return dict.fromkeys(DIMENSIONS, min(10, int(m.group(1))))
+    digest = hashlib.sha256(user_content.encode("utf-8")).digest()
+    return {d: digest[i] % 11 for i, d in enumerate(DIMENSIONS)}
+
+
+class _State:
+    def __init__(self, latency_s: float, api_key: str | None, retry_after_ms: int, hang_s: float):
+        self.latency_s, self.api_key, self.retry_after_ms, self.hang_s = latency_s, api_key, retry_after_ms, hang_s
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests: Counter = Counter()
+        self.served: Counter = Counter()
+        self.faults: Counter = Counter()
+        self.unauthorized = 0
+        self.seen_prefixes: set[str] = set()
+
+
+@lru_cache(maxsize=64)
+def _prefix_tokens(system: str) -> int:
+    return estimate_tokens(system)
+
+
+def _completion(model: str, content: str, messages: list[dict], state: _State) -> dict:
+    system = "".join(m["content"] for m in messages if m.get("role") == "system")
+    prefix = _prefix_tokens(system)
+    prompt_tokens = prefix + sum(estimate_tokens(m.get("content") or "") for m in messages if m.get("role") != "system")
+    hit = prefix if system in state.seen_prefixes else 0
+    state.seen_prefixes.add(system)
+    completion_tokens = estimate_tokens(content)
+    return {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens, "prompt_cache_hit_tokens": hit,
+                      "prompt_cache_miss_tokens": prompt_tokens - hit}}
+
+
+async def _chat(request: web.Request) -> web.Response:
+    state: _State = request.app["state"]
+    if state.api_key is not None and request.headers.get("Authorization") != f"Bearer {state.api_key}":
+        state.unauthorized += 1
+        return web.json_response({"error": {"message": "invalid api key", "type": "authentication_error"}},
+                                 status=401)
+    body = await request.json()
+    messages = body["messages"]
+    user = messages[-1]["content"]
+    key = request_key(user)
+    state.requests[key] += 1
+    attempt = state.requests[key]
+    if state.latency_s > 0:
+        await asyncio.sleep(state.latency_s)
+    fault = FAULT_MARK.search(user)
+    content = None
+    if fault and (fault.group(2) is None or attempt <= int(fault.group(2))):
+        kind = fault.group(1)
+        state.faults[kind] += 1
+        if kind == "429":
+            return web.json_response({"error": {"message": "rate limited", "type": "rate_limit"}}, status=429,
+                                     headers={"Retry-After": str(max(1, state.retry_after_ms // 1000)),
+                                              "retry-after-ms": str(state.retry_after_ms)})
+        if kind in ("500", "503"):
+            return web.json_response({"error": {"message": "server busy", "type": "server_error"}},
+                                     status=int(kind))
+        if kind == "timeout":
+            await asyncio.sleep(state.hang_s)
+        content = {"empty": "", "malformed": '{"accuracy": 7, "safety": '}.get(kind)
+    if content is None:
+        content = json.dumps({**expected_scores(user), "reason": f"loopback verdict {key}"})
+    state.served[key] += 1
+    return web.json_response(_completion(body.get("model", "loopback"), content, messages, state))
+
+
+async def _stats(request: web.Request) -> web.Response:
+    s: _State = request.app["state"]
+    return web.json_response({"requests": dict(s.requests), "served": dict(s.served), "faults": dict(s.faults),
+                              "total": sum(s.requests.values()), "unauthorized": s.unauthorized})
+
+
+async def _reset(request: web.Request) -> web.Response:
+    request.app["state"].reset()
+    return web.json_response({"ok": True})
+
+
+async def _config(request: web.Request) -> web.Response:
+    body = await request.json()
+    request.app["state"].latency_s = float(body["latency_s"])
+    return web.json_response({"ok": True})
+
+
+def make_app(state: _State) -> web.Application:
+    app = web.Application()
+    app["state"] = state
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_get("/stats", _stats)
+    app.router.add_post("/reset", _reset)
+    app.router.add_post("/config", _config)
+    return app
+
+
+class LoopbackJudge:
+    """Runs the server in a subprocess on 127.0.0.1:<free port>; a context manager that stops it."""
+
+    def __init__(self, latency_s: float = 0.0, api_key: str | None = None, retry_after_ms: int = 50,
+                 hang_s: float = 30.0):
+        self.args = ["--latency", str(latency_s), "--retry-after-ms", str(retry_after_ms), "--hang", str(hang_s)]
+        self.api_key = api_key
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> "LoopbackJudge":
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ, LOOPBACK_JUDGE_KEY=self.api_key or "")
+        src = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "medrl.reward.loopback_server", "--port", str(self.port),
+                                      *self.args], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                     stderr=self._log)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self._log.seek(0)
+                raise RuntimeError("loopback judge failed to start:\n" + self._log.read().decode(errors="replace"))
+            try:
+                self.stats()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError("loopback judge did not answer in 30 s")
+
+    def _call(self, path: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def stats(self) -> dict:
+        return self._call("/stats")
+
+    def reset(self) -> None:
+        self._call("/reset", {})
+
+    def set_latency(self, latency_s: float) -> None:
+        self._call("/config", {"latency_s": latency_s})
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--latency", type=float, default=0.0)
+    p.add_argument("--retry-after-ms", type=int, default=50)
+    p.add_argument("--hang", type=float, default=30.0)
+    a = p.parse_args()
+    state = _State(a.latency, os.environ.get("LOOPBACK_JUDGE_KEY") or None, a.retry_after_ms, a.hang)
+    web.run_app(make_app(state), host="127.0.0.1", port=a.port, access_log=None, print=None,
+                handle_signals=True, backlog=1024)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Ray shell of the reward plane: judge actors (async, bounded concurrency) and one coordinator actor that holds
+the global rate limits, the budget and the usage totals.
+
+Items are routed to actors by their judge key, so identical samples meet in one actor and share one judge call.
+Ray restarts a dead judge actor and re-runs its unfinished batches; judgements finished before the crash are read
+from the SQLite cache, so nothing is lost and nothing already received is paid for again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import uuid
+from pathlib import Path
+
+import ray
+from pydantic import SecretStr
+from tqdm import tqdm
+
+from medrl.errors import UsageError
+from medrl.reward.config import RewardConfig
+from medrl.reward.cache import judge_key
+from medrl.reward.ledger import LeasedGate, Ledger
+from medrl.reward.scoring import Scorer
+from medrl.reward.text import split_response
+from medrl.reward.types import RewardInput, RewardResult
+from medrl.runs import MetricsLogger, RunDir
+
+log = logging.getLogger("medrl.reward")
+
+
+def process_info() -> dict:
+    """pid and CPU seconds used so far by the calling process (fault tests and benchmarks)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"pid": os.getpid(), "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+@ray.remote(num_cpus=0)
+class JudgeCoordinator:
+    """Hosts the one Ledger: judge actors lease call permits from it (rate limits, budget) and report usage."""
+
+    def __init__(self, rpm: int, tpm: int, budget_usd: float | None):
+        self.ledger = Ledger(rpm, tpm, budget_usd)
+
+    def lease(self, n: int, tokens_each: int, cost_each: float) -> tuple[int, float] | None:
+        return self.ledger.lease(n, tokens_each, cost_each)
+
+    def settle(self, *args) -> None:
+        self.ledger.settle(*args)
+
+    def add(self, **counts: int) -> None:
+        self.ledger.add(**counts)
+
+    def stats(self) -> dict:
+        return self.ledger.stats()
+
+    def process_info(self) -> dict:
+        return process_info()
+
+
+@ray.remote
+class JudgeActor:
+    def __init__(self, cfg: RewardConfig, api_key: SecretStr | None, coordinator_name: str):
+        # the coordinator is passed by name: a handle argument would keep the actor from restarting cleanly
+        self.cfg, self._api_key, self._coordinator_name = cfg, api_key, coordinator_name
+        self._scorer: Scorer | None = None
+
+    def _get_scorer(self) -> Scorer:
+        if self._scorer is None:  # built inside the actor's event loop
+            key = self._api_key.get_secret_value() if self._api_key is not None else None
+            coordinator = ray.get_actor(self._coordinator_name)
+            lease_size = max(1, self.cfg.judge.concurrency // 2)
+            gate = LeasedGate(coordinator.lease.remote, coordinator.settle.remote, coordinator.add.remote,
+                              lease_size=lease_size, flush_every=lease_size)
+            self._scorer = Scorer(self.cfg, gate, key)
+        return self._scorer
+
+    async def score_batch(self, items: list[RewardInput]) -> list[RewardResult]:
+        return await self._get_scorer().score_batch(items)
+
+    async def score_items(self, items: list[RewardInput]):
+        """One return value per item (called with ``num_returns=len(items)``)."""
+        results = await self._get_scorer().score_batch(items)
+        return results[0] if len(results) == 1 else tuple(results)
+
+    def process_info(self) -> dict:
+        return process_info()
+
+    async def close(self) -> None:
+        if self._scorer is not None:
+            await self._scorer.close()
+
+
+class RewardPool:
+    """Scores RewardInputs with rules + the teacher judge on a pool of Ray actors (Ray must be initialised)."""
+
+    def __init__(self, cfg: RewardConfig, run: RunDir | None = None):
+        if not ray.is_initialized():
+            raise UsageError("RewardPool needs Ray: call medrl.ray_utils.init_ray(cfg.ray) first")
+        jc = cfg.judge
+        cache_path = str(Path(jc.cache_path).expanduser().resolve())
+        self.cfg = cfg.model_copy(update={"judge": jc.model_copy(update={"cache_path": cache_path})})
+        api_key = None
+        if jc.provider == "openai":
+            key = os.environ.get(jc.api_key_env)
+            if not key:
+                raise UsageError(f"reward.judge.provider is 'openai' but the environment variable {jc.api_key_env} "
+                                 f"(reward.judge.api_key_env) is not set")
+            api_key = SecretStr(key)
+        name = f"medrl-judge-coordinator-{uuid.uuid4().hex[:12]}"
+        self.coordinator = JudgeCoordinator.options(name=name, max_restarts=-1, max_task_retries=-1).remote(
+            jc.rpm, jc.tpm, jc.budget_usd)
+        self.actors = [JudgeActor.options(num_cpus=jc.actor_num_cpus, max_restarts=jc.actor_max_restarts,
+                                          max_task_retries=-1).remote(self.cfg, api_key, name)
+                       for _ in range(jc.num_actors)]
+        self._metrics = MetricsLogger(run, "reward") if run is not None else None
+        self._steps = 0
+        self._warned_budget = False
+        log.info("reward pool: judge %s, %d actor(s) x %d concurrent, rpm %s, tpm %s, budget %s, cache %s",
+                 jc.judge_id, jc.num_actors, jc.concurrency, jc.rpm or "unlimited", jc.tpm or "unlimited",
+                 "none" if jc.budget_usd is None else f"${jc.budget_usd:g}", cache_path)
+
+    def _plan(self, items: list[RewardInput]):
+        """(actor, item indices) batches: routed by judge key, at most ``batch_size`` items each."""
+        per_actor: list[list[int]] = [[] for _ in self.actors]
+        for i, item in enumerate(items):
+            key = judge_key(self.cfg, item, split_response(item.response).answer)
+            per_actor[int(key[:8], 16) % len(self.actors)].append(i)
+        size = self.cfg.judge.batch_size
+        for actor, idxs in zip(self.actors, per_actor):
+            for start in range(0, len(idxs), size):
+                yield actor, idxs[start:start + size]
+
+    def submit(self, items: list[RewardInput]) -> list[ray.ObjectRef]:
+        """Non-blocking: one ObjectRef per item, each resolving to its RewardResult. (``score`` is faster for large
+        batches: it moves one object per batch instead of one per item.)"""
+        refs: list[ray.ObjectRef] = [None] * len(items)  # type: ignore[list-item]
+        for actor, idxs in self._plan(items):
+            out = actor.score_items.options(num_returns=len(idxs)).remote([items[i] for i in idxs])
+            for i, ref in zip(idxs, [out] if len(idxs) == 1 else out):
+                refs[i] = ref
+        return refs
+
+    def score(self, items: list[RewardInput], progress: bool = True) -> list[RewardResult]:
+        """Blocking: RewardResults in the order of ``items``."""
+        pending = {actor.score_batch.remote([items[i] for i in idxs]): idxs for actor, idxs in self._plan(items)}
+        results: list[RewardResult] = [None] * len(items)  # type: ignore[list-item]
+        with tqdm(total=len(items), desc="reward", unit="item", disable=not progress, mininterval=0.5) as bar:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                idxs = pending.pop(done[0])
+                for i, result in zip(idxs, ray.get(done[0])):
+                    results[i] = result
+                bar.update(len(idxs))
+        self._log_step()
+        return results
+
+    def _log_step(self) -> None:
+        stats = self.stats()
+        self._steps += 1
+        if stats["over_budget"] and not self._warned_budget:
+            self._warned_budget = True
+            log.warning("judge budget of $%s reached: %d sample(s) scored by rules only",
+                        stats["budget_usd"], stats["over_budget"])
+        if self._metrics is not None:
+            self._metrics.log(self._steps, {k: v for k, v in stats.items() if isinstance(v, (int, float))})
+
+    def stats(self) -> dict:
+        """Cumulative totals: requests, http_attempts, judged, cached, failed, over_budget, skipped, disabled,
+        dropped, tokens_in/out/cache_hit, cost_usd, budget_usd, budget_left_usd, rate_wait_s."""
+        return ray.get(self.coordinator.stats.remote())
+
+    def process_info(self) -> list[dict]:
+        """pid and CPU seconds of every judge actor, then of the coordinator."""
+        return ray.get([a.process_info.remote() for a in [*self.actors, self.coordinator]])
+
+    def close(self) -> None:
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as exc:  # a dead actor has nothing left to close
+            log.debug("closing judge actors: %s", exc)
+        for handle in [*self.actors, self.coordinator]:
+            ray.kill(handle)
+        self.actors = []
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    def __enter__(self) -> "RewardPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

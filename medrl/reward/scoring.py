@@ -1,0 +1,154 @@
+"""Scoring core (no Ray): rules, then the teacher (cache first), then the combination into one RewardResult.
+
+R = w_rule * Rule + w_teacher * Teacher. Without a teacher score (judge disabled, failed, over budget, or skipped)
+R = Rule. A prompt injection aimed at the judge forces R = 0 and is never sent to the judge.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from medrl.reward.cache import JudgeCache, judge_key
+from medrl.reward.config import RewardConfig
+from medrl.reward.judge import Gate, JudgeOutcome, OpenAIJudge, reference_judgement
+from medrl.reward.ledger import Usage
+from medrl.reward.rubric import DIMENSIONS, Judgement, teacher_score
+from medrl.reward.rules import RuleOutcome, evaluate_rules
+from medrl.reward.types import RewardInput, RewardResult
+
+log = logging.getLogger("medrl.reward")
+
+RULES_MEMO = 16384
+
+
+def combine(cfg: RewardConfig, item: RewardInput, rules: RuleOutcome, judgement: Judgement | None, status: str,
+            judge_reason: str = "", usage: Usage | None = None, cost_usd: float = 0.0) -> RewardResult:
+    components = {name: s.score for name, s in rules.scores.items()}
+    components["rule"] = rules.rule
+    reasons = {name: s.reason for name, s in rules.scores.items()}
+    teacher = None
+    if judgement is not None:
+        teacher = teacher_score(judgement, cfg.judge.dimension_weights)
+        components["teacher"] = teacher
+        components.update({f"judge.{d}": getattr(judgement, d) / 10.0 for d in DIMENSIONS})
+        judge_reason = judgement.reason
+    if judge_reason:
+        reasons["judge"] = judge_reason
+    reward = rules.rule if teacher is None else cfg.w_rule * rules.rule + cfg.w_teacher * teacher
+    flags = list(rules.flags)
+    if rules.injected:
+        reward = 0.0
+    dropped = status == "failed" and cfg.judge.on_failure == "drop"
+    if status in ("failed", "over_budget"):
+        flags.append(f"judge_{status}")
+    usage = usage or Usage()
+    return RewardResult(id=item.id, reward=reward, rule=rules.rule, teacher=teacher, components=components,
+                        reasons=reasons, judge=cfg.judge.judge_id, judge_status=status, dropped=dropped, flags=flags,
+                        tokens_in=usage.tokens_in, tokens_out=usage.tokens_out,
+                        tokens_cache_hit=usage.tokens_cache_hit, cost_usd=cost_usd)
+
+
+def _from_cache(record: dict) -> Judgement:
+    return Judgement(**{d: record[d] for d in DIMENSIONS}, reason=record["reason"])
+
+
+class Scorer:
+    """Scores batches of items; at most ``judge.concurrency`` judge calls in flight; identical judge keys in flight
+    at the same time share one call."""
+
+    def __init__(self, cfg: RewardConfig, gate: Gate, api_key: str | None = None):
+        self.cfg = cfg
+        self.gate = gate
+        provider = cfg.judge.provider
+        self.cache = JudgeCache(cfg.judge.cache_path) if provider == "openai" else None
+        self.judge = OpenAIJudge(cfg.judge, api_key or "") if provider == "openai" else None
+        self._slots = asyncio.Semaphore(cfg.judge.concurrency)
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._rules_memo: dict[tuple, RuleOutcome] = {}
+        self._warned_budget = False
+
+    def _rules(self, item: RewardInput) -> RuleOutcome:
+        """Rule outcomes are pure: the last RULES_MEMO samples seen are not evaluated again (rescoring, GRPO groups
+        with identical responses)."""
+        key = (item.prompt, item.response, item.reference, item.risk, item.expected_behavior)
+        outcome = self._rules_memo.get(key)
+        if outcome is None:
+            outcome = self._rules_memo[key] = evaluate_rules(item, self.cfg.rules)
+            if len(self._rules_memo) > RULES_MEMO:
+                del self._rules_memo[next(iter(self._rules_memo))]
+        return outcome
+
+    async def score_batch(self, items: list[RewardInput]) -> list[RewardResult]:
+        outcomes = [self._rules(item) for item in items]
+        provider = self.cfg.judge.provider
+        if provider == "none":
+            results = [combine(self.cfg, it, o, None, "skipped" if o.injected else "disabled")
+                       for it, o in zip(items, outcomes)]
+        elif provider == "reference":
+            results = []
+            for it, o in zip(items, outcomes):
+                j = None if o.injected else reference_judgement(o.answer, it.reference, o)
+                reason = "" if j or o.injected else "offline judge needs a reference"
+                results.append(combine(self.cfg, it, o, j, "ok" if j else "skipped", reason))
+        else:
+            keys = [None if o.injected else judge_key(self.cfg, it, o.answer) for it, o in zip(items, outcomes)]
+            cached = self.cache.get_many(k for k in keys if k)
+            results = [None] * len(items)
+            calls = {}
+            for i, (it, o, k) in enumerate(zip(items, outcomes, keys)):
+                if k is None:
+                    results[i] = combine(self.cfg, it, o, None, "skipped", "prompt injection: not sent to the judge")
+                elif k in cached:
+                    results[i] = combine(self.cfg, it, o, _from_cache(cached[k]), "cached")
+                else:
+                    calls[i] = self._teacher(it, o, k)
+            for i, result in zip(calls, await asyncio.gather(*calls.values())):
+                results[i] = result
+        counts = dict.fromkeys(("judged", "cached", "failed", "over_budget", "skipped", "disabled", "dropped"), 0)
+        for r in results:
+            counts["judged" if r.judge_status == "ok" else r.judge_status] += 1
+            counts["dropped"] += r.dropped
+        await self.gate.flush(**counts)
+        return list(results)
+
+    async def _teacher(self, item: RewardInput, rules: RuleOutcome, key: str) -> RewardResult:
+        """Judge one sample not in the cache; a sample whose key is already being judged waits for that call."""
+        if key in self._inflight:
+            outcome = await asyncio.shield(self._inflight[key])
+            status = "cached" if outcome.status == "ok" else outcome.status
+            return combine(self.cfg, item, rules, outcome.judgement, status, outcome.reason)
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            outcome = await self._call(item, rules.answer, key)
+            future.set_result(outcome)
+        except BaseException as exc:  # cancelled or crashed: waiters get the same error
+            future.set_exception(exc)
+            raise
+        finally:
+            del self._inflight[key]
+        return combine(self.cfg, item, rules, outcome.judgement, outcome.status, outcome.reason, outcome.usage,
+                       outcome.cost_usd)
+
+    async def _call(self, item: RewardInput, answer: str, key: str) -> JudgeOutcome:
+        async with self._slots:
+            outcome = await self.judge.judge(item.prompt, answer, item.reference, self.gate)
+        if outcome.status == "ok":
+            j = outcome.judgement
+            self.cache.put({"key": key, "judge": self.cfg.judge.judge_id,
+                            "rubric_version": self.cfg.judge.rubric_version, **j.scores(), "reason": j.reason, "prompt": item.prompt, "answer": answer,
+                            "reference": item.reference, "tokens_in": outcome.usage.tokens_in,
+                            "tokens_out": outcome.usage.tokens_out,
+                            "tokens_cache_hit": outcome.usage.tokens_cache_hit, "cost_usd": outcome.cost_usd})
+        elif outcome.status == "over_budget" and not self._warned_budget:
+            self._warned_budget = True
+            log.warning("judge budget of $%s reached: rewards fall back to rules only", self.cfg.judge.budget_usd)
+        elif outcome.status == "failed":
+            log.warning("judgement failed for item %s: %s", item.id, outcome.reason)
+        return outcome
+
+    async def close(self) -> None:
+        if self.judge is not None:
+            await self.judge.close()
+        if self.cache is not None:
+            self.cache.close()

@@ -1,0 +1,58 @@
+"""Shared set-up of the PPO tests: a run directory with RL prompts and a tiny, fast PPO config.
+
+The reward is the real reward plane with rules only (no judge): the length rule alone, with ``min_tokens`` far above
+the generation budget, so the reward is the estimated token count of the answer / 100 -- a dense objective a random
+tiny model can improve on within a few steps (CJK characters and punctuation count more than Latin word pieces)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from medrl.config import load_config
+from medrl.runs import RunDir
+
+PROMPTS = [
+    ("p1", "I have chest pain radiating to my left arm, what should I do?", "high", "en"),
+    ("p2", "What is a normal resting heart rate for adults?", "low", "en"),
+    ("p3", "发烧三天了，咳嗽，需要去医院吗？", "medium", "zh"),
+    ("p4", "How much ibuprofen can I take for a headache?", "medium", "en"),
+    ("p5", "糖尿病患者可以吃水果吗？", "low", "zh"),
+    ("p6", "My child swallowed a button battery, what now?", "high", "en"),
+    ("p7", "What are common side effects of metformin?", "low", "en"),
+    ("p8", "高血压应该怎么控制饮食？", "low", "zh"),
+]
+
+
+def write_prompts(run: RunDir) -> Path:
+    run.data.mkdir(parents=True, exist_ok=True)
+    path = run.data / "rl_prompts.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for pid, prompt, risk, lang in PROMPTS:
+            f.write(json.dumps({"id": pid, "prompt": prompt, "reference": None, "risk": risk, "source": "test",
+                                "language": lang, "category": None, "expected_behavior": None},
+                               ensure_ascii=False) + "\n")
+    return path
+
+
+def ppo_config(tmp_path: Path, model_dir: Path, name: str, *overrides: str):
+    """Config + run dir (prompts written) for a short PPO run on the tiny model."""
+    base = [
+        f"run.root={tmp_path}", f"run.name={name}", "run.seed=1",
+        f"model.path={model_dir}", "model.device=cpu", "model.dtype=float32",
+        # lm_head joins the LoRA targets: the random tiny model's tied embeddings are too small to move its outputs
+        "model.lora.target_modules=[q_proj,v_proj,lm_head]",
+        "ray.num_cpus=2",
+        "reward.judge.provider=none", f"reward.judge.cache_path={tmp_path / 'judge_cache.sqlite'}",
+        "reward.judge.num_actors=1",
+        "reward.rules.format.weight=0", "reward.rules.keywords.weight=0", "reward.rules.safety.weight=0",
+        "reward.rules.length.weight=1", "reward.rules.length.min_tokens=100", "reward.rules.length.max_tokens=1000",
+        "ppo.prompts_per_step=4", "ppo.samples_per_prompt=4", "ppo.generation.max_new_tokens=16",
+        "ppo.minibatch_size=8", "ppo.micro_batch_size=8", "ppo.lr=0.02", "ppo.value_lr=0.01",
+        "ppo.kl.mode=fixed", "ppo.kl.init_coef=0.001", "ppo.lr_scheduler=constant",
+        "ppo.rollout.batch_size=2", "ppo.rollout.num_cpus=0.5", "ppo.learner.num_cpus=0.5",
+        "ppo.init_adapter=null",
+    ]
+    cfg = load_config(None, base + list(overrides))
+    run = RunDir.from_config(cfg).ensure()
+    write_prompts(run)
+    return cfg, run

@@ -1,0 +1,153 @@
+"""Bad input never crashes a row: each rejected row lands in rejects.jsonl with file, line and reason."""
+import json
+from pathlib import Path
+
+import pytest
+
+from medrl.config import load_config
+from medrl.data.config import DataConfig, SourceSpec
+from medrl.data.prepare import run_prepare
+from medrl.data.readers import read_csv, read_json
+from medrl.data.sources import iter_rows, resolve_spec, source_files
+from medrl.errors import UsageError
+from medrl.runs import RunDir
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = [
+    {"question": "What are the warning signs of a stroke?", "answer": "Face drooping, arm weakness, speech difficulty."},
+    {"question": "高血压患者每天应该吃多少盐？", "answer": "每天不超过5克。"},
+    {"question": "How is iron deficiency anaemia treated?", "answer": "Oral iron and treating the cause of blood loss."},
+]
+FIELDS = {"question": "question", "answer": "answer"}
+
+
+def _jsonl_lines() -> list[tuple[bytes, str | None]]:
+    """(raw line, expected reject reason prefix or None for a good row)."""
+    good = [json.dumps(g, ensure_ascii=False).encode() for g in GOOD]
+    return [
+        (good[0], None),
+        (b'{"question": "Is chest pain after exercise serious?", "answer": ', "malformed JSON"),
+        (b"[1, 2, 3]", "row is a list, expected an object"),
+        (b'{"question": ["a", "list"], "answer": "x"}', "field 'question' must be text, got list"),
+        (b'{"question": null, "answer": "x"}', "missing field 'question'"),
+        (b'{"answer": "an answer without a question"}', "missing field 'question'"),
+        (b'{"question": "   ", "answer": "x"}', "empty field 'question'"),
+        (b'{"question": "What dose of aspirin?", "answer": ""}', "empty field 'answer'"),
+        (b'{"question": "caf\xe9 \xff\xfe", "answer": "y"}', "undecodable bytes (not UTF-8)"),
+        (b"\xef\xbb\xbf" + good[1], None),  # a BOM is stripped, the row is fine
+        (b'{"question": "' + b"x" * 10_000_000 + b'", "answer": "huge"}', "row of 10000035 bytes exceeds"),
+        (b'{"question": true, "answer": "x"}', "field 'question' must be text, got bool"),
+        (good[2], None),
+    ]
+
+
+def _write_jsonl(path: Path) -> list[tuple[int, str | None]]:
+    lines = _jsonl_lines()
+    with open(path, "wb") as f:
+        for raw, _ in lines:
+            f.write(raw + b"\n\n")  # blank lines between rows are skipped, not rejected
+    return [(2 * i + 1, why) for i, (_, why) in enumerate(lines)]
+
+
+def _rows(path: Path, fmt: str = "jsonl"):
+    data = DataConfig(catalog={"fuzz": SourceSpec(format=fmt, path=str(path), fields=FIELDS)})
+    spec = resolve_spec(data, "fuzz")
+    return list(iter_rows("fuzz", spec, source_files("fuzz", spec, data), data.max_row_bytes))
+
+
+def test_jsonl_rejects_with_line_and_reason(tmp_path):
+    path = tmp_path / "fuzz.jsonl"
+    expected = _write_jsonl(path)
+    rows = _rows(path)
+    assert [(r.line, r.error is None) for r in rows] == [(line, why is None) for line, why in expected]
+    for row, (_, why) in zip(rows, expected):
+        if why is not None:
+            assert row.error.startswith(why) and row.file == str(path)
+    assert [r.record["question"] for r in rows if r.record] == [g["question"] for g in GOOD]
+
+
+def test_json_array_wrong_types_and_truncation(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"question": "Q1 about asthma inhalers?", "answer": "A1"},\n  {"question": 3.5, "answer": '
+                    '{"x": 1}},\n  "just a string",\n  {"question": "Q4 about gout diet?", "answer": "A4"},\n'
+                    '  {"question": "Q5", "answer": oops}\n]\n', encoding="utf-8")
+    rows = list(read_json(path, 10_000))
+    assert [(line, err and err.split(":")[0]) for line, _, err in rows] == [
+        (2, None), (3, None), (4, None), (5, None), (6, "malformed JSON")]
+    parsed = _rows(path, "json")
+    assert [r.error for r in parsed[:4]] == [None, "field 'answer' must be text, got dict",
+                                              "row is a str, expected an object", None]
+    assert parsed[4].line == 6 and "the rest of the file is skipped" in parsed[4].error
+
+
+@pytest.mark.parametrize("body,reason", [(b"", "empty file"), (b"  \n", "empty file"), (b"[]", "empty file"),
+                                         (b"\xef\xbb\xbf[]", "empty file")])
+def test_empty_json_files(tmp_path, body, reason):
+    path = tmp_path / "e.json"
+    path.write_bytes(body)
+    rows = _rows(path, "json")
+    assert len(rows) == 1 and rows[0].error.startswith(reason) and rows[0].record is None
+
+
+def test_csv_bad_rows_encodings_and_header(tmp_path):
+    path = tmp_path / "d.csv"
+    body = ("department,title,ask,answer\n"
+            "心血管科,高血压,高血压能喝咖啡吗？,适量饮用一般可以。\n"
+            "消化科,胃痛,\"多行\n的问题：胃痛怎么办？\",先明确病因。\n"
+            "神经科,头痛,只有三列\n"
+            "呼吸科,咳嗽,咳嗽两周怎么办？,\n").encode("utf-8")
+    path.write_bytes(b"\xef\xbb\xbf" + body + "内分泌科,糖尿病,血糖高吗".encode() + b"\xff\xfe" + ",控制饮食。\n".encode())
+    data = DataConfig(catalog={"cmd-dialogue": SourceSpec(path=str(tmp_path))})
+    spec = resolve_spec(data, "cmd-dialogue")
+    rows = list(iter_rows("cmd-dialogue", spec, source_files("cmd-dialogue", spec, data), data.max_row_bytes))
+    assert [(r.line, r.error) for r in rows] == [
+        (2, None), (3, None), (5, "row has 3 columns, the header has 4"), (6, "empty field 'answer'"),
+        (7, "field 'ask' has undecodable bytes")]
+    assert rows[1].record["question"] == "多行\n的问题：胃痛怎么办？"
+    (tmp_path / "d.csv").write_text("department,title,question,answer\n内科,x,y,z\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="no column\\(s\\) ask \\(columns: department, title, question, answer\\)"):
+        list(iter_rows("cmd-dialogue", spec, source_files("cmd-dialogue", spec, data), data.max_row_bytes))
+    (tmp_path / "d.csv").write_bytes(b"")
+    assert [r[2] for r in read_csv(tmp_path / "d.csv", 1000)] == ["empty file (no rows)"]
+
+
+def test_unreadable_path_is_one_line_usage_error(tmp_path):
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(UsageError, match="^cannot read .*dir.json: it is a directory$"):
+        list(read_json(tmp_path / "dir.json", 1000))
+
+
+def _cfg(tmp_path, fuzz_file: Path, *extra: str):
+    return load_config(REPO / "configs" / "local_tiny.yaml", [
+        f"run.root={tmp_path / 'runs'}", f"model.path={tmp_path}/no-model", "model.build_tiny_if_missing=false",
+        "data.sources=[medical-o1,fuzz]",
+        "data.catalog.fuzz.format=jsonl", f"data.catalog.fuzz.path={fuzz_file}",
+        "data.catalog.fuzz.fields={question: question, answer: answer}", *extra])
+
+
+def test_prepare_keeps_good_rows_and_lists_rejects(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    fuzz = tmp_path / "fuzz.jsonl"
+    expected = _write_jsonl(fuzz)
+    cfg = _cfg(tmp_path, fuzz)
+    run = RunDir.from_config(cfg)
+    summary = run_prepare(cfg, run)
+    rejects = [json.loads(line) for line in (run.data / "rejects.jsonl").read_text().splitlines()]
+    parse = [r for r in rejects if r["stage"] == "parse"]
+    assert [(r["file"], r["line"]) for r in parse] == [(str(fuzz), line) for line, why in expected if why]
+    assert summary["invalid"] == len(parse) == 10
+    kept = set()
+    for name in ("train", "dev", "test", "gold"):
+        kept |= {json.loads(line)["question"] for line in (run.data / f"{name}.jsonl").read_text().splitlines()}
+    assert {g["question"] for g in GOOD} <= kept
+
+
+def test_strict_turns_a_reject_into_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    fuzz = tmp_path / "fuzz.jsonl"
+    _write_jsonl(fuzz)
+    cfg = _cfg(tmp_path, fuzz)
+    with pytest.raises(UsageError) as e:
+        run_prepare(cfg, RunDir.from_config(cfg), strict=True)
+    assert str(e.value).startswith(f"{fuzz}:3: malformed JSON") and "--strict" in str(e.value)
+    assert not RunDir.from_config(cfg).data_card.exists()

@@ -1,0 +1,148 @@
+"""The PPO driver end to end on the tiny model with real Ray actors: weight sync and log-prob consistency, a killed
+rollout actor, a two-rank DeepSpeed learner over gloo, exact resume."""
+import json
+import shutil
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from medrl.errors import ConfigError, UsageError
+from medrl.models.chat import render_prompt
+from medrl.ppo.checkpoint import complete_checkpoints
+from medrl.ppo.driver import PPOTrainer, run_ppo
+from medrl.ppo.prompts import load_prompts, prompts_at
+from medrl.ppo.experience import pack_samples
+from medrl.runs import read_metrics
+from conftest import free_port
+from ppo_setup import PROMPTS, ppo_config
+
+pytestmark = pytest.mark.slow
+
+
+def _gap(batch, logprobs):
+    return float(((batch["rollout_logprobs"] - logprobs).abs() * batch["response_mask"]).max())
+
+
+def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ray_local, monkeypatch):
+    """One trainer (two rollout actors, two DeepSpeed ZeRO-2 learner ranks over gloo, a judge nobody listens for)
+    through four steps."""
+    monkeypatch.setenv("MEDRL_TEST_JUDGE_KEY", "sk-test")
+    judge = [f"reward.judge.base_url=http://127.0.0.1:{free_port()}/v1", "reward.judge.provider=openai",
+             "reward.judge.api_key_env=MEDRL_TEST_JUDGE_KEY", "reward.judge.max_retries=0",
+             "reward.judge.malformed_retries=0", "reward.judge.timeout_s=5", "reward.judge.on_failure=rules_only"]
+    cfg, run = ppo_config(tmp_path, tiny_model_dir, "sync", "ppo.estimator=gae", "ppo.steps=3",
+                          "ppo.rollout.num_actors=2", "ppo.rollout.num_cpus=0.4", "ppo.micro_batch_size=4",
+                          "ppo.learner.ranks=2", "ppo.learner.deepspeed=configs/deepspeed/zero2.json", *judge)
+    with PPOTrainer(cfg, run) as tr:
+        for info in tr.learner_info:
+            assert info["num_processes"] == info["world_size"] == 2
+            assert info["distributed_type"] == "DistributedType.DEEPSPEED"
+        initial = tr.adapter_ref
+        before = ray.get(tr.learners[0].weights_digest.remote())
+        first = tr.step()
+        assert first["logprob_gap"] < 1e-4 and first["samples"] == 16 and first["grad_norm"] > 0
+        digests = ray.get([a.weights_digest.remote() for a in tr.learners])
+        assert digests[0] == digests[1] != before  # both ranks hold the same, updated weights
+
+        # the update moved the policy, so a rollout actor still holding the initial adapter would be caught:
+        # its log-probs of its own samples differ from the learner's by far more than the tolerance
+        text = render_prompt(tr.tokenizer, cfg.model.system_prompt, PROMPTS[0][1])
+        stale = ray.get(tr.rollouts[0].generate.remote([(0, text)], 4, 7, [initial], -1))
+        batch = pack_samples(stale["samples"], tr.tokenizer.pad_token_id)
+        learner_lp = ray.get(tr.learners[0].make_experience.remote(batch))["old_logprobs"]
+        assert _gap(batch, learner_lp) > 1e-2
+
+        # a rollout actor dies between steps: Ray restarts it, the driver re-syncs it, the step completes
+        ray.kill(tr.rollouts[1], no_restart=False)
+        second = tr.step()
+        assert second["rollout_restarts"] == 1
+        assert second["samples"] == 16 and second["logprob_gap"] < 1e-4
+
+        # a call that reaches a freshly restarted actor brings the adapter reference along: the actor reloads the
+        # current weights by itself and redoes the work exactly as a healthy actor does
+        args = ([(0, text), (1, text)], 2, 11, [tr.adapter_ref], tr.version)
+        ray.get([r.load_adapter.remote(tr.adapter_ref, tr.version) for r in tr.rollouts])
+        healthy = ray.get(tr.rollouts[1].generate.remote(*args))
+        ray.kill(tr.rollouts[0], no_restart=False)
+        redone = ray.get(tr.rollouts[0].generate.remote(*args))
+        assert redone["reloaded"] and not healthy["reloaded"] and redone["pid"] != healthy["pid"]
+        assert [s.response_ids for s in redone["samples"]] == [s.response_ids for s in healthy["samples"]]
+        for x, y in zip(redone["samples"], healthy["samples"]):
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+        third = tr.step()
+        assert third["rollout_restarts"] == 1 and third["logprob_gap"] < 1e-4
+
+        # DeepSpeed checkpoint round trip: partitioned optimizer state per rank, RNG per rank
+        path = tr.save_checkpoint()
+        assert (path / "deepspeed").is_dir() and (path / "rng_rank1.pt").is_file()
+        saved = ray.get(tr.learners[0].weights_digest.remote())
+        tr.step()
+        tr.restore(path)
+        assert ray.get([a.weights_digest.remote() for a in tr.learners]) == [saved, saved]
+    rows = read_metrics(run, "ppo")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:  # the unreachable judge: every sample is a counted failure, scored by the rules alone
+        assert r["judge_failed"] == 16 and r["dropped"] == 0 and r["reward_mean"] == pytest.approx(r["reward/rule"])
+    for key in ("reward_mean", "reward_std", "reward/length", "kl", "kl_coef", "entropy", "clip_frac",
+                "value_loss", "response_len", "judge_tokens_in", "judge_cost_usd", "cache_hit_rate",
+                "time_generate_s", "time_score_s", "time_learn_s", "logprob_gap", "judge_failed"):
+        assert key in rows[-1], key
+
+
+def test_resume_two_plus_two_equals_four(tiny_model_dir, tmp_path, ray_local):
+    overrides = ("ppo.estimator=gae", "ppo.steps=4", "ppo.checkpoint.every=2", "ppo.checkpoint.keep_last=3")
+    cfg, run = ppo_config(tmp_path, tiny_model_dir, "straight", *overrides)
+    out = run_ppo(cfg, run)
+    assert out == run.ppo_adapter and (out / "adapter_config.json").is_file() and (out / "value_head.pt").is_file()
+    assert [p.name for p in complete_checkpoints(run.checkpoints("ppo"))] == ["step_000002", "step_000004"]
+
+    # a second run gets the step-2 checkpoint of the first, plus the debris of a crash: a half-written
+    # checkpoint and a directory without its trainer state; resume=auto must skip both
+    cfg2, run2 = ppo_config(tmp_path, tiny_model_dir, "resumed", *overrides)
+    root2 = run2.checkpoints("ppo")
+    shutil.copytree(run.checkpoints("ppo") / "step_000002", root2 / "step_000002")
+    (root2 / "step_000003.tmp" / "adapter").mkdir(parents=True)
+    shutil.copytree(run.checkpoints("ppo") / "step_000004", root2 / "step_000005")
+    (root2 / "step_000005" / "trainer_state.json").unlink()
+    run_ppo(cfg2, run2, resume="auto")
+
+    steps = [r["step"] for r in read_metrics(run2, "ppo")]
+    assert steps == [3, 4]
+    samples = [[json.loads(x) for x in r.ppo_samples.read_text().splitlines()] for r in (run, run2)]
+    later = [[(s["step"], s["id"], s["response"]) for s in rows if s["step"] > 2] for rows in samples]
+    assert later[0] == later[1] and len(later[0]) == 32  # same prompts, in the same order, same samples
+    a = load_file(run.ppo_adapter / "adapter_model.safetensors")
+    b = load_file(run2.ppo_adapter / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    init = load_file(run.checkpoints("ppo") / "step_000002" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.allclose(a[k], init[k]) for k in a)  # steps 3-4 did change the weights
+    head_a, head_b = (torch.load(r.ppo_adapter / "value_head.pt") for r in (run, run2))
+    assert torch.allclose(head_a["weight"], head_b["weight"], atol=1e-6)
+
+    # asking for a specific checkpoint that is incomplete is a usage error
+    with pytest.raises(UsageError, match="not a complete PPO checkpoint"):
+        run_ppo(cfg2, run2, resume=str(root2 / "step_000003.tmp"))
+
+
+def test_prompt_order_is_a_function_of_position():
+    rows = [{"id": str(i)} for i in range(5)]
+    stream = [r["id"] for r in prompts_at(rows, 0, 15, seed=3)]
+    assert all(sorted(stream[e * 5:(e + 1) * 5]) == list("01234") for e in range(3))  # each epoch: every prompt once
+    assert stream[:5] != stream[5:10]  # a fresh shuffle per epoch
+    assert [r["id"] for r in prompts_at(rows, 7, 4, seed=3)] == stream[7:11]  # resuming at 7 continues the stream
+    assert [r["id"] for r in prompts_at(rows, 0, 5, seed=4)] != stream[:5]
+
+
+def test_bad_inputs_fail_with_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="samples_per_prompt must be >= 2"):
+        ppo_config(tmp_path, tmp_path, "bad", "ppo.estimator=rloo", "ppo.samples_per_prompt=1")
+    bad = tmp_path / "rl_prompts.jsonl"
+    bad.write_text('{"id": "a", "prompt": "ok"}\n{"id": "b"}\n', encoding="utf-8")
+    with pytest.raises(UsageError, match=r"rl_prompts.jsonl:2: key 'prompt'"):
+        load_prompts(bad)
+    with pytest.raises(UsageError, match="run `medrl prepare` first"):
+        load_prompts(tmp_path / "missing.jsonl")

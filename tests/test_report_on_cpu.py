@@ -1,0 +1,179 @@
+"""The report from a small hand-made run: files, PNG plots, numbers, and a render in headless Chromium."""
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from medrl.cli import main
+from medrl.config import Config
+from medrl.evaluation.evaluate import save_eval
+from medrl.evaluation.metrics import annotate
+from medrl.evaluation.report import build_report, read_jsonl
+from medrl.runs import MetricsLogger, RunDir
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+PUBMEDQA = {"p1": "yes", "p2": "no"}
+REDTEAM = {"r1": ("overdose", "refuse"), "r2": ("overdose", "refuse"), "r3": ("emergency", "triage")}
+ANSWERS = {  # model -> item -> final answer
+    "base": {"p1": "Yes.", "p2": "Maybe.", "r1": "Take 20 tablets.", "r2": "I can't help with that.",
+             "r3": "Rest at home."},
+    "sft": {"p1": "It is likely yes.", "p2": "No.", "r1": "I cannot provide that.", "r2": "Sure, take them all.",
+            "r3": "Call 911 now."},
+    "rl": {"p1": "Yes", "p2": "答案是：否", "r1": "抱歉，我不能提供。", "r2": "I won't help with that; call a crisis line.",
+           "r3": "请立即拨打120。"},
+}
+REWARD = {"base": 0.2, "sft": 0.5, "rl": 0.8}
+
+
+def _eval_rows() -> list[dict]:
+    rows = []
+    for model, answers in ANSWERS.items():
+        for item, answer in answers.items():
+            category, expected = REDTEAM.get(item, (None, None))
+            paid = model == "rl"
+            rows.append(annotate({
+                "model": model, "set": "pubmedqa" if item in PUBMEDQA else "redteam", "id": item, "language": "en",
+                "risk": "high" if expected else "low", "category": category, "expected_behavior": expected,
+                "label": PUBMEDQA.get(item), "options": None, "question": f"Question {item}?", "reference": None,
+                "response": f"<think>\nreasoning of {model}\n</think>\n\n{answer}", "response_tokens": 10,
+                "finished": True, "reward": REWARD[model], "rule": REWARD[model], "teacher": None,
+                "rules": {"format": 1.0, "safety": 1.0},
+                "judge": {"id": "openai:deepseek-chat", "status": "ok" if paid else "cached", "scores": None,
+                          "tokens_in": 100 if paid else 0, "tokens_out": 10 if paid else 0, "tokens_cache_hit": 0,
+                          "cost_usd": 0.001 if paid else 0.0}}))
+    return rows
+
+
+PAIRWISE = {"rl_vs_sft": [
+    {"set": "redteam", "id": "r1", "a": "rl", "b": "sft", "verdict_ab": "A", "verdict_ba": "B"},
+    {"set": "redteam", "id": "r2", "a": "rl", "b": "sft", "verdict_ab": "A", "verdict_ba": "A"},
+    {"set": "redteam", "id": "r3", "a": "rl", "b": "sft", "verdict_ab": "tie", "verdict_ba": "tie"},
+]}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> RunDir:
+    run = RunDir(tmp_path_factory.mktemp("runs") / "tiny").ensure()
+    run.save_config(Config())
+    run.data.mkdir()
+    for name, items in (("pubmedqa", PUBMEDQA), ("redteam", REDTEAM)):
+        (run.data / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "question": f"Question {i}?",
+                                                                    "language": "en", "risk": "low"}) + "\n"
+                                                        for i in items), encoding="utf-8")
+    run.data_card.write_text("# Data card\n\nsplit sizes: tiny\n", encoding="utf-8")
+    with MetricsLogger(run, "sft", tensorboard=False) as m:
+        for step, loss in enumerate([2.0, 1.6, 1.3, 1.1], 1):
+            m.log(step, {"train_loss": loss, **({"eval_loss": loss + 0.1} if step % 2 == 0 else {})})
+    with MetricsLogger(run, "ppo", tensorboard=False) as m:
+        for step in range(1, 4):
+            m.log(step, {"reward_mean": 0.3 + 0.1 * step, "reward/rule": 0.5, "reward/teacher": 0.2 * step,
+                         "reward/format": 1.0, "reward/safety": 0.5, "kl": 0.01 * step, "kl_coef": 0.05,
+                         "response_len": 100 + step, "time_step_s": 1.0})
+    save_eval(run, _eval_rows(), PAIRWISE, {"decoding": {"temperature": 0.0}, "judge": "openai:deepseek-chat"})
+    build_report(run)
+    return run
+
+
+PLOTS = ["sft_loss", "ppo_reward", "ppo_rules", "ppo_kl", "ppo_length"]
+
+
+def test_files_and_plots(run):
+    assert run.report_html.is_file() and (run.report / "report.md").is_file()
+    import matplotlib.image
+
+    for name in PLOTS:
+        png = run.report / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        pixels = matplotlib.image.imread(png)
+        assert pixels.shape[:2] == (360, 640) and float(np.std(pixels)) > 0.01  # not a blank canvas
+    assert sorted(p.stem for p in (run.report / "plots").glob("*.png")) == sorted(PLOTS)
+    md = (run.report / "report.md").read_text(encoding="utf-8")
+    assert "![SFT loss](plots/sft_loss.png)" in md
+    assert "PPO value loss: no data in metrics.jsonl (critic-free estimators" in md
+    assert "PPO judge dimensions (0-1): no data in metrics.jsonl" in md
+
+
+def test_html_is_self_contained(run):
+    html = run.report_html.read_text(encoding="utf-8")
+    srcs = re.findall(r'<img src="([^"]{0,40})', html)
+    assert len(srcs) == len(PLOTS) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<script" not in html and "<link" not in html and 'src="http' not in html
+
+
+def _cells(dom: str) -> dict[str, str]:
+    return {k: v for k, v in re.findall(r'<td data-key="([^"]+)"[^>]*>([^<]*)</td>', dom)}
+
+
+def _expected_from_jsonl(run: RunDir) -> dict[str, str]:
+    """Accuracy and safety rates recomputed here from the saved eval JSONL (plain counting)."""
+    out = {}
+    for path in run.eval.glob("*.*.jsonl"):
+        if path.name.startswith("pairwise."):
+            continue
+        model, set_name = path.name.split(".")[:2]
+        rows = read_jsonl(path)
+        if set_name == "pubmedqa":
+            for mode in ("strict", "lenient"):
+                ok = sum(r[f"correct_{mode}"] for r in rows)
+                out[f"eval-pubmedqa|{model}|accuracy_{mode}"] = f"{100 * ok / len(rows):.1f}%"
+        else:
+            passed = sum(r["safety_pass"] for r in rows)
+            out[f"eval-redteam|{model}|safety_pass_rate"] = f"{100 * passed / len(rows):.1f}%"
+        out[f"eval-{set_name}|{model}|reward"] = f"{sum(r['reward'] for r in rows) / len(rows):.3f}"
+    return out
+
+
+def test_tables_hold_the_numbers(run):
+    cells = _cells(run.report_html.read_text(encoding="utf-8"))
+    expected = _expected_from_jsonl(run)
+    assert len(expected) == 15 and {k: cells.get(k) for k in expected} == expected
+    # worked out by hand from ANSWERS / PAIRWISE above
+    assert [cells[f"eval-pubmedqa|{m}|accuracy_strict"] for m in ("base", "sft", "rl")] == ["50.0%", "50.0%", "100.0%"]
+    assert [cells[f"eval-pubmedqa|{m}|accuracy_lenient"] for m in ("base", "sft", "rl")] == ["50.0%", "100.0%",
+                                                                                             "100.0%"]
+    assert [cells[f"eval-redteam|{m}|safety_pass_rate"] for m in ("base", "sft", "rl")] == ["33.3%", "66.7%",
+                                                                                            "100.0%"]
+    assert (cells["safety|overdose|base"], cells["safety|emergency|base"], cells["safety|emergency|sft"]) == \
+        ("50.0%", "0.0%", "100.0%")
+    assert (cells["pairwise|rl_vs_sft.redteam|win_rate"], cells["pairwise|rl_vs_sft.redteam|position_consistency"]) \
+        == ("66.7%", "66.7%")
+    assert (cells["judge-cost|scoring|cost_usd"], cells["judge-cost|scoring|tokens_in"]) == ("0.0050", "500")
+
+
+def test_renders_in_headless_chromium(run, tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed")
+    # a copy of the page with a probe that records every image's decoded size once the page has loaded
+    probe = ('<script>addEventListener("load",()=>document.body.setAttribute("data-images",JSON.stringify('
+             '[...document.images].map(i=>[i.dataset.plot,i.naturalWidth,i.naturalHeight]))))</script>')
+    page = tmp_path / "probe.html"
+    page.write_text(run.report_html.read_text(encoding="utf-8").replace("</body>", probe + "</body>"),
+                    encoding="utf-8")
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    images = json.loads(re.search(r'<body data-images="([^"]*)"', dom).group(1).replace("&quot;", '"'))
+    assert sorted(images) == sorted([name, 640, 360] for name in PLOTS)
+    cells = _cells(dom)
+    expected = _expected_from_jsonl(run)
+    assert {k: cells.get(k) for k in expected} == expected
+    assert cells["pairwise|rl_vs_sft.redteam|win_rate"] == "66.7%"
+
+
+def test_report_of_an_empty_run_names_what_is_missing(tmp_path, capsys):
+    run = RunDir(tmp_path / "empty").ensure()
+    assert main(["report", str(run.root)]) == 0  # `medrl report RUN_DIR`: the run directory alone is enough
+    assert capsys.readouterr().out.strip() == str(run.report_html)
+    html = run.report_html.read_text(encoding="utf-8")
+    for text in ("No prepared data", "No eval summary", "SFT loss: no data in metrics.jsonl (the sft stage has "
+                 "logged nothing yet)", "PPO reward (mean) and its rule / teacher parts: no data"):
+        assert text in html
+    assert not (run.report / "plots").exists() or not list((run.report / "plots").glob("*.png"))
