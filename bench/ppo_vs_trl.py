@@ -63,7 +63,7 @@ def bench_config(opts, judge_url: str | None, name: str):
                       f"reward.judge.api_key_env={JUDGE_KEY_ENV}", "reward.judge.budget_usd=null"]
     else:
         overrides.append("reward.judge.provider=none")
-    return load_config(REPO / "configs" / "local_tiny.yaml", overrides)
+    return load_config(REPO / "configs" / "local_tiny.yaml", overrides + list(opts.medrl_override))
 
 
 def prompt_rows(opts) -> list[dict]:
@@ -89,7 +89,7 @@ def run_trl(opts, judge_url: str | None) -> dict:
     from medrl.reward.scoring import combine
     from medrl.reward.types import RewardInput
 
-    cfg = bench_config(opts, judge_url, "trl")
+    cfg = bench_config(opts, judge_url, f"trl-{opts.reward}")
     rc, jc = cfg.reward, cfg.reward.judge
     rows = prompt_rows(opts)
     data = Dataset.from_list([{"prompt": messages_for(cfg.model.system_prompt, r["prompt"]), "rid": r["id"],
@@ -177,7 +177,7 @@ def run_medrl(opts, judge_url: str | None) -> dict:
     from medrl.ppo.driver import run_ppo
     from medrl.runs import RunDir, read_metrics, setup_logging
 
-    cfg = bench_config(opts, judge_url, "medrl")
+    cfg = bench_config(opts, judge_url, f"medrl-{opts.reward}")
     run = RunDir.from_config(cfg).ensure()
     setup_logging(run)
     shutil.copytree(Path(opts.workdir) / "prepared" / "data", run.data, dirs_exist_ok=True)
@@ -218,6 +218,7 @@ def run_side(opts, side: str, reward: str, judge_url: str | None) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--reward", reward, "--workdir", str(opts.workdir),
            "--steps", str(opts.steps), "--prompts-per-step", str(opts.prompts_per_step), "--group", str(opts.group),
            "--max-new-tokens", str(opts.max_new_tokens)] + (["--judge-url", judge_url] if judge_url else [])
+    cmd += [f"--medrl-override={o}" for o in opts.medrl_override]
     out_file = Path(opts.workdir) / f"{side}-{reward}.json"
     with open(Path(opts.workdir) / f"{side}-{reward}.log", "w") as log:
         proc = subprocess.run(cmd + ["--out", str(out_file)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
@@ -235,6 +236,8 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.2, help="loopback judge latency in seconds")
     p.add_argument("--only", choices=("rule", "judge"), default=None)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory, removed after")
+    p.add_argument("--medrl-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra medrl config override (repeatable), e.g. ppo.rollout.batch_size=2")
     p.add_argument("--side", choices=("medrl", "trl"), help=argparse.SUPPRESS)  # internal: one run
     p.add_argument("--reward", choices=("rule", "judge"), help=argparse.SUPPRESS)
     p.add_argument("--judge-url", default=None, help=argparse.SUPPRESS)

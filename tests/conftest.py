@@ -101,7 +101,9 @@ def ray_head(tmp_path_factory):
     try:
         yield {"address": f"127.0.0.1:{gcs_port}", "dashboard": url, "env": env}
     finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        # SIGTERM lets `ray start --block` clean up; what is left after a few seconds is killed, including any
+        # process of this head that left the group (they all carry the private temp dir on their command line)
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
             try:
                 os.killpg(proc.pid, sig)
                 proc.wait(timeout=wait)
@@ -110,4 +112,5 @@ def ray_head(tmp_path_factory):
                 break
             except subprocess.TimeoutExpired:
                 continue
+        subprocess.run(["pkill", "-9", "-f", str(temp_dir)], check=False)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -24,8 +24,8 @@ import openai
 from medrl.errors import UsageError
 from medrl.reward.cache import cache_key
 from medrl.reward.config import JudgeConfig
-from medrl.reward.judge import Usage, call_cost, usage_of
-from medrl.reward.ledger import LeasedGate, Ledger
+from medrl.reward.judge import usage_of
+from medrl.reward.ledger import LeasedGate, Ledger, Usage, call_cost
 from medrl.reward.rubric import JudgementError
 from medrl.reward.text import estimate_tokens
 
