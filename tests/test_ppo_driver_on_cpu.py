@@ -123,9 +123,11 @@ def test_resume_two_plus_two_equals_four(tiny_model_dir, tmp_path, ray_local):
     head_a, head_b = (torch.load(r.ppo_adapter / "value_head.pt") for r in (run, run2))
     assert torch.allclose(head_a["weight"], head_b["weight"], atol=1e-6)
 
-    # asking for a specific checkpoint that is incomplete is a usage error
+    # asking for a specific checkpoint that is incomplete, or starting afresh over checkpoints, is a usage error
     with pytest.raises(UsageError, match="not a complete PPO checkpoint"):
         run_ppo(cfg2, run2, resume=str(root2 / "step_000003.tmp"))
+    with pytest.raises(UsageError, match="checkpoints of an earlier run: continue it with --resume auto"):
+        run_ppo(cfg2, run2)
 
 
 def test_prompt_order_is_a_function_of_position():

@@ -20,6 +20,7 @@ from medrl.errors import UsageError
 from medrl.evaluation.extract import final_answer
 from medrl.evaluation.metrics import annotate, summarize
 from medrl.evaluation.pairwise import PairTask, PairwiseJudge, reward_verdict
+from medrl.jsonl import read_jsonl
 from medrl.runs import RunDir
 
 log = logging.getLogger("medrl.eval")
@@ -53,26 +54,6 @@ def resolve_models(cfg: Config, run: RunDir, models: list[str] | None) -> tuple[
     return out, skipped
 
 
-def read_eval_set(path: Path) -> list[dict]:
-    """Records of a prepared eval set; each needs a string ``id`` and a non-empty ``question``."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in ("id", "question"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise UsageError(f"{path}:{lineno}: key '{key}' must be a non-empty string")
-            rows.append(row)
-    return rows
-
-
 def select_items(items: list[dict], limit: int | None) -> list[dict]:
     """At most ``limit`` items, taken in turn from each group (red-team ``category``, else ``source``) so that a small
     limit still covers every category and source; the chosen items keep their file order."""
@@ -101,7 +82,7 @@ def load_sets(cfg: Config, run: RunDir, sets: list[str] | None) -> tuple[dict[st
                 raise UsageError(f"--sets {name}: {path} not found (run `medrl prepare` first)")
             skipped.append(f"set {name}: {path} not found")
             continue
-        items = select_items(read_eval_set(path), cfg.eval.limit_for(name))
+        items = select_items(read_jsonl(path, ("id", "question")), cfg.eval.limit_for(name))
         if not items:
             skipped.append(f"set {name}: {path} is empty")
             continue

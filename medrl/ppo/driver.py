@@ -43,6 +43,9 @@ def run_ppo(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
     """Train the RL adapter; returns ``run.ppo_adapter`` (LoRA + ``value_head.pt`` for gae). ``resume``: ``auto``
     (newest complete checkpoint, if any) or a checkpoint directory."""
     checkpoint = ckpt.find_resume(run.checkpoints("ppo"), resume)  # a bad --resume fails before anything starts
+    if resume is None and ckpt.complete_checkpoints(run.checkpoints("ppo")):
+        raise UsageError(f"{run.checkpoints('ppo')} holds checkpoints of an earlier run: continue it with --resume "
+                         f"auto, or remove them / choose another run.name")
     if resume == "auto" and checkpoint is None:
         log.info("no PPO checkpoint to resume from: starting at step 0")
     started = init_ray(cfg.ray)
@@ -157,7 +160,7 @@ class PPOTrainer:
 
     def _publish_adapter(self) -> None:
         """The learner's LoRA tensors go into the object store once; rollout actors fetch them from there."""
-        self.adapter_ref = self.learners[0].adapter_state.remote()
+        self.adapter_ref = [a.adapter_state.remote() for a in self.learners][0]  # all ranks join; rank 0 returns
         self.version += 1
 
     def _sync_rollouts(self) -> None:

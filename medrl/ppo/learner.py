@@ -205,11 +205,14 @@ class Learner:
         return metrics
 
     # ------------------------------------------------------------------ weights out
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """Only the LoRA tensors (CPU copies), for the rollout actors."""
+    def adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """Only the LoRA tensors (CPU copies), for the rollout actors: rank 0 returns them, the other ranks None.
+        Every rank must call it (ZeRO-3 gathers the partitioned tensors collectively)."""
         from peft import get_peft_model_state_dict
 
         with self._gathered(p for n, p in self.unwrapped.named_parameters() if "lora_" in n):
+            if self.rank != 0:
+                return None
             state = get_peft_model_state_dict(self.unwrapped.policy)
             return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 

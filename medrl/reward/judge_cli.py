@@ -8,6 +8,7 @@ from pathlib import Path
 
 from medrl.config import Config
 from medrl.errors import UsageError
+from medrl.jsonl import iter_jsonl
 from medrl.reward.cache import JudgeCache, judge_key
 from medrl.reward.config import RewardConfig
 from medrl.reward.ledger import Usage, call_cost
@@ -26,25 +27,14 @@ TYPICAL_OUTPUT_TOKENS = 100
 def read_items(path: Path, limit: int | None = None) -> list[RewardInput]:
     """Rows with prompt (or question), response (or output) and optional id, reference, risk, expected_behavior,
     language. Errors name the file and line."""
-    if not path.is_file():
-        raise UsageError(f"judge input not found: {path}")
     items: list[RewardInput] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            try:
-                items.append(RewardInput.from_record(row))
-            except ValueError as exc:
-                raise UsageError(f"{path}:{lineno}: {exc}") from None
+    for lineno, row in iter_jsonl(path, missing_hint="the judge input file"):
+        if limit is not None and len(items) >= limit:
+            break
+        try:
+            items.append(RewardInput.from_record(row))
+        except ValueError as exc:
+            raise UsageError(f"{path}:{lineno}: {exc}") from None
     if not items:
         raise UsageError(f"{path}: no rows to score")
     return items

@@ -7,34 +7,17 @@ markers, hence the mask is derived from the prompt rendered with ``add_generatio
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from medrl.errors import UsageError
+from medrl.jsonl import read_jsonl
 from medrl.models.chat import messages_for
 
 
 def read_records(path: Path) -> list[dict]:
     """Rows of a prepared JSONL split; each needs non-empty string ``question`` and ``output``."""
-    if not path.is_file():
-        raise UsageError(f"{path} not found: run `medrl prepare` first (same config) to write the data splits")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in ("question", "output"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise UsageError(f"{path}:{lineno}: key '{key}' must be a non-empty string")
-            rows.append(row)
-    return rows
+    return read_jsonl(path, ("question", "output"), "run `medrl prepare` first (same config) to write the data splits")
 
 
 def encode_example(tokenizer, system_prompt: str | None, question: str, output: str) -> dict[str, list[int]]:
