@@ -12,12 +12,15 @@ forward/backward per step over the whole batch. The reward is the same arithmeti
              function sending every completion of the batch to the same server at once (``openai.AsyncOpenAI``).
 
 medrl runs as ``medrl ppo`` does (``run_ppo``: Ray local runtime, rollout/learner/judge actors, the rest of its
-settings from ``configs/local_tiny.yaml``). Each side runs in its own process; the first step (warm-up) is left
-out of the rates. Phase times: medrl's ``time_*_s`` metrics; trl's measured around ``_generate`` and
-``_calculate_rewards`` (learn = the rest of the step). Targets: >= 1.0x with (a), >= 2x with (b).
+settings from ``configs/local_tiny.yaml``; ``--medrl-override`` changes them). Each side runs in its own process;
+the first step (warm-up) is left out of the rates. Every process runs one torch thread (``OMP_NUM_THREADS=1``
+unless set: on a shared 2-core machine more threads mostly spin; Ray gives medrl's actors one each). Phase times:
+medrl's ``time_*_s`` metrics; trl's measured around ``_generate`` and ``_calculate_rewards`` (learn = the rest of
+the step). Targets: >= 1.0x with (a), >= 2x with (b). Run it on an otherwise idle machine: under load the
+multi-process side gets a larger share of the CPU and the ratios drift upwards.
 
-    .venv/bin/python bench/ppo_vs_trl.py                  # both rewards, ~10 min on 2 busy cores
-    .venv/bin/python bench/ppo_vs_trl.py --only rule --steps 4
+    .venv/bin/python bench/ppo_vs_trl.py --steps 11        # both rewards, ~4 min on 2 cores
+    .venv/bin/python bench/ppo_vs_trl.py --only judge --medrl-override ppo.rollout.batch_size=1
 """
 from __future__ import annotations
 
@@ -245,7 +248,7 @@ def main() -> None:
     opts = p.parse_args()
     for k, v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
                  "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
-                 "TOKENIZERS_PARALLELISM": "false", JUDGE_KEY_ENV: "bench-judge-key"}.items():
+                 "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", JUDGE_KEY_ENV: "bench-judge-key"}.items():
         os.environ.setdefault(k, v)
     temp = opts.workdir is None
     opts.workdir = Path(tempfile.mkdtemp(prefix="medrl-vs-trl-")) if temp else opts.workdir.resolve()

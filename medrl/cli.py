@@ -92,7 +92,7 @@ def _configured(args):
 
     cfg = load_config(args.config, args.overrides)
     run = RunDir.from_config(cfg).ensure()
-    setup_logging(run, secret_envs=_secret_envs(cfg))
+    setup_logging(run, secret_envs=secret_env_names(cfg))
     run.save_config(cfg)
     if cfg.model.build_tiny_if_missing and not Path(cfg.model.path).exists():
         from medrl.models.tiny import build_tiny_model
@@ -102,7 +102,7 @@ def _configured(args):
     return cfg, run
 
 
-def _secret_envs(cfg) -> list[str]:
+def secret_env_names(cfg) -> list[str]:
     names = {"DEEPSEEK_API_KEY", "OPENAI_API_KEY"}
     judge = getattr(cfg.reward, "judge", None)
     env = getattr(judge, "api_key_env", None)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medrl.cli import _secret_envs, build_parser, main  # noqa: E402
+from medrl.cli import build_parser, main, secret_env_names  # noqa: E402
 from medrl.config import load_config  # noqa: E402
 from medrl.errors import UsageError  # noqa: E402
 
@@ -31,7 +31,7 @@ def secrets_in_job(cfg) -> list[str]:
     """Names of secret environment variables (API keys) that the submitted runtime_env carries."""
     job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
     env_vars = (job.get("runtime_env") or {}).get("env_vars") or {}
-    return sorted(set(env_vars) & set(_secret_envs(cfg)))
+    return sorted(set(env_vars) & set(secret_env_names(cfg)))
 
 
 def job_main(argv: list[str]) -> int:

@@ -10,7 +10,7 @@ import pytest
 from medrl.cli import main
 from medrl.config import load_config
 from medrl.errors import UsageError
-from medrl.ppo.memory import (GiB, HEADROOM, QWEN3_1P7B, MemorySettings, ModelShape, estimate,
+from medrl.ppo.memory import (HEADROOM, QWEN3_1P7B, MemorySettings, ModelShape, estimate,
                               layer_activation_bytes, model_shape, run_estimate_memory, settings_from_config)
 from conftest import CONFIGS
 

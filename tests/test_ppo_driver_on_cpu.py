@@ -140,7 +140,7 @@ def test_prompt_order_is_a_function_of_position():
 
 
 def test_bad_inputs_fail_with_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="samples_per_prompt must be >= 2"):
+    with pytest.raises(ConfigError, match="samples_per_prompt.*must be >= 2 for estimator .rloo."):
         ppo_config(tmp_path, tmp_path, "bad", "ppo.estimator=rloo", "ppo.samples_per_prompt=1")
     bad = tmp_path / "rl_prompts.jsonl"
     bad.write_text('{"id": "a", "prompt": "ok"}\n{"id": "b"}\n', encoding="utf-8")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from medrl.config_base import StrictModel
 
@@ -149,15 +149,20 @@ class PPOConfig(StrictModel):
     log_samples: bool = True
     """Append every scored sample (step, prompt id, response, reward, components) to ``ppo/samples.jsonl``."""
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "PPOConfig":
-        if self.estimator in ("grpo", "rloo") and self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt must be >= 2 for estimator {self.estimator!r} (group baseline)")
-        batch = self.prompts_per_step * self.samples_per_prompt
-        if batch % self.learner.ranks:
-            raise ValueError(f"prompts_per_step * samples_per_prompt = {batch} must be divisible by learner.ranks "
-                             f"= {self.learner.ranks}")
-        if self.minibatch_size % self.learner.ranks:
-            raise ValueError(f"minibatch_size {self.minibatch_size} must be divisible by learner.ranks "
-                             f"{self.learner.ranks}")
-        return self
+    @field_validator("samples_per_prompt")
+    @classmethod
+    def _group_size(cls, v: int, info: ValidationInfo) -> int:
+        estimator = info.data.get("estimator")
+        if estimator in ("grpo", "rloo") and v < 2:
+            raise ValueError(f"must be >= 2 for estimator {estimator!r} (the group baseline needs 2 samples)")
+        return v
+
+    @field_validator("learner")
+    @classmethod
+    def _ranks_divide_batches(cls, v: LearnerSettings, info: ValidationInfo) -> LearnerSettings:
+        batch = info.data.get("prompts_per_step", 1) * info.data.get("samples_per_prompt", 1)
+        if batch % v.ranks:
+            raise ValueError(f"ranks={v.ranks} must divide prompts_per_step x samples_per_prompt = {batch}")
+        if info.data.get("minibatch_size", v.ranks) % v.ranks:
+            raise ValueError(f"ranks={v.ranks} must divide minibatch_size = {info.data['minibatch_size']}")
+        return v

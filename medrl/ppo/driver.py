@@ -326,7 +326,7 @@ class PPOTrainer:
 
     def save_checkpoint(self) -> Path:
         tmp = ckpt.tmp_dir(self.run.checkpoints("ppo"), self.step_no)
-        ray.get([a.save.remote(str(tmp)) for a in self.learners])
+        ray.get([a.save.remote(str(tmp.resolve())) for a in self.learners])
         state = {"step": self.step_no, "data_position": self.data_position,
                  "kl_controller": self.kl_ctl.state_dict(), "config_digest": self.cfg.digest(),
                  "learner_ranks": len(self.learners)}
@@ -343,7 +343,7 @@ class PPOTrainer:
         if state["config_digest"] != self.cfg.digest():
             log.warning("resuming %s written under a different config (digest %s, now %s)", path,
                         state["config_digest"], self.cfg.digest())
-        ray.get([a.load.remote(str(path)) for a in self.learners])
+        ray.get([a.load.remote(str(path.resolve())) for a in self.learners])
         self.step_no, self.data_position = state["step"], state["data_position"]
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self._publish_adapter()
@@ -353,7 +353,7 @@ class PPOTrainer:
         """The adapter (+ ``value_head.pt``) into ``run.ppo_adapter``, replacing an older one atomically."""
         tmp = self.run.ppo / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        ray.get([a.save.remote(str(tmp), False) for a in self.learners])
+        ray.get([a.save.remote(str(tmp.resolve()), False) for a in self.learners])
         if (tmp / "value_head.pt").is_file():
             (tmp / "value_head.pt").rename(tmp / "adapter" / "value_head.pt")
         if self.run.ppo_adapter.exists():

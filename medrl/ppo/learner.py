@@ -6,6 +6,7 @@ No Ray in here: the driver turns ``Learner`` into an actor class.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -69,7 +70,7 @@ class Learner:
         """Join the process group on 127.0.0.1:``master_port``, load the policy, build the value head, optimizer
         and scheduler, and wrap them with Accelerate. Returns facts the driver checks."""
         from accelerate import Accelerator
-        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+        from accelerate.utils import DeepSpeedPlugin, DummyOptim, InitProcessGroupKwargs
         from transformers import get_scheduler
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(self.rank),
@@ -77,10 +78,11 @@ class Learner:
                           str(self.rank))
         on_cpu = pick_device(self.cfg.model.device) == "cpu"
         pg = [InitProcessGroupKwargs(backend="gloo" if on_cpu else "nccl")]
-        if self.deepspeed_config is not None:
+        ds_config = self._deepspeed_config() if self.deepspeed_config is not None else None
+        if ds_config is not None:
             # accelerate's recipe for DeepSpeed on CPU and GPU alike (see ../shared/STACK.md): env + plugin, no cpu=
             os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-            plugin = DeepSpeedPlugin(hf_ds_config=self._deepspeed_config())
+            plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
             self.accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=pg)
         else:
             self.accelerator = Accelerator(cpu=on_cpu, kwargs_handlers=pg if self.world_size > 1 else [])
@@ -97,13 +99,16 @@ class Learner:
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": self.ppo.lr}]
         if value_head is not None:
             groups.append({"params": list(value_head.parameters()), "lr": self.ppo.value_lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.ppo.weight_decay)
         trainable = sum(p.numel() for g in groups for p in g["params"])
+        if ds_config is not None and "optimizer" in ds_config:  # DeepSpeed builds it (e.g. CPU Adam for offload)
+            optimizer = DummyOptim(groups, lr=self.ppo.lr, weight_decay=self.ppo.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(groups, weight_decay=self.ppo.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         per_step = num_minibatches(self.ppo.prompts_per_step * self.ppo.samples_per_prompt, self.ppo)
         # stepped by hand after each optimizer step (accelerate would step it once per process)
-        self.scheduler = get_scheduler(self.ppo.lr_scheduler, optimizer, num_warmup_steps=self.ppo.warmup_steps,
+        self.scheduler = get_scheduler(self.ppo.lr_scheduler, self.optimizer, num_warmup_steps=self.ppo.warmup_steps,
                                        num_training_steps=self.ppo.steps * self.ppo.ppo_epochs * per_step)
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
         dist = torch.distributed.is_initialized()
         return {"rank": self.rank, "num_processes": self.accelerator.num_processes,
@@ -112,22 +117,29 @@ class Learner:
                 "trainable_params": trainable}
 
     def _deepspeed_config(self) -> dict:
-        ds = json.loads(json.dumps(self.deepspeed_config))
+        """The DeepSpeed JSON with its ``auto`` values filled from the ``ppo`` section and the model's shape."""
+        from transformers import AutoConfig
+
+        from medrl.models.loading import resolve_model_path
+
+        ds = copy.deepcopy(self.deepspeed_config)
         # micro-batches and accumulation are driven by the PPO loop: one DeepSpeed micro step per backward, the
         # boundary set by hand (accelerate's sync_gradients), the loss already normalised over the minibatch.
         ds.update(train_micro_batch_size_per_gpu=self.ppo.micro_batch_size, gradient_accumulation_steps=1,
                   train_batch_size=self.ppo.micro_batch_size * self.world_size,
                   gradient_clipping=self.ppo.max_grad_norm)
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)  # a torch AdamW is fine (DeepSpeed's CPU Adam: ~50 s build)
+        params = ds.get("optimizer", {}).get("params", {})
+        for key, value in (("lr", self.ppo.lr), ("weight_decay", self.ppo.weight_decay), ("betas", [0.9, 0.999]),
+                           ("eps", 1e-8)):
+            if params.get(key) == "auto":
+                params[key] = value
         dtype = self.cfg.model.dtype if self.cfg.model.dtype != "auto" else (
             "float32" if pick_device(self.cfg.model.device) == "cpu" else "bfloat16")
         for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
             if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
                 ds[key]["enabled"] = dtype == name
         zero = ds.get("zero_optimization", {})
-        from transformers import AutoConfig
-
-        from medrl.models.loading import resolve_model_path
-
         hidden = AutoConfig.from_pretrained(resolve_model_path(self.cfg.model.path, self.cfg.model.cache_dir)
                                             ).hidden_size
         for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size",

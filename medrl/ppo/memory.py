@@ -33,7 +33,8 @@ Train-step peak = saved activations + max(forward logits, backward logits, recom
 
 A rollout actor on the same GPU (``0 < rollout.num_gpus`` and learner + rollout shares <= 1) is another process:
 CUDA context + weights + fp32 LoRA + max(generation: KV cache ``2 * L * k * p`` per token of ``batch_size *
-samples_per_prompt`` sequences of S tokens plus the repeated K/V of one layer, scoring pass as above).
+samples_per_prompt`` sequences of S tokens plus the larger of one layer's repeated K/V and the prefill MLP
+(``3pI`` per prompt token), or its scoring pass).
 
 ``bench/memory.py`` checks these formulas against measured peaks of a real LoRA forward/backward on CPU.
 """
@@ -244,6 +245,8 @@ def _deepspeed(ppo) -> tuple[int, bool, bool]:
 
 
 def settings_from_config(cfg) -> MemorySettings:
+    """What the estimate needs from a medrl config. The longest prompt is ``ppo.max_prompt_tokens`` when the PPO
+    section has it, else ``data.max_question_tokens`` + ``PROMPT_OVERHEAD_TOKENS``."""
     ppo, model = cfg.ppo, cfg.model
     on_gpu = model.device == "cuda" or (model.device == "auto" and (ppo.learner.num_gpus > 0))
     dtype = model.dtype if model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
@@ -254,7 +257,8 @@ def settings_from_config(cfg) -> MemorySettings:
     colocated = min(rollout.num_actors, int((1 - ppo.learner.num_gpus) / rollout.num_gpus + 1e-9)) if shared else 0
     return MemorySettings(
         weight_bytes=4 if dtype == "float32" else 2, micro_batch=ppo.micro_batch_size, prompt_tokens=prompt,
-        response_tokens=ppo.generation.max_new_tokens, lora_r=model.lora.r, lora_targets=tuple(model.lora.target_modules),
+        response_tokens=ppo.generation.max_new_tokens, lora_r=model.lora.r,
+        lora_targets=tuple(model.lora.target_modules),
         gradient_checkpointing=model.gradient_checkpointing, value_head=ppo.estimator == "gae",
         entropy=ppo.log_entropy, zero_stage=stage, ranks=ppo.learner.ranks, offload_optimizer=off_opt,
         offload_params=off_param, cuda=on_gpu, colocated_rollouts=colocated,

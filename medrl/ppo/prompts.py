@@ -1,29 +1,16 @@
 """RL prompts: loading ``rl_prompts.jsonl`` with one-line errors, and the deterministic order they are used in."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from medrl.errors import UsageError
+from medrl.jsonl import read_jsonl
 
 
 def load_prompts(path: Path) -> list[dict]:
     """Rows of ``rl_prompts.jsonl`` (id, prompt, reference, risk, source, language, category, expected_behavior)."""
-    if not path.is_file():
-        raise UsageError(f"RL prompts not found: {path} (run `medrl prepare` first)")
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-        for key in ("id", "prompt"):
-            if not isinstance(row.get(key), str) or not row[key]:
-                raise UsageError(f"{path}:{lineno}: key '{key}' must be a non-empty string")
-        rows.append(row)
+    rows = read_jsonl(path, ("id", "prompt"), "run `medrl prepare` first (same config) to write the RL prompts")
     if not rows:
         raise UsageError(f"{path}: no RL prompts")
     return rows
