@@ -18,10 +18,9 @@ def test_ppo_raises_reward(estimator, tiny_model_dir, tmp_path, ray_local):
     rewards = np.array([m["reward_mean"] for m in history])
     first, last = rewards[:4].mean(), rewards[-4:].mean()
     trace = " ".join(f"{r:.2f}" for r in rewards)
-    print(estimator, trace, [round(m["time_step_s"], 2) for m in history])
     assert last > first + 0.2, f"{estimator}: reward did not rise: {trace}"
     # learning moved the policy away from the reference, and the rollout weights followed the learner's
     assert history[-1]["kl"] > 0.05
     assert max(m["logprob_gap"] for m in history) < 1e-4
-    if estimator == "gae":
-        assert history[-1]["value_loss"] < history[0]["value_loss"] * 10 and history[-1]["value_mean"] > 0.1
+    if estimator == "gae":  # the zero-initialised value head learned the (positive) returns
+        assert history[0]["value_mean"] == 0.0 and history[-1]["value_mean"] > 0.1
