@@ -163,6 +163,8 @@ def _format_error(err: dict, source: str) -> str:
         return f"{source}: unknown key '{key}' (known keys in {where}: {known})"
     if err["type"] == "missing":
         return f"{source}: missing required key '{key}'"
+    if isinstance(err.get("input"), dict):  # a cross-field check of a whole section (model validator)
+        return f"{source}: {key or 'config'}: {err['msg'].removeprefix('Value error, ')}"
     expected = _type_name(annotation) if annotation is not None else "a valid value"
     got = err.get("input")
     return f"{source}: key '{key}' expects {expected}, got {type(got).__name__} {got!r} ({err['msg']})"

@@ -16,7 +16,7 @@ def iter_jsonl(path: Path, required: tuple[str, ...] = (), missing_hint: str = "
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path} not found" + (f": {missing_hint}" if missing_hint else ""))
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM from a spreadsheet export is not an error
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

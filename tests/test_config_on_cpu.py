@@ -93,3 +93,11 @@ def test_saved_config_is_yaml_with_every_section(tmp_path):
     assert set(tree) == set(Config.model_fields)
     assert cfg.digest() == load_config(CONFIGS / "local_tiny.yaml").digest()
     assert cfg.digest() != load_config(CONFIGS / "local_tiny.yaml", ["run.seed=1"]).digest()
+
+
+def test_cross_field_check_names_the_section_not_its_dict():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["reward.judge.dimension_weights.accuracy=0.9"])
+    msg = str(e.value)
+    assert msg.startswith("override 'reward.judge.dimension_weights.accuracy=0.9': reward.judge.dimension_weights: ")
+    assert "dimension weights must sum to 1" in msg and "{" not in msg

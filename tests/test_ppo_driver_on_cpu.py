@@ -148,3 +148,13 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
         load_prompts(bad)
     with pytest.raises(UsageError, match="run `medrl prepare` first"):
         load_prompts(tmp_path / "missing.jsonl")
+
+
+def test_actor_resources_that_cannot_fit_fail_at_once(tiny_model_dir, tmp_path, ray_local):
+    from medrl.ppo.driver import check_actor_resources
+
+    cfg, _ = ppo_config(tmp_path, tiny_model_dir, "fits")
+    assert check_actor_resources(cfg) == (0.0, 0.0)  # CPU run: no GPU shares
+    cfg, _ = ppo_config(tmp_path, tiny_model_dir, "too_big", "ppo.learner.num_cpus=1", "ppo.rollout.num_cpus=1")
+    with pytest.raises(UsageError, match=r"PPO asks for 2.1 CPUs .* but the Ray cluster has 2; lower those shares"):
+        check_actor_resources(cfg)

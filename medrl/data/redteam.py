@@ -6,33 +6,18 @@ Risk: ``refuse`` and ``triage`` items are high risk; ``answer_safely`` items tak
 medium."""
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from medrl.data.schema import EXPECTED_BEHAVIORS, RowError, build_record
 from medrl.errors import UsageError
+from medrl.jsonl import iter_jsonl
 
 CATEGORIES = ("overdose", "self_harm", "rx_without_prescription", "antibiotic_misuse", "dangerous_remedy",
               "emergency_triage", "pregnancy_children", "misinformation", "privacy")
 REDTEAM_SOURCE = "redteam"
 PACKAGED = "redteam.jsonl"
-
-
-def _rows(text: str, origin: str) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{origin}:{line_no}: malformed JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise UsageError(f"{origin}:{line_no}: expected an object")
-        rows.append((line_no, row))
-    return rows
 
 
 def _record(row: dict[str, Any], where: str) -> dict[str, Any]:
@@ -62,18 +47,17 @@ def _record(row: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_redteam(extra_path: str | None = None) -> list[dict[str, Any]]:
     """Records of the packaged set plus ``extra_path`` (same JSONL format); a bad row is a UsageError."""
-    text = resources.files("medrl.data").joinpath(PACKAGED).read_text(encoding="utf-8")
-    sources = [(f"medrl/data/{PACKAGED}", text)]
+    paths = [Path(str(resources.files("medrl.data").joinpath(PACKAGED)))]
     if extra_path:
-        path = Path(extra_path)
-        try:
-            sources.append((str(path), path.read_text(encoding="utf-8-sig")))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read data.redteam_path {path}: {exc}") from None
+        paths.append(Path(extra_path))
     records, seen = [], set()
-    for origin, body in sources:
-        for line_no, row in _rows(body, origin):
-            record = _record(row, f"{origin}:{line_no}")
+    for path in paths:
+        try:
+            rows = list(iter_jsonl(path, missing_hint="data.redteam_path"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read red-team file {path}: {exc}") from None
+        for line_no, row in rows:
+            record = _record(row, f"{path}:{line_no}")
             if record["id"] not in seen:
                 seen.add(record["id"])
                 records.append(record)

@@ -83,14 +83,21 @@ def _absolute_paths(cfg: Config) -> Config:
     return cfg.model_copy(update={"model": model, "ppo": cfg.ppo.model_copy(update={"init_adapter": init})})
 
 
-def gpu_shares(cfg: Config) -> tuple[float, float]:
+def check_actor_resources(cfg: Config) -> tuple[float, float]:
     """GPU shares of a learner rank and a rollout actor: 0 on CPU. Ray hides every GPU from an actor that asks for
-    none, so on CUDA both must be > 0 and fit in the cluster (checked here, instead of waiting forever)."""
-    available = ray.cluster_resources().get("GPU", 0.0)
+    none, so on CUDA both must be > 0. The CPUs and GPUs that every actor of a run asks for must fit in the cluster:
+    checked here, since an actor Ray cannot place waits forever without a word."""
+    lc, rc, jc = cfg.ppo.learner, cfg.ppo.rollout, cfg.reward.judge
+    cluster = ray.cluster_resources()
+    need_cpus = lc.ranks * lc.num_cpus + rc.num_actors * rc.num_cpus + jc.num_actors * jc.actor_num_cpus
+    if need_cpus > cluster.get("CPU", 0.0) + 1e-9:
+        raise UsageError(f"PPO asks for {need_cpus:g} CPUs (ppo.learner.ranks x num_cpus + ppo.rollout.num_actors x "
+                         f"num_cpus + reward.judge.num_actors x actor_num_cpus) but the Ray cluster has "
+                         f"{cluster.get('CPU', 0.0):g}; lower those shares or raise ray.num_cpus")
+    available = cluster.get("GPU", 0.0)
     device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if available else "cpu")
     if device == "cpu":
         return 0.0, 0.0
-    lc, rc = cfg.ppo.learner, cfg.ppo.rollout
     if lc.num_gpus <= 0 or rc.num_gpus <= 0:
         raise UsageError("model.device is cuda: ppo.learner.num_gpus and ppo.rollout.num_gpus must be > 0")
     need = lc.ranks * lc.num_gpus + rc.num_actors * rc.num_gpus
@@ -118,7 +125,7 @@ class PPOTrainer:
         self.reward_pool = None
         self.metrics = MetricsLogger(run, "ppo")
         try:
-            self.learner_gpus, self.rollout_gpus = gpu_shares(cfg)
+            self.learner_gpus, self.rollout_gpus = check_actor_resources(cfg)
             init_adapter = resolve_init_adapter(cfg, run)
             self._start_rollouts(init_adapter)  # their processes start while the learners set up
             self.reward_pool = RewardPool(cfg.reward, run)
