@@ -126,7 +126,7 @@ def test_same_input_same_ids_and_splits(prepared, tmp_path):
 
 def test_decontamination_against_the_benchmark(tmp_path):
     truth = json.loads((SAMPLES / "pubmedqa" / "test_ground_truth.json").read_text())
-    pqal = json.loads((SAMPLES / "pubmedqa" / "ori_pqal.json").read_text())
+    pqal = json.loads((SAMPLES / "pubmedqa" / "pqal_sample.json").read_text())
     sentence = pqal[next(iter(truth))]["CONTEXTS"][0]
     assert len(sentence) >= 70
     rows = [{"q": "Tell me about recovery after a hip operation in elderly people?", "a": "Note: " + sentence[:70]},
@@ -203,7 +203,7 @@ def test_real_pubmedqa_and_dialogue(shared_data, tmp_path):
     _, run, summary = _prepare(
         tmp_path / "runs", "data.sources=[cmd-dialogue,pubmedqa]", "data.gold_size=50",
         f"data.catalog.cmd-dialogue.path={shared_data / 'chinese-medical-dialogue'}",
-        f"data.catalog.pubmedqa.path={shared_data / 'pubmedqa'}")
+        f"data.catalog.pubmedqa.path={shared_data / 'pubmedqa'}", "data.catalog.pubmedqa.files=null")
     assert summary["pubmedqa"] == 500 and summary["invalid"] == 0
     dialogue = summary["sources"]["cmd-dialogue"]
     assert dialogue["rows"] == 7644 and dialogue["filtered"]["duplicate"] > 300

@@ -63,7 +63,8 @@ def test_cmd_dialogue_sample_is_gbk():
 
 
 def test_pubmedqa_sample_benchmark_split():
-    data = DataConfig(catalog={"pubmedqa": SourceSpec(path=str(SAMPLES / "pubmedqa"))})
+    data = DataConfig(catalog={"pubmedqa": SourceSpec(path=str(SAMPLES / "pubmedqa"),
+                                                      files=["pqal_sample.json", "test_ground_truth.json"])})
     spec = resolve_spec(data, "pubmedqa")
     rows = list(iter_rows("pubmedqa", spec, source_files("pubmedqa", spec, data), data.max_row_bytes))
     truth = json.loads((SAMPLES / "pubmedqa" / "test_ground_truth.json").read_text())
