@@ -193,7 +193,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": "What is a normal temperature?", "a": "About 37 C."}\n{"q": \n', encoding="utf-8")
     r = _cli(f"run.root={tmp_path}", "data.catalog.bad.format=jsonl", f"data.catalog.bad.path={bad}",
-             "data.catalog.bad.fields={question: q, answer: a}", "model.build_tiny_if_missing=false",
+             "data.catalog.bad.fields={question: q, answer: a}", f"model.path={tiny_model_dir}",
              options=("--strict", "--sources", "bad"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert r.stderr.startswith(f"medrl: error: {bad}:2: malformed JSON")
