@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="prepare -> sft -> ppo -> eval -> report, skipping stages already done")
     _add_config_args(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="re-run STAGE even if its output exists (repeatable; 'all' for every stage)")
+                   help="re-run STAGE (and every later stage) even if its output exists "
+                        "(repeatable; 'all' for every stage)")
 
     p = sub.add_parser("tiny-model", help="build a tiny random Qwen3 + BPE tokenizer for tests and CPU runs")
     p.add_argument("--out", type=Path, required=True, help="output model directory")

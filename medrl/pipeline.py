@@ -1,4 +1,6 @@
-"""``medrl pipeline``: prepare -> sft -> ppo -> eval -> report, skipping stages whose output already exists."""
+"""``medrl pipeline``: prepare -> sft -> ppo -> eval -> report, skipping stages whose output already exists.
+
+A stage that runs (missing output or ``--force``) makes every later stage run too, since their inputs changed."""
 from __future__ import annotations
 
 import importlib
@@ -27,15 +29,18 @@ def run_pipeline(cfg: Config, run: RunDir, force: list[str] = ()) -> dict[str, s
     if unknown:
         raise UsageError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}, all")
     outcome: dict[str, str] = {}
+    upstream_ran = False  # once a stage runs, every later stage is stale and runs too
     for stage in STAGES:
         output = run.stage_output(stage)
-        if output.exists() and stage not in force and "all" not in force:
+        rerun = upstream_ran or stage in force or "all" in force
+        if output.exists() and not rerun:
             log.info("[%s] skipped: %s exists (use --force %s to re-run)", stage, output, stage)
             outcome[stage] = "skipped"
             continue
         t0 = time.time()
-        if stage in ("sft", "ppo") and (stage in force or "all" in force):
-            shutil.rmtree(run.checkpoints(stage), ignore_errors=True)  # forced: start over, don't resume
+        if rerun and stage in ("sft", "ppo"):
+            shutil.rmtree(run.checkpoints(stage), ignore_errors=True)  # start over: resuming would reuse stale work
+        upstream_ran = True
         log.info("[%s] running", stage)
         if stage == "report":
             from medrl.evaluation.report import build_report
