@@ -153,6 +153,10 @@ def _field_at(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel] | Non
     return parent, annotation
 
 
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long",
+                 "multiple_of"}
+
+
 def _format_error(err: dict, source: str) -> str:
     loc = tuple(p for p in err["loc"])
     key = ".".join(str(p) for p in loc)
@@ -165,8 +169,10 @@ def _format_error(err: dict, source: str) -> str:
         return f"{source}: missing required key '{key}'"
     if isinstance(err.get("input"), dict):  # a cross-field check of a whole section (model validator)
         return f"{source}: {key or 'config'}: {err['msg'].removeprefix('Value error, ')}"
-    expected = _type_name(annotation) if annotation is not None else "a valid value"
     got = err.get("input")
+    if err["type"] in _RANGE_ERRORS:
+        return f"{source}: key '{key}' is out of range: got {got!r} ({err['msg']})"
+    expected = _type_name(annotation) if annotation is not None else "a valid value"
     return f"{source}: key '{key}' expects {expected}, got {type(got).__name__} {got!r} ({err['msg']})"
 
 

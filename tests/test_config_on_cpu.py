@@ -101,3 +101,10 @@ def test_cross_field_check_names_the_section_not_its_dict():
     msg = str(e.value)
     assert msg.startswith("override 'reward.judge.dimension_weights.accuracy=0.9': reward.judge.dimension_weights: ")
     assert "dimension weights must sum to 1" in msg and "{" not in msg
+
+
+def test_out_of_range_value_says_so():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["eval.decoding.top_p=0"])
+    assert str(e.value) == ("override 'eval.decoding.top_p=0': key 'eval.decoding.top_p' is out of range: got 0 "
+                            "(Input should be greater than 0)")

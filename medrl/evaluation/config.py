@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, model_validator
 
 from medrl.config_base import StrictModel
 
@@ -18,36 +18,15 @@ ModelName = Literal["base", "sft", "rl"]
 class DecodingSettings(StrictModel):
     """Decoding shared by every model under evaluation."""
 
-    max_new_tokens: int = 1024
+    max_new_tokens: int = Field(1024, ge=1)
     """Room for the ``<think>`` block and the answer; a response cut here counts as unfinished (no final answer)."""
-    temperature: float = 0.0
+    temperature: float = Field(0.0, ge=0)
     """0 = greedy (deterministic, the default for comparisons); > 0 samples with ``top_p``."""
-    top_p: float = 1.0
-    batch_size: int = 8
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
     """Prompts per ``generate`` call (left padded)."""
     seed: int = 1234
     """Sampling seed (used when ``temperature`` > 0; set before each model so all models see the same stream)."""
-
-    @field_validator("max_new_tokens", "batch_size")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _non_negative(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("must be >= 0 (0 = greedy)")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _probability(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError("must be in (0, 1]")
-        return v
 
 
 class PairwiseSettings(StrictModel):
