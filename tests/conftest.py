@@ -99,7 +99,7 @@ def ray_head(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGKILL)
         raise RuntimeError("ray head did not come up in 90 s")
     try:
-        yield {"address": f"127.0.0.1:{gcs_port}", "dashboard": url, "env": env}
+        yield {"address": f"127.0.0.1:{gcs_port}", "dashboard": url, "env": env, "temp_dir": temp_dir}
     finally:
         # SIGTERM lets `ray start --block` clean up; what is left after a few seconds is killed, including any
         # process of this head that left the group (they all carry the private temp dir on their command line)

@@ -85,7 +85,8 @@ def test_ppo_job_on_a_real_ray_head(node_key, ray_head, prepared_run, tiny_model
     stored = json.dumps({"entrypoint": info.entrypoint, "metadata": info.metadata, "runtime_env": info.runtime_env})
     assert FAKE_KEY not in stored and "DEEPSEEK_API_KEY" not in stored
     assert ".venv/" in info.runtime_env["excludes"] and info.runtime_env["working_dir"]
-    head_tmp = Path(f"/tmp/ray_t{os.getpid()}_{ray_head['address'].rsplit(':', 1)[1]}")
+    head_tmp = ray_head["temp_dir"]
+    assert head_tmp.is_dir()
     leaks = [str(p) for root in (tmp_path, head_tmp) for p in root.rglob("*")
              if p.is_file() and not p.is_symlink() and FAKE_KEY.encode() in p.read_bytes()]
     assert leaks == [] and FAKE_KEY not in job.stdout + job.stderr

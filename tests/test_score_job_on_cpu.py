@@ -3,7 +3,6 @@ against the loopback OpenAI-compatible server; the API key comes from the nodes'
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import sys
@@ -47,7 +46,7 @@ def test_score_job_on_a_real_ray_head(node_key, ray_head, tmp_path):
     assert requests == 6
     summary = json.loads(next(line for line in job.stdout.splitlines() if line.startswith('{"items"')))
     assert summary["judged"] == 6 and summary["cost_usd"] > 0 and summary["teacher_judgements"] == 6
-    head_tmp = Path(f"/tmp/ray_t{os.getpid()}_{ray_head['address'].rsplit(':', 1)[1]}")
+    head_tmp = ray_head["temp_dir"]
     assert head_tmp.is_dir()
     leaks = [str(p) for root in (tmp_path, head_tmp) for p in root.rglob("*")
              if p.is_file() and not p.is_symlink() and FAKE_KEY.encode() in p.read_bytes()]
