@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -132,37 +133,50 @@ _SETTLE_FIELDS = ("calls", "unused", "reserved_tokens", "reserved_cost", "tokens
 
 
 class LeasedGate:
-    """A judge actor's side of the ledger. ``lease``/``settle``/``add`` reach the coordinator (awaitables);
-    usage is sent every ``flush_every`` calls and on ``flush`` (end of a batch, which also returns unused permits)."""
+    """A judge actor's side of the ledger. ``lease``/``settle``/``add`` reach the coordinator (awaitables).
+    A new lease is asked for in the background when half of the permits are used, so calls do not wait for the
+    coordinator's round trip; usage is sent every ``flush_every`` calls and on ``flush`` (end of a batch, which also
+    returns unused permits)."""
 
     def __init__(self, lease: Callable[..., Awaitable], settle: Callable[..., Awaitable],
                  add: Callable[..., Awaitable], lease_size: int, flush_every: int):
         self._lease, self._settle, self._add = lease, settle, add
         self.lease_size, self.flush_every = lease_size, flush_every
+        self._leases: deque[list] = deque()  # [permits left, ready at, tokens each, cost each], oldest first
         self._permits = 0
-        self._each = (0, 0.0)
-        self._ready_at = 0.0
+        self._largest = (0, 0.0)  # the largest call seen (tokens, cost): what each leased permit reserves
         self._refill: asyncio.Future | None = None
         self._usage = dict.fromkeys(_SETTLE_FIELDS, 0)
         self._sending: set[asyncio.Task] = set()  # fire-and-forget reports, kept alive until done
 
     async def reserve(self, tokens: int, cost_usd: float) -> Permit | None:
         while self._permits == 0:
-            if self._refill is None:
-                self._refill = asyncio.ensure_future(self._lease_more(tokens, cost_usd))
+            self._start_refill(tokens, cost_usd)
             if not await asyncio.shield(self._refill):
                 return None
+        lease = self._leases[0]
+        lease[0] -= 1
+        if lease[0] == 0:
+            self._leases.popleft()
         self._permits -= 1
-        return Permit(max(0.0, self._ready_at - time.monotonic()), *self._each)
+        if self._permits * 2 <= self.lease_size:
+            self._start_refill(tokens, cost_usd)
+        return Permit(max(0.0, lease[1] - time.monotonic()), lease[2], lease[3])
+
+    def _start_refill(self, tokens: int, cost_usd: float) -> None:
+        if self._refill is None:
+            self._refill = asyncio.ensure_future(self._lease_more(tokens, cost_usd))
+            # a failed background lease is not lost: the next caller that runs out of permits leases again
+            self._refill.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _lease_more(self, tokens: int, cost_usd: float) -> bool:
         try:
-            each = (max(tokens, self._each[0]), max(cost_usd, self._each[1]))
-            granted = await self._lease(self.lease_size, *each)
+            self._largest = tokens, cost_usd = max(tokens, self._largest[0]), max(cost_usd, self._largest[1])
+            granted = await self._lease(self.lease_size, tokens, cost_usd)
             if granted is None:
                 return False
-            self._permits, self._each = granted[0], each
-            self._ready_at = time.monotonic() + granted[1]
+            self._leases.append([granted[0], time.monotonic() + granted[1], tokens, cost_usd])
+            self._permits += granted[0]
             return True
         finally:
             self._refill = None
@@ -181,10 +195,12 @@ class LeasedGate:
 
     def _take(self, return_permits: bool) -> dict | None:
         u = self._usage
-        if return_permits and self._permits:
-            u["unused"] += self._permits
-            u["reserved_tokens"] += self._permits * self._each[0]
-            u["reserved_cost"] += self._permits * self._each[1]
+        if return_permits:
+            for left, _, tokens, cost in self._leases:
+                u["unused"] += left
+                u["reserved_tokens"] += left * tokens
+                u["reserved_cost"] += left * cost
+            self._leases.clear()
             self._permits = 0
         if not any(u.values()):
             return None

@@ -1,7 +1,8 @@
 """Ray shell of the reward plane: judge actors (async, bounded concurrency) and one coordinator actor that holds
 the global rate limits, the budget and the usage totals.
 
-Items are routed to actors by their judge key, so identical samples meet in one actor and share one judge call.
+Items with the same judged content are routed to the same actor, so they share one judge call; new content goes to
+the least-loaded actor.
 Ray restarts a dead judge actor and re-runs its unfinished batches; judgements finished before the crash are read
 from the SQLite cache, so nothing is lost and nothing already received is paid for again.
 """
@@ -19,7 +20,6 @@ from tqdm import tqdm
 
 from medrl.errors import UsageError
 from medrl.reward.config import RewardConfig
-from medrl.reward.cache import judge_key
 from medrl.reward.ledger import LeasedGate, Ledger
 from medrl.reward.scoring import Scorer
 from medrl.reward.text import split_response
@@ -27,6 +27,9 @@ from medrl.reward.types import RewardInput, RewardResult
 from medrl.runs import MetricsLogger, RunDir
 
 log = logging.getLogger("medrl.reward")
+
+ROUTES_KEPT = 1 << 16
+"""Judged contents whose actor the pool remembers (about 100 bytes each)."""
 
 
 def process_info() -> dict:
@@ -113,6 +116,8 @@ class RewardPool:
         self.actors = [JudgeActor.options(num_cpus=jc.actor_num_cpus, max_restarts=jc.actor_max_restarts,
                                           max_task_retries=-1).remote(self.cfg, api_key, name)
                        for _ in range(jc.num_actors)]
+        self._routes: dict[int, int] = {}
+        self._assigned = [0] * len(self.actors)
         self._metrics = MetricsLogger(run, "reward") if run is not None else None
         self._steps = 0
         self._warned_budget = False
@@ -120,16 +125,33 @@ class RewardPool:
                  jc.judge_id, jc.num_actors, jc.concurrency, jc.rpm or "unlimited", jc.tpm or "unlimited",
                  "none" if jc.budget_usd is None else f"${jc.budget_usd:g}", cache_path)
 
+    def _route(self, item: RewardInput) -> int:
+        """The actor for ``item``: items with the same judged content (prompt, final answer, reference) go to the
+        actor that got it before, so they share one judge call and the judgement in flight; new content goes to the
+        actor with the fewest items so far, which keeps the actors evenly loaded."""
+        content = hash((item.prompt, split_response(item.response).answer, item.reference))
+        actor = self._routes.pop(content, None)
+        if actor is None:
+            actor = min(range(len(self.actors)), key=self._assigned.__getitem__)
+            if len(self._routes) >= ROUTES_KEPT:
+                del self._routes[next(iter(self._routes))]
+        self._routes[content] = actor  # re-inserted: the most recently seen content is evicted last
+        self._assigned[actor] += 1
+        return actor
+
     def _plan(self, items: list[RewardInput]):
-        """(actor, item indices) batches: routed by judge key, at most ``batch_size`` items each."""
+        """(actor, item indices) batches of at most ``batch_size`` items, each yielded as soon as it is full."""
+        size = self.cfg.judge.batch_size
         per_actor: list[list[int]] = [[] for _ in self.actors]
         for i, item in enumerate(items):
-            key = judge_key(self.cfg, item, split_response(item.response).answer)
-            per_actor[int(key[:8], 16) % len(self.actors)].append(i)
-        size = self.cfg.judge.batch_size
+            actor = self._route(item)
+            per_actor[actor].append(i)
+            if len(per_actor[actor]) == size:
+                yield self.actors[actor], per_actor[actor]
+                per_actor[actor] = []
         for actor, idxs in zip(self.actors, per_actor):
-            for start in range(0, len(idxs), size):
-                yield actor, idxs[start:start + size]
+            if idxs:
+                yield actor, idxs
 
     def submit(self, items: list[RewardInput]) -> list[ray.ObjectRef]:
         """Non-blocking: one ObjectRef per item, each resolving to its RewardResult. (``score`` is faster for large

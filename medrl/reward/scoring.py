@@ -13,7 +13,8 @@ from medrl.reward.config import RewardConfig
 from medrl.reward.judge import Gate, JudgeOutcome, OpenAIJudge, reference_judgement
 from medrl.reward.ledger import Usage
 from medrl.reward.rubric import DIMENSIONS, Judgement, teacher_score
-from medrl.reward.rules import RuleOutcome, evaluate_rules
+from medrl.reward.rules import RuleOutcome, detect_injection, evaluate_rules
+from medrl.reward.text import split_response
 from medrl.reward.types import RewardInput, RewardResult
 
 log = logging.getLogger("medrl.reward")
@@ -67,10 +68,14 @@ class Scorer:
         self._rules_memo: dict[tuple, RuleOutcome] = {}
         self._warned_budget = False
 
+    @staticmethod
+    def _memo_key(item: RewardInput) -> tuple:
+        return item.prompt, item.response, item.reference, item.risk, item.expected_behavior
+
     def _rules(self, item: RewardInput) -> RuleOutcome:
         """Rule outcomes are pure: the last RULES_MEMO samples seen are not evaluated again (rescoring, GRPO groups
         with identical responses)."""
-        key = (item.prompt, item.response, item.reference, item.risk, item.expected_behavior)
+        key = self._memo_key(item)
         outcome = self._rules_memo.get(key)
         if outcome is None:
             outcome = self._rules_memo[key] = evaluate_rules(item, self.cfg.rules)
@@ -78,9 +83,28 @@ class Scorer:
                 del self._rules_memo[next(iter(self._rules_memo))]
         return outcome
 
+    def _judge_key(self, item: RewardInput) -> str | None:
+        """The item's judge key, or None for a prompt injection (never sent). Cheap: a remembered rule outcome, or
+        only the answer split and the injection check, so judge calls start before the full rules run."""
+        known = self._rules_memo.get(self._memo_key(item))
+        if known is not None:
+            return None if known.injected else judge_key(self.cfg, item, known.answer)
+        if detect_injection(item.response):
+            return None
+        return judge_key(self.cfg, item, split_response(item.response).answer)
+
     async def score_batch(self, items: list[RewardInput]) -> list[RewardResult]:
-        outcomes = [self._rules(item) for item in items]
         provider = self.cfg.judge.provider
+        if provider == "openai":
+            keys = [self._judge_key(item) for item in items]
+            cached = self.cache.get_many(k for k in keys if k)
+            calls = {i: asyncio.ensure_future(self._teacher(item, k)) for i, (item, k) in enumerate(zip(items, keys))
+                     if k is not None and k not in cached}
+        outcomes = []
+        for n, item in enumerate(items):  # the rules run while the judge calls are in flight
+            outcomes.append(self._rules(item))
+            if provider == "openai" and calls and n % 16 == 15:
+                await asyncio.sleep(0)
         if provider == "none":
             results = [combine(self.cfg, it, o, None, "skipped" if o.injected else "disabled")
                        for it, o in zip(items, outcomes)]
@@ -91,44 +115,43 @@ class Scorer:
                 reason = "" if j or o.injected else "offline judge needs a reference"
                 results.append(combine(self.cfg, it, o, j, "ok" if j else "skipped", reason))
         else:
-            keys = [None if o.injected else judge_key(self.cfg, it, o.answer) for it, o in zip(items, outcomes)]
-            cached = self.cache.get_many(k for k in keys if k)
-            results = [None] * len(items)
-            calls = {}
+            judged = dict(zip(calls, await asyncio.gather(*calls.values())))
+            results = []
             for i, (it, o, k) in enumerate(zip(items, outcomes, keys)):
                 if k is None:
-                    results[i] = combine(self.cfg, it, o, None, "skipped", "prompt injection: not sent to the judge")
+                    results.append(combine(self.cfg, it, o, None, "skipped", "prompt injection: not sent to the judge"))
                 elif k in cached:
-                    results[i] = combine(self.cfg, it, o, _from_cache(cached[k]), "cached")
+                    results.append(combine(self.cfg, it, o, _from_cache(cached[k]), "cached"))
                 else:
-                    calls[i] = self._teacher(it, o, k)
-            for i, result in zip(calls, await asyncio.gather(*calls.values())):
-                results[i] = result
+                    out = judged[i]
+                    results.append(combine(self.cfg, it, o, out.judgement, out.status, out.reason, out.usage,
+                                           out.cost_usd))
         counts = dict.fromkeys(("judged", "cached", "failed", "over_budget", "skipped", "disabled", "dropped"), 0)
         for r in results:
             counts["judged" if r.judge_status == "ok" else r.judge_status] += 1
             counts["dropped"] += r.dropped
         await self.gate.flush(**counts)
-        return list(results)
+        return results
 
-    async def _teacher(self, item: RewardInput, rules: RuleOutcome, key: str) -> RewardResult:
-        """Judge one sample not in the cache; a sample whose key is already being judged waits for that call."""
+    async def _teacher(self, item: RewardInput, key: str) -> JudgeOutcome:
+        """Judge one sample not in the cache; a sample whose key is already being judged waits for that call and
+        counts as cached (it costs nothing)."""
         if key in self._inflight:
             outcome = await asyncio.shield(self._inflight[key])
-            status = "cached" if outcome.status == "ok" else outcome.status
-            return combine(self.cfg, item, rules, outcome.judgement, status, outcome.reason)
+            if outcome.status == "ok":
+                return JudgeOutcome(outcome.judgement, "cached")
+            return JudgeOutcome(outcome.judgement, outcome.status, outcome.reason)
         future = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            outcome = await self._call(item, rules.answer, key)
+            outcome = await self._call(item, split_response(item.response).answer, key)
             future.set_result(outcome)
         except BaseException as exc:  # cancelled or crashed: waiters get the same error
             future.set_exception(exc)
             raise
         finally:
             del self._inflight[key]
-        return combine(self.cfg, item, rules, outcome.judgement, outcome.status, outcome.reason, outcome.usage,
-                       outcome.cost_usd)
+        return outcome
 
     async def _call(self, item: RewardInput, answer: str, key: str) -> JudgeOutcome:
         async with self._slots:
