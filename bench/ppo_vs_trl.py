@@ -12,12 +12,15 @@ forward/backward per step over the whole batch. The reward is the same arithmeti
              function sending every completion of the batch to the same server at once (``openai.AsyncOpenAI``).
 
 medrl runs as ``medrl ppo`` does (``run_ppo``: Ray local runtime, rollout/learner/judge actors, the rest of its
-settings from ``configs/local_tiny.yaml``; ``--medrl-override`` changes them). Each side runs in its own process;
-the first step (warm-up) is left out of the rates. Every process runs one torch thread (``OMP_NUM_THREADS=1``
-unless set: on a shared 2-core machine more threads mostly spin; Ray gives medrl's actors one each). Phase times:
-medrl's ``time_*_s`` metrics; trl's measured around ``_generate`` and ``_calculate_rewards`` (learn = the rest of
-the step). Targets: >= 1.0x with (a), >= 2x with (b). Run it on an otherwise idle machine: under load the
-multi-process side gets a larger share of the CPU and the ratios drift upwards.
+settings from ``configs/local_tiny.yaml``, including ``ppo.async_rollout: true``: the next step generates while this
+one is judged and learned; ``--medrl-override ppo.async_rollout=false`` measures the on-policy loop). Each side runs
+in its own process; the first step (warm-up) is left out of the rates. Every process runs one torch thread
+(``OMP_NUM_THREADS=1`` unless set: on a shared 2-core machine more threads mostly spin; Ray gives medrl's actors one
+each). Phase times: medrl's ``time_*_s`` metrics (generate = the part of the step spent waiting for its samples;
+with async_rollout most of the generation ran during the step before); trl's measured around ``_generate`` and
+``_calculate_rewards`` (learn = the rest of the step). Targets: >= 1.0x with (a), >= 2x with (b). Run it on an
+otherwise idle machine: under load the multi-process side gets a larger share of the CPU and the ratios drift
+upwards.
 
     .venv/bin/python bench/ppo_vs_trl.py --steps 11        # both rewards, ~4 min on 2 cores
     .venv/bin/python bench/ppo_vs_trl.py --only judge --medrl-override ppo.rollout.batch_size=1
@@ -63,7 +66,9 @@ def bench_config(opts, judge_url: str | None, name: str):
     ]
     if judge_url:
         overrides += ["reward.judge.provider=openai", f"reward.judge.base_url={judge_url}",
-                      f"reward.judge.api_key_env={JUDGE_KEY_ENV}", "reward.judge.budget_usd=null"]
+                      f"reward.judge.api_key_env={JUDGE_KEY_ENV}", "reward.judge.budget_usd=null",
+                      # trl has no rate limiter: medrl's stays on, not binding (the default 1200 rpm is 20 calls/s)
+                      "reward.judge.rpm=60000", "reward.judge.tpm=60000000"]
     else:
         overrides.append("reward.judge.provider=none")
     return load_config(REPO / "configs" / "local_tiny.yaml", overrides + list(opts.medrl_override))
@@ -189,7 +194,7 @@ def run_medrl(opts, judge_url: str | None) -> dict:
     wall = time.perf_counter() - t0
     rows = read_metrics(run, "ppo")
     steps = [{"step_s": r["time_step_s"], "generate_s": r["time_generate_s"], "score_s": r["time_score_s"],
-              "learn_s": r["time_learn_s"], "sync_s": r["time_sync_s"], "samples": r["samples"]} for r in rows]
+              "learn_s": r["time_learn_s"], "samples": r["samples"]} for r in rows]
     return {"side": "medrl", "setup_s": wall - sum(s["step_s"] for s in steps),
             "samples_per_step": cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt, "steps": steps}
 
@@ -213,7 +218,7 @@ def summarize(result: dict) -> dict:
     total = sum(s["step_s"] for s in steady)
     samples = sum(s.get("samples", result["samples_per_step"]) for s in steady)
     phases = {k: sum(s.get(k, 0.0) for s in steady) / len(steady)
-              for k in ("generate_s", "score_s", "learn_s", "sync_s")}
+              for k in ("generate_s", "score_s", "learn_s")}
     return {"samples_per_s": samples / total, "step_s": total / len(steady), **phases}
 
 
@@ -271,13 +276,13 @@ def main() -> None:
         print(f"\n{opts.prompts_per_step} prompts x {opts.group} samples per step, {opts.max_new_tokens} new tokens, "
               f"{opts.steps - 1} timed steps; judge latency {opts.latency:g} s")
         print(f"{'reward':<7}{'medrl smp/s':>12}{'trl smp/s':>11}{'ratio':>7}{'target':>8}   "
-              f"{'medrl gen/score/learn/sync s':<31}{'trl gen/score/learn s'}")
+              f"{'medrl gen/score/learn s':<31}{'trl gen/score/learn s'}")
         for reward, sides in table.items():
             m, t = sides["medrl"], sides["trl"]
             ratio = m["samples_per_s"] / t["samples_per_s"]
             print(f"{reward:<7}{m['samples_per_s']:>12.2f}{t['samples_per_s']:>11.2f}{ratio:>6.2f}x"
                   f"{TARGETS[reward]:>7.1f}x   "
-                  f"{m['generate_s']:.2f}/{m['score_s']:.2f}/{m['learn_s']:.2f}/{m['sync_s']:.2f}{'':<12}"
+                  f"{m['generate_s']:.2f}/{m['score_s']:.2f}/{m['learn_s']:.2f}{'':<17}"
                   f"{t['generate_s']:.2f}/{t['score_s']:.2f}/{t['learn_s']:.2f}")
         (opts.workdir / "summary.json").write_text(json.dumps(table, indent=1))
     finally:

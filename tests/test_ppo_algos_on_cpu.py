@@ -59,6 +59,21 @@ def test_clipped_policy_loss_by_hand():
     assert torch.allclose(logp.grad, t([[0.0, 0.0, -2.0 / 4, -0.5 / 4, 0.0]]))
 
 
+def test_behaviour_weights_and_decoupled_loss_by_hand():
+    # pi_old / pi_behaviour = exp(old - behaviour): 1, e^-1 = .3679, e^1 = 2.718 -> truncated at 2
+    old, behaviour = t([[0.0, -1.0, 0.0]]), t([[0.0, 0.0, -1.0]])
+    w = algos.behaviour_weights(old, behaviour, cap=2.0)
+    assert torch.allclose(w, t([[1.0, math.exp(-1.0), 2.0]]))
+    # each token's surrogate is scaled by its weight: ratios 1.5 (A=1, clipped -> -1.2), 1 (A=2 -> -2), .5 (A=1 ->
+    # -.5): (1 * -1.2 + .3679 * -2 + 2 * -.5) / 3
+    ratio, adv, mask = t([[1.5, 1.0, 0.5]]), t([[1.0, 2.0, 1.0]]), t([[1, 1, 1]])
+    loss, _ = algos.policy_loss(torch.log(ratio), torch.zeros_like(ratio), adv, mask, 0.2, w)
+    assert loss.item() == pytest.approx((-1.2 - 2 * math.exp(-1.0) - 1.0) / 3)
+    unweighted, _ = algos.policy_loss(torch.log(ratio), torch.zeros_like(ratio), adv, mask, 0.2, torch.ones_like(w))
+    assert unweighted.item() == pytest.approx(algos.policy_loss(torch.log(ratio), torch.zeros_like(ratio), adv, mask,
+                                                                0.2)[0].item())
+
+
 def test_clipped_value_loss_by_hand():
     values, old, returns, mask = t([[1.0, 2.0, 5.0]]), t([[0.5, 2.0, 0.0]]), t([[2.0, 0.0, 0.0]]), t([[1, 1, 0]])
     # token 0: unclipped (1-2)^2 = 1, clipped value .5+.2 = .7 -> (.7-2)^2 = 1.69 -> 1.69; token 1: 4 and 4

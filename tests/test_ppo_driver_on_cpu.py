@@ -91,10 +91,16 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
         assert key in rows[-1], key
 
 
-def test_resume_two_plus_two_equals_four(tiny_model_dir, tmp_path, ray_local):
-    overrides = ("ppo.estimator=gae", "ppo.steps=4", "ppo.checkpoint.every=2", "ppo.checkpoint.keep_last=3")
+@pytest.mark.parametrize("async_rollout", [False, True], ids=["sync", "async"])
+def test_resume_two_plus_two_equals_four(async_rollout, tiny_model_dir, tmp_path, ray_local):
+    """With async_rollout the checkpoint also holds the weights the next step samples with (one update behind)."""
+    overrides = ("ppo.estimator=gae", "ppo.steps=4", "ppo.checkpoint.every=2", "ppo.checkpoint.keep_last=3",
+                 f"ppo.async_rollout={str(async_rollout).lower()}")
     cfg, run = ppo_config(tmp_path, tiny_model_dir, "straight", *overrides)
     out = run_ppo(cfg, run)
+    behaviour = run.checkpoints("ppo") / "step_000002" / "behaviour_weights.pt"
+    assert behaviour.is_file() == async_rollout
+    assert not (run.checkpoints("ppo") / "step_000004" / "behaviour_weights.pt").exists()  # nothing runs ahead
     assert out == run.ppo_adapter and (out / "adapter_config.json").is_file() and (out / "value_head.pt").is_file()
     assert [p.name for p in complete_checkpoints(run.checkpoints("ppo"))] == ["step_000002", "step_000004"]
 
@@ -108,8 +114,14 @@ def test_resume_two_plus_two_equals_four(tiny_model_dir, tmp_path, ray_local):
     (root2 / "step_000005" / "trainer_state.json").unlink()
     run_ppo(cfg2, run2, resume="auto")
 
-    steps = [r["step"] for r in read_metrics(run2, "ppo")]
-    assert steps == [3, 4]
+    rows = {r["step"]: r for r in read_metrics(run, "ppo")}
+    rows2 = {r["step"]: r for r in read_metrics(run2, "ppo")}
+    assert list(rows2) == [3, 4]
+    lag = 1 if async_rollout else 0  # steps 2.. sample with the weights before the previous update
+    assert [rows[s]["rollout_staleness"] for s in (1, 2, 3, 4)] == [0, lag, lag, lag]
+    assert [rows2[s]["rollout_staleness"] for s in (3, 4)] == [lag, lag]
+    # the learner scores every sample with the weights that drew it, also one update behind and after a resume
+    assert max(r["logprob_gap"] for r in [*rows.values(), *rows2.values()]) < 1e-4
     samples = [[json.loads(x) for x in r.ppo_samples.read_text().splitlines()] for r in (run, run2)]
     later = [[(s["step"], s["id"], s["response"]) for s in rows if s["step"] > 2] for rows in samples]
     assert later[0] == later[1] and len(later[0]) == 32  # same prompts, in the same order, same samples

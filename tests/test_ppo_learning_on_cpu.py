@@ -9,12 +9,15 @@ STEPS = 20
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["gae", "grpo"])
-def test_ppo_raises_reward(estimator, tiny_model_dir, tmp_path, ray_local):
+@pytest.mark.parametrize("estimator,async_rollout", [("gae", False), ("grpo", False), ("grpo", True)],
+                         ids=["gae", "grpo", "grpo-async"])
+def test_ppo_raises_reward(estimator, async_rollout, tiny_model_dir, tmp_path, ray_local):
+    """async_rollout: every step after the first learns from samples drawn one update earlier."""
     cfg, run = ppo_config(tmp_path, tiny_model_dir, estimator, f"ppo.estimator={estimator}", f"ppo.steps={STEPS}",
-                          "ppo.log_samples=false")
+                          "ppo.log_samples=false", f"ppo.async_rollout={str(async_rollout).lower()}")
     with PPOTrainer(cfg, run) as trainer:
         history = [trainer.step() for _ in range(STEPS)]
+    assert [m["rollout_staleness"] for m in history] == [0] + [int(async_rollout)] * (STEPS - 1)
     rewards = np.array([m["reward_mean"] for m in history])
     first, last = rewards[:4].mean(), rewards[-4:].mean()
     trace = " ".join(f"{r:.2f}" for r in rewards)

@@ -97,17 +97,27 @@ def token_rewards(scores: torch.Tensor, kl_penalty: torch.Tensor, mask: torch.Te
 
 # --------------------------------------------------------------------------- losses
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate, token mean. Returns the loss and (detached) clip fraction and approximate KL."""
+                clip: float, behaviour_weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate, token mean. Returns the loss and (detached) clip fraction and approximate KL.
+    ``behaviour_weights`` (samples drawn by an older policy): each token's surrogate is multiplied by its weight
+    (decoupled PPO: the ratio is clipped around ``old_logprobs``, the proximal policy)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    surrogate = torch.maximum(unclipped, clipped)
+    loss = masked_mean(surrogate if behaviour_weights is None else behaviour_weights * surrogate, mask)
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
     return loss, {"clip_frac": clip_frac, "approx_kl": approx_kl}
+
+
+def behaviour_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-token importance weights pi_old / pi_behaviour of samples drawn by an older policy, truncated at ``cap``
+    (decoupled PPO, Hilton et al. 2021; truncated IS as in Yao et al. 2025): 1 where the two policies agree."""
+    return torch.exp(old_logprobs - behaviour_logprobs).clamp(max=cap)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

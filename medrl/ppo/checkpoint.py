@@ -5,6 +5,7 @@ skipped on resume. A checkpoint is complete when its final name exists and ``tra
     ppo/checkpoints/step_000004/
       adapter/                 LoRA (peft format)      value_head.pt       (gae only)
       optimizer.pt | deepspeed/  scheduler.pt           rng_rank{r}.pt      (one per learner rank)
+      behaviour_weights.pt     (async_rollout: the weights the next step samples with)
       trainer_state.json       step, data position, KL controller, adapter version, config digest
 """
 from __future__ import annotations

@@ -135,6 +135,17 @@ class PPOConfig(StrictModel):
     """Log the mean token entropy of the policy (one extra pass over the logits, no gradient)."""
 
     # ---- distributed parts
+    async_rollout: bool = False
+    """Generate the next step's samples while this step is judged and learned (one-step off-policy, like
+    OpenRLHF's async training and veRL's one-step-off-policy): rollout actors never wait for the learner, so a step
+    takes about max(generate, score + learn) instead of their sum. Step n+1 samples with the weights before step
+    n's update. The update is decoupled PPO: the ratio is clipped around the live weights (the proximal policy)
+    and each token is weighted by pi_live / pi_behaviour (``behaviour_weight_cap``); the learner keeps the previous
+    LoRA to compute pi_behaviour, so the rollout/learner log-prob check stays exact. Needs ZeRO <= 2."""
+    behaviour_weight_cap: float = Field(2.0, gt=0)
+    """Truncation of the per-token importance weight pi_live / pi_behaviour of lagged samples (truncated IS: a
+    token the policy has since made much likelier cannot dominate the gradient). Weights are 1 without
+    ``async_rollout``."""
     rollout: RolloutSettings = RolloutSettings()
     learner: LearnerSettings = LearnerSettings()
 

@@ -4,6 +4,9 @@
       -> each finished micro-batch goes to the reward pool at once (RewardPool.submit, no waiting for the batch)
       -> rewards + rule breakdown -> learner ranks: old/ref log-probs, values -> advantages (driver) -> PPO update
       -> new LoRA tensors -> rollout actors (object store); next step checks rollout vs learner log-probs.
+
+With ``ppo.async_rollout`` the next step's rollout is dispatched as soon as this step's samples are out, with the
+weights of before this step's update, so generation overlaps judging and learning (one-step off-policy).
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,7 @@ from medrl.errors import UsageError
 from medrl.models.chat import render_prompt
 from medrl.models.loading import load_tokenizer
 from medrl.ppo import checkpoint as ckpt
-from medrl.ppo.experience import finalize_experience, pack_samples, shard_rows
+from medrl.ppo.experience import finalize_experience, pack_samples, shard_rows, take
 from medrl.ppo.kl_controller import make_kl_controller
 from medrl.ppo.learner import Learner, num_minibatches, read_deepspeed_config
 from medrl.ppo.prompts import load_prompts, prompts_at
@@ -107,6 +111,27 @@ def check_actor_resources(cfg: Config) -> tuple[float, float]:
     return lc.num_gpus, rc.num_gpus
 
 
+@dataclass
+class Rollout:
+    """The rollout micro-batches of one step, dispatched to the actors (``pending``: ObjectRef -> chunk index)."""
+
+    step_no: int
+    records: list[dict]
+    end_position: int  # data position after this step's prompts
+    version: int  # adapter version sampling it
+    adapter_ref: ray.ObjectRef  # its tensors: kept alive while a restarted actor may need them
+    pending: dict
+    started: float
+    # filled as micro-batches finish: samples, their reward inputs and reward ObjectRefs (already submitted)
+    samples: list = field(default_factory=list)
+    inputs: list = field(default_factory=list)
+    reward_refs: list = field(default_factory=list)
+    restarts: int = 0
+    actor_generate_s: float = 0.0
+    actor_logprob_s: float = 0.0
+    finished: float = 0.0
+
+
 class PPOTrainer:
     """The loop, step by step (``step()``), with checkpoint/restore; ``run_ppo`` is the usual way in."""
 
@@ -120,6 +145,8 @@ class PPOTrainer:
         self.data_position = 0
         self.version = 0
         self.adapter_ref = None
+        self._ahead: Rollout | None = None  # async_rollout: the next step's rollout, already running
+        self._resumed_behaviour: tuple | None = None  # (adapter ref, version) the first rollout after a resume uses
         self._actors: list = []
         self._pg = None
         self.reward_pool = None
@@ -166,33 +193,49 @@ class PPOTrainer:
         self._actors += self.rollouts
 
     def _publish_adapter(self) -> None:
-        """The learner's LoRA tensors go into the object store once; rollout actors fetch them from there."""
-        self.adapter_ref = [a.adapter_state.remote() for a in self.learners][0]  # all ranks join; rank 0 returns
+        """The learner's live LoRA tensors, as a new version, go into the object store once; rollout actors fetch
+        them from there when a ``generate`` call names a version they do not hold."""
         self.version += 1
+        self.adapter_ref = self._adapter_of(self.version)
 
-    def _sync_rollouts(self) -> None:
-        ray.get([r.load_adapter.remote(self.adapter_ref, self.version) for r in self.rollouts])
+    def _adapter_of(self, version: int) -> ray.ObjectRef:
+        return [a.adapter_state.remote(version) for a in self.learners][0]  # all ranks join; rank 0 returns
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict[str, float]:
+        """One PPO step. With ``async_rollout`` the samples of the step were started during the previous step (with
+        the weights before its update), and this step starts the next step's rollouts as soon as its own are out."""
         self.step_no += 1
         t_start = time.perf_counter()
-        records = prompts_at(self.prompts, self.data_position, self.ppo.prompts_per_step, self.cfg.run.seed)
-        self.data_position += len(records)
-        self._sync_rollouts()
-        t_synced = time.perf_counter()
-        samples, results, roll = self._rollout_and_score(records)
+        rollout = self._ahead or self._launch_rollout(self.step_no, self.data_position)
+        self._ahead = None
+        while rollout.pending:
+            self._take_micro_batch(rollout, ray.wait(list(rollout.pending), num_returns=1)[0][0])
+        t_generated = time.perf_counter()
+        if self.ppo.async_rollout and self.step_no < self.ppo.steps:
+            self._ahead = self._launch_rollout(self.step_no + 1, rollout.end_position)
+        # old/ref log-probs (+ values) do not depend on the rewards: the learner computes them while the judge works
+        samples = rollout.samples
+        order = sorted(range(len(samples)), key=lambda i: (samples[i].prompt_index, samples[i].sample_index))
+        samples = [samples[i] for i in order]
+        batch = pack_samples(samples, self.tokenizer.pad_token_id)
+        experience = [a.make_experience.remote(s, rollout.version) for a, s in zip(self.learners, self._shards(batch))]
+        self._wait(rollout.reward_refs)
+        results, reward_retries = self._collect_rewards(rollout.inputs, rollout.reward_refs)
+        results = [results[i] for i in order]
+        self.data_position = rollout.end_position
         t_scored = time.perf_counter()
+        parts = ray.get(self._wait(experience))
+        batch.update({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
         keep = [i for i, r in enumerate(results) if not r.dropped]
         keep = keep[:len(keep) - len(keep) % self.ppo.learner.ranks]  # equal shards on every rank
         if not keep:
             raise RuntimeError(f"step {self.step_no}: every sample was dropped by the reward plane")
-        batch = pack_samples([samples[i] for i in keep], self.tokenizer.pad_token_id)
-        parts = ray.get([a.make_experience.remote(s) for a, s in zip(self.learners, self._shards(batch))])
-        batch.update({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+        if len(keep) < len(results):
+            batch = take(batch, torch.tensor(keep))
         t_experience = time.perf_counter()
         mask = batch["response_mask"]
-        gap = float(((batch["rollout_logprobs"] - batch["old_logprobs"]).abs() * mask).max())
+        gap = float(((batch["rollout_logprobs"] - batch["behaviour_logprobs"]).abs() * mask).max())
         if gap > self.ppo.logprob_gap_tolerance:
             log.warning("step %d: rollout vs learner log-prob gap %.2e > tolerance %.0e (weight sync or numerics)",
                         self.step_no, gap, self.ppo.logprob_gap_tolerance)
@@ -202,8 +245,10 @@ class PPOTrainer:
         exp_stats = finalize_experience(batch, scores, group, kl_coef, self.ppo)
         n_mb = num_minibatches(len(keep), self.ppo)
         seed = self.cfg.run.seed * 100_003 + self.step_no
-        train = ray.get([a.train.remote(s, n_mb, seed) for a, s in zip(self.learners, self._shards(batch))])
+        train = ray.get(self._wait([a.train.remote(s, n_mb, seed)
+                                    for a, s in zip(self.learners, self._shards(batch))]))
         self.kl_ctl.update(exp_stats["kl"], len(keep))
+        staleness = self.version - rollout.version  # updates between the sampling weights and this update's start
         self._publish_adapter()
         t_end = time.perf_counter()
         kept = [results[i] for i in keep]
@@ -216,13 +261,14 @@ class PPOTrainer:
             "response_len": float(mask.sum(1).mean()),
             "finished_frac": float(np.mean([samples[i].finished for i in keep])),
             "samples": len(keep),
-            "rollout_restarts": roll["restarts"],
-            "reward_retries": roll["reward_retries"],
-            "time_sync_s": t_synced - t_start,
-            "time_generate_s": roll["generate_s"],
-            "time_actor_generate_s": roll["actor_generate_s"],
-            "time_actor_logprob_s": roll["actor_logprob_s"],
-            "time_score_s": roll["score_wait_s"],
+            "rollout_restarts": rollout.restarts,
+            "reward_retries": reward_retries,
+            "rollout_staleness": staleness,
+            "time_generate_s": t_generated - t_start,
+            "time_rollout_s": rollout.finished - rollout.started,
+            "time_actor_generate_s": rollout.actor_generate_s,
+            "time_actor_logprob_s": rollout.actor_logprob_s,
+            "time_score_s": t_scored - t_generated,
             "time_experience_s": t_experience - t_scored,
             "time_train_s": t_end - t_experience,
             "time_learn_s": t_end - t_scored,
@@ -231,54 +277,65 @@ class PPOTrainer:
         }
         self.metrics.log(self.step_no, metrics)
         if self.ppo.log_samples:
-            self._log_samples(records, samples, results)
+            self._log_samples(rollout.records, samples, results)
         return metrics
 
     def _shards(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         n = batch["response_ids"].shape[0]
         return [{k: v[rows] for k, v in batch.items()} for rows in shard_rows(n, len(self.learners))]
 
-    def _rollout_and_score(self, records: list[dict]) -> tuple[list, list[RewardResult], dict]:
-        """Dispatch rollout micro-batches to the actors; submit each finished one to the reward pool at once."""
+    def _launch_rollout(self, step_no: int, position: int) -> "Rollout":
+        """Dispatch the rollout micro-batches of step ``step_no`` (prompts from ``position``) to the actors, with the
+        newest published adapter (after a resume of an async run: the restored behaviour weights)."""
+        records = prompts_at(self.prompts, position, self.ppo.prompts_per_step, self.cfg.run.seed)
+        adapter_ref, version = self._resumed_behaviour or (self.adapter_ref, self.version)
+        self._resumed_behaviour = None
         n, bs = self.ppo.samples_per_prompt, self.ppo.rollout.batch_size
         texts = [render_prompt(self.tokenizer, self.cfg.model.system_prompt, r["prompt"]) for r in records]
         pending = {}
         for c, start in enumerate(range(0, len(records), bs)):
             chunk = [(i, texts[i]) for i in range(start, min(start + bs, len(records)))]
             actor = self.rollouts[c % len(self.rollouts)]
-            seed = (self.cfg.run.seed * 1_000_003 + self.step_no * 1_009 + c) % 2**31
-            pending[actor.generate.remote(chunk, n, seed, [self.adapter_ref], self.version)] = c
-        t0 = time.perf_counter()
-        samples, inputs, refs = [], [], []
-        restarts, actor_generate_s, actor_logprob_s = 0, 0.0, 0.0
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            c = pending.pop(done[0])
-            out = ray.get(done[0])
-            k = c % len(self.rollouts)
-            if out["pid"] != self._rollout_pids[k]:  # Ray restarted this actor (and re-ran the lost calls)
-                log.warning("rollout actor %d was restarted (pid %s -> %s)", k, self._rollout_pids[k], out["pid"])
-                self._rollout_pids[k] = out["pid"]
-                restarts += 1
-            actor_generate_s += out["generate_s"]
-            actor_logprob_s += out["score_s"]
-            items = []
-            for s in out["samples"]:
-                rec = records[s.prompt_index]
-                items.append(RewardInput(
-                    id=f"{rec['id']}:{self.step_no}:{s.sample_index}", prompt=rec["prompt"], response=s.text,
-                    reference=rec.get("reference"), risk=rec.get("risk") or "low",
-                    expected_behavior=rec.get("expected_behavior"), language=rec.get("language")))
-            samples += out["samples"]
-            inputs += items
-            refs += self.reward_pool.submit(items)
-        t_generated = time.perf_counter()
-        results, retries = self._collect_rewards(inputs, refs)
-        order = sorted(range(len(samples)), key=lambda i: (samples[i].prompt_index, samples[i].sample_index))
-        return ([samples[i] for i in order], [results[i] for i in order],
-                {"restarts": restarts, "reward_retries": retries, "generate_s": t_generated - t0,
-                 "score_wait_s": time.perf_counter() - t_generated, "actor_generate_s": actor_generate_s,
-                 "actor_logprob_s": actor_logprob_s})
+            seed = (self.cfg.run.seed * 1_000_003 + step_no * 1_009 + c) % 2**31
+            pending[actor.generate.remote(chunk, n, seed, [adapter_ref], version)] = c
+        return Rollout(step_no, records, position + len(records), version, adapter_ref, pending, time.perf_counter())
+
+    def _take_micro_batch(self, rollout: Rollout, ref: ray.ObjectRef) -> None:
+        """A finished micro-batch: its samples go to the reward pool at once."""
+        c = rollout.pending.pop(ref)
+        out = ray.get(ref)
+        k = c % len(self.rollouts)
+        if out["pid"] != self._rollout_pids[k]:  # Ray restarted this actor (and re-ran the lost calls)
+            log.warning("rollout actor %d was restarted (pid %s -> %s)", k, self._rollout_pids[k], out["pid"])
+            self._rollout_pids[k] = out["pid"]
+            rollout.restarts += 1
+        rollout.actor_generate_s += out["generate_s"]
+        rollout.actor_logprob_s += out["score_s"]
+        items = []
+        for s in out["samples"]:
+            rec = rollout.records[s.prompt_index]
+            items.append(RewardInput(
+                id=f"{rec['id']}:{rollout.step_no}:{s.sample_index}", prompt=rec["prompt"], response=s.text,
+                reference=rec.get("reference"), risk=rec.get("risk") or "low",
+                expected_behavior=rec.get("expected_behavior"), language=rec.get("language")))
+        rollout.samples += out["samples"]
+        rollout.inputs += items
+        rollout.reward_refs += self.reward_pool.submit(items)
+        rollout.finished = time.perf_counter()
+
+    def _wait(self, refs: list) -> list:
+        """Wait until ``refs`` are ready (or failed) and return them; meanwhile the micro-batches of the rollout
+        running ahead go to the reward pool as they finish, so their judging overlaps this step's update."""
+        waiting = set(refs)
+        while waiting and self._ahead is not None and self._ahead.pending:
+            ref = ray.wait([*waiting, *self._ahead.pending], num_returns=1)[0][0]
+            if ref in self._ahead.pending:
+                self._take_micro_batch(self._ahead, ref)
+            else:
+                waiting.discard(ref)
+        if waiting:
+            ray.wait(list(waiting), num_returns=len(waiting))
+        return refs
 
     def _collect_rewards(self, inputs: list[RewardInput], refs: list) -> tuple[list[RewardResult], int]:
         results, retries = [], 0
@@ -333,7 +390,8 @@ class PPOTrainer:
 
     def save_checkpoint(self) -> Path:
         tmp = ckpt.tmp_dir(self.run.checkpoints("ppo"), self.step_no)
-        ray.get([a.save.remote(str(tmp.resolve())) for a in self.learners])
+        behaviour = self._ahead.version if self._ahead is not None else None  # what samples the next step
+        ray.get([a.save.remote(str(tmp.resolve()), True, behaviour) for a in self.learners])
         state = {"step": self.step_no, "data_position": self.data_position,
                  "kl_controller": self.kl_ctl.state_dict(), "config_digest": self.cfg.digest(),
                  "learner_ranks": len(self.learners)}
@@ -350,9 +408,15 @@ class PPOTrainer:
         if state["config_digest"] != self.cfg.digest():
             log.warning("resuming %s written under a different config (digest %s, now %s)", path,
                         state["config_digest"], self.cfg.digest())
-        ray.get([a.load.remote(str(path.resolve())) for a in self.learners])
+        self._ahead = None  # drawn with weights the restored run no longer has
+        behaviour = self.version + 1
+        restored = ray.get([a.load.remote(str(path.resolve()), behaviour) for a in self.learners])[0]
         self.step_no, self.data_position = state["step"], state["data_position"]
         self.kl_ctl.load_state_dict(state["kl_controller"])
+        self._resumed_behaviour = None
+        if restored and self.ppo.async_rollout:  # the next step samples with the weights before the last update
+            self.version = behaviour
+            self._resumed_behaviour = (self._adapter_of(behaviour), behaviour)
         self._publish_adapter()
         log.info("resumed from %s at step %d", path, self.step_no)
 

@@ -4,8 +4,8 @@ KL-penalised per-token rewards and advantages (driver side, through the estimato
 A batch is a dict of tensors, one row per response:
   ``input_ids``, ``attention_mask`` ``[B, L]``: prompt + response, right padded;
   ``prompt_lens`` ``[B]``; ``response_ids``, ``response_mask`` ``[B, R]``: the response alone, right padded;
-  later ``rollout_logprobs``, ``old_logprobs``, ``ref_logprobs``, ``values``, ``kl``, ``advantages``, ``returns``
-  ``[B, R]``.
+  later ``rollout_logprobs``, ``old_logprobs``, ``behaviour_logprobs``, ``ref_logprobs``, ``values``, ``kl``,
+  ``advantages``, ``returns``, ``behaviour_weights`` ``[B, R]``.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medrl.ppo.algos import compute_advantages, kl_estimate, masked_mean
+from medrl.ppo.algos import behaviour_weights, compute_advantages, kl_estimate, masked_mean
 
 SEQUENCE_KEYS = ("input_ids", "attention_mask")
 
@@ -124,7 +124,10 @@ def finalize_experience(batch: dict[str, torch.Tensor], scores: torch.Tensor, gr
         ppo_cfg.estimator, scores=scores.float(), kl_penalty=kl_coef * kl, mask=mask, group=group,
         values=batch.get("values"), gamma=ppo_cfg.gamma, lam=ppo_cfg.lam, whiten=ppo_cfg.whiten_advantages)
     batch.update(kl=kl, advantages=advantages * mask, returns=returns * mask)
+    weights = behaviour_weights(batch["old_logprobs"], batch["behaviour_logprobs"], ppo_cfg.behaviour_weight_cap)
+    batch["behaviour_weights"] = weights * mask
     stats = {
+        "behaviour_weight_mean": float(masked_mean(weights, mask)),
         "kl": float(masked_mean(kl, mask, dim=1).mean()),
         "kl_seq_sum": float((kl * mask).sum(1).mean()),
         "advantage_mean": float(masked_mean(advantages, mask)),

@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import socket
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,13 @@ import torch
 from medrl.errors import UsageError
 from medrl.models.loading import load_policy, pick_device
 from medrl.ppo.algos import policy_loss, value_loss
-from medrl.ppo.experience import make_experience, take
+from medrl.ppo.experience import make_experience, score_batch, take
 from medrl.ppo.modeling import PolicyWithValue, make_value_head
 
 log = logging.getLogger("medrl.ppo.learner")
+
+BEHAVIOUR_FILE = "behaviour_weights.pt"
+"""In a checkpoint of an ``async_rollout`` run: the trainable weights that sample the step after it."""
 
 
 def free_port() -> int:
@@ -60,6 +63,9 @@ class Learner:
         self.init_adapter = init_adapter
         self.deepspeed_config = deepspeed_config
         self.accelerator = None
+        # async_rollout: trainable weights of the published versions that rollouts may still be sampling with
+        self._snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self._live_version: int | None = None  # the published version the live weights are (None after an update)
 
     # ------------------------------------------------------------------ setup
     def free_port(self) -> int:
@@ -110,6 +116,9 @@ class Learner:
         self.scheduler = get_scheduler(self.ppo.lr_scheduler, self.optimizer, num_warmup_steps=self.ppo.warmup_steps,
                                        num_training_steps=self.ppo.steps * self.ppo.ppo_epochs * per_step)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.ppo.async_rollout and self.zero_stage == 3:
+            raise UsageError("ppo.async_rollout needs whole weights on every learner rank: use ZeRO stage 0-2, not "
+                             "3, or set ppo.async_rollout=false")
         dist = torch.distributed.is_initialized()
         return {"rank": self.rank, "num_processes": self.accelerator.num_processes,
                 "world_size": torch.distributed.get_world_size() if dist else 1,
@@ -162,10 +171,44 @@ class Learner:
         return nullcontext()
 
     # ------------------------------------------------------------------ experience and training
-    def make_experience(self, shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Old log-probs (+ values) and reference log-probs of this rank's shard, ``[b, R]`` on CPU."""
-        return make_experience(self.model, self.unwrapped.policy, shard, self.ppo.micro_batch_size,
-                               self.ppo.generation.temperature, self.use_values, device=self.accelerator.device)
+    def make_experience(self, shard: dict[str, torch.Tensor], version: int | None = None) -> dict[str, torch.Tensor]:
+        """Old (proximal) log-probs (+ values) from the live weights and reference log-probs of this rank's shard,
+        ``[b, R]`` on CPU; ``behaviour_logprobs`` from the weights of the published ``version`` that sampled it
+        (None: the live weights), for the rollout/learner check and the behaviour weights."""
+        out = make_experience(self.model, self.unwrapped.policy, shard, self.ppo.micro_batch_size,
+                              self.ppo.generation.temperature, self.use_values, device=self.accelerator.device)
+        if version is None or version == self._live_version:
+            out["behaviour_logprobs"] = out["old_logprobs"]
+        else:
+            with self._weights_of(version):
+                out["behaviour_logprobs"] = score_batch(self.model, shard, self.ppo.micro_batch_size,
+                                                        self.ppo.generation.temperature, with_values=False,
+                                                        device=self.accelerator.device)["logprobs"]
+        return out
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+
+    @contextmanager
+    def _weights_of(self, version: int | None):
+        """The live trainable weights (LoRA + value head) replaced by those of ``version`` for the block, then put
+        back bit for bit. With ``async_rollout`` a step's samples come from the version before the live one."""
+        if version is None or version == self._live_version:
+            yield
+            return
+        if version not in self._snapshots:
+            raise RuntimeError(f"no snapshot of adapter version {version} (kept: {sorted(self._snapshots)})")
+        params = self._trainable()
+        live = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self._snapshots[version][n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(live[n])
 
     def train(self, shard: dict[str, torch.Tensor], n_minibatches: int, seed: int) -> dict[str, float]:
         """``ppo_epochs`` passes over the shard in ``n_minibatches`` optimizer steps each (the same count on every
@@ -191,7 +234,7 @@ class Learner:
                                          mb["response_ids"], temperature=ppo.generation.temperature,
                                          with_values=self.use_values, with_entropy=ppo.log_entropy)
                         loss, info = policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], mask,
-                                                 ppo.clip)
+                                                 ppo.clip, mb["behaviour_weights"])
                         info["policy_loss"] = loss.detach()
                         if self.use_values:
                             vloss, vinfo = value_loss(out["values"], mb["values"], mb["returns"], mask,
@@ -211,18 +254,28 @@ class Learner:
                 self.optimizer.zero_grad()
                 if norm is not None:
                     grad_norms.append(float(norm))
+        self._live_version = None
         metrics = {k: v / max(tokens_seen, 1.0) for k, v in totals.items()}
         metrics["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
     # ------------------------------------------------------------------ weights out
-    def adapter_state(self) -> dict[str, torch.Tensor] | None:
-        """Only the LoRA tensors (CPU copies), for the rollout actors: rank 0 returns them, the other ranks None.
+    def adapter_state(self, version: int) -> dict[str, torch.Tensor] | None:
+        """Only the LoRA tensors (CPU copies) of the published ``version``, for the rollout actors: rank 0 returns
+        them, the other ranks None. A new version is the live weights (with ``async_rollout`` a snapshot of them is
+        kept, with the one before, to score the samples drawn with them); a kept one is read from its snapshot.
         Every rank must call it (ZeRO-3 gathers the partitioned tensors collectively)."""
         from peft import get_peft_model_state_dict
 
-        with self._gathered(p for n, p in self.unwrapped.named_parameters() if "lora_" in n):
+        if version != self._live_version and version not in self._snapshots:  # a new version: the live weights
+            self._live_version = version
+            if self.ppo.async_rollout:
+                self._snapshots[version] = {n: p.detach().clone() for n, p in self._trainable().items()}
+                for old in sorted(self._snapshots)[:-2]:
+                    del self._snapshots[old]
+        with self._weights_of(version), \
+                self._gathered(p for n, p in self.unwrapped.named_parameters() if "lora_" in n):
             if self.rank != 0:
                 return None
             state = get_peft_model_state_dict(self.unwrapped.policy)
@@ -234,13 +287,18 @@ class Learner:
             return {n: float(p.detach().double().abs().sum()) for n, p in self.unwrapped.named_parameters()
                     if p.requires_grad}
 
-    def save(self, directory: str, with_optimizer: bool = True) -> None:
+    def save(self, directory: str, with_optimizer: bool = True, behaviour_version: int | None = None) -> None:
         """Adapter (peft format) and value head; with ``with_optimizer`` also optimizer, scheduler and this rank's
-        RNG states. Every rank must call it (DeepSpeed saves its partitioned optimizer state collectively)."""
+        RNG states, and the kept snapshot of ``behaviour_version`` (the weights the next step's samples are being
+        drawn with, under ``async_rollout``). Every rank must call it (DeepSpeed saves its partitioned optimizer
+        state collectively)."""
         out = Path(directory)
         main = self.accelerator.is_main_process
         if main:
             out.mkdir(parents=True, exist_ok=True)
+            if with_optimizer and behaviour_version is not None and behaviour_version != self._live_version:
+                snapshot = {n: t.cpu() for n, t in self._snapshots[behaviour_version].items()}
+                torch.save(snapshot, out / BEHAVIOUR_FILE)
         self.accelerator.wait_for_everyone()
         with self._gathered(p for p in self.unwrapped.parameters() if p.requires_grad):
             if main:
@@ -260,9 +318,16 @@ class Learner:
                        out / f"rng_rank{self.rank}.pt")
         self.accelerator.wait_for_everyone()
 
-    def load(self, directory: str) -> None:
-        """Restore what ``save`` wrote (weights, optimizer, scheduler, RNG)."""
+    def load(self, directory: str, behaviour_version: int | None = None) -> bool:
+        """Restore what ``save`` wrote (weights, optimizer, scheduler, RNG). A saved behaviour snapshot is kept as
+        ``behaviour_version``; returns whether there was one."""
         src = Path(directory)
+        self._snapshots.clear()
+        self._live_version = None
+        restored = behaviour_version is not None and (src / BEHAVIOUR_FILE).is_file()
+        if restored:
+            device = self.accelerator.device
+            self._snapshots[behaviour_version] = {n: t.to(device) for n, t in torch.load(src / BEHAVIOUR_FILE).items()}
         if self.accelerator.state.deepspeed_plugin is not None:
             # restores the trainable weights (exclude_frozen_parameters) and each rank's optimizer partition
             self.model.load_checkpoint(str(src / "deepspeed"), tag="state", load_module_strict=False,
@@ -282,3 +347,4 @@ class Learner:
         np.random.set_state(rng["numpy"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        return restored
