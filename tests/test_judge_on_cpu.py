@@ -22,6 +22,7 @@ import pytest
 
 from medrl.reward.cache import JudgeCache, cache_key
 from medrl.reward.config import RewardConfig
+from medrl.reward.judge import content_of, usage_of
 from medrl.reward.ledger import Ledger
 from medrl.reward.loopback_server import LoopbackJudge, expected_scores, request_key
 from medrl.reward.rubric import ANSWER_CLOSE, ANSWER_OPEN, RUBRIC, JudgementError, build_messages, parse_judgement
@@ -308,3 +309,17 @@ def test_cli_judge_and_dry_run_never_write_the_api_key(server, tmp_path):
         assert any(Path(ray_tmp).rglob("*.log"))  # the Ray session logs were scanned too
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_usage_and_content_of_raw_completions():
+    """Responses are read as JSON: DeepSeek's and OpenAI's cache-hit fields, and responses without a verdict."""
+    deepseek = {"choices": [{"message": {"content": "{}"}}],
+                "usage": {"prompt_tokens": 900, "completion_tokens": 60, "prompt_cache_hit_tokens": 640}}
+    u = usage_of(deepseek)
+    assert (u.tokens_in, u.tokens_out, u.tokens_cache_hit) == (900, 60, 640) and content_of(deepseek) == "{}"
+    openai_style = {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 2,
+                                             "prompt_tokens_details": {"cached_tokens": 4}}}
+    u = usage_of(openai_style)
+    assert (u.tokens_in, u.tokens_out, u.tokens_cache_hit) == (10, 2, 4) and content_of(openai_style) is None
+    bare = {"choices": [{"message": None}], "usage": None}
+    assert usage_of(bare).tokens_in == 0 and content_of(bare) is None and content_of({}) is None
