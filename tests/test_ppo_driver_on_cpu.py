@@ -163,7 +163,7 @@ def test_bad_inputs_fail_with_one_line(tmp_path):
 
 
 def test_actor_resources_that_cannot_fit_fail_at_once(tiny_model_dir, tmp_path, ray_local):
-    from medrl.ppo.driver import check_actor_resources
+    from medrl.ppo.preflight import check_actor_resources
 
     cfg, _ = ppo_config(tmp_path, tiny_model_dir, "fits")
     assert check_actor_resources(cfg) == (0.0, 0.0)  # CPU run: no GPU shares

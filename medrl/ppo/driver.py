@@ -30,6 +30,7 @@ from medrl.ppo import checkpoint as ckpt
 from medrl.ppo.experience import finalize_experience, pack_samples, shard_rows, take
 from medrl.ppo.kl_controller import make_kl_controller
 from medrl.ppo.learner import Learner, num_minibatches, read_deepspeed_config
+from medrl.ppo.preflight import absolute_paths, check_actor_resources, resolve_init_adapter
 from medrl.ppo.prompts import load_prompts, prompts_at
 from medrl.ppo.rollout import RolloutWorker
 from medrl.ray_utils import init_ray
@@ -64,53 +65,6 @@ def run_ppo(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
             ray.shutdown()
 
 
-def resolve_init_adapter(cfg: Config, run: RunDir) -> str | None:
-    value = cfg.ppo.init_adapter
-    if value is None:
-        return None
-    if value == "sft":
-        found = (run.sft_adapter / "adapter_config.json").is_file()
-        log.info("policy init: %s", run.sft_adapter if found else f"fresh LoRA (no SFT adapter at {run.sft_adapter})")
-        return str(run.sft_adapter) if found else None
-    if not (Path(value) / "adapter_config.json").is_file():
-        raise UsageError(f"ppo.init_adapter: {value} is not an adapter directory (no adapter_config.json)")
-    return value
-
-
-def _absolute_paths(cfg: Config) -> Config:
-    """Local paths made absolute, so actors find them whatever their working directory."""
-    def absolute(value: str | None) -> str | None:
-        return str(Path(value).resolve()) if value and Path(value).exists() else value
-
-    model = cfg.model.model_copy(update={"path": absolute(cfg.model.path)})
-    init = cfg.ppo.init_adapter if cfg.ppo.init_adapter == "sft" else absolute(cfg.ppo.init_adapter)
-    return cfg.model_copy(update={"model": model, "ppo": cfg.ppo.model_copy(update={"init_adapter": init})})
-
-
-def check_actor_resources(cfg: Config) -> tuple[float, float]:
-    """GPU shares of a learner rank and a rollout actor: 0 on CPU. Ray hides every GPU from an actor that asks for
-    none, so on CUDA both must be > 0. The CPUs and GPUs that every actor of a run asks for must fit in the cluster:
-    checked here, since an actor Ray cannot place waits forever without a word."""
-    lc, rc, jc = cfg.ppo.learner, cfg.ppo.rollout, cfg.reward.judge
-    cluster = ray.cluster_resources()
-    need_cpus = lc.ranks * lc.num_cpus + rc.num_actors * rc.num_cpus + jc.num_actors * jc.actor_num_cpus
-    if need_cpus > cluster.get("CPU", 0.0) + 1e-9:
-        raise UsageError(f"PPO asks for {need_cpus:g} CPUs (ppo.learner.ranks x num_cpus + ppo.rollout.num_actors x "
-                         f"num_cpus + reward.judge.num_actors x actor_num_cpus) but the Ray cluster has "
-                         f"{cluster.get('CPU', 0.0):g}; lower those shares or raise ray.num_cpus")
-    available = cluster.get("GPU", 0.0)
-    device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if available else "cpu")
-    if device == "cpu":
-        return 0.0, 0.0
-    if lc.num_gpus <= 0 or rc.num_gpus <= 0:
-        raise UsageError("model.device is cuda: ppo.learner.num_gpus and ppo.rollout.num_gpus must be > 0")
-    need = lc.ranks * lc.num_gpus + rc.num_actors * rc.num_gpus
-    if need > available + 1e-9:
-        raise UsageError(f"PPO asks for {need:g} GPUs (ppo.learner.ranks x num_gpus + ppo.rollout.num_actors x "
-                         f"num_gpus) but the Ray cluster has {available:g}")
-    return lc.num_gpus, rc.num_gpus
-
-
 @dataclass
 class Rollout:
     """The rollout micro-batches of one step, dispatched to the actors (``pending``: ObjectRef -> chunk index)."""
@@ -136,7 +90,7 @@ class PPOTrainer:
     """The loop, step by step (``step()``), with checkpoint/restore; ``run_ppo`` is the usual way in."""
 
     def __init__(self, cfg: Config, run: RunDir):
-        cfg = _absolute_paths(cfg)
+        cfg = absolute_paths(cfg)
         self.cfg, self.ppo, self.run = cfg, cfg.ppo, run
         self.prompts = load_prompts(run.data / "rl_prompts.jsonl")
         self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.cache_dir)
