@@ -323,3 +323,5 @@ def test_usage_and_content_of_raw_completions():
     assert (u.tokens_in, u.tokens_out, u.tokens_cache_hit) == (10, 2, 4) and content_of(openai_style) is None
     bare = {"choices": [{"message": None}], "usage": None}
     assert usage_of(bare).tokens_in == 0 and content_of(bare) is None and content_of({}) is None
+    assert usage_of([1, 2]).tokens_in == 0 and content_of("text") is None  # valid JSON, not an object
+    assert content_of({"choices": ["x"]}) is None and content_of({"choices": [{"message": {"content": 7}}]}) is None

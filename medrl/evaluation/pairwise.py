@@ -24,7 +24,7 @@ import openai
 from medrl.errors import UsageError
 from medrl.reward.cache import cache_key
 from medrl.reward.config import JudgeConfig
-from medrl.reward.judge import usage_of
+from medrl.reward.judge import content_of, usage_of
 from medrl.reward.ledger import LeasedGate, Ledger, Usage, call_cost
 from medrl.reward.rubric import JudgementError
 from medrl.reward.text import estimate_tokens
@@ -227,9 +227,9 @@ class PairwiseJudge:
                 return PairVerdict(None, "over_budget", "budget cap reached", total, cost)
             await asyncio.sleep(permit.wait_s)
             try:
-                completion = await client.chat.completions.create(
-                    model=self.cfg.model, messages=messages, temperature=self.cfg.temperature,
-                    max_tokens=self.cfg.max_tokens, response_format={"type": "json_object"})
+                completion = await client.post("/chat/completions", cast_to=dict, body={
+                    "model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
+                    "max_tokens": self.cfg.max_tokens, "response_format": {"type": "json_object"}})
             except openai.APIError as exc:
                 gate.settle(permit, 0, 0, 0, 0.0, 1)
                 message = str(exc).replace(self._key, "***")[:200]
@@ -240,7 +240,7 @@ class PairwiseJudge:
             gate.settle(permit, usage.tokens_in, usage.tokens_out, usage.tokens_cache_hit, spent, 1)
             total.add(usage)
             cost += spent
-            content = completion.choices[0].message.content if completion.choices else None
+            content = content_of(completion)
             try:
                 winner, why = parse_verdict(content)
                 return PairVerdict(winner, "ok", why, total, cost)

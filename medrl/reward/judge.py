@@ -56,7 +56,7 @@ class Gate(Protocol):
 def usage_of(completion: dict) -> Usage:
     """Token usage of a chat completion (JSON); cache hits from DeepSeek's ``prompt_cache_hit_tokens`` or OpenAI's
     ``prompt_tokens_details.cached_tokens``."""
-    u = completion.get("usage") or {}
+    u = (completion.get("usage") if isinstance(completion, dict) else None) or {}
     hit = u.get("prompt_cache_hit_tokens")
     if hit is None:
         hit = (u.get("prompt_tokens_details") or {}).get("cached_tokens")
@@ -65,9 +65,12 @@ def usage_of(completion: dict) -> Usage:
 
 
 def content_of(completion: dict) -> str | None:
-    """The first choice's message text (None when the response has none)."""
-    choices = completion.get("choices") or [{}]
-    return ((choices[0] or {}).get("message") or {}).get("content")
+    """The first choice's message text (None when the response has none, in whatever shape)."""
+    try:
+        content = completion["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return content if isinstance(content, str) else None
 
 
 def _error_reason(exc: openai.APIError, max_retries: int) -> str:
@@ -116,8 +119,6 @@ class OpenAIJudge:
                 await asyncio.sleep(permit.wait_s)
             try:
                 completion = await self.client.post("/chat/completions", body=body, cast_to=dict)
-                if not isinstance(completion, dict):  # valid JSON but not an object: no verdict in it
-                    completion = {}
             except openai.APIError as exc:
                 gate.settle(permit, 0, 0, 0, 0.0, self._take_attempts())
                 return JudgeOutcome(None, "failed", self._redact(_error_reason(exc, self.cfg.max_retries)),
