@@ -142,6 +142,23 @@ def test_resume_two_plus_two_equals_four(async_rollout, tiny_model_dir, tmp_path
         run_ppo(cfg2, run2)
 
 
+def test_async_rollout_survives_a_rollout_actor_killed_while_it_runs_ahead(tiny_model_dir, tmp_path, ray_local):
+    """The actor dies while (or just after) generating the next step's samples: Ray restarts it, the call is redone
+    with the adapter version it names, and the lagged samples still match the learner's behaviour weights."""
+    cfg, run = ppo_config(tmp_path, tiny_model_dir, "async-kill", "ppo.steps=3", "ppo.async_rollout=true",
+                          "ppo.log_samples=false")
+    with PPOTrainer(cfg, run) as tr:
+        first = tr.step()
+        assert tr._ahead is not None and tr._ahead.version == tr.version - 1  # step 2 runs ahead, one version back
+        ray.kill(tr.rollouts[0], no_restart=False)
+        second, third = tr.step(), tr.step()
+    # counted at step 2 if the kill lost its call, else at step 3, whose call reaches the restarted actor
+    assert second["rollout_restarts"] + third["rollout_restarts"] == 1
+    for m in (first, second, third):
+        assert m["samples"] == 16 and m["logprob_gap"] < 1e-4
+    assert [m["rollout_staleness"] for m in (first, second, third)] == [0, 1, 1]
+
+
 def test_prompt_order_is_a_function_of_position():
     rows = [{"id": str(i)} for i in range(5)]
     stream = [r["id"] for r in prompts_at(rows, 0, 15, seed=3)]
