@@ -65,6 +65,9 @@ def test_estimate_by_hand():
     gae = estimate(SMALL, replace(SMALL_SETTINGS, value_head=True))
     assert gae["lora_weights"] - parts["lora_weights"] == 4 * 65  # Linear(64, 1)
     assert gae["activations"] - parts["activations"] == 4 * 64 * rows  # its fp32 input
+    # async_rollout: two kept versions + the live copy during a swap, fp32
+    lagged = estimate(SMALL, replace(SMALL_SETTINGS, behaviour_snapshots=True))
+    assert lagged["snapshots"] == 3 * 4 * 8192 and lagged["learner_peak"] - parts["learner_peak"] == 3 * 4 * 8192
 
 
 def test_checkpointing_zero_and_batch_are_monotone():

@@ -11,6 +11,8 @@ Persistent
               DeepSpeed with a 2-byte dtype a 4-byte fp32 master copy more; ZeRO-1 shards Adam (+ master) over W,
               ZeRO-2 also grads, ZeRO-3 also the weights; optimizer offload moves Adam + master to the CPU.
               The value head (gae) is ``(h + 1)`` such parameters.
+  snapshots   with ``async_rollout``: 3 more fp32 copies of the trainable weights (the two kept versions and the
+              live copy held while one is swapped in)
 Activations saved per token and decoder layer (``A_layer``; what autograd keeps for the backward of a Qwen3 layer
 with LoRA on ``target_modules``, dropout off as in the learner, SDPA flash/memory-efficient kernel):
   4h + 4h         fp32 copies kept by the two RMSNorms       4q + 4k + 4(2 + heads + kv_heads)   q/k norms
@@ -131,6 +133,8 @@ class MemorySettings:
     """K/V heads repeated to the query heads before SDPA (transformers does so for padded batches on CUDA)."""
     cuda: bool = True
     """False: host memory on CPU (no CUDA context, no allocator reserve)."""
+    behaviour_snapshots: bool = False
+    """``ppo.async_rollout``: the learner keeps weight snapshots of the versions rollouts sample with."""
     colocated_rollouts: int = 0
     """Rollout actors sharing this GPU."""
     rollout_sequences: int = 16
@@ -176,8 +180,11 @@ def estimate(shape: ModelShape, s: MemorySettings) -> dict[str, int]:
         gathered = (shape.vocab * h + 2 * shape.layer_params()) * p
         base = gathered + (0 if s.offload_params else base // s.ranks)
     out["base_weights"] = base
-    lora = _trainable_bytes(shape.lora_params(s.lora_r, s.lora_targets) + (h + 1 if s.value_head else 0), s)
+    trainable = shape.lora_params(s.lora_r, s.lora_targets) + (h + 1 if s.value_head else 0)
+    lora = _trainable_bytes(trainable, s)
     out.update({f"lora_{k}": v for k, v in lora.items()})
+    if s.behaviour_snapshots:
+        out["snapshots"] = 3 * 4 * trainable
     persistent = sum(out.values())
 
     a_layer = layer_activation_bytes(shape, s)
@@ -261,12 +268,13 @@ def settings_from_config(cfg) -> MemorySettings:
         lora_targets=tuple(model.lora.target_modules),
         gradient_checkpointing=model.gradient_checkpointing, value_head=ppo.estimator == "gae",
         entropy=ppo.log_entropy, zero_stage=stage, ranks=ppo.learner.ranks, offload_optimizer=off_opt,
-        offload_params=off_param, cuda=on_gpu, colocated_rollouts=colocated,
+        offload_params=off_param, cuda=on_gpu, behaviour_snapshots=ppo.async_rollout, colocated_rollouts=colocated,
         rollout_sequences=rollout.batch_size * ppo.samples_per_prompt)
 
 
 ROWS = [("cuda_context", "CUDA context"), ("base_weights", "base weights"), ("lora_weights", "LoRA (+value head)"),
-        ("lora_grads", "LoRA grads"), ("lora_optimizer", "Adam states"), ("activations", "saved activations"),
+        ("lora_grads", "LoRA grads"), ("lora_optimizer", "Adam states"), ("snapshots", "async weight snapshots"),
+        ("activations", "saved activations"),
         ("recompute", "recomputed layer + grads"), ("logits_forward", "logits, forward"),
         ("logits_backward", "logits, backward"), ("allocator_reserve", "allocator reserve"),
         ("learner_peak", "LEARNER PEAK"), ("rollouts", "rollout actors on this GPU"), ("gpu_peak", "GPU PEAK")]
