@@ -27,7 +27,7 @@ from medrl.ppo.modeling import PolicyWithValue, make_value_head
 log = logging.getLogger("medrl.ppo.learner")
 
 BEHAVIOUR_FILE = "behaviour_weights.pt"
-"""In a checkpoint of an ``async_rollout`` run: the trainable weights that sample the step after it."""
+"""In a checkpoint of an ``async_rollout`` run: the LoRA weights that sample the step after it."""
 
 
 def free_port() -> int:
@@ -63,7 +63,7 @@ class Learner:
         self.init_adapter = init_adapter
         self.deepspeed_config = deepspeed_config
         self.accelerator = None
-        # async_rollout: trainable weights of the published versions that rollouts may still be sampling with
+        # async_rollout: LoRA weights of the published versions that rollouts may still be sampling with
         self._snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self._live_version: int | None = None  # the published version the live weights are (None after an update)
 
@@ -177,7 +177,7 @@ class Learner:
         (None: the live weights), for the rollout/learner check and the behaviour weights."""
         out = make_experience(self.model, self.unwrapped.policy, shard, self.ppo.micro_batch_size,
                               self.ppo.generation.temperature, self.use_values, device=self.accelerator.device)
-        if version is None or version == self._live_version:
+        if self._is_live(version):
             out["behaviour_logprobs"] = out["old_logprobs"]
         else:
             with self._weights_of(version):
@@ -186,19 +186,22 @@ class Learner:
                                                         device=self.accelerator.device)["logprobs"]
         return out
 
-    def _trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+    def _is_live(self, version: int | None) -> bool:
+        return version is None or version == self._live_version
+
+    def _adapter_params(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.unwrapped.policy.named_parameters() if p.requires_grad}
 
     @contextmanager
     def _weights_of(self, version: int | None):
-        """The live trainable weights (LoRA + value head) replaced by those of ``version`` for the block, then put
-        back bit for bit. With ``async_rollout`` a step's samples come from the version before the live one."""
-        if version is None or version == self._live_version:
+        """The live LoRA weights replaced by those of ``version`` for the block, then put back bit for bit. With
+        ``async_rollout`` a step's samples come from the version before the live one."""
+        if self._is_live(version):
             yield
             return
         if version not in self._snapshots:
             raise RuntimeError(f"no snapshot of adapter version {version} (kept: {sorted(self._snapshots)})")
-        params = self._trainable()
+        params = self._adapter_params()
         live = {n: p.detach().clone() for n, p in params.items()}
         with torch.no_grad():
             for n, p in params.items():
@@ -271,7 +274,7 @@ class Learner:
         if version != self._live_version and version not in self._snapshots:  # a new version: the live weights
             self._live_version = version
             if self.ppo.async_rollout:
-                self._snapshots[version] = {n: p.detach().clone() for n, p in self._trainable().items()}
+                self._snapshots[version] = {n: p.detach().clone() for n, p in self._adapter_params().items()}
                 for old in sorted(self._snapshots)[:-2]:
                     del self._snapshots[old]
         with self._weights_of(version), \

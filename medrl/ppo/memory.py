@@ -11,7 +11,7 @@ Persistent
               DeepSpeed with a 2-byte dtype a 4-byte fp32 master copy more; ZeRO-1 shards Adam (+ master) over W,
               ZeRO-2 also grads, ZeRO-3 also the weights; optimizer offload moves Adam + master to the CPU.
               The value head (gae) is ``(h + 1)`` such parameters.
-  snapshots   with ``async_rollout``: 3 more fp32 copies of the trainable weights (the two kept versions and the
+  snapshots   with ``async_rollout``: 3 more fp32 copies of the LoRA weights (the two kept versions and the
               live copy held while one is swapped in)
 Activations saved per token and decoder layer (``A_layer``; what autograd keeps for the backward of a Qwen3 layer
 with LoRA on ``target_modules``, dropout off as in the learner, SDPA flash/memory-efficient kernel):
@@ -180,11 +180,11 @@ def estimate(shape: ModelShape, s: MemorySettings) -> dict[str, int]:
         gathered = (shape.vocab * h + 2 * shape.layer_params()) * p
         base = gathered + (0 if s.offload_params else base // s.ranks)
     out["base_weights"] = base
-    trainable = shape.lora_params(s.lora_r, s.lora_targets) + (h + 1 if s.value_head else 0)
-    lora = _trainable_bytes(trainable, s)
+    lora_params = shape.lora_params(s.lora_r, s.lora_targets)
+    lora = _trainable_bytes(lora_params + (h + 1 if s.value_head else 0), s)
     out.update({f"lora_{k}": v for k, v in lora.items()})
     if s.behaviour_snapshots:
-        out["snapshots"] = 3 * 4 * trainable
+        out["snapshots"] = 3 * 4 * lora_params
     persistent = sum(out.values())
 
     a_layer = layer_activation_bytes(shape, s)
