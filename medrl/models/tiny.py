@@ -21,6 +21,7 @@ class TinySpec:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     intermediate_size: int = 128
+    head_dim: int = 64  # vLLM's CPU attention kernels reject head_dim 16 (hidden/heads); 64 is accepted
     max_position_embeddings: int = 4096
     seed: int = 0
 
@@ -80,7 +81,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec(), extra_cor
         num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads,
-        head_dim=spec.hidden_size // spec.num_attention_heads,
+        head_dim=spec.head_dim,
         intermediate_size=spec.intermediate_size,
         max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=True,

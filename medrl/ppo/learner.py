@@ -98,7 +98,7 @@ class Learner:
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0  # PPO ratios must be exactly 1 before the first update
         if self.cfg.model.gradient_checkpointing:
-            policy.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+            policy.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
         self.use_values = self.ppo.estimator == "gae"
         value_head = make_value_head(policy) if self.use_values else None
         model = PolicyWithValue(policy, value_head, detach_value=self.ppo.value_head == "detached")

@@ -112,7 +112,7 @@ def training_args(cfg: Config, run: RunDir, has_eval: bool):
         learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler_type, warmup_steps=s.warmup_ratio,
         weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm, optim="adamw_torch",
         max_length=s.max_seq_len, completion_only_loss=True,
-        activation_checkpointing=cfg.model.gradient_checkpointing,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         logging_steps=s.logging_steps, logging_first_step=True,
         eval_strategy="steps" if has_eval else "no", eval_steps=s.eval_steps,
