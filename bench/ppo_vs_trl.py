@@ -75,7 +75,7 @@ def bench_config(opts, judge_url: str | None, name: str):
 
 
 def prompt_rows(opts) -> list[dict]:
-    from medrl.ppo.driver import load_prompts
+    from medrl.ppo.prompts import load_prompts
 
     return load_prompts(Path(opts.workdir) / "prepared" / "data" / "rl_prompts.jsonl")
 
@@ -193,7 +193,7 @@ def run_medrl(opts, judge_url: str | None) -> dict:
     run_ppo(cfg, run)
     wall = time.perf_counter() - t0
     rows = read_metrics(run, "ppo")
-    steps = [{"step_s": r["time_step_s"], "generate_s": r["time_generate_s"], "score_s": r["time_score_s"],
+    steps = [{"step_s": r["time_step_s"], "generate_s": r["time_generate_s"], "score_s": r["time_reward_wait_s"],
               "learn_s": r["time_learn_s"], "samples": r["samples"]} for r in rows]
     return {"side": "medrl", "setup_s": wall - sum(s["step_s"] for s in steps),
             "samples_per_step": cfg.ppo.prompts_per_step * cfg.ppo.samples_per_prompt, "steps": steps}

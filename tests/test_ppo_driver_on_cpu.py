@@ -13,7 +13,7 @@ from medrl.models.chat import render_prompt
 from medrl.ppo.checkpoint import complete_checkpoints
 from medrl.ppo.driver import PPOTrainer, run_ppo
 from medrl.ppo.prompts import load_prompts, prompts_at
-from medrl.ppo.experience import pack_samples
+from medrl.ppo.batch import Batch
 from medrl.runs import read_metrics
 from conftest import free_port
 from ppo_setup import PROMPTS, ppo_config
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 def _gap(batch, logprobs):
-    return float(((batch["rollout_logprobs"] - logprobs).abs() * batch["response_mask"]).max())
+    return float(((batch.rollout_logprobs - logprobs).abs() * batch.response_mask).max())
 
 
 def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ray_local, monkeypatch):
@@ -36,26 +36,27 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
                           "ppo.rollout.num_actors=2", "ppo.rollout.num_cpus=0.4", "ppo.micro_batch_size=4",
                           "ppo.learner.ranks=2", "ppo.learner.deepspeed=configs/deepspeed/zero2.json", *judge)
     with PPOTrainer(cfg, run) as tr:
-        for info in tr.learner_info:
+        learners, rollouts = tr.groups.learner.actors, tr.groups.rollout.actors
+        for info in tr.groups.learner.info:
             assert info["num_processes"] == info["world_size"] == 2
             assert info["distributed_type"] == "DistributedType.DEEPSPEED"
         initial = tr.adapter_ref
-        before = ray.get(tr.learners[0].weights_digest.remote())
+        before = ray.get(learners[0].weights_digest.remote())
         first = tr.step()
         assert first["logprob_gap"] < 1e-4 and first["samples"] == 16 and first["grad_norm"] > 0
-        digests = ray.get([a.weights_digest.remote() for a in tr.learners])
+        digests = ray.get([a.weights_digest.remote() for a in learners])
         assert digests[0] == digests[1] != before  # both ranks hold the same, updated weights
 
         # the update moved the policy, so a rollout actor still holding the initial adapter would be caught:
         # its log-probs of its own samples differ from the learner's by far more than the tolerance
         text = render_prompt(tr.tokenizer, cfg.model.system_prompt, PROMPTS[0][1])
-        stale = ray.get(tr.rollouts[0].generate.remote([(0, text)], 4, 7, [initial], -1))
-        batch = pack_samples(stale["samples"], tr.tokenizer.pad_token_id)
-        learner_lp = ray.get(tr.learners[0].make_experience.remote(batch))["old_logprobs"]
+        stale = ray.get(rollouts[0].generate.remote([(0, text)], 4, 7, [initial], -1))
+        batch = Batch.pack(stale["samples"], tr.tokenizer.pad_token_id)
+        learner_lp = ray.get(learners[0].make_experience.remote(batch)).old_logprobs
         assert _gap(batch, learner_lp) > 1e-2
 
         # a rollout actor dies between steps: Ray restarts it, the driver re-syncs it, the step completes
-        ray.kill(tr.rollouts[1], no_restart=False)
+        ray.kill(rollouts[1], no_restart=False)
         second = tr.step()
         assert second["rollout_restarts"] == 1
         assert second["samples"] == 16 and second["logprob_gap"] < 1e-4
@@ -63,10 +64,10 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
         # a call that reaches a freshly restarted actor brings the adapter reference along: the actor reloads the
         # current weights by itself and redoes the work exactly as a healthy actor does
         args = ([(0, text), (1, text)], 2, 11, [tr.adapter_ref], tr.version)
-        ray.get([r.load_adapter.remote(tr.adapter_ref, tr.version) for r in tr.rollouts])
-        healthy = ray.get(tr.rollouts[1].generate.remote(*args))
-        ray.kill(tr.rollouts[0], no_restart=False)
-        redone = ray.get(tr.rollouts[0].generate.remote(*args))
+        ray.get([r.load_adapter.remote(tr.adapter_ref, tr.version) for r in rollouts])
+        healthy = ray.get(rollouts[1].generate.remote(*args))
+        ray.kill(rollouts[0], no_restart=False)
+        redone = ray.get(rollouts[0].generate.remote(*args))
         assert redone["reloaded"] and not healthy["reloaded"] and redone["pid"] != healthy["pid"]
         assert [s.response_ids for s in redone["samples"]] == [s.response_ids for s in healthy["samples"]]
         for x, y in zip(redone["samples"], healthy["samples"]):
@@ -77,17 +78,17 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
         # DeepSpeed checkpoint round trip: partitioned optimizer state per rank, RNG per rank
         path = tr.save_checkpoint()
         assert (path / "deepspeed").is_dir() and (path / "rng_rank1.pt").is_file()
-        saved = ray.get(tr.learners[0].weights_digest.remote())
+        saved = ray.get(learners[0].weights_digest.remote())
         tr.step()
         tr.restore(path)
-        assert ray.get([a.weights_digest.remote() for a in tr.learners]) == [saved, saved]
+        assert ray.get([a.weights_digest.remote() for a in learners]) == [saved, saved]
     rows = read_metrics(run, "ppo")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:  # the unreachable judge: every sample is a counted failure, scored by the rules alone
         assert r["judge_failed"] == 16 and r["dropped"] == 0 and r["reward_mean"] == pytest.approx(r["reward/rule"])
     for key in ("reward_mean", "reward_std", "reward/length", "kl", "kl_coef", "entropy", "clip_frac",
                 "value_loss", "response_len", "judge_tokens_in", "judge_cost_usd", "cache_hit_rate",
-                "time_generate_s", "time_score_s", "time_learn_s", "logprob_gap", "judge_failed"):
+                "time_generate_s", "time_reward_wait_s", "time_learn_s", "logprob_gap", "judge_failed"):
         assert key in rows[-1], key
 
 
@@ -150,7 +151,7 @@ def test_async_rollout_survives_a_rollout_actor_killed_while_it_runs_ahead(tiny_
     with PPOTrainer(cfg, run) as tr:
         first = tr.step()
         assert tr._ahead is not None and tr._ahead.version == tr.version - 1  # step 2 runs ahead, one version back
-        ray.kill(tr.rollouts[0], no_restart=False)
+        ray.kill(tr.groups.rollout.actors[0], no_restart=False)
         second, third = tr.step(), tr.step()
     # counted at step 2 if the kill lost its call, else at step 3, whose call reaches the restarted actor
     assert second["rollout_restarts"] + third["rollout_restarts"] == 1

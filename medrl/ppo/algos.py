@@ -220,3 +220,26 @@ def _reinforce_pp(*, scores, kl_penalty, mask, group, values, gamma, lam, whiten
     """REINFORCE++ (Hu 2025): reward-to-go of the KL-penalised token rewards, whitened over the whole batch."""
     returns = discounted_returns(token_rewards(scores, kl_penalty, mask), mask, gamma)
     return masked_whiten(returns, mask), returns
+
+
+# --------------------------------------------------------------------------- the driver's finishing step
+def advantages_and_weights(ppo_cfg, *, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
+                           old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                           behaviour_logprobs: torch.Tensor, values: torch.Tensor | None, kl_coef: float
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """What the PPO update needs beyond the log-probs, over the whole batch (group and batch statistics): per-token
+    ``kl`` (``ppo.kl.estimator``), ``advantages`` and ``returns`` of the configured estimator on per-token rewards
+    ``-kl_coef * KL_t`` with ``scores [B]`` on the last token, and the truncated ``behaviour_weights``
+    ``pi_old / pi_behaviour``; all 0 on padding. Also returns batch statistics."""
+    kl = kl_estimate(old_logprobs, ref_logprobs, ppo_cfg.kl.estimator) * mask
+    advantages, returns = compute_advantages(
+        ppo_cfg.estimator, scores=scores.float(), kl_penalty=kl_coef * kl, mask=mask, group=group, values=values,
+        gamma=ppo_cfg.gamma, lam=ppo_cfg.lam, whiten=ppo_cfg.whiten_advantages)
+    weights = behaviour_weights(old_logprobs, behaviour_logprobs, ppo_cfg.behaviour_weight_cap)
+    stats = {"behaviour_weight_mean": float(masked_mean(weights, mask)),
+             "kl": float(masked_mean(kl, mask, dim=1).mean()), "kl_seq_sum": float((kl * mask).sum(1).mean()),
+             "advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask))}
+    if values is not None:
+        stats["value_mean"] = float(masked_mean(values, mask))
+    return {"kl": kl, "advantages": advantages * mask, "returns": returns * mask,
+            "behaviour_weights": weights * mask}, stats

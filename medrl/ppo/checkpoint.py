@@ -72,5 +72,26 @@ def find_resume(root: Path, resume: str | None) -> Path | None:
     return path
 
 
-def read_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+def read_state(path: Path, learner_ranks: int, config_digest: str) -> dict:
+    """The trainer state of a checkpoint; refused when written with another number of learner ranks (each saved
+    its own optimizer partition and RNG), a warning when under another config."""
+    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    if state["learner_ranks"] != learner_ranks:
+        raise UsageError(f"{path}: saved with {state['learner_ranks']} learner rank(s), config has "
+                         f"{learner_ranks} (ppo.learner.ranks)")
+    if state["config_digest"] != config_digest:
+        log.warning("resuming %s written under a different config (digest %s, now %s)", path,
+                    state["config_digest"], config_digest)
+    return state
+
+
+def install_final(tmp: Path, dest: Path) -> Path:
+    """Move the adapter a learner saved into ``tmp`` (``adapter/`` + ``value_head.pt``) to ``dest`` as one
+    directory, replacing an older one; ``tmp`` is removed."""
+    if (tmp / "value_head.pt").is_file():
+        (tmp / "value_head.pt").rename(tmp / "adapter" / "value_head.pt")
+    if dest.exists():
+        shutil.rmtree(dest)
+    (tmp / "adapter").rename(dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest

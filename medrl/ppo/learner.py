@@ -2,7 +2,7 @@
 plugin). The driver runs 1..N of these as Ray actors that form one torch process group (gloo on CPU, NCCL on GPU);
 they receive equal shards of every batch and all-reduce gradients, so their weights stay identical.
 
-No Ray in here: the driver turns ``Learner`` into an actor class.
+No Ray in here: ``medrl.ppo.groups.LearnerGroup`` turns ``Learner`` into an actor class.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import torch
 from medrl.errors import UsageError
 from medrl.models.loading import load_policy, pick_device
 from medrl.ppo.algos import policy_loss, value_loss
-from medrl.ppo.experience import make_experience, score_batch, take
-from medrl.ppo.modeling import PolicyWithValue, make_value_head
+from medrl.ppo.batch import Batch
+from medrl.ppo.modeling import PolicyWithValue, logprobs_and_values, make_value_head, old_and_ref_logprobs
 
 log = logging.getLogger("medrl.ppo.learner")
 
@@ -171,20 +171,20 @@ class Learner:
         return nullcontext()
 
     # ------------------------------------------------------------------ experience and training
-    def make_experience(self, shard: dict[str, torch.Tensor], version: int | None = None) -> dict[str, torch.Tensor]:
-        """Old (proximal) log-probs (+ values) from the live weights and reference log-probs of this rank's shard,
-        ``[b, R]`` on CPU; ``behaviour_logprobs`` from the weights of the published ``version`` that sampled it
-        (None: the live weights), for the rollout/learner check and the behaviour weights."""
-        out = make_experience(self.model, self.unwrapped.policy, shard, self.ppo.micro_batch_size,
-                              self.ppo.generation.temperature, self.use_values, device=self.accelerator.device)
+    def make_experience(self, shard: Batch, version: int | None = None) -> Batch:
+        """This rank's shard with old (proximal) log-probs (+ values) from the live weights and reference log-probs,
+        on CPU; ``behaviour_logprobs`` from the weights of the published ``version`` that sampled it (None: the live
+        weights), for the rollout/learner check and the behaviour weights."""
+        out = old_and_ref_logprobs(self.model, self.unwrapped.policy, shard, self.ppo.micro_batch_size,
+                                   self.ppo.generation.temperature, self.use_values, device=self.accelerator.device)
         if self._is_live(version):
             out["behaviour_logprobs"] = out["old_logprobs"]
         else:
             with self._weights_of(version):
-                out["behaviour_logprobs"] = score_batch(self.model, shard, self.ppo.micro_batch_size,
-                                                        self.ppo.generation.temperature, with_values=False,
-                                                        device=self.accelerator.device)["logprobs"]
-        return out
+                out["behaviour_logprobs"] = logprobs_and_values(
+                    self.model, shard, self.ppo.micro_batch_size, self.ppo.generation.temperature,
+                    with_values=False, device=self.accelerator.device)["logprobs"]
+        return shard.replace(**out)
 
     def _is_live(self, version: int | None) -> bool:
         return version is None or version == self._live_version
@@ -213,35 +213,34 @@ class Learner:
                 for n, p in params.items():
                     p.copy_(live[n])
 
-    def train(self, shard: dict[str, torch.Tensor], n_minibatches: int, seed: int) -> dict[str, float]:
+    def train(self, shard: Batch, n_minibatches: int, seed: int) -> dict[str, float]:
         """``ppo_epochs`` passes over the shard in ``n_minibatches`` optimizer steps each (the same count on every
         rank). Losses are token means over each minibatch; metrics are token-weighted means."""
         ppo, acc = self.ppo, self.accelerator
         self.model.train()
         gen = torch.Generator().manual_seed(seed * 1009 + self.rank)
-        n = shard["response_ids"].shape[0]
+        n = len(shard)
         totals: dict[str, float] = {}
         tokens_seen = 0.0
         grad_norms = []
         for _ in range(ppo.ppo_epochs):
             for mb_rows in torch.randperm(n, generator=gen).tensor_split(n_minibatches):
                 micro = mb_rows.split(ppo.micro_batch_size)
-                mb_tokens = shard["response_mask"][mb_rows].sum().clamp(min=1)
+                mb_tokens = shard.response_mask[mb_rows].sum().clamp(min=1)
                 for i, rows in enumerate(micro):
                     last = i == len(micro) - 1
                     acc.sync_gradients = last  # DeepSpeed: accumulation boundary; DDP: all-reduce on the last
-                    mb = {k: v.to(acc.device) for k, v in take(shard, rows).items()}
-                    mask = mb["response_mask"]
+                    mb = shard.take(rows).to(acc.device)
+                    mask = mb.response_mask
                     with nullcontext() if last else acc.no_sync(self.model):
-                        out = self.model(mb["input_ids"], mb["attention_mask"], mb["prompt_lens"],
-                                         mb["response_ids"], temperature=ppo.generation.temperature,
-                                         with_values=self.use_values, with_entropy=ppo.log_entropy)
-                        loss, info = policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], mask,
-                                                 ppo.clip, mb["behaviour_weights"])
+                        out = self.model(mb.input_ids, mb.attention_mask, mb.prompt_lens, mb.response_ids,
+                                         temperature=ppo.generation.temperature, with_values=self.use_values,
+                                         with_entropy=ppo.log_entropy)
+                        loss, info = policy_loss(out["logprobs"], mb.old_logprobs, mb.advantages, mask, ppo.clip,
+                                                 mb.behaviour_weights)
                         info["policy_loss"] = loss.detach()
                         if self.use_values:
-                            vloss, vinfo = value_loss(out["values"], mb["values"], mb["returns"], mask,
-                                                      ppo.value_clip)
+                            vloss, vinfo = value_loss(out["values"], mb.values, mb.returns, mask, ppo.value_clip)
                             loss = loss + ppo.vf_coef * vloss
                             info.update(vinfo, value_loss=vloss.detach())
                         acc.backward(loss * (mask.sum() / mb_tokens))

@@ -1,6 +1,7 @@
-"""The policy (base + LoRA) with an optional value head, scoring response tokens in one forward pass.
+"""The policy (base + LoRA) with an optional value head, turning response tokens into log-probs (and values) in one
+forward pass; ``logprobs_and_values`` runs it over a ``Batch`` in micro-batches. No Ray in here.
 
-Both the learner and the rollout actors score tokens through ``PolicyWithValue``, so the log-prob consistency check
+Both the learner and the rollout actors compute log-probs through these two, so the log-prob consistency check
 after a weight sync compares two runs of the very same code on the very same tokens.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from medrl.ppo.algos import entropy_from_logits
+from medrl.ppo.batch import Batch
 
 
 class PolicyWithValue(nn.Module):
@@ -55,3 +57,35 @@ def make_value_head(policy: nn.Module) -> nn.Linear:
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     return head
+
+
+@torch.no_grad()
+def logprobs_and_values(model: nn.Module, batch: Batch, micro_batch_size: int, temperature: float,
+                        with_values: bool, with_entropy: bool = False, device: torch.device | str = "cpu"
+                        ) -> dict[str, torch.Tensor]:
+    """Run ``model`` (a ``PolicyWithValue``, possibly wrapped by DDP/DeepSpeed) over ``batch`` in micro-batches;
+    returns CPU tensors ``[B, R]`` (``logprobs``, and ``values`` / ``entropy`` when asked), 0 on padding."""
+    n, width = batch.response_ids.shape
+    parts: dict[str, list[torch.Tensor]] = {}
+    for rows in torch.arange(n).split(micro_batch_size):
+        mb = batch.take(rows).to(device)
+        out = model(mb.input_ids, mb.attention_mask, mb.prompt_lens, mb.response_ids, temperature=temperature,
+                    with_values=with_values, with_entropy=with_entropy)
+        for key, value in out.items():
+            value = (value * mb.response_mask).float().cpu()
+            parts.setdefault(key, []).append(nn.functional.pad(value, (0, width - value.shape[1])))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def old_and_ref_logprobs(model: nn.Module, policy: nn.Module, batch: Batch, micro_batch_size: int,
+                         temperature: float, with_values: bool, device: torch.device | str = "cpu"
+                         ) -> dict[str, torch.Tensor]:
+    """``old_logprobs`` (+ ``values``) from the current weights; ``ref_logprobs`` from the same weights with the LoRA
+    adapter disabled (``policy`` is the unwrapped ``PeftModel``: no second copy of the base model)."""
+    current = logprobs_and_values(model, batch, micro_batch_size, temperature, with_values, device=device)
+    with policy.disable_adapter():
+        ref = logprobs_and_values(model, batch, micro_batch_size, temperature, with_values=False, device=device)
+    out = {"old_logprobs": current["logprobs"], "ref_logprobs": ref["logprobs"]}
+    if "values" in current:
+        out["values"] = current["values"]
+    return out

@@ -1,4 +1,5 @@
-"""RL prompts: loading ``rl_prompts.jsonl`` with one-line errors, and the deterministic order they are used in."""
+"""RL prompts: loading ``rl_prompts.jsonl`` with one-line errors, the deterministic order they are used in, and what
+the reward plane gets for a response to one."""
 from __future__ import annotations
 
 import random
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from medrl.errors import UsageError
 from medrl.jsonl import read_jsonl
+from medrl.reward.types import RewardInput
 
 
 def load_prompts(path: Path) -> list[dict]:
@@ -26,3 +28,10 @@ def prompts_at(rows: list[dict], position: int, count: int, seed: int) -> list[d
         random.Random(seed * 7919 + pos // n).shuffle(order)
         out.append(rows[order[pos % n]])
     return out
+
+
+def reward_input(record: dict, step_no: int, sample_index: int, response: str) -> RewardInput:
+    """What the reward plane gets for one response to ``record`` (id ``prompt-id:step:sample``)."""
+    return RewardInput(id=f"{record['id']}:{step_no}:{sample_index}", prompt=record["prompt"], response=response,
+                       reference=record.get("reference"), risk=record.get("risk") or "low",
+                       expected_behavior=record.get("expected_behavior"), language=record.get("language"))

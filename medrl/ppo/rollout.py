@@ -1,4 +1,5 @@
-"""Rollout actor: the base model + a LoRA copy, sampling with ``medrl.models.generation.generate``.
+"""The HF rollout engine: the base model + a LoRA copy, sampling with ``medrl.models.generation.generate``. It keeps
+the engine contract of ``medrl.ppo.groups.RolloutGroup`` (``generate`` and ``pid``; see there).
 
 Only LoRA tensors arrive (``load_adapter``), through the Ray object store. Every ``generate`` call also names the
 adapter version it expects and carries a reference to it: an actor that Ray restarted after a crash (it comes back
@@ -15,8 +16,8 @@ import torch
 
 from medrl.models.generation import generate
 from medrl.models.loading import load_policy, load_tokenizer
-from medrl.ppo.experience import Sample, pack_samples, score_batch
-from medrl.ppo.modeling import PolicyWithValue
+from medrl.ppo.batch import Batch, Sample
+from medrl.ppo.modeling import PolicyWithValue, logprobs_and_values
 
 
 class RolloutWorker:
@@ -26,7 +27,7 @@ class RolloutWorker:
         self.tokenizer = load_tokenizer(model_cfg.path, model_cfg.cache_dir)
         # the same LoRA shape as the learner's (same init adapter or the same fresh config)
         self.policy = load_policy(model_cfg, init_adapter, trainable=True).eval().requires_grad_(False)
-        self.scorer = PolicyWithValue(self.policy)
+        self.logprob_model = PolicyWithValue(self.policy)
         self.device = next(self.policy.parameters()).device
         self.version = -1
 
@@ -44,7 +45,7 @@ class RolloutWorker:
     def generate(self, prompts: list[tuple[int, str]], n: int, seed: int, adapter: list, version: int) -> dict:
         """``n`` responses for each ``(prompt_index, prompt_text)``; ``adapter`` is ``[ObjectRef]`` of the weights
         of ``version`` (wrapped in a list so Ray does not fetch it unless this actor lost them). Returns samples
-        with the actor's own log-probs of the sampled tokens, and timing."""
+        with the actor's own log-probs of the sampled tokens, and timings (``generate_s``, ``logprob_s``)."""
         reloaded = version != self.version
         if reloaded:
             self.load_adapter(ray.get(adapter[0]), version)
@@ -56,13 +57,13 @@ class RolloutWorker:
         samples = [Sample(prompts[i // n][0], i % n, x.prompt_ids, x.response_ids, x.text, x.finished)
                    for i, x in enumerate(gens)]
         t1 = time.perf_counter()
-        batch = pack_samples(samples, self.tokenizer.pad_token_id)
-        logprobs = score_batch(self.scorer, batch, self.micro_batch_size, g.temperature, with_values=False,
-                               device=self.device)["logprobs"]
+        batch = Batch.pack(samples, self.tokenizer.pad_token_id)
+        logprobs = logprobs_and_values(self.logprob_model, batch, self.micro_batch_size, g.temperature,
+                                       with_values=False, device=self.device)["logprobs"]
         for row, s in enumerate(samples):
             s.logprobs = logprobs[row, :len(s.response_ids)].tolist()
         return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "generate_s": t1 - t0,
-                "score_s": time.perf_counter() - t1}
+                "logprob_s": time.perf_counter() - t1}
 
     def pid(self) -> int:
         """This actor's process id (a restarted actor has a new one)."""

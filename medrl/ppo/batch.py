@@ -1,0 +1,205 @@
+"""What flows through one PPO step: the ``Sample`` a rollout engine returns, the ``Rollout`` record of a step's
+micro-batches in flight, and the typed ``Batch`` of tensors the learner ranks score and train on. No Ray in here.
+
+A ``Batch`` has one row per response. Each field has a kind, which says how rows are cut, trimmed and joined:
+
+  sequence  ``[B, L]``  prompt + response, right padded          (``input_ids``, ``attention_mask``)
+  row       ``[B]``     one value per response                    (``prompt_lens``)
+  token     ``[B, R]``  one value per response token, 0 on padding (``response_ids``, ``response_mask`` and every
+                        log-prob, value, KL, advantage and weight added on the way to the gradient)
+
+The token fields after ``rollout_logprobs`` are ``None`` until a phase fills them: the learner ranks add
+``old_logprobs``, ``behaviour_logprobs``, ``ref_logprobs`` (and ``values``), the driver ``kl``, ``advantages``,
+``returns`` and ``behaviour_weights``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from medrl.reward.types import RewardInput
+
+SEQUENCE, ROW, TOKEN = "sequence", "row", "token"
+
+
+def _kind(kind: str, optional: bool = False):
+    return field(default=None, metadata={"kind": kind}) if optional else field(metadata={"kind": kind})
+
+
+@dataclass
+class Sample:
+    """One sampled response, as a rollout engine returns it."""
+
+    prompt_index: int
+    """Position of the prompt in this step's prompt list (samples of one prompt form a GRPO/RLOO group)."""
+    sample_index: int
+    """Which of the ``samples_per_prompt`` responses of that prompt."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    finished: bool
+    logprobs: list[float] = field(default_factory=list)
+    """The engine's own log-probs of ``response_ids`` (temperature-scaled), for the rollout-vs-learner check."""
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor = _kind(SEQUENCE)
+    attention_mask: torch.Tensor = _kind(SEQUENCE)
+    prompt_lens: torch.Tensor = _kind(ROW)
+    response_ids: torch.Tensor = _kind(TOKEN)
+    response_mask: torch.Tensor = _kind(TOKEN)
+    """1.0 on response tokens (float: it weights token sums)."""
+    rollout_logprobs: torch.Tensor = _kind(TOKEN)
+    """The rollout engine's log-probs of the sampled tokens."""
+    old_logprobs: torch.Tensor | None = _kind(TOKEN, optional=True)
+    """Live learner weights before the update: the proximal policy the PPO ratio is clipped around."""
+    behaviour_logprobs: torch.Tensor | None = _kind(TOKEN, optional=True)
+    """The learner's log-probs under the adapter version that drew the sample (= old without async rollout)."""
+    ref_logprobs: torch.Tensor | None = _kind(TOKEN, optional=True)
+    """Adapter disabled: the reference policy of the KL penalty."""
+    values: torch.Tensor | None = _kind(TOKEN, optional=True)
+    kl: torch.Tensor | None = _kind(TOKEN, optional=True)
+    advantages: torch.Tensor | None = _kind(TOKEN, optional=True)
+    returns: torch.Tensor | None = _kind(TOKEN, optional=True)
+    behaviour_weights: torch.Tensor | None = _kind(TOKEN, optional=True)
+    pad_id: int = field(default=0, metadata={"kind": None})
+    """Token id in the padding of ``input_ids`` / ``response_ids`` (masked out everywhere it is read)."""
+
+    @classmethod
+    def pack(cls, samples: list[Sample], pad_id: int) -> "Batch":
+        """Right-padded tensors from samples, in their order; ``rollout_logprobs`` 0 where samples carry none."""
+        n = len(samples)
+        width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+        resp_width = max(max(len(s.response_ids) for s in samples), 1)
+        batch = cls(input_ids=torch.full((n, width), pad_id, dtype=torch.long),
+                    attention_mask=torch.zeros(n, width, dtype=torch.long),
+                    prompt_lens=torch.tensor([len(s.prompt_ids) for s in samples], dtype=torch.long),
+                    response_ids=torch.full((n, resp_width), pad_id, dtype=torch.long),
+                    response_mask=torch.zeros(n, resp_width, dtype=torch.float32),
+                    rollout_logprobs=torch.zeros(n, resp_width, dtype=torch.float32), pad_id=pad_id)
+        for i, s in enumerate(samples):
+            seq = s.prompt_ids + s.response_ids
+            batch.input_ids[i, :len(seq)] = torch.tensor(seq)
+            batch.attention_mask[i, :len(seq)] = 1
+            r = len(s.response_ids)
+            batch.response_ids[i, :r] = torch.tensor(s.response_ids)
+            batch.response_mask[i, :r] = 1
+            if s.logprobs:
+                batch.rollout_logprobs[i, :r] = torch.tensor(s.logprobs)
+        return batch
+
+    # ------------------------------------------------------------------ fields
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fields that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata["kind"] is not None and getattr(self, f.name) is not None}
+
+    def replace(self, **tensors: torch.Tensor) -> "Batch":
+        """A copy with these fields set (the tensors are shared, not copied)."""
+        return dataclasses.replace(self, **tensors)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return self.replace(**{k: v.to(device) for k, v in self.tensors().items()})
+
+    @property
+    def seq_tokens(self) -> torch.Tensor:
+        """Prompt + response tokens of each row ``[B]``: what a forward pass over the row costs."""
+        return self.attention_mask.sum(1)
+
+    # ------------------------------------------------------------------ rows
+    def take(self, rows: torch.Tensor) -> "Batch":
+        """These rows, in this order, with the padding columns they do not need trimmed off."""
+        width = int(self.seq_tokens[rows].max()) if len(rows) else 0
+        resp_width = max(int(self.response_mask[rows].sum(1).max()) if len(rows) else 0, 1)
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["kind"] is None or value is None:
+                continue
+            value = value[rows]
+            out[f.name] = value[:, :width] if f.metadata["kind"] == SEQUENCE else \
+                value[:, :resp_width] if f.metadata["kind"] == TOKEN else value
+        return self.replace(**out)
+
+    def shard_rows(self, n_shards: int) -> list[torch.Tensor]:
+        """Row indices (ascending) of ``n_shards`` shards of exactly ``len(self) / n_shards`` rows each, their
+        prompt + response token counts balanced: every learner rank must run the same number of micro-batches and
+        optimizer steps (DeepSpeed and DDP collectives pair up call by call), and no rank should wait for one that
+        got all the long responses. Greedy: longest row first, onto the shard with the fewest tokens that has room
+        (ties: the lower shard index). One shard: the rows in their order."""
+        n = len(self)
+        if n % n_shards:
+            raise ValueError(f"{n} rows do not split into {n_shards} equal shards")
+        if n_shards == 1:
+            return [torch.arange(n)]
+        size = n // n_shards
+        tokens = self.seq_tokens.tolist()
+        shards: list[list[int]] = [[] for _ in range(n_shards)]
+        load = [0] * n_shards
+        for row in sorted(range(n), key=lambda i: (-tokens[i], i)):
+            k = min((k for k in range(n_shards) if len(shards[k]) < size), key=lambda k: (load[k], k))
+            shards[k].append(row)
+            load[k] += tokens[row]
+        return [torch.tensor(sorted(rows), dtype=torch.long) for rows in shards]
+
+    def shard(self, n_shards: int) -> list["Batch"]:
+        """``take`` of each of ``shard_rows(n_shards)``."""
+        return [self.take(rows) for rows in self.shard_rows(n_shards)]
+
+    @classmethod
+    def cat(cls, batches: list["Batch"]) -> "Batch":
+        """Rows of ``batches`` one after another, each padded to the widest (ids with ``pad_id``, the rest with 0).
+        A field must be set in all of them or in none."""
+        first = batches[0]
+        out = {}
+        for f in dataclasses.fields(cls):
+            kind = f.metadata["kind"]
+            values = [getattr(b, f.name) for b in batches]
+            if kind is None or all(v is None for v in values):
+                continue
+            if any(v is None for v in values):
+                raise ValueError(f"Batch.cat: {f.name} is set in some batches only")
+            if kind != ROW:
+                width = max(v.shape[1] for v in values)
+                pad = first.pad_id if f.name in ("input_ids", "response_ids") else 0
+                values = [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=pad) for v in values]
+            out[f.name] = torch.cat(values)
+        return first.replace(**out)
+
+
+@dataclass
+class Rollout:
+    """The rollout micro-batches of one step: dispatched to the engines (``pending``: call -> chunk index), each
+    handed to the reward pool as it finishes; ``batch`` once all are in."""
+
+    step_no: int
+    records: list[dict]
+    end_position: int  # data position after this step's prompts
+    version: int  # adapter version sampling it
+    adapter_ref: object  # an ObjectRef to its tensors: kept alive while a restarted engine may need them
+    pending: dict
+    started: float
+    # filled as micro-batches finish: samples, their reward inputs and reward calls (already submitted)
+    samples: list[Sample] = field(default_factory=list)
+    reward_inputs: list[RewardInput] = field(default_factory=list)
+    reward_refs: list = field(default_factory=list)
+    restarts: int = 0
+    actor_generate_s: float = 0.0
+    actor_logprob_s: float = 0.0
+    finished: float = 0.0
+    batch: Batch | None = None
+
+    def pack(self, pad_id: int) -> None:
+        """Samples (and their reward inputs and calls) ordered by (prompt, sample), whatever order the micro-batches
+        finished in; their tensors in ``batch``."""
+        key = [(s.prompt_index, s.sample_index) for s in self.samples]
+        order = sorted(range(len(key)), key=key.__getitem__)
+        self.samples, self.reward_inputs, self.reward_refs = (
+            [xs[i] for i in order] for xs in (self.samples, self.reward_inputs, self.reward_refs))
+        self.batch = Batch.pack(self.samples, pad_id)

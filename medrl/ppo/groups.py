@@ -1,0 +1,235 @@
+"""The Ray shell of PPO: the actor groups the driver talks to, and all the Ray it needs.
+
+``LearnerGroup``: ``ppo.learner.ranks`` ``Learner`` actors forming one torch process group. It owns their placement
+group and rendezvous, the calls every rank must make together (a collective on one rank alone hangs), and the
+sharding of each batch across ranks (``Batch.shard_rows``: equal row counts, balanced tokens) and back.
+
+``RolloutGroup``: ``ppo.rollout.num_actors`` rollout engine actors, restarted by Ray when they die. It owns the
+dispatch of rollout micro-batches (chunk ``c`` goes to actor ``c % num_actors``) and tracks each actor's pid to
+count restarts. The engine class is a parameter; an engine is any class with this contract (``RolloutWorker``, HF
+generate, is the one today):
+
+  ``Engine(*engine_args)``  constructed inside the actor; it starts with the initial adapter (or a fresh LoRA of the
+      learner's shape) and its adapter version is -1.
+  ``generate(prompts, n, seed, adapter, version) -> dict``
+      ``prompts``: ``list[(prompt_index, prompt_text)]``, one rollout micro-batch, the text already rendered with the
+      chat template; ``n``: samples per prompt; ``seed``: the sampling seed of this micro-batch (derived from run
+      seed, step and chunk index: the same call gives the same samples, also when redone after a restart);
+      ``adapter``: ``[ObjectRef]`` of the LoRA state dict (``get_peft_model_state_dict`` keys) of ``version``, in a
+      list so that Ray does not fetch it unless the engine must load it (``version`` differs from the one it holds:
+      after a publish, or after Ray restarted it with its initial adapter).
+      Returns ``{"samples": list[Sample], "reloaded": bool, "pid": int, "generate_s": float, "logprob_s": float}``:
+      ``len(prompts) * n`` ``medrl.ppo.batch.Sample``s, ``sample_index`` ``i % n`` of prompt ``i // n``, each with
+      its prompt and response token ids, text, whether it finished, and the engine's own log-probs of the response
+      tokens at the sampling temperature (the driver compares them with the learner's every step); ``pid`` of the
+      engine process; seconds spent sampling and computing those log-probs.
+  ``pid() -> int``  the engine process's pid (a restarted actor has a new one).
+
+``ActorGroups`` bundles both groups with the reward pool and is the driver's only door to Ray: waiting on calls in
+flight and collecting rewards, with resubmission of failed reward tasks.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import ray
+import torch
+
+from medrl.config import Config
+from medrl.ppo.batch import Batch
+from medrl.ppo.config import RolloutSettings
+from medrl.ppo.learner import Learner, read_deepspeed_config
+from medrl.ppo.preflight import check_actor_resources
+from medrl.ppo.rollout import RolloutWorker
+from medrl.reward.pool import RewardPool
+from medrl.reward.types import RewardInput, RewardResult
+from medrl.runs import RunDir
+
+log = logging.getLogger("medrl.ppo")
+
+REWARD_RETRIES = 2
+"""Resubmissions of a sample whose reward task failed (its judge actor died past its restarts)."""
+
+
+@dataclass
+class Pending:
+    """Calls in flight on a group: wait on ``refs``; ``result()`` gets them and combines their answers."""
+
+    refs: list
+    combine: Callable[[list], Any]
+
+    def result(self) -> Any:
+        return self.combine(ray.get(self.refs))
+
+
+class LearnerGroup:
+    def __init__(self, cfg: Config, init_adapter: str | None, num_gpus: float):
+        self.cfg = cfg
+        self.actors: list = []
+        self._placement = None
+        try:
+            self.info = self._place_and_rendezvous(init_adapter, num_gpus)
+        except BaseException:
+            self.close()
+            raise
+        log.info("learner: %d rank(s), %s, %d trainable parameters", len(self.actors),
+                 self.info[0]["distributed_type"], self.info[0]["trainable_params"])
+
+    def _place_and_rendezvous(self, init_adapter: str | None, num_gpus: float) -> list[dict]:
+        """One bundle per rank, ``STRICT_PACK`` (all on one node), the process group's rendezvous at 127.0.0.1 and a
+        port free on rank 0's node. Learner ranks across nodes change this method only: ``PACK``, and the
+        rendezvous at rank 0's node address (``Learner.setup``). Returns each rank's ``setup`` facts."""
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        lc = self.cfg.ppo.learner
+        ds_config = read_deepspeed_config(lc.deepspeed)
+        bundle = {"CPU": lc.num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self._placement = placement_group([bundle] * lc.ranks, strategy="STRICT_PACK")
+        ray.get(self._placement.ready(), timeout=300)
+        actor_cls = ray.remote(Learner)
+        self.actors = [
+            actor_cls.options(num_cpus=lc.num_cpus, num_gpus=num_gpus,
+                              scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, rank))
+            .remote(self.cfg, rank, lc.ranks, init_adapter, ds_config) for rank in range(lc.ranks)]
+        port = ray.get(self.actors[0].free_port.remote())
+        return ray.get([a.setup.remote(port) for a in self.actors])
+
+    def _on_every_rank(self, method: str, *args) -> list:
+        return [getattr(a, method).remote(*args) for a in self.actors]
+
+    def _on_shards(self, method: str, batch: Batch, *args) -> tuple[list, list[torch.Tensor]]:
+        rows = batch.shard_rows(len(self.actors))
+        return [getattr(a, method).remote(batch.take(r), *args) for a, r in zip(self.actors, rows)], rows
+
+    def make_experience(self, batch: Batch, version: int) -> Pending:
+        """Old / behaviour (the weights of ``version``) / reference log-probs (+ values) of ``batch``; the result is
+        ``batch`` with them, rows in their order."""
+        refs, rows = self._on_shards("make_experience", batch, version)
+        order = torch.argsort(torch.cat(rows))
+        return Pending(refs, lambda parts: Batch.cat(parts).take(order))
+
+    def train(self, batch: Batch, n_minibatches: int, seed: int) -> Pending:
+        """The PPO update on ``batch`` (each rank its shard); the result is the metrics averaged over ranks."""
+        refs, _ = self._on_shards("train", batch, n_minibatches, seed)
+        return Pending(refs, lambda per_rank: {k: float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]})
+
+    def adapter(self, version: int) -> ray.ObjectRef:
+        """The LoRA tensors of ``version`` in the object store (every rank joins; rank 0's answer holds them)."""
+        return self._on_every_rank("adapter_state", version)[0]
+
+    def save(self, directory: str, with_optimizer: bool, behaviour_version: int | None = None) -> None:
+        ray.get(self._on_every_rank("save", directory, with_optimizer, behaviour_version))
+
+    def load(self, directory: str, behaviour_version: int) -> bool:
+        """Restore every rank; whether the checkpoint held the behaviour weights (kept as ``behaviour_version``)."""
+        return ray.get(self._on_every_rank("load", directory, behaviour_version))[0]
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self._placement is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._placement)
+            self._placement = None
+
+
+class RolloutGroup:
+    def __init__(self, engine_cls: type, engine_args: tuple, settings: RolloutSettings, num_gpus: float):
+        actor_cls = ray.remote(engine_cls).options(num_cpus=settings.num_cpus, num_gpus=num_gpus,
+                                                   max_restarts=settings.max_restarts,
+                                                   max_task_retries=settings.max_restarts)
+        self.actors = [actor_cls.remote(*engine_args) for _ in range(settings.num_actors)]
+        self.pids: list[int] = []
+
+    def wait_ready(self) -> None:
+        """Block until every engine is constructed; note their pids."""
+        self.pids = ray.get([a.pid.remote() for a in self.actors])
+
+    def generate(self, chunks: list[list[tuple[int, str]]], n: int, seeds: list[int], adapter_ref: ray.ObjectRef,
+                 version: int) -> dict[ray.ObjectRef, int]:
+        """Dispatch every micro-batch at once (chunk ``c`` to actor ``c % num_actors``); ``{ref: c}``."""
+        return {self.actors[c % len(self.actors)].generate.remote(chunk, n, seeds[c], [adapter_ref], version): c
+                for c, chunk in enumerate(chunks)}
+
+    def receive(self, ref: ray.ObjectRef, chunk: int) -> tuple[dict, bool]:
+        """The answer of a finished ``generate`` call, and whether Ray restarted its actor since the last one."""
+        out = ray.get(ref)
+        k = chunk % len(self.actors)
+        restarted = out["pid"] != self.pids[k]
+        if restarted:  # Ray restarted this actor (and re-ran the lost calls)
+            log.warning("rollout actor %d was restarted (pid %s -> %s)", k, self.pids[k], out["pid"])
+            self.pids[k] = out["pid"]
+        return out, restarted
+
+    def close(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+
+class ActorGroups:
+    """The learner group, the rollout group and the reward pool of one run; ``start`` them, ``close`` them."""
+
+    def __init__(self, learner: LearnerGroup, rollout: RolloutGroup, reward_pool: RewardPool):
+        self.learner, self.rollout, self.reward_pool = learner, rollout, reward_pool
+
+    @classmethod
+    def start(cls, cfg: Config, run: RunDir, init_adapter: str | None) -> "ActorGroups":
+        """Check that every actor fits, then start them: the rollout engines' processes start while the learner
+        ranks set up."""
+        learner_gpus, rollout_gpus = check_actor_resources(cfg)
+        ppo = cfg.ppo
+        started: list = []
+        try:
+            rollout = RolloutGroup(RolloutWorker, (cfg.model, init_adapter, ppo.generation, ppo.micro_batch_size),
+                                   ppo.rollout, rollout_gpus)
+            started.append(rollout)
+            started.append(RewardPool(cfg.reward, run))
+            started.append(LearnerGroup(cfg, init_adapter, learner_gpus))
+            rollout.wait_ready()
+        except BaseException:
+            for group in started:
+                group.close()
+            raise
+        return cls(started[2], rollout, started[1])
+
+    @staticmethod
+    def wait_any(refs: list) -> Any:
+        """The first of ``refs`` that is ready (or failed)."""
+        return ray.wait(list(refs), num_returns=1)[0][0]
+
+    @staticmethod
+    def wait_all(refs: list) -> None:
+        if refs:
+            ray.wait(list(refs), num_returns=len(refs))
+
+    def submit_rewards(self, items: list[RewardInput]) -> list:
+        return self.reward_pool.submit(items)
+
+    def rewards(self, items: list[RewardInput], refs: list) -> tuple[list[RewardResult], int]:
+        """The results of submitted reward tasks, in order; a failed one is resubmitted up to ``REWARD_RETRIES``
+        times. Also returns the number of resubmissions."""
+        results, retries = [], 0
+        for item, ref in zip(items, refs):
+            for attempt in range(REWARD_RETRIES + 1):
+                try:
+                    results.append(ray.get(ref))
+                    break
+                except ray.exceptions.RayError as exc:
+                    if attempt == REWARD_RETRIES:
+                        raise
+                    log.warning("reward of %s failed (%s); resubmitting", item.id, type(exc).__name__)
+                    retries += 1
+                    ref = self.reward_pool.submit([item])[0]
+        return results, retries
+
+    def close(self) -> None:
+        self.reward_pool.close()  # as before: the judges first, then the actors holding models
+        self.rollout.close()
+        self.learner.close()
