@@ -182,7 +182,7 @@ class ActorGroups:
     @classmethod
     def start(cls, cfg: Config, run: RunDir, init_adapter: str | None) -> "ActorGroups":
         """Check that every actor fits, then start them: the rollout engines' processes start while the learner
-        ranks set up."""
+        ranks set up. The engine class (and its constructor arguments) is chosen here."""
         learner_gpus, rollout_gpus = check_actor_resources(cfg)
         ppo = cfg.ppo
         started: list = []
