@@ -67,6 +67,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="build report.html / report.md for a run directory")
     p.add_argument("run_dir", type=Path, help="run directory, e.g. runs/local_tiny")
 
+    p = sub.add_parser("review", help="clinician review: export a package to label, import filled labels")
+    review = p.add_subparsers(dest="review_command", metavar="ACTION", required=True)
+    q = review.add_parser("export", help="write <run>/review/: review.csv, review.xlsx, review.html, items.jsonl")
+    q.add_argument("run_dir", type=Path, help="run directory with eval generations (and optionally PPO samples)")
+    q.add_argument("--high-risk", type=int, default=40, help="red-team / high-risk answers (unsafe, low scores first)")
+    q.add_argument("--lowest", type=int, default=20, help="answers with the lowest teacher scores")
+    q.add_argument("--failures", type=int, default=20, help="answers whose judgement failed or was over budget")
+    q.add_argument("--calibration", type=int, default=20, help="random answers stratified by model and set")
+    q.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and the item order")
+    q.add_argument("--ppo", action="store_true", help="also draw from PPO samples (ppo/samples.jsonl)")
+    q.add_argument("--blind", action="store_true", help="hide the judge's scores and reason and the rule verdict")
+    q = review.add_parser("import", help="validate a filled review.csv / review.xlsx / saved HTML-form .json")
+    q.add_argument("file", type=Path, help="the filled file")
+    q.add_argument("--run", type=Path, default=None, help="run directory (default: the one the file belongs to)")
+    q.add_argument("--reviewer", default=None, help="reviewer name for rows that leave it empty")
+
+    p = sub.add_parser("demo", help="gradio app: base / SFT / RL answers side by side, judged on demand")
+    p.add_argument("run_dir", type=Path, help="run directory (its config.yaml, adapters and example questions)")
+    _add_config_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (anything but loopback needs a password)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--username", default="medrl", help="login name when a password is set")
+    p.add_argument("--password-env", default="MEDRL_DEMO_PASSWORD",
+                   help="environment variable holding the login password (never passed on the command line)")
+
     p = sub.add_parser("pipeline", help="prepare -> sft -> ppo -> eval -> report, skipping stages already done")
     _add_config_args(p)
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
@@ -112,6 +137,31 @@ def secret_env_names(cfg) -> list[str]:
     return sorted(names)
 
 
+def _review(args) -> int:
+    from medrl.review.items import Quotas
+    from medrl.review.package import export_review, import_labels
+    from medrl.runs import RunDir, setup_logging
+
+    if args.review_command == "export":
+        if not args.run_dir.is_dir():
+            raise UsageError(f"run directory not found: {args.run_dir}")
+        run = RunDir(args.run_dir)
+        setup_logging(run)
+        package = export_review(run, Quotas(args.failures, args.high_risk, args.lowest, args.calibration, args.seed),
+                                include_ppo=args.ppo, blind=args.blind)
+        print(f"review package {package['package_id']}: {package['items']} items in {run.review} "
+              f"(review.xlsx, review.csv, review.html)")
+        return 0
+    setup_logging(None)
+    out = import_labels(args.file, args.run, args.reviewer)
+    print(f"imported {out['imported']} label(s) ({out['added']} new, {out['replaced']} replaced) from "
+          f"{', '.join(out['reviewers']) or 'nobody'}; {out['blank']} blank row(s) skipped; {len(out['errors'])} "
+          f"row(s) rejected; labels in {out['run']}/review/labels.jsonl")
+    for line in out["errors"]:
+        print(f"medrl: rejected {args.file}: {line}", file=sys.stderr)
+    return 0 if out["imported"] or not out["errors"] else 2
+
+
 def _dispatch(args) -> int:
     cmd = args.command
     if cmd == "tiny-model":
@@ -135,6 +185,13 @@ def _dispatch(args) -> int:
         setup_logging(run)
         print(build_report(run))
         return 0
+
+    if cmd == "review":
+        return _review(args)
+    if cmd == "demo":
+        from medrl.demo.app import run_demo
+
+        return run_demo(args)
 
     cfg, run = _configured(args)
     if cmd == "prepare":

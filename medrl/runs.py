@@ -11,6 +11,7 @@
       reward/              teacher_judgements.jsonl (judgements used by this run, from the shared judge cache)
       eval/                generations and scores (.jsonl), eval summary
       report/              report.html, report.md, plots
+      review/              clinician review package (items.jsonl, review.csv/.xlsx/.html), labels.jsonl
 """
 from __future__ import annotations
 
@@ -83,6 +84,11 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def review(self) -> Path:
+        """The clinician review package (``medrl review export``) and the imported labels."""
+        return self.root / "review"
 
     # ---- the main output of each stage; ``medrl pipeline`` skips a stage whose output exists
     @property

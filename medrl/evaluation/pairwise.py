@@ -25,7 +25,7 @@ from medrl.errors import UsageError
 from medrl.reward.cache import cache_key
 from medrl.reward.config import JudgeConfig
 from medrl.reward.judge import content_of, usage_of
-from medrl.reward.ledger import LeasedGate, Ledger, Usage, call_cost
+from medrl.reward.ledger import LeasedGate, Ledger, Usage, call_cost, local_gate
 from medrl.reward.rubric import JudgementError
 from medrl.reward.text import estimate_tokens
 
@@ -172,17 +172,7 @@ class PairwiseJudge:
 
     def _gate(self) -> LeasedGate:
         """The reward plane's gate over this judge's own ledger (rate limits and budget of ``reward.judge``)."""
-        async def lease(*args):
-            return self.ledger.lease(*args)
-
-        async def settle(*args):
-            self.ledger.settle(*args)
-
-        async def add(**counts):
-            self.ledger.add(**counts)
-
-        size = max(1, self.cfg.concurrency // 4)
-        return LeasedGate(lease, settle, add, lease_size=size, flush_every=size)
+        return local_gate(self.ledger, max(1, self.cfg.concurrency // 4))
 
     async def _judge_all(self, tasks: list[PairTask]) -> list[PairVerdict]:
         cache = PairwiseCache(os.path.expanduser(self.cfg.cache_path))

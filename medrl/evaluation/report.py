@@ -15,8 +15,10 @@ from pathlib import Path
 import yaml
 
 from medrl.evaluation.extract import final_answer
+from medrl.evaluation.feedback import feedback_section
 from medrl.evaluation.plots import training_plots
 from medrl.evaluation.render import Block, Heading, Image, Para, Pre, SideBySide, Table, to_html, to_markdown
+from medrl.review.section import review_section
 from medrl.reward.rubric import DIMENSIONS
 from medrl.runs import RunDir, read_metrics
 
@@ -244,6 +246,7 @@ def build_report(run: RunDir) -> Path:
         per_set = ((cfg or {}).get("eval") or {}).get("examples_per_set", 3)
         blocks += (_eval_tables(summary) + _safety(summary) + _pairwise(summary) + _judge(summary)
                    + _examples(run, summary, per_set))
+    blocks += feedback_section(run, cfg or {}, summary) + review_section(run)
     title = f"medrl report: {run.root.name}"
     stamp = Para(f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {run.root}.")
     blocks.insert(0, stamp)

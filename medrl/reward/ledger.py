@@ -217,3 +217,17 @@ class LeasedGate:
         await self._send(return_permits=True)
         if counts:
             await self._add(**counts)
+
+
+def local_gate(ledger: Ledger, lease_size: int) -> LeasedGate:
+    """A gate over a ledger held in this process (no coordinator actor): the pairwise judge, the demo."""
+    async def lease(*args):
+        return ledger.lease(*args)
+
+    async def settle(*args):
+        ledger.settle(*args)
+
+    async def add(**counts):
+        ledger.add(**counts)
+
+    return LeasedGate(lease, settle, add, lease_size=lease_size, flush_every=lease_size)

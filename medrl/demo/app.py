@@ -1,0 +1,153 @@
+"""``medrl demo RUN_DIR``: a gradio app with the base, SFT and RL models answering one question side by side.
+
+Answers stream into three panes (think blocks folded); "Judge it" scores the three answers with the run's
+configured teacher judge (cached, budgeted, rate limited); example questions come from the run's gold and red-team
+sets. Bound to 127.0.0.1 by default; ``--host`` elsewhere needs a password in ``--password-env``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from medrl.errors import UsageError
+
+log = logging.getLogger("medrl.demo")
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+EXAMPLES_PER_SET = 6
+TITLES = {"base": "Base model", "sft": "SFT adapter", "rl": "RL adapter"}
+MISSING = {"sft": "no SFT adapter in this run (run `medrl sft`)", "rl": "no RL adapter in this run (run `medrl ppo`)"}
+CSS = """
+.medrl-think summary{color:#666;cursor:pointer}.medrl-think-text,.medrl-answer{white-space:pre-wrap}
+.medrl-think-text{color:#555;font-size:.9em;border-left:3px solid #ccc;padding-left:.5em}
+.medrl-scores table{border-collapse:collapse}.medrl-scores td,.medrl-scores th{border:1px solid #ccc;padding:2px 6px}
+"""
+
+
+def example_records(run) -> list[dict]:
+    """The first questions of the gold set and one per category of the red-team set (then more red-team)."""
+    from medrl.jsonl import read_jsonl
+
+    out = []
+    for name in ("gold", "redteam"):
+        path = run.data / f"{name}.jsonl"
+        if not path.is_file():
+            continue
+        rows = read_jsonl(path, ("question",))
+        if name == "redteam":
+            firsts = list({r.get("category"): r for r in reversed(rows)}.values())[::-1]
+            rows = firsts + [r for r in rows if r not in firsts]
+        out += [{**r, "set": name} for r in rows[:EXAMPLES_PER_SET]]
+    return out
+
+
+def reward_input(question: str, response: str, name: str, examples: dict[str, dict]):
+    """What the judge sees: an example question brings its reference, risk and expected behaviour; a question
+    typed in gets its risk from the data stage's rules."""
+    from medrl.data.risk import classify_risk
+    from medrl.reward.types import RewardInput
+
+    rec = examples.get(question.strip())
+    if rec is not None:
+        return RewardInput(id=f"demo/{name}/{rec['id']}", prompt=question, response=response,
+                           reference=rec.get("reference"), risk=rec.get("risk") or "low",
+                           expected_behavior=rec.get("expected_behavior"), language=rec.get("language"))
+    return RewardInput(id=f"demo/{name}", prompt=question, response=response, risk=classify_risk(question)[0])
+
+
+def build_app(models, judge, examples: list[dict], max_new_tokens: int):
+    import gradio as gr
+
+    from medrl.demo.engine import MODEL_NAMES, render_response, render_scores
+
+    by_question = {r["question"].strip(): r for r in examples}
+
+    def answer(question, new_tokens, temperature):
+        question = (question or "").strip()
+        panes = {n: "" if n in models.available else f"<p><i>{MISSING[n]}</i></p>" for n in MODEL_NAMES}
+        texts: dict[str, str] = {}
+        if not question:
+            yield *panes.values(), texts, *[""] * 3
+            return
+        for name in models.available:
+            for text in models.stream(name, question, int(new_tokens), float(temperature)):
+                texts[name] = text
+                panes[name] = render_response(text, done=False)
+                yield *panes.values(), texts, *[""] * 3
+            panes[name] = render_response(texts.get(name, ""), done=True)
+            yield *panes.values(), texts, *[""] * 3
+
+    def judge_it(question, texts):
+        question = (question or "").strip()
+        if not texts or not question:
+            return ["<p><i>answer a question first</i></p>"] * 3
+        if judge.unavailable:
+            return [f"<p><i>{judge.unavailable}</i></p>"] * 3
+        names = [n for n in MODEL_NAMES if n in texts]
+        results = judge.score([reward_input(question, texts[n], n, by_question) for n in names])
+        stats = judge.ledger.stats()
+        shown = dict(zip(names, (render_scores(r, stats) for r in results)))
+        return [shown.get(n, "") for n in MODEL_NAMES]
+
+    with gr.Blocks(title="medrl demo") as app:
+        gr.Markdown("## medrl: base vs SFT vs RL\nOne base model in memory, the LoRA adapters switched per answer. "
+                    f"Judge: `{judge.cfg.judge.judge_id}`.")
+        question = gr.Textbox(label="Question", lines=3, elem_id="question")
+        with gr.Row():
+            tokens = gr.Slider(16, 4096, value=max_new_tokens, step=16, label="max new tokens")
+            temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)")
+        with gr.Row():
+            ask = gr.Button("Answer", variant="primary", elem_id="answer-btn")
+            judge_btn = gr.Button("Judge it", elem_id="judge-btn")
+        texts = gr.State({})
+        panes, scores = [], []
+        with gr.Row(equal_height=False):
+            for name in MODEL_NAMES:
+                with gr.Column():
+                    gr.Markdown(f"### {TITLES[name]}")
+                    panes.append(gr.HTML(elem_id=f"pane-{name}"))
+                    scores.append(gr.HTML(elem_id=f"scores-{name}"))
+        if examples:
+            gr.Examples([[r["question"]] for r in examples], inputs=[question],
+                        label="Examples from the gold and red-team sets")
+        ask.click(answer, [question, tokens, temperature], [*panes, texts, *scores])
+        judge_btn.click(judge_it, [question, texts], scores)
+    return app
+
+
+def run_demo(args) -> int:
+    from medrl.config import load_config
+    from medrl.demo.engine import DemoJudge, DemoModels
+    from medrl.runs import RunDir, setup_logging
+
+    if not args.run_dir.is_dir():
+        raise UsageError(f"run directory not found: {args.run_dir}")
+    run = RunDir(args.run_dir)
+    config = args.config or (run.config_path if run.config_path.is_file() else None)
+    cfg = load_config(config, args.overrides)
+    setup_logging(None)
+    auth = None
+    password = os.environ.get(args.password_env) or ""
+    if password:
+        auth = (args.username, password)
+    elif args.host not in LOOPBACK:
+        raise UsageError(f"--host {args.host} opens the demo beyond this machine: set a password in the environment "
+                         f"variable {args.password_env} (--password-env)")
+    if not Path(cfg.model.path).exists() and cfg.model.build_tiny_if_missing:
+        from medrl.models.tiny import build_tiny_model
+
+        build_tiny_model(cfg.model.path)
+    adapters = {name: path for name, path in (("sft", run.sft_adapter), ("rl", run.ppo_adapter))
+                if (path / "adapter_config.json").is_file()}
+    log.info("demo: base %s with adapters %s", cfg.model.path, ", ".join(adapters) or "none")
+    models = DemoModels(cfg.model, adapters)
+    judge = DemoJudge(cfg.reward)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    app = build_app(models, judge, example_records(run), min(cfg.eval.decoding.max_new_tokens, 4096))
+    try:
+        app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, auth=auth,
+                                                      ssr_mode=False, share=False, css=CSS, footer_links=[])
+    finally:
+        judge.close()
+    return 0

@@ -1,0 +1,177 @@
+"""What the demo runs: one base model with the run's LoRA adapters switched per answer (peft multi-adapter), answers
+streamed token by token, and the configured teacher judge (the reward plane's ``Scorer``: cache, rules, budget and
+rate limits through a ``Ledger``) scoring them on demand.
+
+Only one answer is generated at a time (a lock): the active adapter is model-wide state. Memory is one base model
+plus the adapters, so Qwen3-1.7B with two adapters fits one 16 GB GPU, and the tiny model runs on CPU.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from medrl.models.chat import render_prompt
+from medrl.models.generation import _eos_ids
+from medrl.models.loading import load_causal_lm, load_tokenizer
+from medrl.reward.config import RewardConfig
+from medrl.reward.ledger import Ledger, local_gate
+from medrl.reward.rubric import DIMENSIONS
+from medrl.reward.text import THINK_CLOSE, THINK_OPEN
+from medrl.reward.types import RewardInput, RewardResult
+
+MODEL_NAMES = ("base", "sft", "rl")
+
+
+class DemoModels:
+    def __init__(self, model_cfg, adapters: dict[str, Path]):
+        """``adapters``: {"sft": dir, "rl": dir} for those that exist; "base" is the model with adapters off."""
+        from peft import PeftModel
+
+        self.cfg = model_cfg
+        self.tokenizer = load_tokenizer(model_cfg.path, model_cfg.cache_dir)
+        model = load_causal_lm(model_cfg.path, dtype=model_cfg.dtype, device=model_cfg.device,
+                               cache_dir=model_cfg.cache_dir)
+        for k, (name, path) in enumerate(adapters.items()):
+            if k == 0:
+                model = PeftModel.from_pretrained(model, str(path), adapter_name=name)
+            else:
+                model.load_adapter(str(path), adapter_name=name)
+        self.model = model.eval()
+        self.available = ["base", *adapters]
+        self._lock = threading.Lock()
+
+    def _adapter(self, name: str):
+        if name not in self.available:
+            raise ValueError(f"no {name} model in this run")
+        if not hasattr(self.model, "disable_adapter"):
+            return contextlib.nullcontext()
+        if name == "base":
+            return self.model.disable_adapter()
+        self.model.set_adapter(name)
+        return contextlib.nullcontext()
+
+    def stream(self, name: str, question: str, max_new_tokens: int = 512, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+        """The response of model ``name`` (base, sft, rl) so far, after every decoded piece."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        tok = self.tokenizer
+        prompt = render_prompt(tok, self.cfg.system_prompt, question)
+        device = next(self.model.parameters()).device
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+        eos = sorted(_eos_ids(self.model, tok))
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        sample = temperature > 0
+        kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
+                      else None, top_p=top_p if sample else None, top_k=None, streamer=streamer,
+                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0], eos_token_id=eos)
+        with self._lock, self._adapter(name):
+            if sample:
+                torch.manual_seed(seed)
+            errors: list[BaseException] = []
+
+            def work():
+                try:
+                    with torch.no_grad():
+                        self.model.generate(**kwargs)
+                except BaseException as exc:  # surfaced below, after the streamer is released
+                    errors.append(exc)
+                    streamer.end()
+
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            text = ""
+            for piece in streamer:
+                text += piece
+                yield text
+            thread.join()
+            if errors:
+                raise errors[0]
+        yield text
+
+
+def render_response(text: str, done: bool) -> str:
+    """HTML of a (partial) response: the ``<think>`` block folded (open while the model is still thinking), then the
+    final answer."""
+    think, answer = None, text
+    if THINK_OPEN in text or THINK_CLOSE in text:
+        head, sep, tail = text.partition(THINK_CLOSE)
+        think = head.split(THINK_OPEN, 1)[-1].strip()
+        answer = tail.strip() if sep else ""
+        thinking = not sep
+    else:
+        thinking = False
+    parts = [f'<div class="medrl-response" data-done="{int(done)}">']
+    if think is not None:
+        label = "thinking…" if thinking and not done else f"reasoning ({len(think)} characters)"
+        parts.append(f'<details class="medrl-think"{" open" if thinking and not done else ""}><summary>{label}'
+                     f'</summary><div class="medrl-think-text">{html.escape(think)}</div></details>')
+    if answer or done:
+        shown = answer or ("[no final answer: the response stops inside &lt;think&gt;]" if think is not None else
+                           "[empty response]")
+        parts.append(f'<div class="medrl-answer">{html.escape(answer) if answer else shown}</div>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+class DemoJudge:
+    """The configured teacher judge for single answers; one ledger for the whole demo session, so the budget and
+    rate limits of ``reward.judge`` hold across clicks, and the judge cache makes a repeated click free."""
+
+    def __init__(self, cfg: RewardConfig):
+        from medrl.reward.scoring import Scorer
+
+        self.cfg = cfg
+        jc = cfg.judge
+        self.unavailable = ""
+        key = None
+        if jc.provider == "openai":
+            key = os.environ.get(jc.api_key_env)
+            if not key:
+                self.unavailable = f"judge unavailable: the environment variable {jc.api_key_env} is not set"
+        self.ledger = Ledger(jc.rpm, jc.tpm, jc.budget_usd)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="medrl-demo-judge")
+        self._thread.start()
+        self._scorer = None
+        if not self.unavailable:
+            async def make():
+                return Scorer(cfg, local_gate(self.ledger, max(1, jc.concurrency // 4)), key)
+
+            self._scorer = asyncio.run_coroutine_threadsafe(make(), self._loop).result()
+
+    def score(self, items: list[RewardInput]) -> list[RewardResult]:
+        if self._scorer is None:
+            raise RuntimeError(self.unavailable)
+        timeout = self.cfg.judge.timeout_s * (self.cfg.judge.max_retries + 1) * (self.cfg.judge.malformed_retries + 1)
+        return asyncio.run_coroutine_threadsafe(self._scorer.score_batch(items), self._loop).result(timeout + 30)
+
+    def close(self) -> None:
+        if self._scorer is not None:
+            asyncio.run_coroutine_threadsafe(self._scorer.close(), self._loop).result(30)
+            self._scorer = None
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+def render_scores(result: RewardResult, ledger_stats: dict) -> str:
+    """HTML of one judged answer: the four rubric scores (0-10), teacher and reward, the status and reason, cost."""
+    cells = "".join(f'<td data-dim="{d}">{"–" if f"judge.{d}" not in result.components else round(10 * result.components[f"judge.{d}"])}</td>'
+                    for d in DIMENSIONS)
+    teacher = "–" if result.teacher is None else f"{result.teacher:.3f}"
+    budget = ledger_stats.get("budget_usd")
+    spent = f"${ledger_stats.get('cost_usd', 0.0):.4f}" + ("" if budget is None else f" of ${budget:g}")
+    reason = html.escape(result.reasons.get("judge", ""))
+    flags = html.escape(", ".join(result.flags)) or "none"
+    return (f'<div class="medrl-scores" data-status="{html.escape(result.judge_status)}">'
+            f'<table><tr>{"".join(f"<th>{d}</th>" for d in DIMENSIONS)}<th>teacher</th><th>reward</th></tr>'
+            f'<tr>{cells}<td data-dim="teacher">{teacher}</td><td data-dim="reward">{result.reward:.3f}</td></tr>'
+            f'</table><p>{html.escape(result.judge)} · status <b>{html.escape(result.judge_status)}</b> · '
+            f'cost ${result.cost_usd:.5f} · session spend {spent}</p><p>rule flags: {flags}</p>'
+            f'<p class="medrl-reason">{reason}</p></div>')

@@ -1,0 +1,82 @@
+"""The report's "Clinician review" blocks: agreement of the judge and the rules with the reviewers' labels."""
+from __future__ import annotations
+
+import json
+
+from medrl.evaluation.render import Block, Heading, Para, Table
+from medrl.reward.rubric import DIMENSIONS
+from medrl.runs import RunDir
+
+CLIP = 240
+
+
+def _f(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _clip(text: str) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= CLIP else text[:CLIP] + " …"
+
+
+def review_section(run: RunDir) -> list[Block]:
+    from medrl.review.agreement import agreement
+    from medrl.review.labels import read_labels
+    from medrl.review.package import LABELS, PACKAGE, load_items
+
+    blocks: list[Block] = [Heading("Clinician review")]
+    if not (run.review / PACKAGE).is_file():
+        return blocks + [Para("No review package yet: run `medrl review export RUN_DIR`, have clinicians fill "
+                              "review.xlsx / review.csv / review.html, then `medrl review import FILE`.", note=True)]
+    package = json.loads((run.review / PACKAGE).read_text(encoding="utf-8"))
+    items = load_items(run)
+    stats = agreement(items, read_labels(run.review / LABELS))
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(package.get("reasons", {}).items()))
+    blocks.append(Para(f"Package {package['package_id']}: {package['items']} items ({reasons}); "
+                       f"{stats['labels']} label(s) on {stats['items_labelled']} item(s) from "
+                       f"{len(stats['reviewers'])} reviewer(s){': ' + ', '.join(stats['reviewers']) if stats['reviewers'] else ''}."))
+    if not stats["labels"]:
+        return blocks + [Para("No labels imported yet (`medrl review import FILE`).", note=True)]
+    cols = [("dim", "dimension"), ("n", "pairs"), ("spearman", "Spearman"), ("kappa", "kappa (quadratic)"),
+            ("judge", "mean judge"), ("reviewer", "mean reviewer"), ("gap", "mean |judge - reviewer|")]
+    rows = []
+    for d in DIMENSIONS:
+        v = stats["judge_vs_reviewer"][d]
+        rows.append((d, {"dim": d, "n": str(v["n"]), "spearman": _f(v["spearman"]), "kappa": _f(v["kappa_quadratic"]),
+                         "judge": _f(v["mean_a"]), "reviewer": _f(v["mean_b"]), "gap": _f(v["mean_abs_diff"])}))
+    blocks.append(Table("review-judge", cols, rows, caption="Judge vs reviewers per dimension (0-10 scale)"))
+    vr = stats["verdict_vs_rules"]
+    conf = vr["confusion"]
+    rows = [(r, {"reviewer": f"reviewer: {r}", "safe": str(conf[f"{r}|safe"]), "unsafe": str(conf[f"{r}|unsafe"])})
+            for r in ("safe", "unsafe")]
+    blocks.append(Table("review-rules", [("reviewer", ""), ("safe", "rules: safe"), ("unsafe", "rules: unsafe")],
+                        rows, caption=f"Safe/unsafe: reviewers vs rule verdicts ({vr['n']} labels; agreement "
+                                      f"{_f(vr['agreement'])}, Cohen's kappa {_f(vr['kappa'])})"))
+    between = stats["reviewer_vs_reviewer"]
+    if between:
+        rows = []
+        for pair, v in between.items():
+            for d in DIMENSIONS:
+                s = v["dimensions"][d]
+                rows.append((f"{pair}.{d}", {"pair": pair, "what": d, "n": str(s["n"]), "spearman": _f(s["spearman"]),
+                                             "kappa": _f(s["kappa_quadratic"]), "agree": "–"}))
+            s = v["verdict"]
+            rows.append((f"{pair}.verdict", {"pair": pair, "what": "safe/unsafe", "n": str(s["n"]), "spearman": "–",
+                                             "kappa": _f(s["kappa"]), "agree": _f(s["agreement"])}))
+        blocks.append(Table("review-reviewers", [("pair", "reviewers"), ("what", "label"), ("n", "items"),
+                                                 ("spearman", "Spearman"), ("kappa", "kappa"),
+                                                 ("agree", "agreement")], rows,
+                            caption="Reviewer vs reviewer on the items both labelled (kappa: quadratic weights for "
+                                    "scores, unweighted for safe/unsafe)"))
+    else:
+        blocks.append(Para("No item was labelled by two reviewers: no reviewer-vs-reviewer agreement yet.", note=True))
+    rows = [(f"{g['review_id']}.{g['reviewer']}", {
+        "id": g["review_id"], "who": g["reviewer"], "model": f"{g['model']} / {g['set']}", "dim": g["dimension"],
+        "judge": str(g["judge"]), "reviewer": str(g["reviewer_score"]), "gap": str(g["gap"]),
+        "question": _clip(g["question"]), "answer": _clip(g["answer"]), "comment": _clip(g["comment"])})
+        for g in stats["disagreements"]]
+    blocks.append(Table("review-disagreements", [
+        ("id", "review id"), ("who", "reviewer"), ("model", "model / set"), ("dim", "dimension"), ("judge", "judge"),
+        ("reviewer", "reviewer score"), ("gap", "gap"), ("question", "question"), ("answer", "answer"),
+        ("comment", "comment")], rows, caption="Where judge and reviewer disagree most"))
+    return blocks

@@ -1,0 +1,213 @@
+"""Clinician review: export a package from hand-made eval rows, fill it (CSV, XLSX and the HTML form in headless
+Chromium), import it with malformed rows, and check the agreement numbers worked out by hand."""
+import csv
+import json
+
+import pytest
+
+from medrl.cli import main
+from medrl.config import Config
+from medrl.evaluation.evaluate import save_eval
+from medrl.evaluation.metrics import annotate
+from medrl.evaluation.report import build_report
+from medrl.review.agreement import quadratic_kappa, spearman
+from medrl.review.items import Quotas, items_from_eval, select
+from medrl.runs import RunDir
+
+from browser import chromium_page
+
+DIMS = ("accuracy", "safety", "completeness", "clarity")
+# (model, set, id, judge accuracy 0-10 or None when the judgement failed, rule safety score, teacher, status)
+ROWS = [
+    ("base", "redteam", "r1", 2, 0.0, 0.30, "ok"),     # labelled item A
+    ("sft", "redteam", "r1", 4, 1.0, 0.45, "cached"),  # B
+    ("rl", "gold", "g1", 6, 1.0, 0.60, "ok"),          # C
+    ("base", "gold", "g1", 8, 0.0, 0.80, "ok"),        # D
+    ("rl", "redteam", "r2", None, 1.0, None, "failed"),
+    ("sft", "gold", "g2", 9, 1.0, 0.90, "ok"),
+    ("rl", "gold", "g2", 9, 1.0, 0.92, "ok"),
+    ("base", "test", "t1", 7, 1.0, 0.70, "ok"),
+]
+REASONS = {"r1": "Gives a dose instead of refusing; no referral to emergency care.",
+           "g1": "Correct drug but the dose is missing.", "g2": "Accurate and complete.", "t1": "Mostly correct."}
+
+
+def _row(model, set_name, item, acc, safety, teacher, status):
+    scores = None if acc is None else {"accuracy": acc / 10, "safety": 0.5, "completeness": 0.5, "clarity": 0.7}
+    return annotate({
+        "model": model, "set": set_name, "id": item, "language": "en", "risk": "high" if set_name == "redteam" else "low",
+        "category": "overdose" if set_name == "redteam" else None,
+        "expected_behavior": "refuse" if set_name == "redteam" else None, "label": None, "options": None,
+        "question": f"Question {item}?", "reference": None if set_name == "redteam" else f"Reference {item}.",
+        "response": f"<think>\nreasoning of {model} on {item}\n</think>\n\n=Answer of {model} to {item}.",
+        "response_tokens": 12, "finished": True, "reward": 0.5, "rule": 0.5, "teacher": teacher,
+        "rules": {"format": 1.0, "safety": safety}, "flags": ["missed_refusal"] if safety == 0.0 else [],
+        "judge": {"id": "openai:deepseek-chat", "status": status, "scores": scores,
+                  "reason": "HTTP 503 (client retries: 3): busy" if status == "failed" else REASONS[item],
+                  "tokens_in": 100 if status == "ok" else 0, "tokens_out": 10 if status == "ok" else 0,
+                  "tokens_cache_hit": 0, "cost_usd": 0.001 if status == "ok" else 0.0}})
+
+
+@pytest.fixture()
+def run(tmp_path) -> RunDir:
+    run = RunDir(tmp_path / "tiny").ensure()
+    run.save_config(Config())
+    save_eval(run, [_row(*r) for r in ROWS], {}, {"decoding": {}, "judge": "openai:deepseek-chat"})
+    assert main(["review", "export", str(run.root)]) == 0
+    return run
+
+
+def _items(run) -> dict[tuple, dict]:
+    rows = [json.loads(line) for line in (run.review / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {(r["model"], r["set"], r["item_id"]): r for r in rows}
+
+
+def test_selection_reasons_and_quotas():
+    items = items_from_eval([_row(*r) for r in ROWS])
+    chosen = {(it["model"], it["set"], it["item_id"]): it["reasons"]
+              for it in select(items, Quotas(judge_failed=1, high_risk=1, lowest_judge=1, calibration=2, seed=3))}
+    assert len(chosen) == 5
+    assert chosen[("rl", "redteam", "r2")] == ["judge_failed", "high_risk"]
+    assert chosen[("base", "redteam", "r1")] == ["high_risk", "lowest_judge"]  # rule-unsafe red-team answer first
+    assert chosen[("sft", "redteam", "r1")] == ["high_risk", "lowest_judge"]  # next-lowest teacher score
+    assert sorted(r for r in chosen.values() if r == ["calibration"]) == [["calibration"]] * 2
+    again = select(items, Quotas(judge_failed=1, high_risk=1, lowest_judge=1, calibration=2, seed=3))
+    assert [(it["model"], it["item_id"]) for it in again] == [(m, i) for (m, _, i) in chosen]  # seeded: same order
+
+
+def test_package_files(run):
+    items = _items(run)
+    assert len(items) == len(ROWS)
+    a = items[("base", "redteam", "r1")]
+    assert a["answer"] == "=Answer of base to r1." and a["think"] == "reasoning of base on r1"
+    assert a["judge_scores"] == {"accuracy": 2, "safety": 5, "completeness": 5, "clarity": 7}
+    assert (a["rule_verdict"], a["rule_flags"]) == ("unsafe", ["missed_refusal"])
+    with open(run.review / "review.csv", encoding="utf-8-sig", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(ROWS) and table[0]["reviewer"] == ""
+    row = next(r for r in table if r["review_id"] == a["review_id"])
+    assert row["answer"] == "'=Answer of base to r1." and row["judge accuracy"] == "2"  # never a formula
+    from openpyxl import load_workbook
+
+    ws = load_workbook(run.review / "review.xlsx")["review"]
+    header = [c.value for c in ws[1]]
+    think_col = ws.cell(1, header.index("reasoning (think block)") + 1).column_letter
+    assert ws.column_dimensions[think_col].hidden  # folded
+    cell = ws.cell(2 + [r["review_id"] for r in table].index(a["review_id"]), header.index("answer") + 1)
+    assert cell.value == "=Answer of base to r1." and cell.data_type == "s"
+    html = (run.review / "review.html").read_text(encoding="utf-8")
+    assert "<link" not in html and "http" not in html.replace("http-equiv", "") and a["review_id"] in html
+
+
+def _write_csv(run, path, fill: dict[str, dict]):
+    with open(run.review / "review.csv", encoding="utf-8-sig", newline="") as f:
+        table = list(csv.DictReader(f))
+    for r in table:
+        r.update(fill.get(r["review_id"], {}))
+    table += [dict(table[0], review_id="not-a-real-id", reviewer="dr_a", accuracy="5")]
+    with open(path, "w", encoding="utf-8-sig", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(table[0]))
+        w.writeheader()
+        w.writerows(table)
+    return [r["review_id"] for r in table]
+
+
+def test_import_validates_rows_and_agreement_by_hand(run, tmp_path, capsys):
+    items = _items(run)
+    rid = {k: items[k]["review_id"] for k in [("base", "redteam", "r1"), ("sft", "redteam", "r1"),
+                                              ("rl", "gold", "g1"), ("base", "gold", "g1"),
+                                              ("sft", "gold", "g2"), ("rl", "gold", "g2"), ("base", "test", "t1")]}
+    A, B, C, D, E, F, G = rid.values()
+    fill = {A: {"reviewer": "dr_a", "accuracy": "3", "verdict": "unsafe"},
+            B: {"reviewer": "dr_a", "accuracy": "4", "verdict": "safe", "comment": "ok"},
+            C: {"reviewer": "dr_a", "accuracy": "8", "verdict": "Safe"},
+            D: {"reviewer": "dr_a", "accuracy": "7.0", "verdict": "safe"},
+            E: {"reviewer": "dr_a", "accuracy": "11"},                    # out of range
+            F: {"reviewer": "dr_a", "accuracy": "6", "verdict": "maybe"},  # bad verdict
+            G: {"accuracy": "6"}}                                          # no reviewer
+    order = _write_csv(run, tmp_path / "dr_a.csv", fill)
+    assert main(["review", "import", str(tmp_path / "dr_a.csv"), "--run", str(run.root)]) == 0
+    out, err = capsys.readouterr()
+    assert "imported 4 label(s) (4 new, 0 replaced) from dr_a; 1 blank row(s) skipped; 4 row(s) rejected" in out
+    row_of = {r: order.index(r) + 2 for r in (E, F, G)}  # spreadsheet rows: the header is row 1
+    assert f"row {row_of[E]} (review_id {E}): accuracy must be an integer from 0 to 10, got '11'" in err
+    assert f"row {row_of[F]} (review_id {F}): verdict must be safe or unsafe, got 'maybe'" in err
+    assert f"row {row_of[G]} (review_id {G}): reviewer is empty" in err
+    assert f"row {len(order) + 1} (review_id not-a-real-id): review_id is not in this review package" in err
+    stats = json.loads((run.review / "agreement.json").read_text(encoding="utf-8"))
+    acc = stats["judge_vs_reviewer"]["accuracy"]
+    # judge 2,4,6,8 vs reviewer 3,4,8,7: ranks 1,2,3,4 vs 1,2,4,3 -> rho = 1 - 6 * 2 / (4 * 15) = 0.8;
+    # quadratic kappa: observed sum (i-j)^2 / n = (1 + 0 + 4 + 1) / 4 = 1.5, chance = 152 / 16 = 9.5 -> 1 - 1.5 / 9.5
+    assert acc["n"] == 4 and acc["spearman"] == pytest.approx(0.8) and acc["kappa_quadratic"] == pytest.approx(0.8421, abs=1e-4)
+    assert stats["judge_vs_reviewer"]["safety"]["n"] == 0
+    # reviewer (rows) vs rules (columns): A unsafe|unsafe, B safe|safe, C safe|safe, D safe|unsafe;
+    # agreement 3/4, chance 3/4 * 1/2 + 1/4 * 1/2 = 1/2 -> kappa (0.75 - 0.5) / 0.5 = 0.5
+    vr = stats["verdict_vs_rules"]
+    assert vr["confusion"] == {"safe|safe": 2, "safe|unsafe": 1, "unsafe|safe": 0, "unsafe|unsafe": 1}
+    assert (vr["agreement"], vr["kappa"]) == (0.75, 0.5)
+    assert (stats["disagreements"][0]["review_id"], stats["disagreements"][0]["gap"]) == (C, 2)
+
+    # a second reviewer in the XLSX, on A, B, C: accuracy 2, 5, 8 and unsafe, unsafe, safe
+    from openpyxl import load_workbook
+
+    wb = load_workbook(run.review / "review.xlsx")
+    ws = wb["review"]
+    header = [c.value for c in ws[1]]
+    for r in range(2, ws.max_row + 1):
+        got = {A: (2, "unsafe"), B: (5, "unsafe"), C: (8, "safe")}.get(ws.cell(r, 1).value)
+        if got:
+            ws.cell(r, header.index("accuracy") + 1).value = got[0]
+            ws.cell(r, header.index("verdict") + 1).value = got[1]
+    wb.save(tmp_path / "dr_b.xlsx")
+    assert main(["review", "import", str(tmp_path / "dr_b.xlsx"), "--run", str(run.root), "--reviewer", "dr_b"]) == 0
+    stats = json.loads((run.review / "agreement.json").read_text(encoding="utf-8"))
+    pair = stats["reviewer_vs_reviewer"]["dr_a vs dr_b"]
+    # dr_a 3,4,8 vs dr_b 2,5,8: same order -> rho 1; observed (1+1+0)/3, chance 96/9 -> 1 - (2/3) / (96/9) = 0.9375
+    assert pair["items"] == 3 and pair["dimensions"]["accuracy"]["spearman"] == pytest.approx(1.0)
+    assert pair["dimensions"]["accuracy"]["kappa_quadratic"] == pytest.approx(0.9375)
+    # verdicts unsafe,safe,safe vs unsafe,unsafe,safe: agreement 2/3, chance 2/3*1/3 + 1/3*2/3 = 4/9 -> kappa 0.4
+    assert pair["verdict"]["agreement"] == pytest.approx(0.6667, abs=1e-4)
+    assert pair["verdict"]["kappa"] == pytest.approx(0.4)
+    assert stats["labels"] == 7 and stats["reviewers"] == ["dr_a", "dr_b"]
+    # importing dr_a again replaces, never duplicates
+    assert main(["review", "import", str(tmp_path / "dr_a.csv"), "--run", str(run.root)]) == 0
+    assert "(0 new, 4 replaced)" in capsys.readouterr().out
+    build_report(run)
+    html = run.report_html.read_text(encoding="utf-8")
+    final = json.loads((run.review / "agreement.json").read_text(encoding="utf-8"))["judge_vs_reviewer"]["accuracy"]
+    assert final["n"] == 7 and f'data-key="review-judge|accuracy|kappa" class="num">{final["kappa_quadratic"]:.3f}<' in html
+    assert 'data-key="review-reviewers|dr_a vs dr_b.verdict|kappa" class="num">0.400<' in html
+
+
+def test_hand_checked_statistics():
+    assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9487, abs=1e-4)  # ties get average ranks
+    assert quadratic_kappa([5, 5], [5, 5]) is None  # no variance: chance disagreement is 0
+    assert quadratic_kappa([0, 10], [10, 0]) == pytest.approx(-1.0)
+
+
+def test_html_form_in_chromium(run, tmp_path, capsys):
+    items = _items(run)
+    a, c = items[("base", "redteam", "r1")]["review_id"], items[("rl", "gold", "g1")]["review_id"]
+    with chromium_page() as page:
+        page.goto((run.review / "review.html").as_uri())
+        card = page.locator(f'.item[data-review-id="{a}"]')
+        assert not card.locator(".think").is_visible()  # folded until the reviewer opens it
+        card.locator("summary").click()
+        assert card.locator(".think").inner_text() == "reasoning of base on r1"
+        page.fill("#reviewer", "dr_c")
+        for rid, scores, verdict in ((a, (1, 0, 2, 5), "unsafe"), (c, (9, 10, 8, 7), "safe")):
+            card = page.locator(f'.item[data-review-id="{rid}"]')
+            for dim, v in zip(DIMS, scores):
+                card.locator(f"input[name={dim}]").fill(str(v))
+            card.locator(f"input[value={verdict}]").check()
+        page.locator(f'.item[data-review-id="{c}"] textarea').fill("good, 中文 ok")
+        with page.expect_download() as info:
+            page.click("#save")
+        saved = tmp_path / info.value.suggested_filename
+        info.value.save_as(saved)
+        assert "saved 2 label(s)" in page.inner_text("#status")
+    assert main(["review", "import", str(saved)]) == 0  # the saved file names its run
+    assert "imported 2 label(s) (2 new, 0 replaced) from dr_c" in capsys.readouterr().out
+    labels = {lab["review_id"]: lab for lab in map(json.loads, (run.review / "labels.jsonl").read_text().splitlines())}
+    assert {k: labels[a][k] for k in (*DIMS, "verdict")} == dict(zip(DIMS, (1, 0, 2, 5)), verdict="unsafe")
+    assert labels[c]["comment"] == "good, 中文 ok" and labels[c]["reviewer"] == "dr_c"
