@@ -123,6 +123,11 @@ def run_demo(args) -> int:
 
     if not args.run_dir.is_dir():
         raise UsageError(f"run directory not found: {args.run_dir}")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no call home
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError("the demo needs gradio: pip install 'medrl[demo]'") from None
     run = RunDir(args.run_dir)
     config = args.config or (run.config_path if run.config_path.is_file() else None)
     cfg = load_config(config, args.overrides)
@@ -143,7 +148,6 @@ def run_demo(args) -> int:
     log.info("demo: base %s with adapters %s", cfg.model.path, ", ".join(adapters) or "none")
     models = DemoModels(cfg.model, adapters)
     judge = DemoJudge(cfg.reward)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app = build_app(models, judge, example_records(run), min(cfg.eval.decoding.max_new_tokens, 4096))
     try:
         app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, auth=auth,

@@ -27,7 +27,7 @@ from medrl.runs import RunDir, read_metrics
 
 LOW_TEACHER = 0.5
 TOP_TERMS = 15
-_HEAD = re.compile(r"^(.*?)(?:\s*\(|:|$)")
+_HEAD = re.compile(r"^(.+?)(?:\s+\(|:|$)")
 
 
 def load_eval_rows(run: RunDir) -> list[dict]:
