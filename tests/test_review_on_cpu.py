@@ -10,9 +10,11 @@ from medrl.cli import main
 from medrl.config import Config
 from medrl.evaluation.evaluate import save_eval
 from medrl.evaluation.metrics import annotate
+from medrl.evaluation.render import to_html
 from medrl.evaluation.report import build_report
 from medrl.review.agreement import quadratic_kappa, spearman
 from medrl.review.items import Quotas, items_from_eval, select
+from medrl.review.section import review_section
 from medrl.runs import RunDir
 
 from browser import chromium_page
@@ -36,7 +38,8 @@ REASONS = {"r1": "Gives a dose instead of refusing; no referral to emergency car
 def _row(model, set_name, item, acc, safety, teacher, status):
     scores = None if acc is None else {"accuracy": acc / 10, "safety": 0.5, "completeness": 0.5, "clarity": 0.7}
     return annotate({
-        "model": model, "set": set_name, "id": item, "language": "en", "risk": "high" if set_name == "redteam" else "low",
+        "model": model, "set": set_name, "id": item, "language": "en",
+        "risk": "high" if set_name == "redteam" else "low",
         "category": "overdose" if set_name == "redteam" else None,
         "expected_behavior": "refuse" if set_name == "redteam" else None, "label": None, "options": None,
         "question": f"Question {item}?", "reference": None if set_name == "redteam" else f"Reference {item}.",
@@ -139,7 +142,8 @@ def test_import_validates_rows_and_agreement_by_hand(run, tmp_path, capsys):
     acc = stats["judge_vs_reviewer"]["accuracy"]
     # judge 2,4,6,8 vs reviewer 3,4,8,7: ranks 1,2,3,4 vs 1,2,4,3 -> rho = 1 - 6 * 2 / (4 * 15) = 0.8;
     # quadratic kappa: observed sum (i-j)^2 / n = (1 + 0 + 4 + 1) / 4 = 1.5, chance = 152 / 16 = 9.5 -> 1 - 1.5 / 9.5
-    assert acc["n"] == 4 and acc["spearman"] == pytest.approx(0.8) and acc["kappa_quadratic"] == pytest.approx(0.8421, abs=1e-4)
+    assert acc["n"] == 4 and acc["spearman"] == pytest.approx(0.8)
+    assert acc["kappa_quadratic"] == pytest.approx(0.8421, abs=1e-4)
     assert stats["judge_vs_reviewer"]["safety"]["n"] == 0
     # reviewer (rows) vs rules (columns): A unsafe|unsafe, B safe|safe, C safe|safe, D safe|unsafe;
     # agreement 3/4, chance 3/4 * 1/2 + 1/4 * 1/2 = 1/2 -> kappa (0.75 - 0.5) / 0.5 = 0.5
@@ -173,10 +177,10 @@ def test_import_validates_rows_and_agreement_by_hand(run, tmp_path, capsys):
     # importing dr_a again replaces, never duplicates
     assert main(["review", "import", str(tmp_path / "dr_a.csv"), "--run", str(run.root)]) == 0
     assert "(0 new, 4 replaced)" in capsys.readouterr().out
-    build_report(run)
-    html = run.report_html.read_text(encoding="utf-8")
+    html = to_html("review", review_section(run))  # the report's section (build_report is tested below)
     final = json.loads((run.review / "agreement.json").read_text(encoding="utf-8"))["judge_vs_reviewer"]["accuracy"]
-    assert final["n"] == 7 and f'data-key="review-judge|accuracy|kappa" class="num">{final["kappa_quadratic"]:.3f}<' in html
+    assert final["n"] == 7
+    assert f'data-key="review-judge|accuracy|kappa" class="num">{final["kappa_quadratic"]:.3f}<' in html
     assert 'data-key="review-reviewers|dr_a vs dr_b.verdict|kappa" class="num">0.400<' in html
 
 
@@ -229,9 +233,9 @@ def test_teacher_feedback_section(run):
     samples = [(1, "p1", "ok", comps), (1, "p2", "cached", {**comps, "teacher": 0.9, "safety": 1.0}),
                (2, "p1", "failed", {"safety": 0.0}), (2, "p2", "ok", {**comps, "teacher": 0.8, "safety": 1.0})]
     run.ppo.mkdir(exist_ok=True)
-    run.ppo_samples.write_text("".join(json.dumps({"step": st, "id": i, "sample": 0, "response": f"<think>t</think>a{st}",
-                                                   "reward": 0.1, "components": c, "judge_status": s}) + "\n"
-                                       for st, i, s, c in samples), encoding="utf-8")
+    lines = [json.dumps({"step": st, "id": i, "sample": 0, "response": f"<think>t</think>{st}", "reward": 0.1,
+                         "components": c, "judge_status": s}) + "\n" for st, i, s, c in samples]
+    run.ppo_samples.write_text("".join(lines), encoding="utf-8")
     with MetricsLogger(run, "ppo", tensorboard=False) as m:
         m.log(1, {"judge_cost_usd": 0.002, "reward_mean": 0.1})
         m.log(2, {"judge_cost_usd": 0.001, "reward_mean": 0.2})
@@ -255,5 +259,6 @@ def test_teacher_feedback_section(run):
     assert [cells[f"feedback-spend|ppo|{k}"] for k in ("paid", "cached", "failed", "cost", "per_useful", "per_paid",
                                                        "cache_share")] \
         == ["2", "1", "1", "0.0030", "0.001000", "0.001500", "33.3%"]
+    assert "<h2>Clinician review</h2>" in html and "No labels imported yet" in html
     for plot in ("judge_scores", "judge_spend"):
         assert (run.report / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG" and f'data-plot="{plot}"' in html

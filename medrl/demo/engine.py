@@ -162,7 +162,8 @@ class DemoJudge:
 
 def render_scores(result: RewardResult, ledger_stats: dict) -> str:
     """HTML of one judged answer: the four rubric scores (0-10), teacher and reward, the status and reason, cost."""
-    cells = "".join(f'<td data-dim="{d}">{"–" if f"judge.{d}" not in result.components else round(10 * result.components[f"judge.{d}"])}</td>'
+    comp = result.components
+    cells = "".join(f'<td data-dim="{d}">{round(10 * comp[f"judge.{d}"]) if f"judge.{d}" in comp else "–"}</td>'
                     for d in DIMENSIONS)
     teacher = "–" if result.teacher is None else f"{result.teacher:.3f}"
     budget = ledger_stats.get("budget_usd")

@@ -177,7 +177,8 @@ def read_label_rows(path: Path) -> tuple[list[tuple[str, dict]], dict]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"{path}: not a labels JSON file ({exc})") from None
-        if not isinstance(data, dict) or data.get("format") != LABELS_FORMAT or not isinstance(data.get("labels"), list):
+        labels = data.get("labels") if isinstance(data, dict) else None
+        if not isinstance(labels, list) or data.get("format") != LABELS_FORMAT:
             raise UsageError(f"{path}: not a medrl labels file (expected \"format\": \"{LABELS_FORMAT}\" and a "
                              f"\"labels\" list)")
         rows = [(f"label {i}", {_norm_header(k): "" if v is None else str(v).strip() for k, v in lab.items()}

@@ -87,7 +87,8 @@ def items_from_eval(rows: list[dict]) -> list[dict]:
     return out
 
 
-def items_from_ppo(samples: list[dict], prompts: dict[str, dict], reasons: dict[tuple, str] | None = None) -> list[dict]:
+def items_from_ppo(samples: list[dict], prompts: dict[str, dict],
+                   reasons: dict[tuple, str] | None = None) -> list[dict]:
     """Review items of PPO samples; ``prompts`` maps an RL prompt id to its row (prompt, reference, risk...);
     ``reasons`` maps (prompt id, step, sample) to the judge's reason when it is known (from the judge cache).
     Samples whose prompt is unknown are left out."""

@@ -32,9 +32,10 @@ def review_section(run: RunDir) -> list[Block]:
     items = load_items(run)
     stats = agreement(items, read_labels(run.review / LABELS))
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(package.get("reasons", {}).items()))
+    who = ": " + ", ".join(stats["reviewers"]) if stats["reviewers"] else ""
     blocks.append(Para(f"Package {package['package_id']}: {package['items']} items ({reasons}); "
                        f"{stats['labels']} label(s) on {stats['items_labelled']} item(s) from "
-                       f"{len(stats['reviewers'])} reviewer(s){': ' + ', '.join(stats['reviewers']) if stats['reviewers'] else ''}."))
+                       f"{len(stats['reviewers'])} reviewer(s){who}."))
     if not stats["labels"]:
         return blocks + [Para("No labels imported yet (`medrl review import FILE`).", note=True)]
     cols = [("dim", "dimension"), ("n", "pairs"), ("spearman", "Spearman"), ("kappa", "kappa (quadratic)"),
