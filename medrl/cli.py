@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="gradio app: base / SFT / RL answers side by side, judged on demand")
     p.add_argument("run_dir", type=Path, help="run directory (its config.yaml, adapters and example questions)")
-    _add_config_args(p)
+    p.add_argument("--config", "-c", type=Path, default=None, help="YAML config (default: RUN_DIR/config.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. reward.judge.budget_usd=1")
     p.add_argument("--host", default="127.0.0.1", help="bind address (anything but loopback needs a password)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--username", default="medrl", help="login name when a password is set")

@@ -260,5 +260,13 @@ def test_teacher_feedback_section(run):
                                                        "cache_share")] \
         == ["2", "1", "1", "0.0030", "0.001000", "0.001500", "33.3%"]
     assert "<h2>Clinician review</h2>" in html and "No labels imported yet" in html
+    assert main(["review", "export", str(run.root), "--ppo", "--calibration", "0"]) == 0
+    exported = map(json.loads, (run.review / "items.jsonl").read_text(encoding="utf-8").splitlines())
+    ppo = [it for it in exported if it["source"] == "ppo"]
+    # PPO p1 answers are red-team (high risk; the step 2 judgement failed); every judged answer is among the 20 lowest
+    assert sorted((it["item_id"], it["step"], tuple(it["reasons"])) for it in ppo) == [
+        ("p1", 1, ("high_risk", "lowest_judge")), ("p1", 2, ("judge_failed", "high_risk")),
+        ("p2", 1, ("lowest_judge",)), ("p2", 2, ("lowest_judge",))]
+    assert next(it for it in ppo if it["step"] == 1 and it["item_id"] == "p1")["judge_scores"]["accuracy"] == 3
     for plot in ("judge_scores", "judge_spend"):
         assert (run.report / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG" and f'data-plot="{plot}"' in html

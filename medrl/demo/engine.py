@@ -71,6 +71,9 @@ class DemoModels:
         kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
                       else None, top_p=top_p if sample else None, top_k=None, streamer=streamer,
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0], eos_token_id=eos)
+        stop = threading.Event()  # set when the page goes away mid-answer: generation ends at the next token
+        kwargs["stopping_criteria"] = [lambda ids, scores, **_: torch.full((ids.shape[0],), stop.is_set(),
+                                                                           dtype=torch.bool, device=ids.device)]
         with self._lock, self._adapter(name):
             if sample:
                 torch.manual_seed(seed)
@@ -87,10 +90,13 @@ class DemoModels:
             thread = threading.Thread(target=work, daemon=True)
             thread.start()
             text = ""
-            for piece in streamer:
-                text += piece
-                yield text
-            thread.join()
+            try:
+                for piece in streamer:
+                    text += piece
+                    yield text
+            finally:  # the adapter and the lock are released only once generation has stopped
+                stop.set()
+                thread.join()
             if errors:
                 raise errors[0]
         yield text
