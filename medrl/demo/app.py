@@ -21,7 +21,9 @@ MISSING = {"sft": "no SFT adapter in this run (run `medrl sft`)", "rl": "no RL a
 CSS = """
 .medrl-think summary{color:#666;cursor:pointer}.medrl-think-text,.medrl-answer{white-space:pre-wrap}
 .medrl-think-text{color:#555;font-size:.9em;border-left:3px solid #ccc;padding-left:.5em}
-.medrl-scores table{border-collapse:collapse}.medrl-scores td,.medrl-scores th{border:1px solid #ccc;padding:2px 6px}
+.medrl-response{max-height:36em;overflow-y:auto}
+.medrl-scores{overflow-x:auto;font-size:.85em}.medrl-scores table{border-collapse:collapse;width:100%}
+.medrl-scores td,.medrl-scores th{border:1px solid #ccc;padding:2px 4px}
 """
 
 

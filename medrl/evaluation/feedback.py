@@ -116,7 +116,7 @@ def _distributions(items: list[dict], out: Path) -> Image | None:
     return Image(out, "Judge score distributions per dimension (0-10)")
 
 
-def _failures(items: list[dict], pairwise: list[dict]) -> Table:
+def _failures(items: list[dict], pairwise: list[dict]) -> Table | Para:
     counts: Counter = Counter()
     for it in items:
         if it["judge_status"] in ("failed", "over_budget"):
@@ -129,8 +129,16 @@ def _failures(items: list[dict], pairwise: list[dict]) -> Table:
                 counts[("pairwise", "failed", reason_head(r.get(f"reason_{order}") or ""))] += 1
     rows = [(f"{p}.{s}.{why}", {"part": p, "status": s, "reason": why, "n": str(n)})
             for (p, s, why), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    if not rows:
+        return Para("Judge failures: none (every judgement of the eval sets, pairwise and PPO samples succeeded or "
+                    "was not needed).")
     return Table("feedback-failures", [("part", "part"), ("status", "status"), ("reason", "reason"), ("n", "count")],
                  rows, caption="Judge failures by reason")
+
+
+def _reason_terms(reason: str) -> set[str]:
+    """Words and jieba tokens of a reason, numbers left out (scores and counts, not feedback)."""
+    return {t for t in key_terms(reason, 64) if not t.replace(".", "").isdigit()}
 
 
 def _terms(items: list[dict]) -> Table | Para:
@@ -140,8 +148,8 @@ def _terms(items: list[dict]) -> Table | Para:
         return Para(f"No judged answer with a reason scored below {LOW_TEACHER} (teacher score): no terms to show.",
                     note=True)
     others = [it for it in judged if it["teacher"] >= LOW_TEACHER]
-    in_low = Counter(t for it in low for t in set(key_terms(it["judge_reason"], 64)))
-    in_others = Counter(t for it in others for t in set(key_terms(it["judge_reason"], 64)))
+    in_low = Counter(t for it in low for t in _reason_terms(it["judge_reason"]))
+    in_others = Counter(t for it in others for t in _reason_terms(it["judge_reason"]))
     top = sorted(in_low.items(), key=lambda kv: (-kv[1], -(kv[1] / len(low) - in_others[kv[0]] / max(1, len(others))),
                                                  kv[0]))[:TOP_TERMS]
     rows = [(term, {"term": term, "n": str(n), "low": f"{100 * n / len(low):.1f}%",
@@ -152,7 +160,7 @@ def _terms(items: list[dict]) -> Table | Para:
                          f"{LOW_TEACHER}; {len(low)} low, {len(others)} others)")
 
 
-def _by_group(items: list[dict], key: str, table_id: str, caption: str) -> Table:
+def _by_group(items: list[dict], key: str, table_id: str, caption: str) -> Table | Para:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for it in items:
         if it["teacher"] is not None and it.get(key):
@@ -165,6 +173,8 @@ def _by_group(items: list[dict], key: str, table_id: str, caption: str) -> Table
         cells.update({d: _mean(it["judge_scores"][d] for it in its if it["judge_scores"][d] is not None)
                       for d in DIMENSIONS})
         rows.append((f"{g}.{p}", cells))
+    if not rows:
+        return Para(f"{caption}: no judged answer has a {key.replace('_', ' ')}.", note=True)
     return Table(table_id, cols, rows, caption=caption)
 
 
