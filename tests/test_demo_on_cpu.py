@@ -67,6 +67,7 @@ def test_demo_refuses_an_open_bind_without_password(tmp_path, capsys, monkeypatc
     assert "set a password in the environment variable MEDRL_DEMO_PASSWORD" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_three_panes_and_judge_in_chromium(demo_run, tiny_model_dir, tmp_path):
     with LoopbackJudge(api_key=KEY) as judge:
         cfg = _config(demo_run, judge.port, tmp_path)

@@ -184,6 +184,16 @@ def test_import_validates_rows_and_agreement_by_hand(run, tmp_path, capsys):
     assert 'data-key="review-reviewers|dr_a vs dr_b.verdict|kappa" class="num">0.400<' in html
 
 
+def test_reason_terms_english_and_jieba():
+    from medrl.evaluation.feedback import _reason_terms, reason_head
+
+    terms = _reason_terms("回答没有给出剂量，也没有建议就医; gives no dose (3 calls)")
+    assert {"剂量", "就医", "give", "dose"} <= terms and "3" not in terms and "没有" not in terms  # stopwords out
+    assert [reason_head(r) for r in ("HTTP 503 (client retries: 3): busy", "malformed JSON (x at char 0) (3 calls)",
+                                     "empty content (3 calls)", "(reason not logged)")] == [
+        "HTTP 503", "malformed JSON", "empty content", "(reason not logged)"]
+
+
 def test_hand_checked_statistics():
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9487, abs=1e-4)  # ties get average ranks
     assert quadratic_kappa([5, 5], [5, 5]) is None  # no variance: chance disagreement is 0
