@@ -125,6 +125,11 @@ def run_demo(args) -> int:
 
     if not args.run_dir.is_dir():
         raise UsageError(f"run directory not found: {args.run_dir}")
+    password = os.environ.get(args.password_env) or ""
+    if not password and args.host not in LOOPBACK:
+        raise UsageError(f"--host {args.host} opens the demo beyond this machine: set a password in the environment "
+                         f"variable {args.password_env} (--password-env)")
+    auth = (args.username, password) if password else None
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no call home
     try:
         import gradio  # noqa: F401
@@ -133,14 +138,9 @@ def run_demo(args) -> int:
     run = RunDir(args.run_dir)
     config = args.config or (run.config_path if run.config_path.is_file() else None)
     cfg = load_config(config, args.overrides)
-    setup_logging(None)
-    auth = None
-    password = os.environ.get(args.password_env) or ""
-    if password:
-        auth = (args.username, password)
-    elif args.host not in LOOPBACK:
-        raise UsageError(f"--host {args.host} opens the demo beyond this machine: set a password in the environment "
-                         f"variable {args.password_env} (--password-env)")
+    from medrl.cli import secret_env_names
+
+    setup_logging(None, secret_envs=[*secret_env_names(cfg), args.password_env])
     if not Path(cfg.model.path).exists() and cfg.model.build_tiny_if_missing:
         from medrl.models.tiny import build_tiny_model
 
