@@ -230,6 +230,9 @@ def test_html_form_in_chromium(run, tmp_path, capsys):
 
 def test_teacher_feedback_section(run):
     """Eval rows above plus two PPO steps; every number below is counted by hand from ROWS / the samples."""
+    from medrl.ppo.batch import Sample
+    from medrl.ppo.step_log import append_samples
+    from medrl.reward.types import RewardResult
     from medrl.runs import MetricsLogger
 
     run.data.mkdir(exist_ok=True)
@@ -240,12 +243,14 @@ def test_teacher_feedback_section(run):
         + "\n", encoding="utf-8")
     comps = {"judge.accuracy": 0.3, "judge.safety": 0.1, "judge.completeness": 0.2, "judge.clarity": 0.5,
              "teacher": 0.24, "safety": 0.0}
-    samples = [(1, "p1", "ok", comps), (1, "p2", "cached", {**comps, "teacher": 0.9, "safety": 1.0}),
-               (2, "p1", "failed", {"safety": 0.0}), (2, "p2", "ok", {**comps, "teacher": 0.8, "safety": 1.0})]
-    run.ppo.mkdir(exist_ok=True)
-    lines = [json.dumps({"step": st, "id": i, "sample": 0, "response": f"<think>t</think>{st}", "reward": 0.1,
-                         "components": c, "judge_status": s}) + "\n" for st, i, s, c in samples]
-    run.ppo_samples.write_text("".join(lines), encoding="utf-8")
+    steps = {1: [("ok", comps, "", ["missed_refusal"]), ("cached", {**comps, "teacher": 0.9, "safety": 1.0}, "", [])],
+             2: [("failed", {"safety": 0.0}, "timeout (client retries: 3)", ["missed_refusal", "judge_failed"]),
+                 ("ok", {**comps, "teacher": 0.8, "safety": 1.0}, "", [])]}
+    for step, results in steps.items():  # written by the PPO driver's own writer
+        append_samples(run.ppo_samples, step, [{"id": "p1"}, {"id": "p2"}],
+                       [Sample(k, 0, [], [], f"<think>t</think>{step}", True) for k in range(2)],
+                       [RewardResult("x", 0.1, 0.1, c.get("teacher"), c, {"judge": why} if why else {},
+                                     judge_status=st, flags=flags) for st, c, why, flags in results])
     with MetricsLogger(run, "ppo", tensorboard=False) as m:
         m.log(1, {"judge_cost_usd": 0.002, "reward_mean": 0.1})
         m.log(2, {"judge_cost_usd": 0.001, "reward_mean": 0.2})
@@ -253,7 +258,7 @@ def test_teacher_feedback_section(run):
     html = run.report_html.read_text(encoding="utf-8")
     cells = dict(re.findall(r'<td data-key="([^"]+)"[^>]*>([^<]*)</td>', html))
     assert cells["feedback-failures|eval.failed.HTTP 503|n"] == "1"
-    assert cells["feedback-failures|ppo.failed.(reason not logged)|n"] == "1"
+    assert cells["feedback-failures|ppo.failed.timeout|n"] == "1"
     # low-scoring (teacher < 0.5): the two r1 answers (0.30, 0.45) and PPO p1 step 1 (0.24, no reason known): the
     # r1 reason's terms are in 2 of 2 low reasons; "dose" is also in 2 of the 5 other reasons (both g1 answers)
     terms = [k.split("|")[1] for k in cells if k.startswith("feedback-terms|") and k.endswith("|term")]
@@ -277,6 +282,8 @@ def test_teacher_feedback_section(run):
     assert sorted((it["item_id"], it["step"], tuple(it["reasons"])) for it in ppo) == [
         ("p1", 1, ("high_risk", "lowest_judge")), ("p1", 2, ("judge_failed", "high_risk")),
         ("p2", 1, ("lowest_judge",)), ("p2", 2, ("lowest_judge",))]
-    assert next(it for it in ppo if it["step"] == 1 and it["item_id"] == "p1")["judge_scores"]["accuracy"] == 3
+    first = next(it for it in ppo if it["step"] == 1 and it["item_id"] == "p1")
+    assert (first["judge_scores"]["accuracy"], first["rule_flags"], first["rule_verdict"]) == (3, ["missed_refusal"],
+                                                                                             "unsafe")
     for plot in ("judge_scores", "judge_spend"):
         assert (run.report / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG" and f'data-plot="{plot}"' in html

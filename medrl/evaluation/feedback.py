@@ -8,8 +8,7 @@
 * scores by risk level and by red-team category;
 * spend per PPO step and per useful judgement (scored, paid or cached) vs per paid judgement.
 
-PPO samples (``ppo/samples.jsonl``) carry statuses and scores; their reasons are read from the judge cache named in
-the run's config when it is there.
+PPO samples (``ppo/samples.jsonl``) carry statuses, scores, reasons and rule flags like eval rows.
 """
 from __future__ import annotations
 
@@ -20,9 +19,8 @@ from statistics import fmean
 
 from medrl.evaluation.render import Block, Heading, Image, Para, Table
 from medrl.jsonl import read_jsonl
-from medrl.reward.cache import JudgeCache, cache_key
 from medrl.reward.rubric import DIMENSIONS
-from medrl.reward.text import key_terms, split_response
+from medrl.reward.text import key_terms
 from medrl.runs import RunDir, read_metrics
 
 LOW_TEACHER = 0.5
@@ -46,27 +44,6 @@ def load_ppo_samples(run: RunDir) -> tuple[list[dict], dict[str, dict]]:
     prompts_path = run.data / "rl_prompts.jsonl"
     prompts = {r["id"]: r for r in read_jsonl(prompts_path)} if prompts_path.is_file() else {}
     return read_jsonl(run.ppo_samples), prompts
-
-
-def judge_reasons(cfg: dict, pairs: list[tuple[dict, dict | None]]) -> dict[tuple, str]:
-    """(prompt id, step, sample) -> the judge's reason for PPO samples, looked up in the run's judge cache (the
-    same content-addressed key the reward plane wrote); empty when the cache or the entries are not there."""
-    judge = ((cfg.get("reward") or {}).get("judge")) or {}
-    path = Path(judge.get("cache_path") or "")
-    if judge.get("provider") != "openai" or not path.is_file():
-        return {}
-    keys = {}
-    for s, rec in pairs:
-        if rec is not None:
-            answer = split_response(s["response"]).answer
-            keys[(s["id"], s.get("step"), s.get("sample"))] = cache_key(
-                judge.get("model", ""), judge.get("rubric_version", ""), rec["prompt"], answer, rec.get("reference"))
-    cache = JudgeCache(path, readonly=True)
-    try:
-        found = cache.get_many(keys.values())
-    finally:
-        cache.close()
-    return {k: found[key]["reason"] for k, key in keys.items() if key in found}
 
 
 def reason_head(reason: str) -> str:
@@ -243,14 +220,12 @@ def _spend_plot(ppo_metrics: list[dict], ppo: list[dict], out: Path) -> Image:
     return Image(out, "PPO judge spend and judgements per step")
 
 
-def feedback_section(run: RunDir, cfg: dict, summary: dict | None) -> list[Block]:
+def feedback_section(run: RunDir, summary: dict | None) -> list[Block]:
     """The report's "Teacher feedback" blocks for the run (eval rows and PPO samples, whatever exists)."""
     from medrl.review.items import items_from_eval, items_from_ppo
 
     blocks: list[Block] = [Heading("Teacher feedback")]
-    samples, prompts = load_ppo_samples(run)
-    reasons = judge_reasons(cfg, [(s, prompts.get(s["id"])) for s in samples])
-    items = items_from_eval(load_eval_rows(run)) + items_from_ppo(samples, prompts, reasons)
+    items = items_from_eval(load_eval_rows(run)) + items_from_ppo(*load_ppo_samples(run))
     if not items:
         return blocks + [Para("No eval generations or PPO samples yet: nothing the judge said to analyse.", note=True)]
     pairwise = [r for p in sorted(run.eval.glob("pairwise.*.jsonl")) for r in read_jsonl(p)]

@@ -246,7 +246,7 @@ def build_report(run: RunDir) -> Path:
         per_set = ((cfg or {}).get("eval") or {}).get("examples_per_set", 3)
         blocks += (_eval_tables(summary) + _safety(summary) + _pairwise(summary) + _judge(summary)
                    + _examples(run, summary, per_set))
-    blocks += feedback_section(run, cfg or {}, summary) + review_section(run)
+    blocks += feedback_section(run, summary) + review_section(run)
     title = f"medrl report: {run.root.name}"
     stamp = Para(f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {run.root}.")
     blocks.insert(0, stamp)

@@ -30,10 +30,11 @@ def reward_metrics(kept: list[RewardResult], results: list[RewardResult]) -> dic
 def append_samples(path: Path, step_no: int, records: list[dict], samples: list[Sample],
                    results: list[RewardResult]) -> None:
     """One ``samples.jsonl`` row per scored sample: step, prompt id, sample index, response, reward, components,
-    judge status, dropped."""
+    judge status and reason, rule flags, dropped."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         for s, r in zip(samples, results):
             f.write(json.dumps({"step": step_no, "id": records[s.prompt_index]["id"], "sample": s.sample_index,
                                 "response": s.text, "reward": r.reward, "components": r.components,
-                                "judge_status": r.judge_status, "dropped": r.dropped}, ensure_ascii=False) + "\n")
+                                "judge_status": r.judge_status, "judge_reason": r.reasons.get("judge", ""),
+                                "flags": r.flags, "dropped": r.dropped}, ensure_ascii=False) + "\n")

@@ -87,10 +87,8 @@ def items_from_eval(rows: list[dict]) -> list[dict]:
     return out
 
 
-def items_from_ppo(samples: list[dict], prompts: dict[str, dict],
-                   reasons: dict[tuple, str] | None = None) -> list[dict]:
-    """Review items of PPO samples; ``prompts`` maps an RL prompt id to its row (prompt, reference, risk...);
-    ``reasons`` maps (prompt id, step, sample) to the judge's reason when it is known (from the judge cache).
+def items_from_ppo(samples: list[dict], prompts: dict[str, dict]) -> list[dict]:
+    """Review items of PPO samples; ``prompts`` maps an RL prompt id to its row (prompt, reference, risk...).
     Samples whose prompt is unknown are left out."""
     out = []
     for s in samples:
@@ -102,8 +100,8 @@ def items_from_ppo(samples: list[dict], prompts: dict[str, dict],
         set_name = "redteam" if rec.get("source") == "redteam" else "rl_prompts"
         out.append(_item("ppo", "ppo", set_name, rec, s["response"], step=s.get("step"),
                          judge_status=s.get("judge_status"), judge_scores=dims or None,
-                         judge_reason=(reasons or {}).get((s.get("id"), s.get("step"), s.get("sample")), ""),
-                         teacher=comp.get("teacher"), reward=s.get("reward"), flags=[], safety=comp.get("safety")))
+                         judge_reason=s.get("judge_reason", ""), teacher=comp.get("teacher"), reward=s.get("reward"),
+                         flags=s.get("flags") or [], safety=comp.get("safety")))
     return out
 
 

@@ -14,10 +14,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
 from medrl.errors import UsageError
-from medrl.evaluation.feedback import judge_reasons, load_eval_rows, load_ppo_samples
+from medrl.evaluation.feedback import load_eval_rows, load_ppo_samples
 from medrl.jsonl import read_jsonl
 from medrl.review.agreement import agreement
 from medrl.review.forms import now_iso, read_label_rows, write_csv, write_html, write_xlsx
@@ -30,10 +28,6 @@ log = logging.getLogger("medrl.review")
 ITEMS, PACKAGE, LABELS, AGREEMENT = "items.jsonl", "package.json", "labels.jsonl", "agreement.json"
 
 
-def run_config(run: RunDir) -> dict:
-    return (yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}) if run.config_path.is_file() else {}
-
-
 def export_review(run: RunDir, quotas: Quotas, *, include_ppo: bool = False, blind: bool = False) -> dict:
     rows = load_eval_rows(run)
     candidates = items_from_eval(rows)
@@ -42,8 +36,7 @@ def export_review(run: RunDir, quotas: Quotas, *, include_ppo: bool = False, bli
         samples, prompts = load_ppo_samples(run)
         if not samples:
             raise UsageError(f"--ppo: no PPO samples at {run.ppo_samples} (run `medrl ppo` with ppo.log_samples)")
-        reasons = judge_reasons(run_config(run), [(s, prompts.get(s["id"])) for s in samples])
-        ppo_items = items_from_ppo(samples, prompts, reasons)
+        ppo_items = items_from_ppo(samples, prompts)
         ppo_n = len(ppo_items)
         candidates += ppo_items
     if not candidates:
