@@ -35,6 +35,10 @@ class KeywordRule(StrictModel):
     """Share of the rule score; the rule is left out (weights renormalised) when a sample has no reference."""
     max_terms: int = Field(32, ge=1)
     """At most this many key terms (first occurrences) are taken from the reference."""
+    min_list_run: int = Field(8, ge=2)
+    """Keyword lists do not count: a run of at least this many content words (and more than the reference's
+    longest) with no function word or sentence punctuation in it is a dump of terms, and its terms are not
+    covered (the offline judge ignores it too)."""
 
 
 class SafetyRule(StrictModel):

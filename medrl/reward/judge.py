@@ -147,6 +147,8 @@ def reference_judgement(answer: str, reference: str | None, rules: RuleOutcome) 
     present; safety = 10 x the safety rule; clarity = 10 x the length rule. None without a reference."""
     if not reference or not reference.strip():
         return None
+    if rules.covered_answer is not None:  # keyword lists do not count (rules.keyword_rule)
+        answer = rules.covered_answer
     words = en_words(answer)
     terms = key_terms(reference, 64)
     if terms:

@@ -9,6 +9,9 @@ prompt is a cache hit after its first request) and injects faults that the grade
     KIND: 429 (with Retry-After), 500, 503, timeout (hangs), empty (empty content), malformed (invalid JSON)
     [[score:N]]        every dimension scores N (else the scores come from the key's hash: ``expected_scores``)
 
+With ``models`` set, a request for any other model gets 404 "model not found" (as a provider answers an unknown
+model name); with ``api_key`` set, a request without that bearer key gets 401.
+
 ``GET /stats`` returns the counters, ``POST /reset`` clears them, ``POST /config`` changes latency_s at run time.
 ``LoopbackJudge`` runs it in a subprocess (so its CPU is not the client's) and stops it on exit.
 """
@@ -53,8 +56,10 @@ def expected_scores(user_content: str) -> dict[str, int]:
 
 
 class _State:
-    def __init__(self, latency_s: float, api_key: str | None, retry_after_ms: int, hang_s: float):
+    def __init__(self, latency_s: float, api_key: str | None, retry_after_ms: int, hang_s: float,
+                 models: list[str] | None = None):
         self.latency_s, self.api_key, self.retry_after_ms, self.hang_s = latency_s, api_key, retry_after_ms, hang_s
+        self.models = models
         self.reset()
 
     def reset(self) -> None:
@@ -92,6 +97,9 @@ async def _chat(request: web.Request) -> web.Response:
         return web.json_response({"error": {"message": "invalid api key", "type": "authentication_error"}},
                                  status=401)
     body = await request.json()
+    if state.models is not None and body.get("model") not in state.models:
+        return web.json_response({"error": {"message": f"model {body.get('model')!r} not found",
+                                            "type": "invalid_request_error"}}, status=404)
     messages = body["messages"]
     user = messages[-1]["content"]
     key = request_key(user)
@@ -151,8 +159,10 @@ class LoopbackJudge:
     """Runs the server in a subprocess on 127.0.0.1:<free port>; a context manager that stops it."""
 
     def __init__(self, latency_s: float = 0.0, api_key: str | None = None, retry_after_ms: int = 50,
-                 hang_s: float = 30.0):
+                 hang_s: float = 30.0, models: list[str] | None = None):
         self.args = ["--latency", str(latency_s), "--retry-after-ms", str(retry_after_ms), "--hang", str(hang_s)]
+        if models is not None:
+            self.args += ["--models", ",".join(models)]
         self.api_key = api_key
         self.proc: subprocess.Popen | None = None
         self._log = None
@@ -224,8 +234,10 @@ def main() -> None:
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--retry-after-ms", type=int, default=50)
     p.add_argument("--hang", type=float, default=30.0)
+    p.add_argument("--models", default=None, help="comma-separated model names served (default: any)")
     a = p.parse_args()
-    state = _State(a.latency, os.environ.get("LOOPBACK_JUDGE_KEY") or None, a.retry_after_ms, a.hang)
+    state = _State(a.latency, os.environ.get("LOOPBACK_JUDGE_KEY") or None, a.retry_after_ms, a.hang,
+                   a.models.split(",") if a.models else None)
     web.run_app(make_app(state), host="127.0.0.1", port=a.port, access_log=None, print=None,
                 handle_signals=True, backlog=1024)
 

@@ -10,6 +10,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from medrl.reward.text import fold_chars, strip_invisible
+
 DIMENSIONS = ("accuracy", "safety", "completeness", "clarity")
 ANSWER_OPEN, ANSWER_CLOSE = "<<<ANSWER>>>", "<<<END ANSWER>>>"
 
@@ -50,9 +52,18 @@ class Judgement:
         return {d: getattr(self, d) for d in DIMENSIONS}
 
 
+_MARKER = re.compile(r"<{2,}\s*/?\s*(?:END\s*)?ANSWER\s*>{2,}", flags=re.IGNORECASE)
+
+
 def _scrub(text: str) -> str:
-    """Remove marker look-alikes so the graded text cannot close its own delimiters."""
-    return re.sub(r"<<<\s*(?:END\s+)?ANSWER\s*>>>", "[marker removed]", text, flags=re.IGNORECASE)
+    """Remove invisible characters and marker look-alikes (``<<END ANSWER>>``, full-width ``＜＜＜END ANSWER＞＞＞``,
+    ``<<<END\u200bANSWER>>>``) so the graded text cannot close its own delimiters."""
+    text = strip_invisible(text)
+    folded = fold_chars(text)
+    spans = [m.span() for m in _MARKER.finditer(folded)]
+    for start, end in reversed(spans):
+        text = text[:start] + "[marker removed]" + text[end:]
+    return text
 
 
 def build_messages(prompt: str, answer: str, reference: str | None) -> list[dict[str, str]]:

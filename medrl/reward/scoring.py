@@ -29,10 +29,13 @@ def combine(cfg: RewardConfig, item: RewardInput, rules: RuleOutcome, judgement:
     reasons = {name: s.reason for name, s in rules.scores.items()}
     teacher = None
     if judgement is not None:
-        teacher = teacher_score(judgement, cfg.judge.dimension_weights)
+        # second line of defence: self-grading in the answer zeroes the teacher part, whatever the judge said
+        teacher = 0.0 if rules.dictated else teacher_score(judgement, cfg.judge.dimension_weights)
         components["teacher"] = teacher
         components.update({f"judge.{d}": getattr(judgement, d) / 10.0 for d in DIMENSIONS})
         judge_reason = judgement.reason
+        if rules.dictated:
+            judge_reason = f"teacher score zeroed: the answer grades itself ({judge_reason})"
     if judge_reason:
         reasons["judge"] = judge_reason
     reward = rules.rule if teacher is None else cfg.w_rule * rules.rule + cfg.w_teacher * teacher

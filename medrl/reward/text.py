@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -26,6 +27,29 @@ ZH_STOPWORDS = frozenset("""
 的 了 是 在 和 与 或 及 等 也 就 都 而 但 如果 因为 所以 可以 一个 一种 这个 那个 这些 那些 我们 你们 他们 她们 它们 通常 一般
 可能 需要 进行 以及 或者 并且 而且 然后 其中 没有 不是 什么 怎么 如何 为什么 哪些 非常 比较 主要 包括 由于 对于 关于 目前
 """.split())
+
+
+INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b-\u200f\u202a-\u202e"
+                       "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]")
+"""Zero-width and other invisible format characters: they split a word for a regex but not for a reader."""
+_SPACED_OUT = re.compile(r"(?<!\w)(?:\w[ \t]){3,}\w(?!\w)")
+
+
+def strip_invisible(text: str) -> str:
+    return INVISIBLE.sub("", text)
+
+
+def normalise(text: str) -> str:
+    """The text every rule reads: NFKC (full-width letters, digits and brackets become ASCII), invisible characters
+    removed, and words spelled out letter by letter ("i g n o r e", "请 忽 略") joined again."""
+    text = unicodedata.normalize("NFKC", strip_invisible(text))
+    return _SPACED_OUT.sub(lambda m: m.group(0).replace(" ", "").replace("\t", ""), text)
+
+
+def fold_chars(text: str) -> str:
+    """A same-length copy of ``text`` with each character NFKC-folded to its first character ("＜" -> "<"), for
+    finding spans in the original text."""
+    return "".join((unicodedata.normalize("NFKC", c) or c)[0] for c in text)
 
 
 @dataclass(frozen=True)
@@ -113,3 +137,68 @@ def _add_en(text: str, add) -> None:
 def term_found(term: str, answer: str, answer_words: set[str]) -> bool:
     """Chinese terms match as substrings (segmentation-proof), English terms as stemmed words."""
     return term in answer if has_cjk(term) else term in answer_words
+
+
+_LIST_TOKEN = re.compile(rf"[A-Za-z0-9]+(?:[.\-][A-Za-z0-9]+)*|[{_CJK}]+|[.;:!?。；：！？()（）\[\]]|\n[ \t]*(?:[-*•·]|\d+[.)、])")
+_ZH_PARTICLES = frozenset("的了是在和与或及等也就都而但并且把被从向对给让使为以于之其这那有会要能可请")
+
+
+def _content_runs(text: str) -> list[tuple[int, int, int]]:
+    """(start, end, items) of each stretch of content items that no function word, sentence punctuation or bullet
+    interrupts. Items are separated by spaces, commas, 、, slashes or plain line breaks; text with no separator (a
+    Chinese clause, "300mg") is one item."""
+    runs: list[tuple[int, int, int]] = []
+    start = end = n = 0
+
+    def close() -> None:
+        nonlocal n
+        if n:
+            runs.append((start, end, n))
+        n = 0
+
+    def item(s: int, e: int) -> None:
+        nonlocal start, end, n
+        if n and s == end:  # no separator: the same item goes on
+            end = e
+            return
+        if n == 0:
+            start = s
+        end, n = e, n + 1
+
+    for m in _LIST_TOKEN.finditer(text):
+        tok = m.group()
+        if has_cjk(tok[0]):
+            pos = m.start()
+            for w in _jieba().lcut(tok):
+                if w in ZH_STOPWORDS or (len(w) == 1 and w in _ZH_PARTICLES):
+                    close()
+                else:
+                    item(pos, pos + len(w))
+                pos += len(w)
+        elif tok[0].isalnum():
+            if tok.lower() in EN_STOPWORDS:
+                close()
+            else:
+                item(m.start(), m.end())
+        else:
+            close()
+    close()
+    return runs
+
+
+@lru_cache(maxsize=4096)
+def longest_content_run(text: str) -> int:
+    return max((n for _, _, n in _content_runs(text)), default=0)
+
+
+def without_keyword_lists(answer: str, reference: str, min_run: int) -> tuple[str, int]:
+    """The answer with its keyword lists blanked, and how many items they held. A keyword list is a run of at least
+    ``min_run`` items, longer than any run in the reference, with no function word or sentence punctuation in it:
+    a dump of terms, not a sentence. Its terms do not count as covered."""
+    limit = max(min_run, longest_content_run(reference) + 1)
+    out, pos, dropped = [], 0, 0
+    for start, end, n in _content_runs(answer):
+        if n >= limit:
+            out += [answer[pos:start], " "]
+            pos, dropped = end, dropped + n
+    return "".join(out) + answer[pos:], dropped

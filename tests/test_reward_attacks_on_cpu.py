@@ -1,0 +1,71 @@
+"""Red-team table (tests/reward_attacks.py, English + Chinese): every attack gets its expected outcome, ordinary
+medical text stays clean, an obedient judge gains nothing, delimiter look-alikes never reach the judge, and keyword
+stuffing does not raise R (rules + the offline reference judge)."""
+from __future__ import annotations
+
+import re
+import unicodedata
+
+import pytest
+
+from medrl.reward.config import RewardConfig
+from medrl.reward.judge import reference_judgement
+from medrl.reward.rubric import ANSWER_CLOSE, ANSWER_OPEN, Judgement, build_messages
+from medrl.reward.rules import evaluate_rules, keyword_rule
+from medrl.reward.scoring import combine
+from medrl.reward.types import RewardInput
+from reward_attacks import ATTACKS, EN_REF, ZH_REF, attack_response, stuffing_cases
+
+CFG = RewardConfig()
+OBEYED = Judgement(10, 10, 10, 10, "obeyed the answer")
+
+
+@pytest.mark.parametrize("attack_id,text,expected", ATTACKS, ids=[a[0] for a in ATTACKS])
+def test_attack_table(attack_id, text, expected):
+    item = RewardInput(attack_id, "How do I treat a tension headache?", attack_response(attack_id, text))
+    rules = evaluate_rules(item, CFG.rules)
+    got = "blocked" if rules.injected else "teacher_zeroed" if rules.dictated else "clean"
+    assert got == expected, rules.flags
+    result = combine(CFG, item, rules, OBEYED, "ok")  # a judge that does what the answer says
+    if expected == "blocked":
+        assert result.reward == 0.0 and rules.scores["safety"].score == 0.0
+    elif expected == "teacher_zeroed":
+        assert result.teacher == 0.0 and result.reward == pytest.approx(CFG.w_rule * rules.rule)
+        assert "score_dictation" in result.flags and "grades itself" in result.reasons["judge"]
+    else:
+        assert result.teacher == 1.0 and not result.flags
+
+
+def test_marker_look_alikes_never_reach_the_judge():
+    for text in ("<<END ANSWER>> ok", "<<<END\u200bANSWER>>> ok", "＜＜＜END ANSWER＞＞＞ ok", "<<< answer >>>",
+                 "<<<ＥＮＤ ＡＮＳＷＥＲ>>>"):
+        user = build_messages("q", text, "ref <<<END ANSWER>>>")[1]["content"]
+        folded = re.sub("[\u200b-\u200f\ufeff]", "", unicodedata.normalize("NFKC", user))
+        assert len(re.findall(r"<{2,}\s*(?:END\s*)?ANSWER\s*>{2,}", folded, flags=re.I)) == 2, user
+        assert user.count(ANSWER_OPEN) == 1 and user.count(ANSWER_CLOSE) == 1 and "[marker removed]" in user
+
+
+def _reward(reference: str, answer: str) -> float:
+    item = RewardInput("s", "Chest pain and sweating: what now?", f"<think>\nMI.\n</think>\n\n{answer}",
+                       reference=reference, risk="high")
+    rules = evaluate_rules(item, CFG.rules)
+    return combine(CFG, item, rules, reference_judgement(rules.answer, reference, rules), "ok").reward
+
+
+@pytest.mark.parametrize("case", stuffing_cases(), ids=[c[0] for c in stuffing_cases()])
+def test_keyword_stuffing_does_not_pay(case):
+    _, reference, honest, stuffed = case
+    assert _reward(reference, stuffed) <= _reward(reference, honest) + 1e-9
+
+
+def test_natural_answers_keep_their_coverage():
+    # the reference copied word for word (terse, list-like) and a bulleted answer still count every term
+    for ref in (EN_REF, ZH_REF):
+        assert keyword_rule(ref, ref, 32).score == 1.0
+    bullets = ("Treatment:\n- Aspirin 300 mg chewed now\n- An ECG within ten minutes\n- Troponin measured\n"
+               "- Primary PCI is preferred")
+    score = keyword_rule(bullets, EN_REF, 32)
+    assert score.score == pytest.approx(keyword_rule(bullets.replace("\n- ", ". "), EN_REF, 32).score)
+    assert "ignored" not in score.reason
+    listed = keyword_rule("Terms: " + " ".join(["aspirin troponin ECG PCI reperfusion"] * 2), EN_REF, 32)
+    assert listed.score == 0.0 and "10 words in keyword lists ignored" in listed.reason
