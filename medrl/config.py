@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from medrl.config_base import StrictModel
 
@@ -61,7 +61,7 @@ class ModelConfig(StrictModel):
 class RayConfig(StrictModel):
     address: str | None = None
     """None: start a private local Ray runtime in this process; otherwise a cluster address (or ``auto``)."""
-    num_cpus: float | None = None
+    num_cpus: float | None = Field(None, gt=0)
     """CPUs for the local runtime (None: all)."""
     include_dashboard: bool = False
 
@@ -170,6 +170,10 @@ def _format_error(err: dict, source: str) -> str:
     if isinstance(err.get("input"), dict):  # a cross-field check of a whole section (model validator)
         return f"{source}: {key or 'config'}: {err['msg'].removeprefix('Value error, ')}"
     got = err.get("input")
+    if err["type"] == "value_error":  # a field check's own message (it may concern a secret: never echo the input)
+        return f"{source}: key '{key}': {err['msg'].removeprefix('Value error, ')}"
+    if err["type"] == "finite_number":
+        return f"{source}: key '{key}' must be a finite number, got {got!r}"
     if err["type"] in _RANGE_ERRORS:
         return f"{source}: key '{key}' is out of range: got {got!r} ({err['msg']})"
     expected = _type_name(annotation) if annotation is not None else "a valid value"
@@ -192,7 +196,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """``ppo.kl.target=0.1`` -> (``ppo.kl.target``, 0.1). Values are parsed as YAML scalars/lists."""
     if "=" not in text or text.startswith("="):
-        raise ConfigError(f"override '{text}' must look like section.key=value")
+        raise ConfigError(f"override '{_shown(text)}' must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
@@ -201,39 +205,90 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def validate_tree(tree: dict, source: str) -> Config:
+def _shown(override: str) -> str:
+    """An override as error messages show it: the value of a secret-looking key (or of a ``*_env`` key, where a
+    key pasted by mistake would otherwise be echoed) is masked."""
+    key, sep, value = override.partition("=")
+    last = key.strip().rsplit(".", 1)[-1]
+    if sep and value and (_SECRET_KEY.search(last) or last.endswith("_env")):
+        return f"{key}=***"
+    return override
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first at line {seen[key] + 1})", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _read_yaml(p: Path, source: str) -> Any:
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at line {line}): save the "
+                          "file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def validate_tree(tree: dict, source: str, overrides: list[tuple[str, str]] = ()) -> Config:
+    """Validate the whole tree once. An error is reported against the override that set the key it concerns (the
+    last one), else against ``source``."""
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc.errors()[0], source)) from None
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        for key, text in reversed(overrides):
+            if key == loc or key.startswith(loc + ".") or loc.startswith(key + ".") or not loc:
+                source = f"override '{_shown(text)}'"
+                break
+        raise ConfigError(_format_error(err, source)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or defaults when ``path`` is None), apply dotted overrides, validate."""
+    """Load a YAML config (or defaults when ``path`` is None), apply all dotted overrides, then validate the tree
+    once (so overrides that are only valid together, such as a judge model and its price, can be given)."""
     tree: dict = {}
     source = "<defaults>"
     if path is not None:
         p = Path(path)
         source = str(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {path} is a directory")
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{source}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        loaded = _read_yaml(p, source)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
-    cfg = validate_tree(tree, source)
+    applied = []
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value, f"override '{text}'")
-        cfg = validate_tree(tree, f"override '{text}'")
-    return cfg
+        _set_dotted(tree, key, value, f"override '{_shown(text)}'")
+        applied.append((key, text))
+    return validate_tree(tree, source, applied)
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:

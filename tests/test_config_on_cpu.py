@@ -108,3 +108,45 @@ def test_out_of_range_value_says_so():
         load_config(None, ["eval.decoding.top_p=0"])
     assert str(e.value) == ("override 'eval.decoding.top_p=0': key 'eval.decoding.top_p' is out of range: got 0 "
                             "(Input should be greater than 0)")
+
+
+def test_overrides_are_validated_together_and_errors_name_the_right_one():
+    together = ["reward.judge.model=my-llm", "reward.judge.prices.my-llm={input: 0, input_cache_hit: 0, output: 0}"]
+    for order in (together, together[::-1]):  # a self-hosted judge from the command line, in either order
+        assert load_config(None, order).reward.judge.model == "my-llm"
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["run.seed=3", "reward.judge.model=x", "run.name=y"])
+    assert str(e.value).startswith("override 'reward.judge.model=x': reward.judge: judge model 'x' has no entry")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("ppo.kl.target=.inf", "key 'ppo.kl.target' must be a finite number, got inf"),
+    ("reward.judge.budget_usd=.nan", "key 'reward.judge.budget_usd' must be a finite number, got nan"),
+    ("ray.num_cpus=-1", "key 'ray.num_cpus' is out of range: got -1"),
+    ("ray.num_cpus=0", "key 'ray.num_cpus' is out of range: got 0"),
+])
+def test_bounds_and_non_finite_numbers(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_duplicate_keys_and_non_utf8_files_name_file_and_line(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, "run:\n  seed: 1\n  name: a\n  seed: 2\n"))
+    assert str(e.value) == f"{tmp_path}/c.yaml: line 4 is not valid YAML (duplicate key 'seed' (first at line 2))"
+    (tmp_path / "l1.yaml").write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "l1.yaml")
+    assert str(e.value) == f"{tmp_path}/l1.yaml: not UTF-8 text (byte 0xe9 at line 2): save the file as UTF-8"
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["sk-live0123456789abcdef0123", "a1B2c3D4e5F6g7H8i9J0k1L2m3", "hf_AbCdEf"])
+def test_a_key_pasted_as_the_variable_name_is_refused_unseen(tmp_path, value):
+    for source in ([f"reward.judge.api_key_env={value}"], _write(tmp_path, f"reward:\n  judge:\n    api_key_env: {value}\n")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, source) if isinstance(source, list) else load_config(source)
+        assert value not in str(e.value) and "looks like an API key itself" in str(e.value)
+    assert load_config(None, ["reward.judge.api_key_env=MY_JUDGE_KEY_2"]).reward.judge.api_key_env == "MY_JUDGE_KEY_2"

@@ -5,9 +5,10 @@ R = w_rule * Rule + w_teacher * Teacher; when no teacher score exists (judge off
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from medrl.config_base import StrictModel
 
@@ -88,6 +89,19 @@ def _deepseek_prices() -> dict[str, Price]:
     return {"deepseek-chat": p, "deepseek-reasoner": p}
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_PREFIXES = ("sk-", "sk_", "pk-", "rk-", "ghp_", "gho_", "github_pat_", "hf_", "xox", "akia", "aiza", "glpat-")
+
+
+def looks_like_secret(value: str) -> bool:
+    """A value that looks like an API key or token rather than the name of an environment variable: a known key
+    prefix, or not a variable name, or a long mixed-case/digit run (variable names are short UPPER_SNAKE words)."""
+    v = value.strip()
+    if v.lower().startswith(_KEY_PREFIXES) or not _ENV_NAME.fullmatch(v):
+        return True
+    return len(v) >= 24 and any(c.isdigit() for c in v) and not v.isupper()
+
+
 class JudgeConfig(StrictModel):
     provider: Literal["openai", "reference", "none"] = "openai"
     """``openai``: any OpenAI-compatible endpoint; ``reference``: offline deterministic comparison with the reference;
@@ -95,7 +109,8 @@ class JudgeConfig(StrictModel):
     base_url: str = "https://api.deepseek.com"
     model: str = "deepseek-chat"
     api_key_env: str = "DEEPSEEK_API_KEY"
-    """Name of the environment variable holding the API key (the key itself is never stored or logged)."""
+    """Name of the environment variable holding the API key (the key itself is never stored or logged); a value
+    that looks like a key is refused without being shown."""
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(256, ge=16)
     """Completion cap of one judgement (the JSON is ~60-120 tokens)."""
@@ -131,6 +146,14 @@ class JudgeConfig(StrictModel):
     """SQLite judgement cache (WAL), shared across runs; relative paths are relative to the working directory."""
     tokenizer: str | None = None
     """Local tokenizer directory ``medrl judge --dry-run`` counts judge tokens with (None: documented estimate)."""
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name_not_key(cls, value: str) -> str:
+        if looks_like_secret(value):
+            raise ValueError("this looks like an API key itself, not the name of an environment variable: put the "
+                             "key in a variable (export DEEPSEEK_API_KEY=...) and give its name here (value not shown)")
+        return value
 
     @model_validator(mode="after")
     def _priced(self):
