@@ -15,6 +15,40 @@ log = logging.getLogger("medrl")
 OFFLINE_ENV = {"DS_ACCELERATOR": "cpu", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def check_writable(path: Path, what: str, directory: bool = False) -> Path:
+    """Fail before any work when ``path`` (a file, or a directory to fill) cannot be written: its parent is created
+    and a scratch file is written and removed there."""
+    import tempfile
+
+    path = Path(path)
+    target = path if directory else path.parent
+    if directory and path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path} exists and is not a directory")
+    if not directory and path.is_dir():
+        raise UsageError(f"{what} {path} is a directory, expected a file path")
+    blocking = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"cannot write {what} {path}: {blocking} is a file, not a directory")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".medrl-write-check-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write {what} {path}: {exc.strerror or exc}"
+                         + (f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else "")) from None
+    return path
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, default=None,
                    help="YAML config (default: built-in defaults for Qwen3-1.7B)")
@@ -47,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", type=Path, required=True,
                    help="JSONL with prompt, response and optional reference, risk")
     p.add_argument("--out", type=Path, required=True, help="output JSONL with reward breakdowns")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N rows (N >= 1)")
     p.add_argument("--dry-run", action="store_true", help="estimate tokens and cost without calling the judge")
 
     p = sub.add_parser("ppo", help="RL: Ray rollout actors, streamed judge scoring, PPO/GRPO/RLOO/REINFORCE++ learner")
@@ -168,6 +202,7 @@ def _dispatch(args) -> int:
     if cmd == "tiny-model":
         from medrl.models.tiny import TinySpec, build_tiny_model
 
+        check_writable(args.out, "model directory", directory=True)
         out = build_tiny_model(args.out, TinySpec(vocab_size=args.vocab_size, seed=args.seed), args.corpus)
         print(f"tiny Qwen3 model written to {out}")
         return 0
@@ -179,6 +214,8 @@ def _dispatch(args) -> int:
     if cmd == "report":
         if not args.run_dir.is_dir():
             raise UsageError(f"run directory not found: {args.run_dir}")
+        if not (args.run_dir / "config.yaml").is_file():
+            raise UsageError(f"{args.run_dir} is not a run directory (no config.yaml): give runs/<run.name>")
         from medrl.evaluation.report import build_report
         from medrl.runs import RunDir, setup_logging
 
@@ -194,6 +231,8 @@ def _dispatch(args) -> int:
 
         return run_demo(args)
 
+    if cmd in ("judge", "merge") and not getattr(args, "dry_run", False):
+        check_writable(args.out, "output file" if cmd == "judge" else "model directory", directory=cmd == "merge")
     cfg, run = _configured(args)
     if cmd == "prepare":
         from medrl.data.prepare import run_prepare

@@ -14,6 +14,8 @@ from medrl.errors import UsageError
 def iter_jsonl(path: Path, required: tuple[str, ...] = (), missing_hint: str = "") -> Iterator[tuple[int, dict]]:
     """Yield ``(line number, object)``; every key in ``required`` must hold a non-empty string."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory, expected a JSONL file" + (f" ({missing_hint})" if missing_hint else ""))
     if not path.is_file():
         raise UsageError(f"{path} not found" + (f": {missing_hint}" if missing_hint else ""))
     with open(path, encoding="utf-8-sig") as f:  # a BOM from a spreadsheet export is not an error

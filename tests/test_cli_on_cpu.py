@@ -56,3 +56,37 @@ def test_tiny_model_command(tmp_path):
 def test_report_on_missing_dir_exits_2(tmp_path):
     r = _medrl("report", str(tmp_path / "nope"))
     assert r.returncode == 2 and "run directory not found" in r.stderr
+
+
+def test_bad_arguments_fail_at_once_with_one_line(tmp_path, capsys, monkeypatch):
+    """Each case exits 2 with one line naming the problem, before any work (no Ray start, no model built)."""
+    from medrl.cli import main
+
+    monkeypatch.chdir(REPO)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notrun").mkdir()
+    rows = tmp_path / "in.jsonl"
+    rows.write_text('{"prompt": "Fever?", "response": "Rest."}\n')
+    cfg = ["--config", "configs/local_tiny.yaml", f"run.root={tmp_path}/runs"]
+    cases = [
+        (["tiny-model", "--out", str(tmp_path / "afile" / "m")], f"{tmp_path}/afile is a file, not a directory"),
+        (["judge", *cfg, "--input", str(rows), "--out", str(tmp_path / "afile" / "o.jsonl")],
+         f"cannot write output file {tmp_path}/afile/o.jsonl: {tmp_path}/afile is a file"),
+        (["judge", "--limit", "-5", *cfg, "--input", str(rows), "--out", str(tmp_path / "o.jsonl")],
+         "argument --limit: must be at least 1, got -5"),
+        (["judge", *cfg, "--input", str(tmp_path), "--out", str(tmp_path / "o.jsonl")],
+         f"{tmp_path} is a directory, expected a JSONL file"),
+        (["report", str(tmp_path / "notrun")], "is not a run directory (no config.yaml)"),
+        (["ppo", *cfg, "run.name=empty"], "rl_prompts.jsonl not found: run `medrl prepare` first"),
+    ]
+    import ray
+
+    for args, message in cases:
+        try:
+            rc = main(args)
+        except SystemExit as exc:  # argparse
+            rc = exc.code
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err.strip().splitlines()[-1], (args, err)
+        assert "Traceback" not in err and not ray.is_initialized()
+    assert not (tmp_path / "o.jsonl").exists()

@@ -31,7 +31,7 @@ from medrl.ppo.batch import Batch, Rollout, Sample
 from medrl.ppo.groups import ActorGroups
 from medrl.ppo.kl_controller import make_kl_controller
 from medrl.ppo.learner import num_minibatches
-from medrl.ppo.preflight import absolute_paths, resolve_init_adapter
+from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
 from medrl.ppo.prompts import load_prompts, prompts_at, reward_input
 from medrl.ppo.step_log import append_samples, reward_metrics
 from medrl.reward.types import RewardResult
@@ -53,6 +53,7 @@ def run_ppo(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
                          f"auto, or remove them / choose another run.name")
     if resume == "auto" and checkpoint is None:
         log.info("no PPO checkpoint to resume from: starting at step 0")
+    check_run_inputs(cfg, run)
     started = init_ray(cfg.ray)
     try:
         with PPOTrainer(cfg, run) as trainer:
