@@ -26,6 +26,8 @@ def iter_jsonl(path: Path, required: tuple[str, ...] = (), missing_hint: str = "
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise UsageError(f"{path}:{lineno}: JSON nested too deeply to read (over ~1,000 levels)") from None
             if not isinstance(row, dict):
                 raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             for key in required:

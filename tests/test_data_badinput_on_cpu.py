@@ -151,3 +151,31 @@ def test_strict_turns_a_reject_into_an_error(tmp_path, monkeypatch):
         run_prepare(cfg, RunDir.from_config(cfg), strict=True)
     assert str(e.value).startswith(f"{fuzz}:3: malformed JSON") and "--strict" in str(e.value)
     assert not RunDir.from_config(cfg).data_card.exists()
+
+
+def test_deeply_nested_json_is_a_reject_not_a_crash(tmp_path):
+    """A 100k-deep array as a whole file, as a row, as a JSONL line or in a JSONL field: one reject each, the good
+    rows around it kept (json raises RecursionError on it)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    good = [json.dumps(g, ensure_ascii=False) for g in GOOD]
+    files = {"file.json": (deep, 0), "row.json": (f"[{good[0]}, {deep}, {good[1]}]", 2),
+             "line.jsonl": f"{good[0]}\n{deep}\n{good[1]}\n", "field.jsonl": f'{good[0]}\n{{"question": {deep}}}\n'}
+    for name, content in files.items():
+        text, kept = content if isinstance(content, tuple) else (content, 1 + ("line" in name))
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        rows = _rows(tmp_path / name, name.rsplit(".", 1)[1])
+        assert sum(r.record is not None for r in rows) == kept, name
+        assert [r.error for r in rows if r.record is None] == [
+            "JSON nested too deeply to read (arrays/objects over ~1,000 levels deep)"], name
+
+
+def test_unclosed_csv_quote_rejects_one_line_and_keeps_the_rest(tmp_path):
+    lines = ["question,answer,department,title", '"What is fever?,A raised temperature.,general,fever']
+    lines += [f"What helps symptom {i}?,Rest and fluids.,general,t{i}" for i in range(26)]
+    (tmp_path / "q.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows = _rows(tmp_path / "q.csv", "csv")
+    assert sum(r.record is not None for r in rows) == 26
+    rejects = [(r.line, r.error) for r in rows if r.record is None]
+    assert rejects == [(2, "unclosed quote: a quoted field opened on line 2 runs to line 28 (1 columns, the header "
+                           "has 4); lines 3-28 are read again as rows")]
+    assert [r.line for r in rows if r.record is not None] == list(range(3, 29))

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 from medrl.errors import UsageError
 
 RawRow = tuple[int, Any, "str | None"]
+TOO_DEEP = "JSON nested too deeply to read (arrays/objects over ~1,000 levels deep)"
 _BOM = b"\xef\xbb\xbf"
 _DECODER = json.JSONDecoder()
 _WS = " \t\r\n"
@@ -60,6 +61,8 @@ def read_jsonl(path: Path, max_row_bytes: int) -> Iterator[RawRow]:
                 yield line_no, json.loads(text), None
             except json.JSONDecodeError as exc:
                 yield line_no, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
+            except RecursionError:
+                yield line_no, None, TOO_DEEP
     if rows == 0:
         yield 0, None, "empty file (no rows)"
 
@@ -144,11 +147,14 @@ def _scan_container(text: str, pos: int, close: str, keyed: bool, lines: _Lines,
                 raise json.JSONDecodeError("expected ':'", text, pos)
             pos = _skip_ws(text, pos + 1)
         start = pos
-        value, pos = _DECODER.raw_decode(text, pos)
-        line = lines.at(start)
-        if keyed and isinstance(value, dict):
-            value = {**value, "_key": key}
-        yield _row(value, line, len(text[start:pos].encode("utf-8", "surrogateescape")), max_row_bytes)
+        try:
+            value, pos = _DECODER.raw_decode(text, pos)
+        except RecursionError:
+            pos = _skip_value(text, start)
+            yield lines.at(start), None, TOO_DEEP
+        else:
+            yield _keyed_row(value, key, keyed, lines.at(start), len(text[start:pos].encode("utf-8", "surrogateescape")),
+                             max_row_bytes)
         pos = _skip_ws(text, pos)
         if pos < len(text) and text[pos] == close:
             return
@@ -157,11 +163,43 @@ def _scan_container(text: str, pos: int, close: str, keyed: bool, lines: _Lines,
         pos = _skip_ws(text, pos + 1)
 
 
+def _keyed_row(value: Any, key: Any, keyed: bool, line: int, size: int, max_row_bytes: int) -> RawRow:
+    if keyed and isinstance(value, dict):
+        value = {**value, "_key": key}
+    return _row(value, line, size, max_row_bytes)
+
+
+def _skip_value(text: str, pos: int) -> int:
+    """End of the JSON value at ``pos`` found by counting brackets outside strings (no recursion, any depth)."""
+    depth, i, n = 0, pos, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth <= 0:
+                return i + 1
+        elif depth == 0 and c == ",":
+            return i
+        i += 1
+    raise json.JSONDecodeError("unterminated value", text, pos)
+
+
 def _scan_stream(text: str, pos: int, lines: _Lines, max_row_bytes: int) -> Iterator[RawRow]:
     while pos < len(text):
         start = pos
-        value, pos = _DECODER.raw_decode(text, pos)
-        yield _row(value, lines.at(start), len(text[start:pos].encode("utf-8", "surrogateescape")), max_row_bytes)
+        try:
+            value, pos = _DECODER.raw_decode(text, pos)
+        except RecursionError:
+            pos = _skip_value(text, start)
+            yield lines.at(start), None, TOO_DEEP
+        else:
+            yield _row(value, lines.at(start), len(text[start:pos].encode("utf-8", "surrogateescape")), max_row_bytes)
         pos = _skip_ws(text, pos)
 
 
@@ -191,9 +229,12 @@ def decode_csv(data: bytes, encoding: str) -> tuple[str, str]:
 
 
 def read_csv(path: Path, max_row_bytes: int, encoding: str = "auto") -> Iterator[RawRow]:
-    """CSV with a header row; each row is a dict keyed by the header. NUL bytes are dropped."""
+    """CSV with a header row; each row is a dict keyed by the header. NUL bytes are dropped. A quote that never
+    closes (the csv module reads every later line into one field) rejects only its own line, with that reason, and
+    the lines it swallowed are read again as rows."""
     text, used = decode_csv(read_bytes(path), encoding)
-    reader = csv.reader(io.StringIO(text.replace("\x00", ""), newline=""))
+    text = text.replace("\x00", "")
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
@@ -202,9 +243,10 @@ def read_csv(path: Path, max_row_bytes: int, encoding: str = "auto") -> Iterator
     except csv.Error as exc:
         yield 1, None, f"malformed CSV header: {exc}"
         return
-    rows, last = 0, reader.line_num
+    rows, offset, last = 0, 0, reader.line_num
+    physical: list[str] | None = None
     while True:
-        start = last + 1
+        start = offset + last + 1
         try:
             cells = next(reader)
         except StopIteration:
@@ -213,12 +255,21 @@ def read_csv(path: Path, max_row_bytes: int, encoding: str = "auto") -> Iterator
             rows, last = rows + 1, reader.line_num
             yield start, None, f"malformed CSV: {exc}"
             continue
+        end = offset + reader.line_num
         last = reader.line_num
         if not any(c.strip() for c in cells):
             continue
         rows += 1
         size = sum(len(c.encode("utf-8", "surrogateescape")) for c in cells)
-        if size > max_row_bytes:
+        if len(cells) != len(header) and end > start and any("\n" in c for c in cells):
+            # an unclosed quote: reject this line, read the swallowed lines again
+            yield start, None, (f"unclosed quote: a quoted field opened on line {start} runs to line {end} "
+                                f"({len(cells)} columns, the header has {len(header)}); lines {start + 1}-{end} are "
+                                f"read again as rows")
+            physical = physical if physical is not None else text.splitlines(keepends=True)
+            reader = csv.reader(io.StringIO("".join(physical[start:]), newline=""))
+            offset, last = start, 0
+        elif size > max_row_bytes:
             yield start, None, _too_big(size, max_row_bytes)
         elif len(cells) != len(header):
             yield start, None, f"row has {len(cells)} columns, the header has {len(header)}"
