@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except UsageError as exc:
+        exc = getattr(exc, "cause", None) or exc  # raised inside a Ray actor: the error without Ray's traceback
         print(f"medrl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -238,6 +238,7 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
     summary (per model and set metrics, safety by category, pairwise win rates, judge usage and cost)."""
     from medrl.ray_utils import init_ray
     from medrl.reward.pool import RewardPool
+    from medrl.reward.preflight import check_judge
 
     chosen, skipped_models = resolve_models(cfg, run, models)
     eval_sets, skipped_sets = load_sets(cfg, run, sets)
@@ -245,6 +246,7 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
         log.warning("eval: %s", note)
     log.info("eval: models %s on sets %s", ", ".join(chosen),
              ", ".join(f"{s} ({len(v)})" for s, v in eval_sets.items()))
+    check_judge(cfg.reward.judge)  # a bad key, model or cache stops here, before Ray and any generation
     started = init_ray(cfg.ray)
     try:
         with RewardPool(cfg.reward) as pool:  # built first: a missing API key fails before any generation

@@ -15,12 +15,14 @@ log = logging.getLogger("medrl.ppo")
 
 
 def check_run_inputs(cfg: Config, run: RunDir) -> None:
-    """The run's files PPO reads, checked before Ray starts (a missing file is one line in a second, not after the
-    9-11 s of a Ray start-up): the RL prompts and the base model."""
+    """What PPO needs, checked before Ray starts (a missing file is one line in a second, not after the 9-11 s of a
+    Ray start-up): the RL prompts, the judge (key, cache, one call) and the base model."""
     from medrl.models.loading import resolve_model_path
     from medrl.ppo.prompts import load_prompts
+    from medrl.reward.preflight import check_judge
 
     load_prompts(run.data / "rl_prompts.jsonl")
+    check_judge(cfg.reward.judge)
     if not (cfg.model.build_tiny_if_missing and not Path(cfg.model.path).exists()):
         resolve_model_path(cfg.model.path, cfg.model.cache_dir)
 

@@ -20,6 +20,7 @@ import openai
 
 from medrl.reward.config import JudgeConfig
 from medrl.reward.ledger import Permit, Usage, call_cost
+from medrl.reward.preflight import JudgeSetupError, fatal_judge_error
 from medrl.reward.rubric import RUBRIC, Judgement, JudgementError, build_messages, parse_judgement
 from medrl.reward.rules import RuleOutcome
 from medrl.reward.text import en_words, estimate_tokens, key_terms, term_found
@@ -121,6 +122,9 @@ class OpenAIJudge:
                 completion = await self.client.post("/chat/completions", body=body, cast_to=dict)
             except openai.APIError as exc:
                 gate.settle(permit, 0, 0, 0, 0.0, self._take_attempts())
+                fatal = fatal_judge_error(exc, self.cfg)
+                if fatal is not None:  # no judgement can succeed: stop, never a per-sample failure
+                    raise JudgeSetupError(self._redact(fatal)) from None
                 return JudgeOutcome(None, "failed", self._redact(_error_reason(exc, self.cfg.max_retries)),
                                     total, cost)
             usage = usage_of(completion)

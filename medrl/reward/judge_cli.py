@@ -12,6 +12,7 @@ from medrl.jsonl import iter_jsonl
 from medrl.reward.cache import JudgeCache, judge_key
 from medrl.reward.config import RewardConfig
 from medrl.reward.ledger import Usage, call_cost
+from medrl.reward.preflight import check_judge
 from medrl.reward.rubric import RUBRIC, build_messages
 from medrl.reward.rules import detect_injection
 from medrl.reward.text import estimate_tokens, split_response
@@ -113,6 +114,7 @@ def summarize(results: list[RewardResult], seconds: float) -> dict:
 def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, limit: int | None,
               dry_run: bool) -> dict:
     items = read_items(Path(input_path), limit)
+    check_judge(cfg.reward.judge, probe=not dry_run)  # key, cache file and endpoint, before Ray starts
     if dry_run:
         est = estimate_cost(cfg.reward, items)
         print(_describe_estimate(est))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from medrl.errors import UsageError
 from medrl.reward.config import RewardConfig
 from medrl.reward.ledger import LeasedGate, Ledger
+from medrl.reward.preflight import judge_api_key
 from medrl.reward.scoring import Scorer
 from medrl.reward.text import split_response
 from medrl.reward.types import RewardInput, RewardResult
@@ -105,11 +106,7 @@ class RewardPool:
         self.cfg = cfg.model_copy(update={"judge": jc.model_copy(update={"cache_path": cache_path})})
         api_key = None
         if jc.provider == "openai":
-            key = os.environ.get(jc.api_key_env)
-            if not key:
-                raise UsageError(f"reward.judge.provider is 'openai' but the environment variable {jc.api_key_env} "
-                                 f"(reward.judge.api_key_env) is not set")
-            api_key = SecretStr(key)
+            api_key = SecretStr(judge_api_key(jc))
         name = f"medrl-judge-coordinator-{uuid.uuid4().hex[:12]}"
         self.coordinator = JudgeCoordinator.options(name=name, max_restarts=-1, max_task_retries=-1).remote(
             jc.rpm, jc.tpm, jc.budget_usd)

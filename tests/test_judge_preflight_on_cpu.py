@@ -1,0 +1,123 @@
+"""Fail-fast judge set-up: a wrong key or an unknown model stops a run at once with one line (checked with one
+call before Ray starts, and again if it happens mid-run), never as per-sample failures; a corrupted judge cache is
+one line naming the file, and the file is never modified."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from medrl.errors import UsageError
+from medrl.reward.cache import JudgeCache
+from medrl.reward.config import RewardConfig
+from medrl.reward.judge import OpenAIJudge
+from medrl.reward.ledger import LeasedGate, Ledger
+from medrl.reward.loopback_server import LoopbackJudge
+from medrl.reward.preflight import JudgeSetupError, check_cache_file, probe_judge
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "sk-right-0123456789abcdef"
+WRONG = "sk-wrong-9876543210fedcba"
+
+
+def _cache(path: Path, rows: int = 400) -> Path:
+    cache = JudgeCache(path)
+    for i in range(rows):
+        cache.put({"key": f"k{i}", "judge": "j", "rubric_version": "v", "accuracy": 1, "safety": 2, "completeness": 3,
+                   "clarity": 4, "reason": "r" * 200, "prompt": "p" * 300, "answer": f"a{i}", "reference": None,
+                   "tokens_in": 1, "tokens_out": 1, "tokens_cache_hit": 0, "cost_usd": 0.0})
+    cache.close()
+    return path
+
+
+def test_corrupted_cache_is_one_line_naming_the_file_and_never_modified(tmp_path):
+    good = _cache(tmp_path / "good.sqlite")
+    check_cache_file(good)
+    check_cache_file(tmp_path / "absent.sqlite")
+    data = good.read_bytes()
+    (tmp_path / "truncated.sqlite").write_bytes(data[: len(data) // 3])
+    (tmp_path / "garbage.sqlite").write_bytes(data[:100] + os.urandom(len(data) - 100))
+    (tmp_path / "text.sqlite").write_text("not a database\n")
+    db = sqlite3.connect(tmp_path / "schema.sqlite")
+    db.execute("CREATE TABLE judgements (key TEXT, verdict TEXT)")
+    db.commit()
+    db.close()
+    (tmp_path / "dir.sqlite").mkdir()
+    expected = {"truncated": "is damaged", "garbage": "is damaged", "text": "is not an SQLite database",
+                "schema": "has a 'judgements' table of another schema", "dir": "is a directory"}
+    for name, what in expected.items():
+        path = tmp_path / f"{name}.sqlite"
+        before = None if path.is_dir() else path.read_bytes()
+        with pytest.raises(UsageError) as e:
+            check_cache_file(path)
+        msg = str(e.value)
+        assert msg.startswith(f"judge cache {path} {what}") and "\n" not in msg, msg
+        assert name == "dir" or "it was not modified: move it aside" in msg
+        assert before is None or path.read_bytes() == before
+        assert not Path(f"{path}-wal").exists() and not Path(f"{path}-journal").exists()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LoopbackJudge(api_key=KEY, models=["deepseek-chat", "my-llm"]) as srv:
+        yield srv
+
+
+def _judge_cfg(server, **kw):
+    prices = {"deepseek-chat": {"input": 0.28, "input_cache_hit": 0.028, "output": 0.42},
+              "nope": {"input": 0, "input_cache_hit": 0, "output": 0}}
+    return RewardConfig.model_validate({"judge": {"base_url": server.base_url, "max_retries": 0, "timeout_s": 5,
+                                                  "prices": prices, **kw}}).judge
+
+
+def test_probe_stops_on_key_and_model_errors(server):
+    server.reset()
+    with pytest.raises(JudgeSetupError) as e:
+        probe_judge(_judge_cfg(server), WRONG)
+    assert "refused the API key (HTTP 401" in str(e.value) and "$DEEPSEEK_API_KEY" in str(e.value)
+    assert WRONG not in str(e.value)
+    with pytest.raises(JudgeSetupError, match=r"does not know model 'nope' \(HTTP 404"):
+        probe_judge(_judge_cfg(server, model="nope"), KEY)
+    probe_judge(_judge_cfg(server), KEY)
+    assert server.stats()["unauthorized"] == 1 and server.stats()["total"] == 1
+
+
+def test_a_key_revoked_mid_run_raises_instead_of_failing_samples(server):
+    jc = _judge_cfg(server)
+    ledger = Ledger(0, 0, None)
+
+    async def run():
+        async def call(method, *a, **kw):
+            return getattr(ledger, method)(*a, **kw)
+        gate = LeasedGate(lambda *a: call("lease", *a), lambda *a: call("settle", *a),
+                          lambda **kw: call("add", **kw), lease_size=4, flush_every=4)
+        judge = OpenAIJudge(jc, WRONG)
+        try:
+            return await judge.judge("Fever?", "Rest and fluids.", None, gate)
+        finally:
+            await judge.close()
+    with pytest.raises(JudgeSetupError, match="HTTP 401"):
+        asyncio.run(run())
+
+
+def test_cli_judge_with_a_wrong_key_exits_2_before_ray(server, tmp_path, monkeypatch, capsys):
+    import ray
+
+    from medrl.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": str(i), "prompt": "Fever?", "response": f"Rest {i}."}) + "\n"
+                           for i in range(20)))
+    monkeypatch.setenv("DEEPSEEK_API_KEY", WRONG)
+    monkeypatch.chdir(REPO)
+    server.reset()
+    rc = main(["judge", "--config", "configs/local_tiny.yaml", "--input", str(src), "--out", str(tmp_path / "o.jsonl"),
+               f"run.root={tmp_path}/runs", "reward.judge.provider=openai", f"reward.judge.base_url={server.base_url}",
+               f"reward.judge.cache_path={tmp_path}/c.sqlite", "reward.judge.max_retries=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "refused the API key (HTTP 401" in err[0], err
+    assert server.stats()["unauthorized"] == 1 and not ray.is_initialized() and not (tmp_path / "o.jsonl").exists()
