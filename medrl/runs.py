@@ -182,11 +182,25 @@ class MetricsLogger:
         run.ensure()
         self.stage = stage
         self.path = run.metrics_path
-        self._writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self._tb_dir = run.tb_dir(stage) if tensorboard else None
+        self._writer = self._open_writer()
 
-            self._writer = SummaryWriter(log_dir=str(run.tb_dir(stage)))
+    def _open_writer(self, purge_step: int | None = None):
+        if self._tb_dir is None:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self._tb_dir), purge_step=purge_step)
+
+    def rewind(self, step: int) -> int:
+        """A resume from the checkpoint of ``step``: rows this stage logged after it (steps the interrupted run did
+        past its last checkpoint) are removed from metrics.jsonl, and TensorBoard hides its events after it, so the
+        run shows one history. Returns the rows removed."""
+        removed = rewind_jsonl(self.path, step, self.stage)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = self._open_writer(purge_step=step + 1)
+        return removed
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"stage": self.stage, "step": int(step), "time": round(time.time(), 3)}
@@ -209,6 +223,30 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def rewind_jsonl(path: Path, step: int, stage: str | None = None) -> int:
+    """Remove the rows with ``"step" > step`` (of ``stage`` only, when given) from a JSONL file, atomically; other
+    rows keep their order. Returns how many were removed."""
+    if not path.exists():
+        return 0
+    kept, removed = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a line cut by a kill: it belongs to no finished step
+            removed += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step and (
+                stage is None or row.get("stage") == stage):
+            removed += 1
+        elif row is not None:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if removed:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return removed
 
 
 def _plain(v: Any) -> Any:

@@ -177,3 +177,28 @@ def test_report_of_an_empty_run_names_what_is_missing(tmp_path, capsys):
                  "logged nothing yet)", "PPO reward (mean) and its rule / teacher parts: no data"):
         assert text in html
     assert not (run.report / "plots").exists() or not list((run.report / "plots").glob("*.png"))
+
+
+def test_a_resume_leaves_one_history(tmp_path):
+    """Steps an interrupted run did past its last checkpoint are removed when it resumes from that checkpoint:
+    metrics.jsonl (this stage only, a torn last line too) and samples.jsonl show steps 1..6 once."""
+    from medrl.runs import MetricsLogger, RunDir, read_metrics, rewind_jsonl
+
+    run = RunDir(tmp_path / "r").ensure()
+    samples = run.root / "samples.jsonl"
+    with MetricsLogger(run, "sft", tensorboard=False) as m:
+        m.log(9, {"loss": 1.0})
+    with MetricsLogger(run, "ppo", tensorboard=False) as m:
+        for step in (1, 2, 3, 4):
+            m.log(step, {"reward": step / 10})
+    samples.write_text("".join(f'{{"step": {s}, "id": "p{s}"}}\n' for s in (1, 2, 3, 4)))
+    with open(run.metrics_path, "a") as f:
+        f.write('{"stage": "ppo", "step": 5, "rew')  # killed mid-write
+    with MetricsLogger(run, "ppo", tensorboard=False) as m:  # resumed from the checkpoint of step 2
+        assert m.rewind(2) == 3
+        assert rewind_jsonl(samples, 2) == 2
+        for step in (3, 4, 5, 6):
+            m.log(step, {"reward": step / 10})
+    assert [r["step"] for r in read_metrics(run, "ppo")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(run, "sft")] == [9]
+    assert [json.loads(line)["step"] for line in samples.read_text().splitlines()] == [1, 2]

@@ -35,7 +35,7 @@ from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_a
 from medrl.ppo.prompts import load_prompts, prompts_at, reward_input
 from medrl.ppo.step_log import append_samples, reward_metrics
 from medrl.reward.types import RewardResult
-from medrl.runs import MetricsLogger, RunDir
+from medrl.runs import MetricsLogger, RunDir, rewind_jsonl
 
 log = logging.getLogger("medrl.ppo")
 
@@ -262,6 +262,8 @@ class PPOTrainer:
         behaviour = self.version + 1
         restored = self.groups.learner.load(str(path.resolve()), behaviour)
         self.step_no, self.data_position = state["step"], state["data_position"]
+        self.metrics.rewind(self.step_no)  # steps past the checkpoint are done again: one history in the run dir
+        rewind_jsonl(self.run.ppo_samples, self.step_no)
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self._resumed_behaviour = None
         if restored and self.ppo.async_rollout:  # the next step samples with the weights before the last update
