@@ -111,6 +111,18 @@ def summarize(results: list[RewardResult], seconds: float) -> dict:
             "mean_reward": round(sum(r.reward for r in results) / n, 4) if n else None}
 
 
+def warn_if_rate_limit_binds(cfg: RewardConfig, wait_call_s: float, limited_calls: int, seconds: float) -> bool:
+    """Warn when the configured rpm/tpm held judge calls back for more than a tenth of the elapsed time (summed
+    over calls): throughput is then set by the limit, not by the provider."""
+    if limited_calls == 0 or wait_call_s <= 0.1 * max(seconds, 1e-9):
+        return False
+    jc = cfg.judge
+    log.warning("the judge rate limit binds: %d calls waited %.0f s in all (%.2f s each) over %.1f s "
+                "(reward.judge.rpm=%s, tpm=%s); raise them if your provider allows more", limited_calls, wait_call_s,
+                wait_call_s / limited_calls, seconds, jc.rpm or "unlimited", jc.tpm or "unlimited")
+    return True
+
+
 def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, limit: int | None,
               dry_run: bool) -> dict:
     items = read_items(Path(input_path), limit)
@@ -130,6 +142,11 @@ def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, lim
             t0 = time.perf_counter()
             results = pool.score(items, progress=True)
             summary = summarize(results, time.perf_counter() - t0)
+            pool_stats = pool.stats()
+        summary["rate_limited_calls"] = pool_stats.get("rate_limited_calls", 0)
+        summary["rate_wait_call_s"] = pool_stats.get("rate_wait_call_s", 0.0)
+        warn_if_rate_limit_binds(cfg.reward, summary["rate_wait_call_s"], summary["rate_limited_calls"],
+                                 summary["seconds"])
     finally:
         if started:
             ray.shutdown()
@@ -149,6 +166,6 @@ def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, lim
           f"({summary['items_per_s']}/s): judged {summary['judged']}, cached {summary['cached']}, failed "
           f"{summary['failed']}, over budget {summary['over_budget']}, skipped {summary['skipped']}, dropped "
           f"{summary['dropped']}; tokens in {summary['tokens_in']} (cache hit {summary['tokens_cache_hit']}), out "
-          f"{summary['tokens_out']}; cost ${summary['cost_usd']:.4f}; mean reward {summary['mean_reward']} "
-          f"-> {out_path}")
+          f"{summary['tokens_out']}; cost ${summary['cost_usd']:.4f}; rate limit waits {summary['rate_wait_call_s']:.0f}"
+          f" call-s ({summary['rate_limited_calls']} calls held); mean reward {summary['mean_reward']} -> {out_path}")
     return summary

@@ -73,6 +73,8 @@ class Ledger:
         self.spent_usd = 0.0
         self.reserved_usd = 0.0
         self.rate_wait_s = 0.0
+        self.rate_wait_call_s = 0.0  # summed over calls: what the rate limits cost the judge actors
+        self.rate_limited_calls = 0
         self.counts = dict.fromkeys(COUNTERS, 0)
 
     def lease(self, n: int, tokens_each: int, cost_each: float) -> tuple[int, float] | None:
@@ -95,6 +97,9 @@ class Ledger:
             wait = max(wait, self.tokens_bucket.reserve(n * tokens_each, now))
         self.reserved_usd += n * cost_each
         self.rate_wait_s += wait
+        if wait > 0:
+            self.rate_wait_call_s += n * wait
+            self.rate_limited_calls += n
         return n, wait
 
     def settle(self, calls: int, unused: int, reserved_tokens: int, reserved_cost: float, tokens_in: int,
@@ -116,7 +121,8 @@ class Ledger:
     def stats(self) -> dict:
         left = None if self.budget_usd is None else max(0.0, self.budget_usd - self.spent_usd)
         return {**self.counts, "cost_usd": round(self.spent_usd, 6), "budget_usd": self.budget_usd,
-                "budget_left_usd": None if left is None else round(left, 6), "rate_wait_s": round(self.rate_wait_s, 3)}
+                "budget_left_usd": None if left is None else round(left, 6), "rate_wait_s": round(self.rate_wait_s, 3),
+                "rate_wait_call_s": round(self.rate_wait_call_s, 3), "rate_limited_calls": self.rate_limited_calls}
 
 
 @dataclass(frozen=True)
