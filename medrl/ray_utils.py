@@ -7,6 +7,10 @@ from medrl.config import RayConfig
 
 # Keep Ray on loopback and quiet on a single machine (see ../shared/STACK.md).
 _RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+QUIET_ACTOR_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning"}
+"""Actors do not print transformers' FutureWarnings and "Loading weights" bars once each (a user's own settings of
+these variables win)."""
 
 
 def init_ray(cfg: RayConfig, runtime_env: dict | None = None):
@@ -18,6 +22,9 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None):
         return False
     for k, v in _RAY_ENV.items():
         os.environ.setdefault(k, v)
+    quiet = {k: os.environ.get(k, v) for k, v in QUIET_ACTOR_ENV.items()}
+    runtime_env = {**(runtime_env or {})}
+    runtime_env["env_vars"] = {**quiet, **runtime_env.get("env_vars", {})}
     if cfg.address:
         ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=True)
     else:

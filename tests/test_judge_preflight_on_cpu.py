@@ -139,3 +139,32 @@ def test_rate_limit_cost_is_counted_per_call_and_warned_when_it_binds(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "the judge rate limit binds: 3 calls waited 6 s in all (2.00 s each) over 4.0 s (reward.judge.rpm=1200, "
         "tpm=2000000); raise them if your provider allows more"]
+
+
+def test_failed_judgements_warn_once_per_batch(server, tmp_path, caplog):
+    from medrl.reward.scoring import Scorer
+    from medrl.reward.types import RewardInput
+
+    cfg = RewardConfig.model_validate({"judge": {"base_url": server.base_url, "max_retries": 0, "timeout_s": 5,
+                                                 "malformed_retries": 0, "cache_path": str(tmp_path / "c.sqlite")}})
+    ledger = Ledger(0, 0, None)
+
+    async def call(method, *a, **kw):
+        return getattr(ledger, method)(*a, **kw)
+
+    async def run():
+        gate = LeasedGate(lambda *a: call("lease", *a), lambda *a: call("settle", *a),
+                          lambda **kw: call("add", **kw), lease_size=8, flush_every=8)
+        scorer = Scorer(cfg, gate, KEY)
+        try:
+            return await scorer.score_batch([RewardInput(str(i), "Fever?", f"Rest {i}. [[fault:500]]")
+                                             for i in range(12)])
+        finally:
+            await scorer.close()
+    with caplog.at_level("DEBUG", logger="medrl.reward"):
+        results = asyncio.run(run())
+    assert [r.judge_status for r in results] == ["failed"] * 12
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["12 of 12 judgements failed in this batch (scored by rules only); first: HTTP 500 (client "
+                        "retries: 0): Error code: 500 - server busy"]
+    assert sum("judgement failed for item" in r.getMessage() for r in caplog.records) == 12  # in the log file

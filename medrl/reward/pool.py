@@ -118,9 +118,12 @@ class RewardPool:
         self._metrics = MetricsLogger(run, "reward") if run is not None else None
         self._steps = 0
         self._warned_budget = False
-        log.info("reward pool: judge %s, %d actor(s) x %d concurrent, rpm %s, tpm %s, budget %s, cache %s",
-                 jc.judge_id, jc.num_actors, jc.concurrency, jc.rpm or "unlimited", jc.tpm or "unlimited",
-                 "none" if jc.budget_usd is None else f"${jc.budget_usd:g}", cache_path)
+        if jc.provider == "openai":
+            log.info("reward pool: judge %s, %d actor(s) x %d concurrent, rpm %s, tpm %s, budget %s, cache %s",
+                     jc.judge_id, jc.num_actors, jc.concurrency, jc.rpm or "unlimited", jc.tpm or "unlimited",
+                     "none" if jc.budget_usd is None else f"${jc.budget_usd:g}", cache_path)
+        else:  # no calls, no spending, no cache: say only what is used
+            log.info("reward pool: judge %s, %d actor(s)", jc.judge_id, jc.num_actors)
 
     def _route(self, item: RewardInput) -> int:
         """The actor for ``item``: items with the same judged content (prompt, final answer, reference) go to the

@@ -134,6 +134,10 @@ class Scorer:
             counts["judged" if r.judge_status == "ok" else r.judge_status] += 1
             counts["dropped"] += r.dropped
         await self.gate.flush(**counts)
+        if counts["failed"]:
+            first = next(r for r in results if r.judge_status == "failed")
+            log.warning("%d of %d judgements failed in this batch (scored by rules only); first: %s",
+                        counts["failed"], len(results), first.reasons.get("judge", ""))
         return results
 
     async def _teacher(self, item: RewardInput, key: str) -> JudgeOutcome:
@@ -169,8 +173,8 @@ class Scorer:
         elif outcome.status == "over_budget" and not self._warned_budget:
             self._warned_budget = True
             log.warning("judge budget of $%s reached: rewards fall back to rules only", self.cfg.judge.budget_usd)
-        elif outcome.status == "failed":
-            log.warning("judgement failed for item %s: %s", item.id, outcome.reason)
+        elif outcome.status == "failed":  # one warning per batch (score_batch), each item in the log file
+            log.debug("judgement failed for item %s: %s", item.id, outcome.reason)
         return outcome
 
     async def close(self) -> None:
