@@ -124,7 +124,7 @@ def test_cli_judge_with_a_wrong_key_exits_2_before_ray(server, tmp_path, monkeyp
 
 
 def test_rate_limit_cost_is_counted_per_call_and_warned_when_it_binds(caplog):
-    from medrl.reward.judge_cli import warn_if_rate_limit_binds
+    from medrl.reward.rate_report import RateWaitMeter
 
     now = [0.0]
     ledger = Ledger(rpm=60, tpm=0, budget_usd=None, clock=lambda: now[0])  # one call a second
@@ -132,10 +132,11 @@ def test_rate_limit_cost_is_counted_per_call_and_warned_when_it_binds(caplog):
     assert grants == [(1, 1.0), (1, 2.0), (1, 3.0)]
     stats = ledger.stats()
     assert stats["rate_wait_call_s"] == 6.0 and stats["rate_limited_calls"] == 3
-    cfg = RewardConfig()
+    meter = RateWaitMeter(RewardConfig().judge)
     with caplog.at_level("WARNING", logger="medrl.reward"):
-        assert not warn_if_rate_limit_binds(cfg, 0.5, 3, 10.0)
-        assert warn_if_rate_limit_binds(cfg, stats["rate_wait_call_s"], stats["rate_limited_calls"], 4.0)
+        assert meter.step({"rate_wait_call_s": 0.5, "rate_limited_calls": 1}, 10.0) == 0.5  # under a tenth
+        assert meter.step({"rate_wait_call_s": 6.5, "rate_limited_calls": 4}, 4.0) == 6.0  # binds: warned once
+        assert meter.step({"rate_wait_call_s": 12.5, "rate_limited_calls": 7}, 4.0) == 6.0
     assert [r.getMessage() for r in caplog.records] == [
         "the judge rate limit binds: 3 calls waited 6 s in all (2.00 s each) over 4.0 s (reward.judge.rpm=1200, "
         "tpm=2000000); raise them if your provider allows more"]

@@ -141,6 +141,9 @@ class FakeGroups:
         assert [r.value.id for r in refs] == [x.id for x in items]
         return [r.value for r in refs], 0
 
+    def reward_stats(self):
+        return {"rate_wait_call_s": 0.0, "rate_limited_calls": 0}
+
     def close(self):
         self.closed = True
 

@@ -34,6 +34,7 @@ from medrl.ppo.learner import num_minibatches
 from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
 from medrl.ppo.prompts import load_prompts, prompts_at, reward_input
 from medrl.ppo.step_log import append_samples, reward_metrics
+from medrl.reward.rate_report import RateWaitMeter
 from medrl.reward.types import RewardResult
 from medrl.runs import MetricsLogger, RunDir, rewind_jsonl
 
@@ -83,6 +84,7 @@ class PPOTrainer:
         self._ahead: Rollout | None = None  # async_rollout: the next step's rollout, already running
         self._resumed_behaviour: tuple | None = None  # (adapter ref, version) the first rollout after a resume uses
         self.metrics = MetricsLogger(run, "ppo")
+        self._rate_meter = RateWaitMeter(cfg.reward.judge)  # judge_rate_wait_s: what reward.judge.rpm/tpm cost
         self.groups = groups
         if groups is None:
             try:
@@ -124,6 +126,7 @@ class PPOTrainer:
             "time_reward_wait_s": t_rewarded - t_generated, "time_experience_s": t_experience - t_rewarded,
             "time_train_s": t_end - t_experience, "time_learn_s": t_end - t_rewarded, "time_step_s": t_end - t_start,
             "data_position": self.data_position,
+            "judge_rate_wait_s": self._rate_meter.step(self.groups.reward_stats(), t_rewarded - t_generated),
         }
         self.metrics.log(self.step_no, metrics)
         if self.ppo.log_samples:

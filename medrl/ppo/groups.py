@@ -39,6 +39,7 @@ import ray
 import torch
 
 from medrl.config import Config
+from medrl.errors import UsageError
 from medrl.ppo.batch import Batch
 from medrl.ppo.config import RolloutSettings
 from medrl.ppo.learner import Learner, read_deepspeed_config
@@ -212,6 +213,10 @@ class ActorGroups:
     def submit_rewards(self, items: list[RewardInput]) -> list:
         return self.reward_pool.submit(items)
 
+    def reward_stats(self) -> dict:
+        """The reward pool's cumulative totals (``RewardPool.stats``)."""
+        return self.reward_pool.stats()
+
     def rewards(self, items: list[RewardInput], refs: list) -> tuple[list[RewardResult], int]:
         """The results of submitted reward tasks, in order; a failed one is resubmitted up to ``REWARD_RETRIES``
         times. Also returns the number of resubmissions."""
@@ -222,8 +227,8 @@ class ActorGroups:
                     results.append(ray.get(ref))
                     break
                 except ray.exceptions.RayError as exc:
-                    if attempt == REWARD_RETRIES:
-                        raise
+                    if attempt == REWARD_RETRIES or isinstance(getattr(exc, "cause", None), UsageError):
+                        raise  # a judge that cannot work (bad key, unknown model) is not retried
                     log.warning("reward of %s failed (%s); resubmitting", item.id, type(exc).__name__)
                     retries += 1
                     ref = self.reward_pool.submit([item])[0]

@@ -13,6 +13,7 @@ from medrl.reward.cache import JudgeCache, judge_key
 from medrl.reward.config import RewardConfig
 from medrl.reward.ledger import Usage, call_cost
 from medrl.reward.preflight import check_judge
+from medrl.reward.rate_report import warn_if_rate_limit_binds
 from medrl.reward.rubric import RUBRIC, build_messages
 from medrl.reward.rules import detect_injection
 from medrl.reward.text import estimate_tokens, split_response
@@ -104,23 +105,12 @@ def summarize(results: list[RewardResult], seconds: float) -> dict:
             **{("judged" if s == "ok" else s): sum(r.judge_status == s for r in results) for s in statuses},
             "dropped": sum(r.dropped for r in results),
             "prompt_injection": sum("prompt_injection" in r.flags for r in results),
+            "score_dictation": sum("score_dictation" in r.flags for r in results),
             "tokens_in": sum(r.tokens_in for r in results), "tokens_out": sum(r.tokens_out for r in results),
             "tokens_cache_hit": sum(r.tokens_cache_hit for r in results),
             "cost_usd": round(sum(r.cost_usd for r in results), 6), "seconds": round(seconds, 2),
             "items_per_s": round(n / seconds, 1) if seconds > 0 else None,
             "mean_reward": round(sum(r.reward for r in results) / n, 4) if n else None}
-
-
-def warn_if_rate_limit_binds(cfg: RewardConfig, wait_call_s: float, limited_calls: int, seconds: float) -> bool:
-    """Warn when the configured rpm/tpm held judge calls back for more than a tenth of the elapsed time (summed
-    over calls): throughput is then set by the limit, not by the provider."""
-    if limited_calls == 0 or wait_call_s <= 0.1 * max(seconds, 1e-9):
-        return False
-    jc = cfg.judge
-    log.warning("the judge rate limit binds: %d calls waited %.0f s in all (%.2f s each) over %.1f s "
-                "(reward.judge.rpm=%s, tpm=%s); raise them if your provider allows more", limited_calls, wait_call_s,
-                wait_call_s / limited_calls, seconds, jc.rpm or "unlimited", jc.tpm or "unlimited")
-    return True
 
 
 def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, limit: int | None,
@@ -145,7 +135,7 @@ def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, lim
             pool_stats = pool.stats()
         summary["rate_limited_calls"] = pool_stats.get("rate_limited_calls", 0)
         summary["rate_wait_call_s"] = pool_stats.get("rate_wait_call_s", 0.0)
-        warn_if_rate_limit_binds(cfg.reward, summary["rate_wait_call_s"], summary["rate_limited_calls"],
+        warn_if_rate_limit_binds(cfg.reward.judge, summary["rate_wait_call_s"], summary["rate_limited_calls"],
                                  summary["seconds"])
     finally:
         if started:
@@ -165,7 +155,8 @@ def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, lim
     print(f"judge {summary['judge']}: {summary['items']} items in {summary['seconds']}s "
           f"({summary['items_per_s']}/s): judged {summary['judged']}, cached {summary['cached']}, failed "
           f"{summary['failed']}, over budget {summary['over_budget']}, skipped {summary['skipped']}, dropped "
-          f"{summary['dropped']}; tokens in {summary['tokens_in']} (cache hit {summary['tokens_cache_hit']}), out "
-          f"{summary['tokens_out']}; cost ${summary['cost_usd']:.4f}; rate limit waits {summary['rate_wait_call_s']:.0f}"
-          f" call-s ({summary['rate_limited_calls']} calls held); mean reward {summary['mean_reward']} -> {out_path}")
+          f"{summary['dropped']}, injections {summary['prompt_injection']}, self-graded {summary['score_dictation']}; "
+          f"tokens in {summary['tokens_in']} (cache hit {summary['tokens_cache_hit']}), out {summary['tokens_out']}; "
+          f"cost ${summary['cost_usd']:.4f}; rate limit waits {summary['rate_wait_call_s']:.0f} call-s "
+          f"({summary['rate_limited_calls']} calls held); mean reward {summary['mean_reward']} -> {out_path}")
     return summary
