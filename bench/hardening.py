@@ -133,9 +133,20 @@ def fuzz() -> dict:
             "csv_unclosed_quote_reason": csv_reason}
 
 
+NEEDLES = {
+    "config_not_utf8": "not UTF-8", "config_duplicate_key": "duplicate key", "ray_num_cpus_negative": "ray.num_cpus",
+    "kl_target_inf": "ppo.kl.target", "secret_in_api_key_env": "looks like an API key",
+    "tiny_model_out_unwritable": "cannot write", "judge_out_unwritable": "cannot write",
+    "judge_limit_negative": "--limit", "judge_input_dir": "is a directory", "judge_wrong_api_key": "401",
+    "judge_unknown_model": "404", "judge_corrupted_cache": "judge cache", "report_not_a_run": "not a run directory",
+    "ppo_missing_data": "rl_prompts.jsonl"}
+"""What the one-line error of each case must mention."""
+
+
 def _cli_cases(d: Path, server_url: str) -> list[tuple[str, list[str], dict, str]]:
     """(name, args, extra env, expectation: 'error' (exit 2, one line), 'fast_error' (the same, before any Ray
-    runtime starts: within 8 s), 'ok' (exit 0))."""
+    runtime starts: no new Ray session directory), 'ok' (exit 0)). An error must also name what is wrong
+    (``NEEDLES``)."""
     (d / "afile").write_text("x")
     cfg = d / "cfg.yaml"
     cfg.write_text(f"run:\n  root: {d}/runs\n")
@@ -189,6 +200,7 @@ def cli() -> dict:
         d = Path(tmp)
         for name, args, env, expect in _cli_cases(d, server.base_url):
             n += 1
+            sessions = len(list(Path(tmp).rglob("session_*")))
             t0 = time.perf_counter()
             r = subprocess.run([sys.executable, "-m", "medrl.cli", *args], cwd=d, capture_output=True, text=True,
                                env={**os.environ, "RAY_TMPDIR": tmp, **env}, timeout=300)
@@ -196,7 +208,9 @@ def cli() -> dict:
             err = r.stderr.strip().splitlines()
             tb = "Traceback" in r.stderr
             wrong = (r.returncode != 0) if expect == "ok" else (r.returncode != 2)
-            wrong = wrong or (expect == "fast_error" and secs > 8)
+            ray_started = len(list(Path(tmp).rglob("session_*"))) > sessions
+            wrong = wrong or (expect == "fast_error" and ray_started)
+            wrong = wrong or (expect != "ok" and NEEDLES[name] not in (err[-1] if err else ""))
             leaked = name == "secret_in_api_key_env" and "sk-live0123456789abcdef0123" in r.stderr + r.stdout + "".join(
                 p.read_text(errors="replace") for p in d.rglob("*") if p.is_file())
             bad += tb or wrong or leaked

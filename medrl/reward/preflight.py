@@ -9,8 +9,6 @@ import os
 import sqlite3
 from pathlib import Path
 
-import openai
-
 from medrl.errors import UsageError
 from medrl.reward.config import JudgeConfig
 
@@ -34,6 +32,8 @@ def judge_api_key(jc: JudgeConfig) -> str:
 def fatal_judge_error(exc: Exception, jc: JudgeConfig) -> str | None:
     """A one-line reason when ``exc`` means no judgement can ever succeed (401/403, unknown model), else None
     (timeouts, 429, 5xx and malformed replies are ordinary per-sample failures)."""
+    import openai  # lazily: ``medrl judge --help`` and usage errors stay fast
+
     if not isinstance(exc, openai.APIStatusError):
         return None
     status, message = exc.status_code, str(exc.message)[:160]
@@ -87,6 +87,8 @@ def check_cache_file(path: str | Path) -> None:
 def probe_judge(jc: JudgeConfig, api_key: str) -> None:
     """One tiny chat call (a few tokens, outside the budget ledger): a key, permission or model error raises
     JudgeSetupError; a transient error (timeout, 429, 5xx, connection) is only a warning."""
+    import openai
+
     client = openai.OpenAI(base_url=jc.base_url, api_key=api_key, timeout=jc.timeout_s, max_retries=jc.max_retries)
     body = {"model": jc.model, "messages": [{"role": "user", "content": "Reply with the json {\"ok\": 1}."}],
             "max_tokens": 8, "temperature": 0}
