@@ -214,8 +214,10 @@ def _dispatch(args) -> int:
     if cmd == "report":
         if not args.run_dir.is_dir():
             raise UsageError(f"run directory not found: {args.run_dir}")
-        if not (args.run_dir / "config.yaml").is_file():
-            raise UsageError(f"{args.run_dir} is not a run directory (no config.yaml): give runs/<run.name>")
+        markers = ("config.yaml", "logs", "metrics.jsonl", "data", "sft", "ppo", "eval")
+        if not any((args.run_dir / m).exists() for m in markers):
+            raise UsageError(f"{args.run_dir} is not a run directory (none of {', '.join(markers)}): give "
+                             f"runs/<run.name>")
         from medrl.evaluation.report import build_report
         from medrl.runs import RunDir, setup_logging
 

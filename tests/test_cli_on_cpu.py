@@ -76,7 +76,7 @@ def test_bad_arguments_fail_at_once_with_one_line(tmp_path, capsys, monkeypatch)
          "argument --limit: must be at least 1, got -5"),
         (["judge", *cfg, "--input", str(tmp_path), "--out", str(tmp_path / "o.jsonl")],
          f"{tmp_path} is a directory, expected a JSONL file"),
-        (["report", str(tmp_path / "notrun")], "is not a run directory (no config.yaml)"),
+        (["report", str(tmp_path / "notrun")], "is not a run directory (none of config.yaml, logs, metrics.jsonl"),
         (["ppo", *cfg, "run.name=empty"], "rl_prompts.jsonl not found: run `medrl prepare` first"),
     ]
     import ray
