@@ -141,8 +141,9 @@ class FakeGroups:
         assert [r.value.id for r in refs] == [x.id for x in items]
         return [r.value for r in refs], 0
 
-    def reward_stats(self):
-        return {"rate_wait_call_s": 0.0, "rate_limited_calls": 0}
+    def reward_stats(self):  # the ledger's cumulative rate-limit waits: 1.5 s more per step
+        self.waited = getattr(self, "waited", 0.0) + 1.5
+        return {"rate_wait_call_s": self.waited, "rate_limited_calls": int(self.waited)}
 
     def close(self):
         self.closed = True
@@ -167,6 +168,7 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
 
     steps = (first, second, third)
     assert [m["data_position"] for m in steps] == [4, 8, 12]
+    assert [m["judge_rate_wait_s"] for m in steps] == [1.5, 1.5, 1.5]  # per step, from the cumulative totals
     assert [m["rollout_staleness"] for m in steps] == [0, 1, 1]
     assert groups.learner.experience_versions == [1, 1, 2] and groups.learner.published == [1, 2, 3, 4]
     # two micro-batches of 2 prompts per step, seeds from (run seed, step, chunk), the adapter of the version
@@ -198,6 +200,6 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
         "behaviour_weight_mean", "kl", "kl_seq_sum", "advantage_mean", "return_mean", "kl_coef", "logprob_gap",
         "response_len", "finished_frac", "samples", "rollout_restarts", "reward_retries", "rollout_staleness",
         "time_generate_s", "time_rollout_s", "time_actor_generate_s", "time_actor_logprob_s", "time_reward_wait_s",
-        "time_experience_s", "time_train_s", "time_learn_s", "time_step_s", "data_position"}
+        "time_experience_s", "time_train_s", "time_learn_s", "time_step_s", "data_position", "judge_rate_wait_s"}
     logged = run.ppo_samples.read_text(encoding="utf-8").splitlines()
     assert len(logged) == 48 and sum('"dropped": true' in line for line in logged) == 1
