@@ -15,7 +15,7 @@ from medrl.errors import UsageError
 from medrl.reward.cache import JudgeCache
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import OpenAIJudge
-from medrl.reward.ledger import LeasedGate, Ledger
+from medrl.reward.ledger import Ledger, local_gate
 from medrl.reward.loopback_server import LoopbackJudge
 from medrl.reward.preflight import JudgeSetupError, check_cache_file, probe_judge
 
@@ -88,13 +88,8 @@ def test_probe_stops_on_key_and_model_errors(server):
 
 def test_a_key_revoked_mid_run_raises_instead_of_failing_samples(server):
     jc = _judge_cfg(server)
-    ledger = Ledger(0, 0, None)
-
     async def run():
-        async def call(method, *a, **kw):
-            return getattr(ledger, method)(*a, **kw)
-        gate = LeasedGate(lambda *a: call("lease", *a), lambda *a: call("settle", *a),
-                          lambda **kw: call("add", **kw), lease_size=4, flush_every=4)
+        gate = local_gate(Ledger(0, 0, None), lease_size=4)
         judge = OpenAIJudge(jc, WRONG)
         try:
             return await judge.judge("Fever?", "Rest and fluids.", None, gate)
@@ -148,14 +143,8 @@ def test_failed_judgements_warn_once_per_batch(server, tmp_path, caplog):
 
     cfg = RewardConfig.model_validate({"judge": {"base_url": server.base_url, "max_retries": 0, "timeout_s": 5,
                                                  "malformed_retries": 0, "cache_path": str(tmp_path / "c.sqlite")}})
-    ledger = Ledger(0, 0, None)
-
-    async def call(method, *a, **kw):
-        return getattr(ledger, method)(*a, **kw)
-
     async def run():
-        gate = LeasedGate(lambda *a: call("lease", *a), lambda *a: call("settle", *a),
-                          lambda **kw: call("add", **kw), lease_size=8, flush_every=8)
+        gate = local_gate(Ledger(0, 0, None), lease_size=8)
         scorer = Scorer(cfg, gate, KEY)
         try:
             return await scorer.score_batch([RewardInput(str(i), "Fever?", f"Rest {i}. [[fault:500]]")
