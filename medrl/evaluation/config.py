@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from medrl.config_base import StrictModel
+from medrl.models.engine_config import EngineName, VLLMSettings
 
 EvalSet = Literal["test", "gold", "redteam", "pubmedqa"]
 ModelName = Literal["base", "sft", "rl"]
@@ -62,6 +63,12 @@ class EvalConfig(StrictModel):
     """Per-set overrides of ``limit`` (default: the whole red-team set, it is small and matters most)."""
     decoding: DecodingSettings = DecodingSettings()
     pairwise: PairwiseSettings = PairwiseSettings()
+    engine: EngineName = "hf"
+    """``hf``: transformers ``generate`` (one model loaded at a time, or one Ray actor per model with ``use_ray``).
+    ``vllm``: one vLLM engine in a Ray actor holds the base model once and answers for every model, each adapter
+    as its own LoRA (greedy answers equal ``hf``'s in float32)."""
+    vllm: VLLMSettings = VLLMSettings(gpu_memory_utilization=0.85, sleep=False)
+    """Engine settings when ``engine`` is ``vllm`` (the actor uses ``actor_num_cpus`` / ``actor_num_gpus``)."""
     use_ray: bool = False
     """Generate in Ray actors, one per model, all models at once (worth it with one GPU per model, or on a
     cluster); False generates in this process, one model after the other (best on a single GPU or CPU)."""

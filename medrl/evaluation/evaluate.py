@@ -125,6 +125,10 @@ def generate_model(model_cfg, adapter: Path | None, questions: dict[str, list[st
 def generate_all(cfg: Config, models: dict[str, Path | None], sets: dict[str, list[dict]]) -> dict[str, dict]:
     questions = {s: [it["question"] for it in items] for s, items in sets.items()}
     decoding = cfg.eval.decoding.model_dump()
+    if cfg.eval.engine == "vllm":
+        from medrl.evaluation.vllm_generate import generate_all_vllm
+
+        return generate_all_vllm(cfg, models, questions, decoding)
     if not cfg.eval.use_ray:
         out = {}
         for name, adapter in models.items():

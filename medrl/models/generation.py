@@ -1,7 +1,7 @@
 """Batched sampling with HF ``generate`` (left padding), shared by rollouts and evaluation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
@@ -16,10 +16,13 @@ class Generation:
     """Decoded response without special tokens (``<think>`` tags are kept)."""
     finished: bool
     """True when the response ended with an EOS token rather than hitting ``max_new_tokens``."""
+    logprobs: list[float] = field(default_factory=list)
+    """The engine's log-probs of ``response_ids`` (vLLM only; the HF path scores its samples separately)."""
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
+def eos_ids(generation_config, tokenizer) -> set[int]:
+    """Token ids that end a response: the model's generation config's EOS ids plus the tokenizer's."""
+    eos = generation_config.eos_token_id
     ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
@@ -34,7 +37,7 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 256,
 
     if seed is not None:
         torch.manual_seed(seed)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model.generation_config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"

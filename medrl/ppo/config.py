@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from medrl.config_base import StrictModel
+from medrl.models.engine_config import EngineName, VLLMSettings
 
 
 class GenerationSettings(StrictModel):
@@ -45,8 +46,14 @@ class KLSettings(StrictModel):
 
 
 class RolloutSettings(StrictModel):
-    """Ray rollout actors: each holds the base model + a LoRA copy and generates with HF ``generate``."""
+    """Ray rollout actors: each holds the base model + the policy's LoRA and samples with its engine."""
 
+    engine: EngineName = "hf"
+    """``hf``: transformers ``generate`` + a scoring pass for the log-probs (no extra dependency, best for tiny
+    models on CPU). ``vllm``: a vLLM engine per actor, each published adapter version loaded as its own LoRA, the
+    log-probs from the engine (``pip install medrl[vllm]``; the rollout engine to use on a GPU)."""
+    vllm: VLLMSettings = VLLMSettings()
+    """Engine settings when ``engine`` is ``vllm``."""
     num_actors: int = Field(1, ge=1)
     batch_size: int = Field(4, ge=1)
     """Prompts per rollout micro-batch (one ``generate`` call, x ``samples_per_prompt`` sequences). Each finished
@@ -154,8 +161,13 @@ class PPOConfig(StrictModel):
     """``sft``: start from the run's SFT adapter when it exists (a fresh LoRA otherwise); a path: that adapter
     directory; None: a fresh LoRA from ``model.lora``."""
     logprob_gap_tolerance: float = Field(1e-3, gt=0)
-    """After each weight sync the rollout and learner log-probs of the same tokens are compared; a larger max abs
-    gap is logged as a warning (fp32 on CPU is ~1e-6; bf16 kernels differ more)."""
+    """Every step the rollout engine's log-probs of its sampled tokens are compared with the learner's recompute
+    under the adapter version that sampled them; a max abs gap above this is logged as a warning (fp32 on CPU:
+    ~1e-6 with either engine; bf16 kernels differ more)."""
+    logprob_gap_abort: float | None = Field(None, gt=0)
+    """Mean abs per-token gap above which the run stops with an error naming the adapter version: the engine did
+    not sample with the weights it was told to (an adapter that never reached it). None: 1e-3 when the model runs
+    in float32, 0.05 in bfloat16/float16."""
     checkpoint: CheckpointSettings = CheckpointSettings()
     log_samples: bool = True
     """Append every scored sample (step, prompt id, response, reward, components) to ``ppo/samples.jsonl``."""

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from medrl.config import Config
 from medrl.errors import UsageError
 from medrl.models.chat import render_prompt
-from medrl.models.loading import load_tokenizer
+from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
 from medrl.ppo import checkpoint as ckpt
 from medrl.ppo.algos import advantages_and_weights
 from medrl.ppo.batch import Batch, Rollout, Sample
@@ -34,6 +34,7 @@ from medrl.ppo.learner import num_minibatches
 from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
 from medrl.ppo.prompts import load_prompts, prompts_at, reward_input
 from medrl.ppo.step_log import append_samples, reward_metrics
+from medrl.ppo.sync_check import abort_threshold, check_sampled_version, check_weight_sync, logprob_gaps
 from medrl.reward.rate_report import RateWaitMeter
 from medrl.reward.types import RewardResult
 from medrl.runs import MetricsLogger, RunDir, rewind_jsonl
@@ -85,6 +86,9 @@ class PPOTrainer:
         self._resumed_behaviour: tuple | None = None  # (adapter ref, version) the first rollout after a resume uses
         self.metrics = MetricsLogger(run, "ppo")
         self._rate_meter = RateWaitMeter(cfg.reward.judge)  # judge_rate_wait_s: what reward.judge.rpm/tpm cost
+        self.gap_abort = abort_threshold(self.ppo, pick_dtype(cfg.model.dtype, pick_device(cfg.model.device)))
+        rc = self.ppo.rollout
+        self._engines_sleep = rc.engine == "vllm" and rc.vllm.sleep and not self.ppo.async_rollout
         self.groups = groups
         if groups is None:
             try:
@@ -103,10 +107,13 @@ class PPOTrainer:
         t_start = time.perf_counter()
         rollout = self._generate()
         t_generated = time.perf_counter()
+        # vLLM on a GPU, synchronous: the engines free their memory while the learner works (generate wakes them)
+        sleep_s = self.groups.rollout.sleep() if self._engines_sleep else 0.0
         experience = self.groups.learner.make_experience(rollout.batch, rollout.version)  # overlaps the judge
         results, reward_retries = self._rewards(rollout)
         t_rewarded = time.perf_counter()
         batch, keep = self._experience(experience, results)
+        gap, gap_mean = self._check_weight_sync(batch, rollout.version)
         t_experience = time.perf_counter()
         batch, kl_coef, exp_stats = self._advantages(batch, [results[i] for i in keep],
                                                      [rollout.samples[i] for i in keep])
@@ -116,7 +123,7 @@ class PPOTrainer:
         t_end = time.perf_counter()
         metrics = {
             **reward_metrics([results[i] for i in keep], results), **train, **exp_stats,
-            "kl_coef": kl_coef, "logprob_gap": self._logprob_gap(batch),
+            "kl_coef": kl_coef, "logprob_gap": gap, "logprob_gap_mean": gap_mean, "time_engine_sleep_s": sleep_s,
             "response_len": float(batch.response_mask.sum(1).mean()),
             "finished_frac": float(np.mean([rollout.samples[i].finished for i in keep])),
             "samples": len(keep), "rollout_restarts": rollout.restarts, "reward_retries": reward_retries,
@@ -180,6 +187,8 @@ class PPOTrainer:
         training = self.groups.learner.train(batch, num_minibatches(len(batch), self.ppo),
                                              self.cfg.run.seed * 100_003 + self.step_no)
         self._wait_feeding_ahead(training.refs)
+        if self._engines_sleep:
+            self.groups.learner.release_memory()
         return training.result()
 
     def _publish_adapter(self) -> None:
@@ -188,13 +197,13 @@ class PPOTrainer:
         self.version += 1
         self.adapter_ref = self.groups.learner.adapter(self.version)
 
-    def _logprob_gap(self, batch: Batch) -> float:
-        """Max |rollout engine - learner| log-prob of a sampled token, under the weights that drew it."""
-        gap = float(((batch.rollout_logprobs - batch.behaviour_logprobs).abs() * batch.response_mask).max())
-        if gap > self.ppo.logprob_gap_tolerance:
-            log.warning("step %d: rollout vs learner log-prob gap %.2e > tolerance %.0e (weight sync or numerics)",
-                        self.step_no, gap, self.ppo.logprob_gap_tolerance)
-        return gap
+    def _check_weight_sync(self, batch: Batch, version: int) -> tuple[float, float]:
+        """Max and mean |rollout engine - learner| log-prob of the sampled tokens, under the weights of ``version``
+        that drew them: a warning above the tolerance, a ``WeightSyncError`` naming ``version`` above the abort
+        threshold (before the update could learn from samples of the wrong policy)."""
+        gap, gap_mean = logprob_gaps(batch.rollout_logprobs, batch.behaviour_logprobs, batch.response_mask)
+        check_weight_sync(self.step_no, version, gap, gap_mean, self.ppo.logprob_gap_tolerance, self.gap_abort)
+        return gap, gap_mean
 
     # ------------------------------------------------------------------ rollout micro-batches
     def _launch_rollout(self, step_no: int, position: int) -> Rollout:
@@ -214,6 +223,7 @@ class PPOTrainer:
     def _take_micro_batch(self, rollout: Rollout, ref) -> None:
         """A finished micro-batch: its samples go to the reward pool at once."""
         out, restarted = self.groups.rollout.receive(ref, rollout.pending.pop(ref))
+        check_sampled_version(rollout.step_no, rollout.version, out.get("version"))
         rollout.restarts += restarted
         rollout.actor_generate_s += out["generate_s"]
         rollout.actor_logprob_s += out["logprob_s"]

@@ -6,8 +6,8 @@ sharding of each batch across ranks (``Batch.shard_rows``: equal row counts, bal
 
 ``RolloutGroup``: ``ppo.rollout.num_actors`` rollout engine actors, restarted by Ray when they die. It owns the
 dispatch of rollout micro-batches (chunk ``c`` goes to actor ``c % num_actors``) and tracks each actor's pid to
-count restarts. The engine class is a parameter; an engine is any class with this contract (``RolloutWorker``, HF
-generate, is the one today):
+count restarts. The engine class is a parameter (``rollout_engine``: ``RolloutWorker``, HF generate, for
+``ppo.rollout.engine: hf``; ``VLLMRolloutWorker`` for ``vllm``); an engine is any class with this contract:
 
   ``Engine(*engine_args)``  constructed inside the actor; it starts with the initial adapter (or a fresh LoRA of the
       learner's shape) and its adapter version is -1.
@@ -22,8 +22,11 @@ generate, is the one today):
       ``len(prompts) * n`` ``medrl.ppo.batch.Sample``s, ``sample_index`` ``i % n`` of prompt ``i // n``, each with
       its prompt and response token ids, text, whether it finished, and the engine's own log-probs of the response
       tokens at the sampling temperature (the driver compares them with the learner's every step); ``pid`` of the
-      engine process; seconds spent sampling and computing those log-probs.
+      engine process; seconds spent sampling and computing those log-probs. An engine that knows which adapter it
+      sampled with also returns it as ``"version"`` (the driver stops the run when it is not the one asked for).
   ``pid() -> int``  the engine process's pid (a restarted actor has a new one).
+  ``sleep() -> float`` (engines with a sleep mode; called for ``vllm`` with ``rollout.vllm.sleep`` and sync
+      rollouts) free the engine's GPU memory until the next ``generate``; returns the seconds it took.
 
 ``ActorGroups`` bundles both groups with the reward pool and is the driver's only door to Ray: waiting on calls in
 flight and collecting rewards, with resubmission of failed reward tasks.
@@ -45,6 +48,7 @@ from medrl.ppo.config import RolloutSettings
 from medrl.ppo.learner import Learner, read_deepspeed_config
 from medrl.ppo.preflight import check_actor_resources
 from medrl.ppo.rollout import RolloutWorker
+from medrl.ppo.vllm_rollout import VLLMRolloutWorker
 from medrl.reward.pool import RewardPool
 from medrl.reward.types import RewardInput, RewardResult
 from medrl.runs import RunDir
@@ -122,6 +126,10 @@ class LearnerGroup:
         """The LoRA tensors of ``version`` in the object store (every rank joins; rank 0's answer holds them)."""
         return self._on_every_rank("adapter_state", version)[0]
 
+    def release_memory(self) -> None:
+        """Every rank hands its allocator cache back to the GPU (a sleeping engine on the card wakes into it)."""
+        ray.get(self._on_every_rank("release_memory"))
+
     def save(self, directory: str, with_optimizer: bool, behaviour_version: int | None = None) -> None:
         ray.get(self._on_every_rank("save", directory, with_optimizer, behaviour_version))
 
@@ -138,6 +146,17 @@ class LearnerGroup:
 
             remove_placement_group(self._placement)
             self._placement = None
+
+
+def rollout_engine(cfg: Config, init_adapter: str | None) -> tuple[type, tuple]:
+    """The engine class of ``ppo.rollout.engine`` and its constructor arguments."""
+    ppo = cfg.ppo
+    if ppo.rollout.engine == "vllm":
+        from medrl.models.vllm_engine import check_engine
+
+        check_engine("ppo.rollout", cfg.model, ppo.rollout.vllm)
+        return VLLMRolloutWorker, (cfg.model, init_adapter, ppo.generation, ppo.rollout.vllm)
+    return RolloutWorker, (cfg.model, init_adapter, ppo.generation, ppo.micro_batch_size)
 
 
 class RolloutGroup:
@@ -168,6 +187,10 @@ class RolloutGroup:
             self.pids[k] = out["pid"]
         return out, restarted
 
+    def sleep(self) -> float:
+        """Every engine releases its GPU memory until its next ``generate``; the longest time it took."""
+        return max(ray.get([a.sleep.remote() for a in self.actors]))
+
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
@@ -188,8 +211,7 @@ class ActorGroups:
         ppo = cfg.ppo
         started: list = []
         try:
-            rollout = RolloutGroup(RolloutWorker, (cfg.model, init_adapter, ppo.generation, ppo.micro_batch_size),
-                                   ppo.rollout, rollout_gpus)
+            rollout = RolloutGroup(*rollout_engine(cfg, init_adapter), ppo.rollout, rollout_gpus)
             started.append(rollout)
             started.append(RewardPool(cfg.reward, run))
             started.append(LearnerGroup(cfg, init_adapter, learner_gpus))

@@ -262,6 +262,15 @@ class Learner:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
+    def release_memory(self) -> None:
+        """Hand the allocator's cached blocks back to the device, so a sleeping vLLM engine on the same GPU wakes
+        into them (called between the update and the next rollout when the engines sleep)."""
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     # ------------------------------------------------------------------ weights out
     def adapter_state(self, version: int) -> dict[str, torch.Tensor] | None:
         """Only the LoRA tensors (CPU copies) of the published ``version``, for the rollout actors: rank 0 returns

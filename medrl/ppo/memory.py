@@ -36,7 +36,9 @@ Train-step peak = saved activations + max(forward logits, backward logits, recom
 A rollout actor on the same GPU (``0 < rollout.num_gpus`` and learner + rollout shares <= 1) is another process:
 CUDA context + weights + fp32 LoRA + max(generation: KV cache ``2 * L * k * p`` per token of ``batch_size *
 samples_per_prompt`` sequences of S tokens plus the larger of one layer's repeated K/V and the prefill MLP
-(``3pI`` per prompt token), or its scoring pass).
+(``3pI`` per prompt token), or its scoring pass). With ``rollout.engine: vllm`` it is a vLLM engine instead
+(``vllm_engine_bytes``: its KV cache is ``rollout.vllm.kv_cache_gib``); with sleep mode (sync rollouts) the GPU
+peak is the larger of learner peak + sleeping engines and learner at rest (persistent memory) + awake engines.
 
 ``bench/memory.py`` checks these formulas against measured peaks of a real LoRA forward/backward on CPU.
 """
@@ -139,6 +141,16 @@ class MemorySettings:
     """Rollout actors sharing this GPU."""
     rollout_sequences: int = 16
     """Sequences one rollout ``generate`` call holds (rollout.batch_size * samples_per_prompt)."""
+    rollout_engine: str = "hf"
+    """``ppo.rollout.engine``; ``vllm`` counts a vLLM engine per colocated actor (``vllm_engine_bytes``)."""
+    engine_kv_cache_bytes: int | None = None
+    """``ppo.rollout.vllm.kv_cache_gib``; None: the KV cache one rollout call needs (vLLM then takes
+    ``gpu_memory_utilization`` of the card: set ``kv_cache_gib`` for a share that does not depend on the card)."""
+    engine_max_num_seqs: int = 128
+    engine_max_lora_rank: int = 16
+    engine_sleeps: bool = False
+    """vLLM sleep mode between rollouts (sync rollouts on a GPU): the engine holds only its CUDA context while the
+    learner trains, and the learner has released its allocator cache while the engine samples."""
 
 
 # --------------------------------------------------------------------------- the arithmetic
@@ -201,6 +213,16 @@ def estimate(shape: ModelShape, s: MemorySettings) -> dict[str, int]:
     out["allocator_reserve"] = int(ALLOCATOR_RESERVE * transient) if s.cuda else 0
     out["learner_peak"] = persistent + transient + out["allocator_reserve"]
 
+    if s.colocated_rollouts and s.rollout_engine == "vllm":
+        awake = vllm_engine_bytes(shape, s)
+        out["rollout_actor"] = awake
+        out["rollouts"] = awake * s.colocated_rollouts
+        if s.engine_sleeps:  # the two phases: learner peak + sleeping engines, or learner at rest + awake engines
+            out["rollouts_asleep"] = CUDA_CONTEXT_BYTES * s.colocated_rollouts
+            out["gpu_peak"] = max(out["learner_peak"] + out["rollouts_asleep"], persistent + out["rollouts"])
+        else:
+            out["gpu_peak"] = out["learner_peak"] + out["rollouts"]
+        return out
     if s.colocated_rollouts:
         kv = 2 * shape.layers * shape.kv_dim * p * s.rollout_sequences * S
         repeat = 2 * s.rollout_sequences * S * shape.q_dim * p
@@ -211,6 +233,27 @@ def estimate(shape: ModelShape, s: MemorySettings) -> dict[str, int]:
         out["rollouts"] = one * s.colocated_rollouts
     out["gpu_peak"] = out["learner_peak"] + out.get("rollouts", 0)
     return out
+
+
+VLLM_BATCHED_TOKENS = 8192
+"""Tokens of vLLM's profiling forward (its default ``max_num_batched_tokens`` for offline use): its activation peak
+is reserved as the engine's workspace."""
+
+
+def vllm_engine_bytes(shape: ModelShape, s: MemorySettings) -> int:
+    """One awake vLLM engine: CUDA context + weights + its LoRA slot (``max_lora_rank`` on every projection, model
+    dtype) + KV cache (``engine_kv_cache_bytes``, else one rollout call's ``2 L k p`` per token) + workspace (one
+    layer's activations over ``VLLM_BATCHED_TOKENS`` tokens + fp32 logits and log-probs of ``max_num_seqs`` rows)."""
+    p = s.weight_bytes
+    S = s.prompt_tokens + s.response_tokens
+    lora = shape.layers * sum(s.engine_max_lora_rank * (i + o) for i, o in shape.module_dims().values()) * p
+    kv = s.engine_kv_cache_bytes
+    if kv is None:
+        kv = 2 * shape.layers * shape.kv_dim * p * s.rollout_sequences * S
+    tokens = VLLM_BATCHED_TOKENS
+    workspace = tokens * (4 * shape.hidden + shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate) * p \
+        + 2 * 4 * s.engine_max_num_seqs * shape.vocab
+    return CUDA_CONTEXT_BYTES + shape.params() * p + lora + kv + workspace
 
 
 # --------------------------------------------------------------------------- from a medrl config
@@ -260,6 +303,7 @@ def settings_from_config(cfg) -> MemorySettings:
     stage, off_opt, off_param = _deepspeed(ppo)
     prompt = getattr(ppo, "max_prompt_tokens", None) or cfg.data.max_question_tokens + PROMPT_OVERHEAD_TOKENS
     rollout = ppo.rollout
+    v = rollout.vllm
     shared = 0 < rollout.num_gpus < 1 and 0 < ppo.learner.num_gpus < 1
     colocated = min(rollout.num_actors, int((1 - ppo.learner.num_gpus) / rollout.num_gpus + 1e-9)) if shared else 0
     return MemorySettings(
@@ -269,7 +313,10 @@ def settings_from_config(cfg) -> MemorySettings:
         gradient_checkpointing=model.gradient_checkpointing, value_head=ppo.estimator == "gae",
         entropy=ppo.log_entropy, zero_stage=stage, ranks=ppo.learner.ranks, offload_optimizer=off_opt,
         offload_params=off_param, cuda=on_gpu, behaviour_snapshots=ppo.async_rollout, colocated_rollouts=colocated,
-        rollout_sequences=rollout.batch_size * ppo.samples_per_prompt)
+        rollout_sequences=rollout.batch_size * ppo.samples_per_prompt, rollout_engine=rollout.engine,
+        engine_kv_cache_bytes=int(v.kv_cache_gib * GiB) if v.kv_cache_gib else None,
+        engine_max_num_seqs=v.max_num_seqs, engine_max_lora_rank=v.max_lora_rank,
+        engine_sleeps=v.sleep and not ppo.async_rollout and on_gpu)
 
 
 ROWS = [("cuda_context", "CUDA context"), ("base_weights", "base weights"), ("lora_weights", "LoRA (+value head)"),
@@ -277,7 +324,8 @@ ROWS = [("cuda_context", "CUDA context"), ("base_weights", "base weights"), ("lo
         ("activations", "saved activations"),
         ("recompute", "recomputed layer + grads"), ("logits_forward", "logits, forward"),
         ("logits_backward", "logits, backward"), ("allocator_reserve", "allocator reserve"),
-        ("learner_peak", "LEARNER PEAK"), ("rollouts", "rollout actors on this GPU"), ("gpu_peak", "GPU PEAK")]
+        ("learner_peak", "LEARNER PEAK"), ("rollouts", "rollout actors on this GPU"),
+        ("rollouts_asleep", "  asleep while learning"), ("gpu_peak", "GPU PEAK")]
 
 
 def run_estimate_memory(cfg) -> dict:
