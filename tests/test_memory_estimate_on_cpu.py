@@ -10,8 +10,9 @@ import pytest
 from medrl.cli import main
 from medrl.config import load_config
 from medrl.errors import UsageError
-from medrl.ppo.memory import (HEADROOM, QWEN3_1P7B, MemorySettings, ModelShape, estimate,
-                              layer_activation_bytes, model_shape, run_estimate_memory, settings_from_config)
+from medrl.ppo.memory import (CUDA_CONTEXT_BYTES, GiB, HEADROOM, QWEN3_1P7B, VLLM_BATCHED_TOKENS, MemorySettings,
+                              ModelShape, estimate, layer_activation_bytes, model_shape, run_estimate_memory,
+                              settings_from_config)
 from conftest import CONFIGS
 
 SMALL = ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=1000, tied=True)
@@ -87,11 +88,35 @@ def test_checkpointing_zero_and_batch_are_monotone():
     assert shared["gpu_peak"] - shared["learner_peak"] > QWEN3_1P7B.params() * 2  # a second copy of the weights
 
 
+def test_vllm_engine_share_by_hand_and_sleep_mode():
+    s = MemorySettings(micro_batch=2, prompt_tokens=512, response_tokens=1024, colocated_rollouts=1,
+                       rollout_engine="vllm", engine_kv_cache_bytes=4 * GiB, engine_max_num_seqs=64,
+                       engine_max_lora_rank=16)
+    awake = estimate(QWEN3_1P7B, s)
+    h, q, k, i, V = 2048, 2048, 1024, 6144, 151936
+    lora_slot = 28 * 16 * ((h + q) + 2 * (h + k) + (q + h) + 2 * (h + i) + (i + h)) * 2
+    workspace = VLLM_BATCHED_TOKENS * (4 * h + q + 2 * k + 3 * i) * 2 + 2 * 4 * 64 * V
+    engine = CUDA_CONTEXT_BYTES + QWEN3_1P7B.params() * 2 + lora_slot + 4 * GiB + workspace
+    assert awake["rollout_actor"] == awake["rollouts"] == engine
+    assert awake["gpu_peak"] == awake["learner_peak"] + engine
+    # sleep mode: the engine keeps only its CUDA context while the learner steps
+    slept = estimate(QWEN3_1P7B, replace(s, engine_sleeps=True))
+    persistent = sum(awake[key] for key in ("cuda_context", "base_weights", "lora_weights", "lora_grads",
+                                            "lora_optimizer"))
+    assert slept["gpu_peak"] == max(awake["learner_peak"] + CUDA_CONTEXT_BYTES, persistent + engine)
+    assert slept["gpu_peak"] < awake["gpu_peak"]
+    # without an explicit KV-cache size: the cache one rollout call needs (16 sequences of 1536 tokens)
+    auto = estimate(QWEN3_1P7B, replace(s, engine_kv_cache_bytes=None))
+    assert auto["rollout_actor"] - engine == 2 * 28 * k * 2 * 16 * 1536 - 4 * GiB
+
+
 @pytest.mark.parametrize("name,card_gib", [("qwen3_1p7b_16gb.yaml", 16), ("qwen3_1p7b_24gb.yaml", 24)])
 def test_gpu_configs_fit_their_card_with_headroom(name, card_gib, capsys):
     cfg = load_config(CONFIGS / name)
     result = run_estimate_memory(cfg)
     assert result["settings"]["cuda"] and result["settings"]["weight_bytes"] == 2
+    assert result["settings"]["rollout_engine"] == "vllm" and result["settings"]["engine_sleeps"]
+    assert result["gib"]["rollouts_asleep"] < result["gib"]["rollouts"]
     assert result["peak_gib"] <= (1 - HEADROOM) * card_gib, result["gib"]
     assert result["fits_with_headroom"][str(card_gib)]
     assert result["peak_checkpointing_off_gib"] > result["peak_checkpointing_on_gib"]
