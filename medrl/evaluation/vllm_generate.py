@@ -60,7 +60,7 @@ def generate_all_vllm(cfg, models: dict[str, Path | None], questions: dict[str, 
 
     check_engine("eval", cfg.model, cfg.eval.vllm)
     gpus = cfg.eval.actor_num_gpus if pick_device(cfg.model.device) == "cuda" else 0
-    task = ray.remote(answer_with_vllm).options(num_cpus=cfg.eval.actor_num_cpus, num_gpus=gpus, max_calls=1)
+    task = ray.remote(num_cpus=cfg.eval.actor_num_cpus, num_gpus=gpus, max_calls=1)(answer_with_vllm)
     log.info("generating with %s on one vLLM engine", ", ".join(models))
     adapters = {name: str(a) if a is not None else None for name, a in models.items()}
     return ray.get(task.remote(cfg.model, cfg.eval.vllm, adapters, questions, decoding))
