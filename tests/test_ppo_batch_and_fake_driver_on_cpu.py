@@ -191,6 +191,7 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
     assert second["kl"] == pytest.approx(0.5) and second["kl_seq_sum"] == pytest.approx(0.5 * 31 / 16)
     assert second["behaviour_weight_mean"] == pytest.approx(math.exp(-0.25))
     assert second["logprob_gap"] == 2 ** -10 and second["kl_coef"] == 0.001
+    assert 0 < second["logprob_gap_mean"] <= 2 ** -10 and second["time_engine_sleep_s"] == 0.0  # hf: no sleep
     assert second["time_actor_generate_s"] == 1.0 and second["time_actor_logprob_s"] == 0.5
     # minibatches: ceil(16 / 8) = 2 (at most 8 rows per rank); seeds from (run seed, step)
     assert [t[1:] for t in groups.learner.trained] == [(2, 100_003 + s) for s in (1, 2, 3)]
@@ -198,7 +199,7 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
         "reward_mean", "reward_std", "reward/rule", "judge_failed", "dropped", "judge_tokens_in",
         "judge_tokens_out", "judge_cost_usd", "cache_hit_rate", "policy_loss", "grad_norm", "lr",
         "behaviour_weight_mean", "kl", "kl_seq_sum", "advantage_mean", "return_mean", "kl_coef", "logprob_gap",
-        "response_len", "finished_frac", "samples", "rollout_restarts", "reward_retries", "rollout_staleness",
+        "logprob_gap_mean", "time_engine_sleep_s", "response_len", "finished_frac", "samples", "rollout_restarts", "reward_retries", "rollout_staleness",
         "time_generate_s", "time_rollout_s", "time_actor_generate_s", "time_actor_logprob_s", "time_reward_wait_s",
         "time_experience_s", "time_train_s", "time_learn_s", "time_step_s", "data_position", "judge_rate_wait_s"}
     logged = run.ppo_samples.read_text(encoding="utf-8").splitlines()
