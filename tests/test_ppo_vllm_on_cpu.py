@@ -29,10 +29,10 @@ def test_sync_three_steps_then_a_stale_engine_stops_the_run(tiny_model_dir, tmp_
         for m in steps:
             assert m["samples"] == 16 and m["logprob_gap"] < 1e-4 and m["time_engine_sleep_s"] == 0.0  # CPU
         assert steps[-1]["time_actor_logprob_s"] == 0.0  # the log-probs came from the engine, no scoring pass
-        assert ray.get(tr.rollouts[0].loaded_versions.remote()) == [3]  # one LoRA in the engine, the newest
+        assert ray.get(tr.groups.rollout.actors[0].loaded_versions.remote()) == [3]  # one LoRA in the engine, the newest
         # sabotage: the engine is handed the initial weights as the version it is about to be told to use
         version = tr.version
-        ray.get(tr.rollouts[0].load_adapter.remote(initial, version))
+        ray.get(tr.groups.rollout.actors[0].load_adapter.remote(initial, version))
         with pytest.raises(WeightSyncError, match=f"step 4: the rollout engine did not sample with adapter "
                                                   f"version {version}:"):
             tr.step()
@@ -46,7 +46,7 @@ def test_async_killed_engine_and_resume_two_plus_two_equals_four(tiny_model_dir,
     cfg2, run2 = ppo_config(tmp_path, tiny_model_dir, "killed-resumed", *overrides)
     with PPOTrainer(cfg2, run2) as tr:
         first = tr.step()
-        ray.kill(tr.rollouts[0], no_restart=False)  # while it samples step 2 (running ahead, one version back)
+        ray.kill(tr.groups.rollout.actors[0], no_restart=False)  # while it samples step 2 (running ahead, one version back)
         second = tr.step()
         tr.save_checkpoint()
     assert second["rollout_restarts"] == 1
