@@ -43,9 +43,10 @@ def prepared(tmp_path_factory):
 
 def test_outputs_follow_the_schema(prepared):
     cfg, run, summary = prepared
-    files = {name: _read(run, name) for name in OUTPUT_FILES}
+    files = {name: _read(run, name) for name in (*OUTPUT_FILES, "pubmedqa")}
+    assert summary["benchmarks"] == {"pubmedqa": 16}
     for name, rows in files.items():
-        assert summary[name] == len(rows) > 0, name
+        assert {**summary, **summary["benchmarks"]}[name] == len(rows) > 0, name
         for r in rows:
             assert tuple(r) == RECORD_FIELDS
             assert r["language"] in ("en", "zh") and r["risk"] in RISK_ORDER
@@ -55,7 +56,7 @@ def test_outputs_follow_the_schema(prepared):
     train = files["train"]
     assert not {r["source"] for r in train} & {"redteam", "medical-o1-verifiable"}  # never trained on by SFT
     assert all(r["reference"] for r in files["gold"])
-    assert {r["source"] for r in files["gold"]} == {"medical-o1-verifiable", "pubmedqa"}
+    assert {r["source"] for r in files["gold"]} == {"medical-o1-verifiable", "pubmedqa", "datatang-style"}  # MCQ: label
     assert len(files["pubmedqa"]) == 16 and all(r["label"] in ("yes", "no", "maybe") for r in files["pubmedqa"])
     assert all(r["category"] and r["expected_behavior"] for r in files["redteam"])
     # stratified, never-empty dev/test: every source with >= 3 pool records is in both
@@ -204,11 +205,11 @@ def test_real_pubmedqa_and_dialogue(shared_data, tmp_path):
         tmp_path / "runs", "data.sources=[cmd-dialogue,pubmedqa]", "data.gold_size=50",
         f"data.catalog.cmd-dialogue.path={shared_data / 'chinese-medical-dialogue'}",
         f"data.catalog.pubmedqa.path={shared_data / 'pubmedqa'}", "data.catalog.pubmedqa.files=null")
-    assert summary["pubmedqa"] == 500 and summary["invalid"] == 0
+    assert summary["benchmarks"] == {"pubmedqa": 500} and summary["invalid"] == 0
     dialogue = summary["sources"]["cmd-dialogue"]
     assert dialogue["rows"] == 7644 and dialogue["filtered"]["duplicate"] > 300
     # three PubMedQA abstracts share a 64-character stock phrase with a benchmark item (see docs/data.md)
     assert summary["sources"]["pubmedqa"]["filtered"]["contaminated"] == 3
     assert summary["dev"] == 500 and summary["test"] > 500  # local_tiny fractions 0.08: dev hits max_dev=500
-    total = sum(summary[k] for k in ("train", "dev", "test", "gold", "pubmedqa"))
+    total = sum(summary[k] for k in ("train", "dev", "test", "gold")) + summary["benchmarks"]["pubmedqa"]
     assert total + summary["rejects"] == 7644 + 1000

@@ -36,7 +36,7 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
 
     out += ["## Output files", ""]
     rows = []
-    for name in ("train", "dev", "test", "gold", "redteam", "pubmedqa"):
+    for name in ("train", "dev", "test", "gold", "redteam", *summary["benchmarks"]):
         idx = sets[name]
         zh = int(c["lang"][idx].sum())
         risk = Counter(int(r) for r in c["risk"][idx])
@@ -61,7 +61,7 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
         rows.append([name, s["origin"], s["license"], s["role"], s["rows"], s["invalid"], s["over_limit"],
                      f.get("length", 0), f.get("duplicate", 0), f.get("near_duplicate", 0), f.get("contaminated", 0),
                      k.get("train", 0), k.get("dev", 0), k.get("test", 0), k.get("gold", 0),
-                     k.get("pubmedqa", 0) + k.get("redteam", 0) + k.get("rl_pool", 0)])
+                     k.get(name, 0) + k.get("redteam", 0) + k.get("rl_pool", 0)])
     out += [_table(["source", "origin", "license", "role", "rows read", "invalid", "over limit", "length",
                     "duplicate", "near-duplicate", "contaminated", "train", "dev", "test", "gold",
                     "benchmark / red-team / RL-only"], rows), "",
@@ -78,15 +78,19 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
             "- Text: NFC, BOMs / zero-width / control characters removed, CRLF -> LF, spaces and blank-line runs "
             "collapsed, stripped.",
             f"- Length bounds (tokens): question {d.min_question_tokens}-{d.max_question_tokens}, output (think + "
-            f"answer) <= {d.max_output_tokens}, answer >= {d.min_answer_tokens}. PubMedQA benchmark and red-team "
-            "items are exempt.",
+            f"answer) <= {d.max_output_tokens}, answer >= {d.min_answer_tokens}. Benchmark and red-team items are "
+            "exempt (and never removed as duplicates).",
             f"- Exact duplicates (same question after NFKC, case folding, punctuation and space removal): "
             f"{summary['duplicates']} removed.",
             f"- Near-duplicates (MinHash of character 5-grams of the question, 32 permutations, 8 LSH bands; {near}): "
             f"{summary['near_duplicates']} removed.",
             f"- Decontamination: {summary['contaminated']} train records removed for sharing a {d.decontam_chars}-"
-            "character run (case-insensitive) with the question or reference of a dev, test, gold, red-team or "
-            "PubMedQA benchmark item.",
+            "character run (case-insensitive, within one line) with the question or reference of a dev, test, gold, "
+            "red-team or benchmark item. " + (
+                f"Stock phrasing does not count: a run all of whose {d.decontam_chars // 2}-character windows occur "
+                f"in >= {d.decontam_phrase_items} eval items is exam boilerplate "
+                f"({summary['decontam_common_windows']} indexed windows are such phrasing)."
+                if d.decontam_phrase_items else "Every shared run counts (data.decontam_phrase_items is off)."),
             f"- Train mix: {summary['not_in_train_mix']} train records left out by data.train_size="
             f"{d.train_size} (source weights)." if d.train_size else "- Train mix: every train record kept "
             "(data.train_size not set).", ""]
@@ -97,8 +101,10 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
             f"and round({d.dev_fraction} x n) (>= 1) to dev, capped at {d.max_test} / {d.max_dev} in total.", "",
             f"Gold ({summary['gold']} of at most {d.gold_size}): records with a reference (ground truth), taken "
             "round-robin over sources in split-hash order before dev/test are drawn; they are never trained on by "
-            "SFT. PubMedQA benchmark: the PQA-L items listed in test_ground_truth.json (question + abstract "
-            "contexts, label yes/no/maybe, reference = long answer); the other PQA-L items are ordinary records.", ""]
+            "SFT. Benchmarks (" + (", ".join(f"{k} {v}" for k, v in summary["benchmarks"].items()) or "none") + "): "
+            "sources with role benchmark, every item written to <name>.jsonl and held out of every other file; "
+            "PubMedQA's are the PQA-L items listed in test_ground_truth.json (question + abstract contexts, label "
+            "yes/no/maybe, reference = long answer), its other PQA-L items are ordinary records.", ""]
 
     rt = sets["redteam"]
     rt_rows = []

@@ -191,15 +191,22 @@ class Decontaminator:
     "?\n\nContext:\n" cannot join two short common phrases into a hit). Eval lines are indexed by every window of
     k = run_chars // 2 characters. A shared run of 2k characters always contains a k-window of the checked line
     starting at a multiple of k, so only those windows are looked up; each hit is extended left and right in both
-    lines to measure the true shared run."""
+    lines to measure the true shared run.
 
-    def __init__(self, run_chars: int = 64):
-        self.run_chars, self.k = run_chars, run_chars // 2
+    Stock phrasing is not leakage: with ``phrase_items`` set, a window that occurs in at least that many distinct
+    eval texts is *common* (exam boilerplate such as "Which of the following is the most appropriate next step in
+    management?"), and a shared run whose every window is common does not count. A copied question still shares
+    its specific wording (case details, numbers, option texts), whose windows are rare."""
+
+    def __init__(self, run_chars: int = 64, phrase_items: int | None = None):
+        self.run_chars, self.k, self.phrase_items = run_chars, run_chars // 2, phrase_items
         self._lines: list[str] = []
         self._owner: list[int] = []
         self._labels: list[str] = []
         self._hashes: list[np.ndarray] = []
         self._hash = self._line = self._pos = None
+        self._common: list[np.ndarray] = []
+        self.common_windows = 0
 
     @staticmethod
     def _split(text: str) -> list[str]:
@@ -223,6 +230,18 @@ class Decontaminator:
         order = np.argsort(table[0], kind="stable")
         self._hash, self._line, self._pos = table[0][order], table[1][order], table[2][order]
         self._hashes = []
+        common = np.zeros(self._hash.size, dtype=bool)
+        if self.phrase_items is not None and self._hash.size:
+            owner = np.asarray(self._owner, dtype=np.int64)[self._line]
+            pairs = np.unique(np.stack([self._hash, owner]), axis=1)  # one (window, eval text) pair per text
+            hashes, items = np.unique(pairs[0], return_counts=True)
+            common = np.isin(self._hash, hashes[items >= self.phrase_items])
+            self.common_windows = int(common.sum())
+        # common flag of every window of every eval line, by (line, position)
+        by_line = np.lexsort((self._pos, self._line))
+        starts = np.searchsorted(self._line[by_line], np.arange(len(self._lines) + 1))
+        flags = common[by_line]
+        self._common = [flags[starts[i]:starts[i + 1]] for i in range(len(self._lines))]
         return self
 
     def find(self, text: str) -> str | None:
@@ -259,6 +278,10 @@ class Decontaminator:
                 continue  # hash collision
             right = len(os.path.commonprefix([seg[q + k:q + k + reach], other[pos + k:pos + k + reach]]))
             left = len(os.path.commonprefix([seg[max(0, q - reach):q][::-1], other[max(0, pos - reach):pos][::-1]]))
-            if left + k + right >= self.run_chars:
-                return int(self._line[j])
+            if left + k + right < self.run_chars:
+                continue
+            line = int(self._line[j])
+            if self._common[line][pos - left:pos + right + 1].all():
+                continue  # the whole shared run is stock phrasing
+            return line
         return None

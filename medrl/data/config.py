@@ -20,8 +20,11 @@ from pydantic import Field
 from medrl.config_base import StrictModel
 
 SourceFormat = Literal["medical-o1", "medical-o1-verifiable", "delicate-medical", "cmd-dialogue", "pubmedqa",
-                       "jsonl", "json", "csv"]
+                       "huatuo-eval", "medllm-qa", "medreason", "jsonl", "json", "csv"]
 GENERIC_FORMATS = ("jsonl", "json", "csv")
+EVAL_LAYOUTS = ("huatuo-eval", "medllm-qa")
+"""Formats of published evaluation sets: their sources default to ``role: benchmark``."""
+RESERVED_SET_NAMES = ("train", "dev", "test", "gold", "redteam", "rl_prompts", "rejects")
 MAPPABLE_FIELDS = ("question", "answer", "think", "reference", "specialty", "options", "label", "id")
 
 
@@ -40,20 +43,29 @@ class SourceSpec(StrictModel):
     ``medical-o1`` chosen by ``variant``), or every ``*.jsonl``/``*.json``/``*.csv`` in a ``path`` directory."""
     variant: Literal["en", "zh", "en_mix", "zh_mix"] = "en"
     """``medical-o1`` only: which of the four released files to use when ``files`` is not given."""
-    fields: dict[str, str] = {}
-    """Generic formats: schema field -> raw key (dotted for nested objects). Keys: question (required), answer,
-    think, reference, specialty, options (object or list), label, id. Needs ``answer`` or ``reference``."""
+    fields: dict[str, str | list[str]] = {}
+    """Generic formats: schema field -> raw key. A dotted key walks nested objects and indexes lists
+    (``answer.0``). Keys: question (required), answer, think, reference, specialty, options, label, id.
+    ``options`` is one key holding an object (``{A: .., B: ..}``) or a list, or a list of keys, one per option
+    (``options: [A, B, C, D]`` for CMMLU-style CSVs; lettered A, B, ... in that order). Needs ``answer``,
+    ``reference`` or ``options`` + ``label``."""
+    label_index_base: Literal[0, 1] = 0
+    """How a numeric MCQ label counts options: 0 (``0`` = A) or 1 (``1`` = A). Labels may also be letters (any
+    case), a list of letters (multiple answers), or the text of the correct option."""
     encoding: str = "auto"
     """CSV text encoding; ``auto`` tries UTF-8 (with or without BOM), then GB18030 (a superset of GBK)."""
     language: Literal["auto", "en", "zh"] = "auto"
     """``auto``: ``zh`` when at least 20% of the question's letters are CJK characters, else ``en``."""
     limit: int | None = Field(None, ge=1)
-    """Keep at most N accepted rows of this source, in file order (PubMedQA benchmark items are never cut)."""
+    """Keep at most N accepted rows of this source, in file order (benchmark items are never cut)."""
     weight: float = Field(1.0, gt=0)
     """Share of ``data.train_size`` given to this source's train records (only used when train_size is set)."""
-    role: Literal["sft", "rl"] = "sft"
-    """``sft``: train records go to train.jsonl (and the RL pool). ``rl``: prompts with references only — never in
-    train.jsonl, but eligible for rl_prompts, gold, dev and test."""
+    role: Literal["sft", "rl", "benchmark"] | None = None
+    """None: ``benchmark`` for the evaluation layouts (``huatuo-eval``, ``medllm-qa``), else ``sft``. ``sft``: train records go to train.jsonl (and the RL pool). ``rl``: prompts with references only — never in
+    train.jsonl, but eligible for rl_prompts, gold, dev and test (e.g. a MedQA *train* split for the verifier
+    reward). ``benchmark``: an eval-only set written whole to ``data/<name>.jsonl`` (``eval.sets: [<name>]``):
+    never in train/dev/test/gold/RL prompts, and train is decontaminated against it. (PubMedQA's format marks its
+    benchmark by ``test_ground_truth.json``; its other rows join the training pool.)"""
     license: str = "unknown"
     """Shown in DATA_CARD.md."""
 
@@ -68,10 +80,16 @@ BUILTIN_SOURCES: dict[str, SourceSpec] = {
         format="delicate-medical", modelscope="krisfu/delicate_medical_r1_data", license="see the dataset page"),
     "cmd-dialogue": SourceSpec(
         format="cmd-dialogue", license="MIT (Toyhom/Chinese-medical-dialogue-data)"),
-    "pubmedqa": SourceSpec(format="pubmedqa", license="MIT (pubmedqa/pubmedqa)"),
+    "pubmedqa": SourceSpec(format="pubmedqa", role="benchmark", license="MIT (pubmedqa/pubmedqa)"),
 }
 """Built-in sources. ``cmd-dialogue`` (github.com/Toyhom/Chinese-medical-dialogue-data) and ``pubmedqa``
-(github.com/pubmedqa/pubmedqa, ``data/ori_pqal.json`` + ``data/test_ground_truth.json``) need a local ``path``."""
+(github.com/pubmedqa/pubmedqa, ``data/ori_pqal.json`` + ``data/test_ground_truth.json``) need a local ``path``.
+Benchmark files in the common layouts are defined in ``catalog`` with a built-in format, e.g.::
+
+    medqa: {format: huatuo-eval, path: medqa_usmle_test.json, role: benchmark}   # {question, options, answer_idx}
+    cmexam: {format: medllm-qa, path: cmexam.jsonl, role: benchmark}   # {problem_text, choices, answer: ["c"]}
+    medreason: {format: medreason, path: medreason.jsonl, role: rl}   # {question, options, answer_idx | label}
+"""
 
 
 class RLMix(StrictModel):
@@ -90,8 +108,8 @@ class DataConfig(StrictModel):
     sources: list[str] = ["medical-o1", "medical-o1-verifiable", "delicate-medical"]
     """Source names to load, in order (built-in names or ``catalog`` keys). ``--sources a,b`` replaces it."""
     mode: Literal["mix", "priority"] = "mix"
-    """``mix``: load every source. ``priority``: use only the first source that loads (pubmedqa-format sources,
-    being the benchmark, are always loaded)."""
+    """``mix``: load every source. ``priority``: use only the first source that loads (benchmark sources are always
+    loaded)."""
     catalog: dict[str, SourceSpec] = {}
     """Per-source settings: overrides of built-in sources and definitions of generic ones."""
     cache_dir: str | None = None
@@ -111,7 +129,11 @@ class DataConfig(StrictModel):
     this; None disables near-duplicate removal."""
     decontam_chars: int = Field(64, ge=16)
     """Drop a training record sharing a run of this many characters with any eval item (dev, test, gold,
-    red-team, PubMedQA benchmark)."""
+    red-team, benchmarks), unless the run is stock phrasing (``decontam_phrase_items``)."""
+    decontam_phrase_items: int | None = Field(4, ge=2)
+    """A shared run every ``decontam_chars // 2``-character window of which occurs in at least this many eval
+    items is stock phrasing ("Which of the following is the most appropriate next step in management?"), not
+    leakage, and does not count; None counts every shared run."""
 
     # ---- splits and sets
     split_seed: int = 0

@@ -12,8 +12,6 @@ import logging
 import re
 import shlex
 import sys
-from array import array
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,152 +20,22 @@ from tqdm import tqdm
 
 from medrl.config import Config
 from medrl.data.card import render_card
-from medrl.data.clean import (Decontaminator, MinHasher, TokenCounter, exact_duplicates, key64, near_duplicates,
-                              skeleton)
+from medrl.data.clean import Decontaminator, exact_duplicates, near_duplicates
 from medrl.data.redteam import REDTEAM_SOURCE, load_redteam
 from medrl.data.schema import rl_prompt_row
 from medrl.data.sources import Row, iter_rows, resolve_spec, source_files
 from medrl.data.splits import apply_train_size, assign_splits, rl_counts, select_gold, select_rl, split_hash
+from medrl.data.spool import BATCH, BENCHMARK, POOL, REDTEAM, Rejects, SourceStats, Spool
 from medrl.errors import UsageError
 from medrl.runs import MetricsLogger, RunDir
 
 log = logging.getLogger("medrl.data")
 
-OUTPUT_FILES = ("train", "dev", "test", "gold", "redteam", "pubmedqa")
-RISK_CODE = {"high": 0, "medium": 1, "low": 2}
-POOL, BENCHMARK, REDTEAM = 0, 1, 2  # record kinds: training pool, PubMedQA benchmark item, red-team item
-BATCH = 512
-NUM_PERM = 32
+OUTPUT_FILES = ("train", "dev", "test", "gold", "redteam")
+"""Fixed output files; each benchmark source adds ``<name>.jsonl``."""
 
 
-@dataclass
-class SourceStats:
-    origin: str = ""
-    license: str = ""
-    role: str = "sft"
-    rows: int = 0
-    invalid: int = 0
-    over_limit: int = 0
-    filtered: dict[str, int] = field(default_factory=dict)
-    kept: dict[str, int] = field(default_factory=dict)
-    skipped: str | None = None
-
-
-class _Columns:
-    """Compact per-record columns of the spooled records (no text): ~120 bytes per record, MinHash included."""
-
-    def __init__(self):
-        self.offset, self.qkey, self.idkey = array("Q"), array("Q"), array("Q")
-        self.source, self.file, self.line, self.qtok, self.otok = (array("I") for _ in range(5))
-        self.kind, self.risk, self.lang, self.has_ref = (array("B") for _ in range(4))
-        self.sig = array("H")  # NUM_PERM uint16 per record, row-major
-
-    def numpy(self) -> dict[str, np.ndarray]:
-        """Zero-copy numpy views (the arrays must not grow afterwards)."""
-        cols = {k: np.frombuffer(v, dtype=v.typecode) if len(v) else np.zeros(0, v.typecode)
-                for k, v in vars(self).items()}
-        cols["sig"] = cols["sig"].reshape(-1, NUM_PERM)
-        return cols
-
-
-class _Rejects:
-    def __init__(self, path: Path, strict: bool):
-        self.fh = open(path, "w", encoding="utf-8")
-        self.strict = strict
-        self.count = 0
-        self.by_reason: dict[tuple[str, str], int] = {}
-
-    def add(self, file: str, line: int, source: str, stage: str, reason: str, summary: str | None = None,
-            record_id: str | None = None) -> None:
-        if self.strict and stage == "parse":
-            raise UsageError(f"{file}:{line}: {reason} (--strict: rejected rows are errors)")
-        row = {"file": file, "line": line, "source": source, "stage": stage, "reason": reason, "id": record_id}
-        self.fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.count += 1
-        key = (stage, summary or reason)
-        self.by_reason[key] = self.by_reason.get(key, 0) + 1
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-class _Spool:
-    """Pass 1: validated records -> spool file + columns."""
-
-    def __init__(self, path: Path, cfg: Config, rejects: _Rejects):
-        self.fh = open(path, "wb")
-        self.path, self.cfg, self.rejects = path, cfg, rejects
-        self.cols = _Columns()
-        self.tokens = TokenCounter(cfg.model.path, cfg.model.cache_dir)
-        self.minhash = MinHasher(num_perm=NUM_PERM, shingle=5, seed=0)
-        self.stats: dict[str, SourceStats] = {}
-        self._file_ids: dict[str, int] = {}
-        self._source_ids: dict[str, int] = {}
-
-    @property
-    def files(self) -> list[str]:
-        return list(self._file_ids)
-
-    @property
-    def sources(self) -> list[str]:
-        return list(self._source_ids)
-
-    def source_id(self, name: str) -> int:
-        return self._source_ids.setdefault(name, len(self._source_ids))
-
-    def add_batch(self, rows: list[Row], kinds: list[int]) -> None:
-        d = self.cfg.data
-        recs = [r.record for r in rows]
-        qtok = self.tokens.count([r["question"] for r in recs])
-        otok = self.tokens.count([r["output"] for r in recs])
-        atok = self.tokens.count([r["answer"] for r in recs]) if d.min_answer_tokens > 1 else [1] * len(recs)
-        keep = []
-        for i, (row, rec) in enumerate(zip(rows, recs)):
-            bound = None
-            if kinds[i] == POOL:
-                if qtok[i] < d.min_question_tokens:
-                    bound = ("question", qtok[i], "<", "min_question_tokens")
-                elif qtok[i] > d.max_question_tokens:
-                    bound = ("question", qtok[i], ">", "max_question_tokens")
-                elif otok[i] > d.max_output_tokens:
-                    bound = ("output", otok[i], ">", "max_output_tokens")
-                elif atok[i] < d.min_answer_tokens:
-                    bound = ("answer", atok[i], "<", "min_answer_tokens")
-            if bound:
-                what, size, op, key = bound
-                reason = f"{what} has {size} tokens {op} data.{key}={getattr(d, key)}"
-                self.rejects.add(row.file, row.line, rec["source"], "length", reason, f"{what} {op} data.{key}",
-                                 rec["id"])
-                filtered = self.stats[rec["source"]].filtered
-                filtered["length"] = filtered.get("length", 0) + 1
-            else:
-                keep.append(i)
-        if not keep:
-            return
-        self.cols.sig.frombytes(self.minhash.signatures([skeleton(recs[i]["question"]) for i in keep]).tobytes())
-        c = self.cols
-        for i in keep:
-            row, rec = rows[i], recs[i]
-            line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
-            c.offset.append(self.fh.tell())
-            self.fh.write(line)
-            c.qkey.append(key64(skeleton(rec["question"])))
-            c.idkey.append(int(rec["id"], 16))
-            c.source.append(self.source_id(rec["source"]))
-            c.file.append(self._file_ids.setdefault(row.file, len(self._file_ids)))
-            c.line.append(row.line)
-            c.qtok.append(qtok[i])
-            c.otok.append(otok[i])
-            c.kind.append(kinds[i])
-            c.risk.append(RISK_CODE[rec["risk"]])
-            c.lang.append(rec["language"] == "zh")
-            c.has_ref.append(rec["reference"] is not None)
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-def _load_source(spool: _Spool, name: str) -> None:
+def _load_source(spool: Spool, name: str) -> None:
     cfg = spool.cfg
     spec = resolve_spec(cfg.data, name)
     files = source_files(name, spec, cfg.data)
@@ -200,7 +68,7 @@ def _summary(reason: str) -> str:
     return re.sub(r"\d+", "N", reason)
 
 
-def _load_all(spool: _Spool, names: list[str]) -> None:
+def _load_all(spool: Spool, names: list[str]) -> None:
     spool.source_id(REDTEAM_SOURCE)
     extra = spool.cfg.data.redteam_path
     spool.stats[REDTEAM_SOURCE] = SourceStats(origin="medrl/data/redteam.jsonl" + (f" + {extra}" if extra else ""),
@@ -216,19 +84,19 @@ def _load_all(spool: _Spool, names: list[str]) -> None:
     chosen, failures = None, []
     for name in names:
         spec = resolve_spec(spool.cfg.data, name)
-        if chosen is not None and spec.format != "pubmedqa":
+        if chosen is not None and spec.role != "benchmark":
             spool.stats[name] = SourceStats(skipped=f"priority mode: '{chosen}' loaded first")
             continue
         try:
             _load_source(spool, name)
         except UsageError as exc:
-            if spec.format == "pubmedqa":
+            if spec.role == "benchmark":
                 raise
             failures.append(f"{name}: {exc}")
             spool.stats[name] = SourceStats(skipped=str(exc))
             log.warning("priority mode: %s could not be loaded (%s)", name, exc)
             continue
-        if spec.format != "pubmedqa":
+        if spec.role != "benchmark":
             chosen = name
     if chosen is None:
         raise UsageError("priority mode: no source could be loaded (" + "; ".join(failures) + ")")
@@ -240,7 +108,8 @@ def _read_line(fh, offset: int) -> bytes:
 
 
 def run_prepare(cfg: Config, run: RunDir, *, sources: list[str] | None = None, strict: bool = False) -> dict:
-    """Build ``run.data``: train/dev/test/gold/redteam/pubmedqa/rl_prompts/rejects .jsonl and DATA_CARD.md.
+    """Build ``run.data``: train/dev/test/gold/redteam/rl_prompts/rejects .jsonl, ``<benchmark>.jsonl`` per benchmark
+    source, and DATA_CARD.md.
     Returns the summary counts (also logged to metrics.jsonl)."""
     d = cfg.data
     names = list(sources) if sources else list(d.sources)
@@ -252,8 +121,8 @@ def run_prepare(cfg: Config, run: RunDir, *, sources: list[str] | None = None, s
     out = run.data
     out.mkdir(parents=True, exist_ok=True)
     run.data_card.unlink(missing_ok=True)  # the card marks a finished stage; a failed run must not leave an old one
-    rejects = _Rejects(out / "rejects.jsonl", strict)
-    spool = _Spool(out / ".spool.jsonl", cfg, rejects)
+    rejects = Rejects(out / "rejects.jsonl", strict)
+    spool = Spool(out / ".spool.jsonl", cfg, rejects)
     try:
         _load_all(spool, names)
         spool.close()
@@ -263,12 +132,13 @@ def run_prepare(cfg: Config, run: RunDir, *, sources: list[str] | None = None, s
         rejects.close()
         spool.path.unlink(missing_ok=True)
     with MetricsLogger(run, "prepare", tensorboard=False) as metrics:
-        metrics.log(0, {k: v for k, v in summary.items() if isinstance(v, int)})
+        metrics.log(0, {**{k: v for k, v in summary.items() if isinstance(v, int)},
+                        **{f"benchmark/{k}": v for k, v in summary["benchmarks"].items()}})
     log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int)))
     return summary
 
 
-def _select_and_write(cfg: Config, run: RunDir, spool: _Spool, rejects: _Rejects, names: list[str],
+def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, names: list[str],
                       strict: bool) -> dict[str, Any]:
     d, c = cfg.data, spool.cols.numpy()
     n = c["kind"].size
@@ -304,16 +174,19 @@ def _select_and_write(cfg: Config, run: RunDir, spool: _Spool, rejects: _Rejects
     pool = np.setdiff1d(pool, gold)
     train, dev, test = assign_splits(pool, c["source"], h, dev_fraction=d.dev_fraction,
                                      test_fraction=d.test_fraction, max_dev=d.max_dev, max_test=d.max_test)
-    role = {name: resolve_spec(d, name).role for name in src_names if name != REDTEAM_SOURCE}
+    # a benchmark source's pool rows (PubMedQA outside its test pmids) train like an sft source's
+    role = {name: "sft" if (r := resolve_spec(d, name).role) == "benchmark" else r
+            for name in src_names if name != REDTEAM_SOURCE}
     weights = {i: (resolve_spec(d, name).weight if name != REDTEAM_SOURCE else 1.0) for i, name in enumerate(src_names)}
     before = train.size
     train = apply_train_size(train, c["source"], h, weights, d.train_size)
     mix_dropped = before - train.size
     bench = np.flatnonzero(alive & (c["kind"] == BENCHMARK))
     redteam = np.flatnonzero(c["kind"] == REDTEAM)
+    benchmarks = {src_names[s]: bench[c["source"][bench] == s] for s in np.unique(c["source"][bench]).tolist()}
 
-    sets = {"dev": dev, "test": test, "gold": gold, "pubmedqa": bench, "redteam": redteam}
-    decontam = Decontaminator(d.decontam_chars)
+    sets = {"dev": dev, "test": test, "gold": gold, **benchmarks, "redteam": redteam}
+    decontam = Decontaminator(d.decontam_chars, d.decontam_phrase_items)
     counts: dict[str, int] = {}
     with open(spool.path, "rb") as sp:
         for set_name, idx in sets.items():
@@ -362,11 +235,13 @@ def _select_and_write(cfg: Config, run: RunDir, spool: _Spool, rejects: _Rejects
             log.warning("!!! the %s split is EMPTY: too few records (%d in the pool); add data or lower "
                         "data.gold_size", set_name, pool.size)
     summary: dict[str, Any] = {**{k: counts[k] for k in OUTPUT_FILES}, "rl_prompts": len(rl_rows),
+                               "benchmarks": {k: counts[k] for k in benchmarks},
                                "rejects": rejects.count,
                                "invalid": sum(s.invalid for s in spool.stats.values()),
                                "duplicates": int(dups.size),
                                "near_duplicates": sum(s.filtered.get("near_duplicate", 0) for s in spool.stats.values()),
                                "contaminated": len(contaminated), "not_in_train_mix": int(mix_dropped),
+                               "decontam_common_windows": decontam.common_windows,
                                "sources": {k: vars(v) for k, v in spool.stats.items()}}
     command = " ".join(shlex.quote(a) for a in ["medrl", *sys.argv[1:]]) if Path(sys.argv[0]).name in (
         "medrl", "cli.py") else f"run_prepare(sources={names}, strict={strict})"

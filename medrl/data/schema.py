@@ -87,6 +87,45 @@ def _options(value: Any, name: str) -> dict[str, str] | None:
     return out
 
 
+def _compact(text: str) -> str:
+    return re.sub(r"[\W_]+", "", text).casefold()
+
+
+def mcq_label(value: Any, options: dict[str, str], name: str, index_base: int = 0) -> str | None:
+    """The option letter(s) of a raw MCQ label: a letter in any case (``c``), a number counted from
+    ``index_base`` (``2`` = C when 0-based), the text of the correct option, or several letters for a
+    multiple-answer item (``["a", "c"]``, ``"A,C"``, ``"AC"``: returned sorted and joined, ``AC``). Raises RowError."""
+    if value is None or value == "" or value == []:
+        return None
+    letters = list(options)
+    parts = value if isinstance(value, list) else [value]
+    out = []
+    for part in parts:
+        if isinstance(part, bool) or not isinstance(part, (str, int, float)):
+            raise RowError(f"field '{name}' must be a letter, a number or an option's text, got {type(part).__name__}")
+        text = normalize_text(str(part))
+        if isinstance(part, (int, float)) or re.fullmatch(r"\d+", text):
+            k = int(float(text)) - index_base
+            if not 0 <= k < len(letters) or float(text) != int(float(text)):
+                raise RowError(f"label {text} is not an option index ({index_base}-{len(letters) - 1 + index_base}; "
+                               f"data.catalog.<source>.label_index_base is {index_base})")
+            out.append(letters[k])
+            continue
+        if text.upper() in options:
+            out.append(text.upper())
+            continue
+        by_text = [k for k, v in options.items() if _compact(v) == _compact(text)]
+        if by_text and _compact(text):
+            out.append(by_text[0])
+            continue
+        several = re.sub(r"[\s,;、，和及]+", "", text).upper()
+        if len(parts) == 1 and several and all(c in options for c in several):
+            out.extend(several)
+            continue
+        raise RowError(f"label '{text[:60]}' is not one of the options {', '.join(options)} (nor an option's text)")
+    return "".join(sorted(set(out)))
+
+
 def _with_options(question: str, options: dict[str, str]) -> str:
     """Append the option list to an MCQ question unless the question already spells every option out."""
     if all(text in question for text in options.values()):
@@ -95,7 +134,7 @@ def _with_options(question: str, options: dict[str, str]) -> str:
 
 
 def build_record(source: str, raw: dict[str, Any], language: str = "auto",
-                 names: dict[str, str] | None = None) -> dict[str, Any]:
+                 names: dict[str, str] | None = None, label_index_base: int = 0) -> dict[str, Any]:
     """Validate one loader row and return a complete record.
 
     ``raw`` holds question, answer, think, reference, specialty, options, label (raw values, any type), ``meta``
@@ -108,16 +147,20 @@ def build_record(source: str, raw: dict[str, Any], language: str = "auto",
 
     question = field("question", True)
     reference = field("reference", False) or None
-    # red-team items carry an expected behaviour instead of an answer
-    answer = field("answer", reference is None and raw.get("expected_behavior") is None) or (reference or "")
-    think = field("think", False)
     options = _options(raw.get("options"), names.get("options", "options"))
-    label = field("label", False) or None
+    label = None
     if options is not None:
-        if label is not None and label.upper() not in options:
-            raise RowError(f"label '{label}' is not one of the options {', '.join(options)}")
-        label = label.upper() if label else None
+        label = mcq_label(raw.get("label"), options, names.get("label", "label"), label_index_base)
+        if label is not None and reference is None:  # the correct option's text: what the judges compare with
+            reference = "; ".join(options[k] for k in label)
         question = _with_options(question, options)
+    else:
+        label = field("label", False) or None
+    # red-team items carry an expected behaviour instead of an answer; an MCQ answer defaults to "B. <text>"
+    mcq_answer = f"{label}. {reference}" if label is not None and options is not None else None
+    answer = (field("answer", reference is None and raw.get("expected_behavior") is None)
+              or mcq_answer or reference or "")
+    think = field("think", False)
     specialty = field("specialty", False) or None
     risk_text = text_value(raw.get("risk_text"), "risk_text", required=False) or question
     risk, rules = classify_risk(risk_text)

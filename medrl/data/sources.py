@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from medrl.data.config import BUILTIN_SOURCES, GENERIC_FORMATS, MAPPABLE_FIELDS, DataConfig, SourceSpec
+from medrl.data.config import (BUILTIN_SOURCES, EVAL_LAYOUTS, GENERIC_FORMATS, MAPPABLE_FIELDS, RESERVED_SET_NAMES,
+                               DataConfig, SourceSpec)
 from medrl.data.readers import read_bytes, read_csv, read_json, read_jsonl
 from medrl.data.schema import RowError, build_record
 from medrl.errors import UsageError
@@ -28,7 +31,15 @@ FORMAT_FIELDS = {
     "delicate-medical": {"question": "question", "think": "think", "answer": "answer"},
     "cmd-dialogue": {"question": "ask", "answer": "answer", "specialty": "department"},
     "pubmedqa": {"question": "QUESTION", "reference": "LONG_ANSWER", "label": "final_decision"},
+    # HuatuoGPT-o1's evaluation layout (MedQA, MedMCQA, MMLU-Pro, GPQA): the label is answer_idx, else the answer text
+    "huatuo-eval": {"question": "question", "options": "options", "label": ("answer_idx", "answer")},
+    # medLLM_QA_benchmark layout (CMExam, Chinese MedQA / MedMCQA / MMLU): answer is a list of lowercase letters
+    "medllm-qa": {"question": "problem_text", "options": "choices", "label": "answer", "id": "problem_id"},
+    # MedReason-style JSONL: {question, options, answer_idx} or {id, question, options, label}
+    "medreason": {"question": "question", "options": "options", "label": ("answer_idx", "label"),
+                  "think": "reasoning", "id": "id"},
 }
+"""Raw key of each schema field, per built-in format; a tuple lists alternatives (the first key present wins)."""
 PUBMEDQA_LABELS = ("yes", "no", "maybe")
 EMPTY_ASKS = ("", "无", "无。", "无.", "空", "null", "none")
 
@@ -59,10 +70,22 @@ def resolve_spec(data: DataConfig, name: str) -> SourceSpec:
         raise UsageError(f"data source '{name}' needs data.catalog.{name}.format (one of {', '.join(GENERIC_FORMATS)})")
     if spec.format in GENERIC_FORMATS:
         unknown = set(spec.fields) - set(MAPPABLE_FIELDS)
-        if "question" not in spec.fields or not ({"answer", "reference"} & set(spec.fields)) or unknown:
+        mapped = set(spec.fields)
+        answered = {"answer", "reference"} & mapped or {"options", "label"} <= mapped
+        if "question" not in mapped or not answered or unknown:
             raise UsageError(
-                f"data source '{name}': data.catalog.{name}.fields must map question and answer or reference"
-                f"{' (unknown: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}; keys: {', '.join(MAPPABLE_FIELDS)}")
+                f"data source '{name}': data.catalog.{name}.fields must map question and answer, reference or "
+                f"options + label{' (unknown: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}; keys: "
+                f"{', '.join(MAPPABLE_FIELDS)}")
+        scalar = [k for k, v in spec.fields.items() if isinstance(v, list) and k != "options"]
+        if scalar:
+            raise UsageError(f"data source '{name}': data.catalog.{name}.fields.{scalar[0]} must be one key (only "
+                             f"options may list several keys)")
+    if spec.role is None:
+        spec = spec.model_copy(update={"role": "benchmark" if spec.format in EVAL_LAYOUTS else "sft"})
+    if spec.role == "benchmark" and name in RESERVED_SET_NAMES:
+        raise UsageError(f"data source '{name}': a benchmark is written as data/{name}.jsonl, which is a reserved "
+                         f"file name ({', '.join(RESERVED_SET_NAMES)}); rename the source")
     return spec
 
 
@@ -134,15 +157,25 @@ def fetch_modelscope(name: str, dataset_id: str, files: list[str], cache_dir: st
 
 
 # ---------------------------------------------------------------------------------------------- rows
-def _lookup(row: dict, key: str) -> Any:
-    """``row[key]``, or a dotted path into nested objects."""
+def _lookup(row: dict, key: str | tuple | list) -> Any:
+    """``row[key]``, or a dotted path into nested objects and lists (``answer.0``, ``a.b.-1``). A tuple of keys:
+    the first one present. A list of keys (``options`` only): ``{A: row[k0], B: row[k1], ...}`` without the
+    empty cells (CMMLU-style CSVs, MMLU-Pro rows with fewer than 10 options)."""
+    if isinstance(key, tuple):
+        return next((v for v in (_lookup(row, k) for k in key) if v is not None), None)
+    if isinstance(key, list):
+        cells = {string.ascii_uppercase[i]: _lookup(row, k) for i, k in enumerate(key)}
+        return {k: v for k, v in cells.items() if v is not None and str(v).strip()}
     if key in row or "." not in key:
         return row.get(key)
     node: Any = row
     for part in key.split("."):
-        if not isinstance(node, dict):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and re.fullmatch(r"-?\d+", part) and -len(node) <= int(part) < len(node):
+            node = node[int(part)]
+        else:
             return None
-        node = node.get(part)
     return node
 
 
@@ -186,6 +219,8 @@ def _fields(row: dict, spec: SourceSpec, mapping: dict[str, str]) -> dict:
             meta["instruction"] = row["instruction"].strip()
         if isinstance(row.get("metrics"), (dict, int, float)):
             meta["metrics"] = row["metrics"]
+    elif spec.format == "medllm-qa" and isinstance(row.get("points"), (int, float)):
+        meta["points"] = row["points"]
     elif spec.format == "cmd-dialogue" and isinstance(row.get("title"), str):
         meta["title"] = row["title"].strip()
         if isinstance(fields["question"], str) and fields["question"].strip() in EMPTY_ASKS:
@@ -218,6 +253,8 @@ def iter_rows(name: str, spec: SourceSpec, files: list[Path], max_row_bytes: int
     if spec.format == "pubmedqa":
         files, test_ids = _pubmedqa_test_ids(files)
     mapping = FORMAT_FIELDS.get(spec.format) or dict(spec.fields)  # schema field -> raw key (also names rejects)
+    names = {k: (v if isinstance(v, str) else "|".join(v) if isinstance(v, tuple) else k) for k, v in mapping.items()}
+    whole_benchmark = spec.role == "benchmark" and spec.format != "pubmedqa"  # PubMedQA: test_ground_truth decides
     for path in files:
         checked_columns = False
         for line, value, error in _read(path, spec, max_row_bytes):
@@ -227,17 +264,18 @@ def iter_rows(name: str, spec: SourceSpec, files: list[Path], max_row_bytes: int
                 yield Row(str(path), line, None, error)
                 continue
             if path.suffix.lower() == ".csv" and not checked_columns:
-                absent = [raw for key, raw in mapping.items() if key in ("question", "answer") and raw not in value]
+                absent = [raw for key, raw in mapping.items()
+                          if key in ("question", "answer") and isinstance(raw, str) and raw not in value]
                 if absent:
                     raise UsageError(f"{path}: no column(s) {', '.join(absent)} (columns: {', '.join(value)})")
                 checked_columns = True
             try:
-                benchmark = False
+                benchmark = whole_benchmark
                 if spec.format == "pubmedqa":
                     fields, benchmark = _pubmedqa_fields(value, test_ids)
                 else:
                     fields = _fields(value, spec, mapping)
-                record = build_record(name, fields, spec.language, mapping)
+                record = build_record(name, fields, spec.language, names, spec.label_index_base)
             except RowError as exc:
                 yield Row(str(path), line, None, str(exc))
                 continue
