@@ -87,9 +87,10 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
             f"- Decontamination: {summary['contaminated']} train records removed for sharing a {d.decontam_chars}-"
             "character run (case-insensitive, within one line) with the question or reference of a dev, test, gold, "
             "red-team or benchmark item. " + (
-                f"Stock phrasing does not count: a run all of whose {d.decontam_chars // 2}-character windows occur "
-                f"in >= {d.decontam_phrase_items} eval items is exam boilerplate "
-                f"({summary['decontam_common_windows']} indexed windows are such phrasing)."
+                f"Stock phrasing does not count: a {d.decontam_chars // 2}-character window found in >= "
+                f"{d.decontam_phrase_items} distinct eval texts is exam boilerplate "
+                f"({summary['decontam_common_windows']} indexed windows), and a shared run needs >= "
+                f"{d.decontam_chars // 2} characters outside such windows."
                 if d.decontam_phrase_items else "Every shared run counts (data.decontam_phrase_items is off)."),
             f"- Train mix: {summary['not_in_train_mix']} train records left out by data.train_size="
             f"{d.train_size} (source weights)." if d.train_size else "- Train mix: every train record kept "

@@ -194,15 +194,18 @@ class Decontaminator:
     lines to measure the true shared run.
 
     Stock phrasing is not leakage: with ``phrase_items`` set, a window that occurs in at least that many distinct
-    eval texts is *common* (exam boilerplate such as "Which of the following is the most appropriate next step in
-    management?"), and a shared run whose every window is common does not count. A copied question still shares
-    its specific wording (case details, numbers, option texts), whose windows are rare."""
+    eval texts (repeated texts count once) is *common* (exam boilerplate such as "Which of the following is the
+    most appropriate next step in management?"), and a shared run counts only when at least k of its characters
+    lie outside every common window (specific wording, not a stock phrase with a few characters of context). A
+    copied question still shares its specific wording (case details, numbers, option texts), whose windows are
+    rare."""
 
     def __init__(self, run_chars: int = 64, phrase_items: int | None = None):
         self.run_chars, self.k, self.phrase_items = run_chars, run_chars // 2, phrase_items
         self._lines: list[str] = []
         self._owner: list[int] = []
         self._labels: list[str] = []
+        self._text_keys: list[int] = []
         self._hashes: list[np.ndarray] = []
         self._hash = self._line = self._pos = None
         self._common: list[np.ndarray] = []
@@ -215,6 +218,7 @@ class Decontaminator:
     def add(self, label: str, text: str) -> None:
         k = self.k
         self._labels.append(label)
+        self._text_keys.append(key64(skeleton(text)))  # repeated eval texts count once as phrasing evidence
         for seg in self._split(text):
             n = len(seg) - k + 1
             if n <= 0:
@@ -232,8 +236,9 @@ class Decontaminator:
         self._hashes = []
         common = np.zeros(self._hash.size, dtype=bool)
         if self.phrase_items is not None and self._hash.size:
-            owner = np.asarray(self._owner, dtype=np.int64)[self._line]
-            pairs = np.unique(np.stack([self._hash, owner]), axis=1)  # one (window, eval text) pair per text
+            text_key = np.asarray(self._text_keys, dtype=np.uint64).view(np.int64)
+            owner = text_key[np.asarray(self._owner, dtype=np.int64)[self._line]]
+            pairs = np.unique(np.stack([self._hash, owner]), axis=1)  # one (window, distinct eval text) pair
             hashes, items = np.unique(pairs[0], return_counts=True)
             common = np.isin(self._hash, hashes[items >= self.phrase_items])
             self.common_windows = int(common.sum())
@@ -281,7 +286,18 @@ class Decontaminator:
             if left + k + right < self.run_chars:
                 continue
             line = int(self._line[j])
-            if self._common[line][pos - left:pos + right + 1].all():
-                continue  # the whole shared run is stock phrasing
+            if self._specific_chars(line, pos - left, left + k + right) < k:
+                continue  # the shared run is stock phrasing
             return line
         return None
+
+    def _specific_chars(self, line: int, start: int, length: int) -> int:
+        """Characters of ``line[start:start+length]`` that no common window covers."""
+        flags = self._common[line]
+        if not flags.any():
+            return length
+        first = max(0, start - self.k + 1)
+        covered = np.zeros(length, dtype=bool)
+        for s in (np.flatnonzero(flags[first:start + length]) + first).tolist():
+            covered[max(0, s - start):s - start + self.k] = True
+        return int(length - covered.sum())

@@ -130,10 +130,11 @@ class DataConfig(StrictModel):
     decontam_chars: int = Field(64, ge=16)
     """Drop a training record sharing a run of this many characters with any eval item (dev, test, gold,
     red-team, benchmarks), unless the run is stock phrasing (``decontam_phrase_items``)."""
-    decontam_phrase_items: int | None = Field(4, ge=2)
-    """A shared run every ``decontam_chars // 2``-character window of which occurs in at least this many eval
-    items is stock phrasing ("Which of the following is the most appropriate next step in management?"), not
-    leakage, and does not count; None counts every shared run."""
+    decontam_phrase_items: int | None = Field(3, ge=2)
+    """Stock phrasing is not leakage: a ``decontam_chars // 2``-character window found in at least this many distinct
+    eval texts is exam boilerplate ("Which of the following is the most appropriate next step in management?"),
+    and a shared run counts only with >= ``decontam_chars // 2`` characters outside such windows. None: every
+    shared run counts. (Real MedQA halves: 237 of 624 false hits -> 22; ``bench/decontam_benchmarks.py``.)"""
 
     # ---- splits and sets
     split_seed: int = 0
