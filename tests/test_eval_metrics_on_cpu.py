@@ -76,6 +76,9 @@ def test_pubmedqa_base(summary):
         "judge_n": 1, "judge_failed": 1, "judge_cost_usd": 0.001, "rules": {"format": 1.0, "length": 0.375},
         "format_rate": 1.0, "finished_rate": 1.0, "mean_tokens": 15.0, "accuracy_n": 2, "accuracy_strict": 0.5,
         "accuracy_lenient": 1.0, "safety_n": 0, "safety_pass_rate": None,
+        # Wilson 95%: 1 of 2 -> 0.5 -/+ 1.96 sqrt(0.125 + 0.2401) / 2.9207; 2 of 2 -> [0.3424, 1]
+        "accuracy_strict_ci": [0.0945, 0.9055], "accuracy_lenient_ci": [0.3424, 1.0], "correct_strict": 1,
+        "correct_lenient": 2,
     }
 
 
@@ -125,3 +128,28 @@ def test_annotation_fields():
     assert r["behavior"] == {"refuses": False, "triages": False, "dangerous": False, "answers": True}
     assert r["safety_pass"] is False
     assert r["correct_strict"] is None
+
+
+def test_wilson_and_difference_intervals_by_hand():
+    from medrl.evaluation.metrics import difference_interval, wilson_interval
+
+    # 62 of 100: centre (0.62 + 1.96^2/200) / (1 + 1.96^2/100) = 0.61558, half 1.96 * 0.049518 / 1.038415 = 0.09346
+    lo, hi = wilson_interval(62, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.5221, 0.7090)
+    assert wilson_interval(0, 10)[0] == 0.0 and round(wilson_interval(0, 10)[1], 4) == 0.2775
+    assert wilson_interval(0, 0) is None
+    # Newcombe: 0.62 - 0.50 = 0.12; lower 0.12 - sqrt((0.62 - 0.5221)^2 + (0.5962 - 0.5)^2)
+    b = wilson_interval(50, 100)
+    assert round(b[1], 4) == 0.5962  # 0.5 + 1.96 * sqrt(0.0025 + 0.000096) / 1.038415
+    d_lo, d_hi = difference_interval((0.62, (lo, hi)), (0.5, b))
+    assert (round(d_lo, 4), round(d_hi, 4)) == (-0.0172, 0.2510)
+
+
+def test_multiple_answer_choice():
+    from medrl.evaluation.extract import extract_choice
+
+    opts = dict(zip("ABCDE", ["a", "b", "c", "d", "e"]))
+    assert extract_choice("<think>x</think>答案是ACE", opts, multi=True) == "ACE"
+    assert extract_choice("<think>x</think>The answer is A, C and E.", opts, multi=True) == "ACE"
+    assert extract_choice("<think>x</think>答案是C、A", opts, multi=True) == "AC"
+    assert extract_choice("<think>x</think>The answer is A, C and E.", opts) == "A"  # single-answer items

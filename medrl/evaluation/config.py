@@ -5,6 +5,7 @@ differences in the eval table come from the weights alone.
 """
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -12,8 +13,38 @@ from pydantic import Field, model_validator
 from medrl.config_base import StrictModel
 from medrl.models.engine_config import EngineName, VLLMSettings
 
-EvalSet = Literal["test", "gold", "redteam", "pubmedqa"]
+EvalSet = str
+"""``test``, ``gold``, ``redteam`` or the name of a benchmark source (``data.catalog.<name>.role: benchmark``, e.g.
+``pubmedqa``, ``medqa``, ``cmexam``): read from ``<run>/data/<name>.jsonl``."""
 ModelName = Literal["base", "sft", "rl"]
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+MCQ_TEMPLATE_EN = ("{question}\n\nThink it through step by step, then end your answer with \"The answer is X\", where X "
+                   "is the letter of the correct option.")
+MCQ_TEMPLATE_ZH = "{question}\n\n请逐步思考，最后以“答案是X”结尾，X 为正确选项的字母。"
+
+
+class McqPrompt(StrictModel):
+    """How a multiple-choice item (one with options) is put to every model, as published harnesses do: the question
+    with its lettered options, then a request for the letter after the reasoning. ``{question}`` is replaced."""
+
+    enabled: bool = True
+    en: str = MCQ_TEMPLATE_EN
+    zh: str = MCQ_TEMPLATE_ZH
+
+    @model_validator(mode="after")
+    def _has_question(self) -> "McqPrompt":
+        for lang in ("en", "zh"):
+            if "{question}" not in getattr(self, lang):
+                raise ValueError(f"eval.mcq_prompt.{lang} must contain {{question}}")
+        return self
+
+    def render(self, item: dict) -> str:
+        """The prompt of an eval item: the template for MCQ items (when enabled), else the question itself."""
+        if not self.enabled or not item.get("options"):
+            return item["question"]
+        template = self.zh if item.get("language") == "zh" else self.en
+        return template.replace("{question}", item["question"])
 
 
 class DecodingSettings(StrictModel):
@@ -38,7 +69,7 @@ class PairwiseSettings(StrictModel):
     pairs: list[tuple[ModelName, ModelName]] = [("rl", "sft"), ("sft", "base")]
     """(challenger, baseline) pairs; a pair is skipped when either model was not evaluated."""
     sets: list[EvalSet] = ["test", "gold", "redteam"]
-    """Sets judged pairwise (PubMedQA is scored by accuracy instead)."""
+    """Sets judged pairwise (benchmarks are scored by accuracy instead)."""
     limit: int | None = 100
     """At most this many prompts per set and pair (the first ones of the evaluated items); None = all."""
 
@@ -52,7 +83,9 @@ class PairwiseSettings(StrictModel):
 
 class EvalConfig(StrictModel):
     sets: list[EvalSet] = ["test", "gold", "redteam", "pubmedqa"]
-    """Eval sets, read from ``<run>/data/<set>.jsonl`` (written by ``medrl prepare``)."""
+    """Eval sets, read from ``<run>/data/<set>.jsonl`` (written by ``medrl prepare``): test, gold, redteam and any
+    benchmark source by name (``pubmedqa``, ``medqa``, ``cmexam`` ... as named in ``data.catalog``)."""
+    mcq_prompt: McqPrompt = McqPrompt()
     models: list[ModelName] = ["base", "sft", "rl"]
     """Models to compare: base = ``model.path``; sft = ``<run>/sft/adapter``; rl = ``<run>/ppo/adapter``. A model
     whose adapter does not exist yet is skipped with a warning (``medrl eval --models`` makes it an error)."""
@@ -78,6 +111,13 @@ class EvalConfig(StrictModel):
     """CPUs per generation actor when ``use_ray``."""
     examples_per_set: int = 3
     """Side-by-side generations (base / SFT / RL) shown per set in the report."""
+
+    @model_validator(mode="after")
+    def _set_names(self) -> "EvalConfig":
+        for name in [*self.sets, *self.pairwise.sets, *self.set_limits]:
+            if not SET_NAME.fullmatch(name):
+                raise ValueError(f"eval set name {name!r} is not a file name (letters, digits, '_', '-', '.')")
+        return self
 
     def limit_for(self, eval_set: str) -> int | None:
         return self.set_limits[eval_set] if eval_set in self.set_limits else self.limit

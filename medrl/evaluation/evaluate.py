@@ -1,4 +1,4 @@
-"""``medrl eval``: base vs SFT vs RL on the test, gold, red-team and PubMedQA sets, scored by the reward plane.
+"""``medrl eval``: base vs SFT vs RL on the test, gold, red-team and benchmark sets, scored by the reward plane.
 
 Ray shell around the pure parts (``extract``, ``metrics``, ``pairwise``): every model generates with the same
 decoding settings (in this process one after the other, or in Ray tasks side by side), the reward pool scores every
@@ -26,6 +26,7 @@ from medrl.runs import RunDir
 log = logging.getLogger("medrl.eval")
 
 _FLIP = {"A": "B", "B": "A", "tie": "tie"}
+NOT_EVAL_SETS = ("train", "rl_prompts", "rejects")
 _ITEM_FIELDS = ("id", "language", "risk", "category", "expected_behavior", "label", "options", "question",
                 "reference")
 
@@ -69,17 +70,20 @@ def select_items(items: list[dict], limit: int | None) -> list[dict]:
 
 
 def load_sets(cfg: Config, run: RunDir, sets: list[str] | None) -> tuple[dict[str, list[dict]], list[str]]:
+    from medrl.evaluation.config import SET_NAME
+
     explicit = sets is not None
     names = list(dict.fromkeys(sets if explicit else cfg.eval.sets))
-    known = ("test", "gold", "redteam", "pubmedqa")
     out, skipped = {}, []
     for name in names:
-        if name not in known:
-            raise UsageError(f"--sets: unknown set '{name}' (choose from {', '.join(known)})")
+        if name in NOT_EVAL_SETS or not SET_NAME.fullmatch(name):
+            raise UsageError(f"--sets: '{name}' is not an eval set (test, gold, redteam or a benchmark source "
+                             f"with data.catalog.<name>.role: benchmark)")
         path = run.data / f"{name}.jsonl"
         if not path.is_file():
             if explicit:
-                raise UsageError(f"--sets {name}: {path} not found (run `medrl prepare` first)")
+                raise UsageError(f"--sets {name}: {path} not found (run `medrl prepare` first; a benchmark needs "
+                                 f"data.catalog.{name}.role: benchmark and its name in data.sources)")
             skipped.append(f"set {name}: {path} not found")
             continue
         items = select_items(read_jsonl(path, ("id", "question")), cfg.eval.limit_for(name))
@@ -123,7 +127,7 @@ def generate_model(model_cfg, adapter: Path | None, questions: dict[str, list[st
 
 
 def generate_all(cfg: Config, models: dict[str, Path | None], sets: dict[str, list[dict]]) -> dict[str, dict]:
-    questions = {s: [it["question"] for it in items] for s, items in sets.items()}
+    questions = {s: [cfg.eval.mcq_prompt.render(it) for it in items] for s, items in sets.items()}
     decoding = cfg.eval.decoding.model_dump()
     if cfg.eval.engine == "vllm":
         from medrl.evaluation.vllm_generate import generate_all_vllm

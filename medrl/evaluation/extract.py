@@ -100,8 +100,10 @@ def extract_yes_no_maybe(text: str, mode: Mode = "strict") -> str | None:
 
 
 # --------------------------------------------------------------------------- multiple choice
-def _choice_patterns(letters: str) -> list[re.Pattern]:
-    letter = rf"(?P<l>(?-i:[{letters}]))"  # capital letters only: "the answer is a beta-blocker" is no choice
+def _choice_patterns(letters: str, multi: bool = False) -> list[re.Pattern]:
+    one = rf"(?-i:[{letters}])"  # capital letters only: "the answer is a beta-blocker" is no choice
+    # several letters for multiple-answer items: "ACE", "A, C and E", "A、C、E"
+    letter = rf"(?P<l>{one}(?:(?:\s*(?:[,、，/&]|and|和|及)\s*|\s?){one})*)" if multi else rf"(?P<l>{one})"
     stated = rf"\(?{letter}\)?(?![A-Za-z])"
     return [
         re.compile(rf"(?:correct\s+(?:answer|option|choice)|final\s+answer|answer|option|choice)\s*"
@@ -116,18 +118,20 @@ def _compact(text: str) -> str:
     return re.sub(r"[\s\W_]+", "", unicodedata.normalize("NFKC", text)).casefold()
 
 
-def extract_choice(text: str, options: dict[str, str], mode: Mode = "strict") -> str | None:
-    """The chosen option letter (a key of ``options``) from a response, or None."""
+def extract_choice(text: str, options: dict[str, str], mode: Mode = "strict", multi: bool = False) -> str | None:
+    """The chosen option letter (a key of ``options``) from a response, or None. ``multi`` (items with several
+    correct options): the chosen letters, sorted and joined (``ACE``)."""
     answer = _normalise(final_answer(text))
     letters = "".join(sorted(k.upper() for k in options if len(k) == 1 and k.isalpha()))
     if not answer or not letters:
         return None
     by_upper = {k.upper(): k for k in options}
-    for pattern in _choice_patterns(letters):
+    for pattern in _choice_patterns(letters, multi):
         m = pattern.search(answer)
         if m:
-            return by_upper[m.group("l")]
-    if mode == "strict":
+            chosen = sorted({by_upper[c] for c in re.findall(f"[{letters}]", m.group("l"))})
+            return "".join(chosen)
+    if mode == "strict" or multi:
         return None
     compact = _compact(answer)
     quoted = [(len(_compact(v)), k) for k, v in options.items() if _compact(v) and _compact(v) in compact]

@@ -15,6 +15,7 @@ each ``"A"``, ``"B"``, ``"tie"`` or null (failed), and the same ``judge`` cost f
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from statistics import fmean
 
@@ -39,7 +40,7 @@ def annotate(row: dict) -> dict:
     preds: dict[str, str | None] = {"strict": None, "lenient": None}
     if label is not None:
         for mode in preds:
-            preds[mode] = (extract_choice(text, options, mode) if options
+            preds[mode] = (extract_choice(text, options, mode, multi=len(label) > 1) if options
                            else extract_yes_no_maybe(text, mode))
     out["pred_strict"], out["pred_lenient"] = preds["strict"], preds["lenient"]
     out["correct_strict"] = None if label is None else preds["strict"] == label
@@ -48,6 +49,33 @@ def annotate(row: dict) -> dict:
     out["behavior"] = classify_behavior(text) if expected else None
     out["safety_pass"] = safety_pass(expected, out["behavior"]) if expected else None
     return out
+
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | None:
+    """Wilson score interval of a proportion k / n (95% by default); None when n is 0."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def difference_interval(a: tuple[float, tuple[float, float]], b: tuple[float, tuple[float, float]]
+                        ) -> tuple[float, float]:
+    """95% interval of p_a - p_b from each proportion and its Wilson interval (Newcombe's hybrid score method 10;
+    it treats the two as independent, so for two models on the same items it errs on the wide side)."""
+    (pa, (la, ua)), (pb, (lb, ub)) = a, b
+    d = pa - pb
+    return d - math.sqrt((pa - la) ** 2 + (ub - pb) ** 2), d + math.sqrt((ua - pa) ** 2 + (pb - lb) ** 2)
+
+
+def _interval(flags: list[bool]) -> list[float] | None:
+    ci = wilson_interval(sum(1 for f in flags if f), len(flags))
+    return None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -79,6 +107,10 @@ def set_metrics(rows: list[dict]) -> dict:
         "accuracy_n": len(labelled),
         "accuracy_strict": _rate([r["correct_strict"] for r in labelled]),
         "accuracy_lenient": _rate([r["correct_lenient"] for r in labelled]),
+        "accuracy_strict_ci": _interval([r["correct_strict"] for r in labelled]),
+        "accuracy_lenient_ci": _interval([r["correct_lenient"] for r in labelled]),
+        "correct_strict": sum(1 for r in labelled if r["correct_strict"]),
+        "correct_lenient": sum(1 for r in labelled if r["correct_lenient"]),
         "safety_n": len(safety),
         "safety_pass_rate": _rate(safety),
     }
