@@ -18,6 +18,13 @@ from medrl.runs import MetricsLogger, RunDir
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 PUBMEDQA = {"p1": "yes", "p2": "no"}
+MEDQA = {"m1": "B", "m2": "A", "m3": "C", "m4": "D"}  # an MCQ benchmark: item -> correct letter
+OPTIONS = {"A": "Aspirin", "B": "Heparin", "C": "Insulin", "D": "Digoxin"}
+MEDQA_ANSWERS = {  # base 1 of 4 right (strict and lenient), sft 2 strict / 3 lenient, rl 4 of 4
+    "base": {"m1": "The answer is B.", "m2": "The answer is C.", "m3": "The answer is A.", "m4": "Maybe."},
+    "sft": {"m1": "The answer is B.", "m2": "A. Aspirin", "m3": "Give insulin.", "m4": "The answer is A."},
+    "rl": {"m1": "The answer is B.", "m2": "答案是A", "m3": "The answer is (C).", "m4": "The answer is D."},
+}
 REDTEAM = {"r1": ("overdose", "refuse"), "r2": ("overdose", "refuse"), "r3": ("emergency", "triage")}
 ANSWERS = {  # model -> item -> final answer
     "base": {"p1": "Yes.", "p2": "Maybe.", "r1": "Take 20 tablets.", "r2": "I can't help with that.",
@@ -33,13 +40,15 @@ REWARD = {"base": 0.2, "sft": 0.5, "rl": 0.8}
 def _eval_rows() -> list[dict]:
     rows = []
     for model, answers in ANSWERS.items():
-        for item, answer in answers.items():
+        for item, answer in {**answers, **MEDQA_ANSWERS[model]}.items():
             category, expected = REDTEAM.get(item, (None, None))
+            set_name = "pubmedqa" if item in PUBMEDQA else "medqa" if item in MEDQA else "redteam"
             paid = model == "rl"
             rows.append(annotate({
-                "model": model, "set": "pubmedqa" if item in PUBMEDQA else "redteam", "id": item, "language": "en",
+                "model": model, "set": set_name, "id": item, "language": "en",
                 "risk": "high" if expected else "low", "category": category, "expected_behavior": expected,
-                "label": PUBMEDQA.get(item), "options": None, "question": f"Question {item}?", "reference": None,
+                "label": PUBMEDQA.get(item) or MEDQA.get(item), "options": OPTIONS if item in MEDQA else None,
+                "question": f"Question {item}?", "reference": None,
                 "response": f"<think>\nreasoning of {model}\n</think>\n\n{answer}", "response_tokens": 10,
                 "finished": True, "reward": REWARD[model], "rule": REWARD[model], "teacher": None,
                 "rules": {"format": 1.0, "safety": 1.0},
@@ -61,7 +70,7 @@ def run(tmp_path_factory) -> RunDir:
     run = RunDir(tmp_path_factory.mktemp("runs") / "tiny").ensure()
     run.save_config(Config())
     run.data.mkdir()
-    for name, items in (("pubmedqa", PUBMEDQA), ("redteam", REDTEAM)):
+    for name, items in (("pubmedqa", PUBMEDQA), ("medqa", MEDQA), ("redteam", REDTEAM)):
         (run.data / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "question": f"Question {i}?",
                                                                     "language": "en", "risk": "low"}) + "\n"
                                                         for i in items), encoding="utf-8")
@@ -80,6 +89,18 @@ def run(tmp_path_factory) -> RunDir:
 
 
 PLOTS = ["sft_loss", "ppo_reward", "ppo_rules", "ppo_kl", "ppo_length"]
+PLOT_SIZES = {"benchmarks": (480, 360)}  # wider with more sets; the training curves are 640 x 360
+# worked out by hand: Wilson 95% of 1/4 = 0.3725 -/+ 0.3269 -> [4.6, 69.9]; of 4/4 = [51.0, 100.0]; Newcombe delta
+# rl - base = 75.0, lower 75.0 - sqrt((100 - 51.0)^2 + (69.9 - 25.0)^2) = 8.5
+BENCHMARK_CELLS = {
+    "benchmarks|medqa.strict|n": "4",
+    "benchmarks|medqa.strict|base": "25.0% [4.6, 69.9]",
+    "benchmarks|medqa.strict|sft": "50.0% [15.0, 85.0]",
+    "benchmarks|medqa.strict|rl": "100.0% [51.0, 100.0]",
+    "benchmarks|medqa.lenient|sft": "75.0% [30.1, 95.4]",
+    "benchmarks|medqa.strict|rl-base": "+75.0 [+8.5, +95.4]",
+    "benchmarks|pubmedqa.strict|rl": "100.0% [34.2, 100.0]",
+}
 
 
 def test_files_and_plots(run):
@@ -91,7 +112,9 @@ def test_files_and_plots(run):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         pixels = matplotlib.image.imread(png)
         assert pixels.shape[:2] == (360, 640) and float(np.std(pixels)) > 0.01  # not a blank canvas
-    assert sorted(p.stem for p in (run.report / "plots").glob("*.png")) == sorted(PLOTS)
+    assert sorted(p.stem for p in (run.report / "plots").glob("*.png")) == sorted(PLOTS + list(PLOT_SIZES))
+    bench = matplotlib.image.imread(run.report / "plots" / "benchmarks.png")
+    assert bench.shape[:2] == (360, 480) and float(np.std(bench)) > 0.01
     md = (run.report / "report.md").read_text(encoding="utf-8")
     assert "![SFT loss](plots/sft_loss.png)" in md
     assert "PPO value loss: no data in metrics.jsonl (critic-free estimators" in md
@@ -101,7 +124,7 @@ def test_files_and_plots(run):
 def test_html_is_self_contained(run):
     html = run.report_html.read_text(encoding="utf-8")
     srcs = re.findall(r'<img src="([^"]{0,40})', html)
-    assert len(srcs) == len(PLOTS) and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == len(PLOTS) + len(PLOT_SIZES) and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert "<script" not in html and "<link" not in html and 'src="http' not in html
 
 
@@ -117,10 +140,10 @@ def _expected_from_jsonl(run: RunDir) -> dict[str, str]:
             continue
         model, set_name = path.name.split(".")[:2]
         rows = read_jsonl(path)
-        if set_name == "pubmedqa":
+        if set_name in ("pubmedqa", "medqa"):
             for mode in ("strict", "lenient"):
                 ok = sum(r[f"correct_{mode}"] for r in rows)
-                out[f"eval-pubmedqa|{model}|accuracy_{mode}"] = f"{100 * ok / len(rows):.1f}%"
+                out[f"eval-{set_name}|{model}|accuracy_{mode}"] = f"{100 * ok / len(rows):.1f}%"
         else:
             passed = sum(r["safety_pass"] for r in rows)
             out[f"eval-redteam|{model}|safety_pass_rate"] = f"{100 * passed / len(rows):.1f}%"
@@ -131,7 +154,8 @@ def _expected_from_jsonl(run: RunDir) -> dict[str, str]:
 def test_tables_hold_the_numbers(run):
     cells = _cells(run.report_html.read_text(encoding="utf-8"))
     expected = _expected_from_jsonl(run)
-    assert len(expected) == 15 and {k: cells.get(k) for k in expected} == expected
+    assert len(expected) == 24 and {k: cells.get(k) for k in expected} == expected
+    assert {k: cells.get(k) for k in BENCHMARK_CELLS} == BENCHMARK_CELLS
     # worked out by hand from ANSWERS / PAIRWISE above
     assert [cells[f"eval-pubmedqa|{m}|accuracy_strict"] for m in ("base", "sft", "rl")] == ["50.0%", "50.0%", "100.0%"]
     assert [cells[f"eval-pubmedqa|{m}|accuracy_lenient"] for m in ("base", "sft", "rl")] == ["50.0%", "100.0%",
@@ -142,7 +166,7 @@ def test_tables_hold_the_numbers(run):
         ("50.0%", "0.0%", "100.0%")
     assert (cells["pairwise|rl_vs_sft.redteam|win_rate"], cells["pairwise|rl_vs_sft.redteam|position_consistency"]) \
         == ("66.7%", "66.7%")
-    assert (cells["judge-cost|scoring|cost_usd"], cells["judge-cost|scoring|tokens_in"]) == ("0.0050", "500")
+    assert (cells["judge-cost|scoring|cost_usd"], cells["judge-cost|scoring|tokens_in"]) == ("0.0090", "900")
 
 
 def test_renders_in_headless_chromium(run, tmp_path):
@@ -161,11 +185,13 @@ def test_renders_in_headless_chromium(run, tmp_path):
            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     images = json.loads(re.search(r'<body data-images="([^"]*)"', dom).group(1).replace("&quot;", '"'))
-    assert sorted(images) == sorted([name, 640, 360] for name in PLOTS)
+    assert sorted(images) == sorted([[name, 640, 360] for name in PLOTS]
+                                    + [[name, *size] for name, size in PLOT_SIZES.items()])
     cells = _cells(dom)
     expected = _expected_from_jsonl(run)
     assert {k: cells.get(k) for k in expected} == expected
     assert cells["pairwise|rl_vs_sft.redteam|win_rate"] == "66.7%"
+    assert {k: cells.get(k) for k in BENCHMARK_CELLS} == BENCHMARK_CELLS
 
 
 def test_report_of_an_empty_run_names_what_is_missing(tmp_path, capsys):

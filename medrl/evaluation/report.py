@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from medrl.evaluation.benchmark_report import benchmark_blocks
 from medrl.evaluation.extract import final_answer
 from medrl.evaluation.feedback import feedback_section
 from medrl.evaluation.plots import training_plots
@@ -24,7 +25,8 @@ from medrl.runs import RunDir, read_metrics
 
 log = logging.getLogger("medrl.report")
 
-DATA_SPLITS = ("train", "dev", "test", "gold", "redteam", "pubmedqa", "rl_prompts", "rejects")
+DATA_SPLITS = ("train", "dev", "test", "gold", "redteam", "rl_prompts", "rejects")
+"""Files every prepared run has; benchmark files (``<name>.jsonl``) are listed after them."""
 MODEL_ORDER = ("base", "sft", "rl")
 SET_ORDER = ("test", "gold", "redteam", "pubmedqa")
 CLIP_CHARS = 900
@@ -73,7 +75,8 @@ def _data(run: RunDir) -> list[Block]:
     if not run.data.is_dir():
         return blocks + [Para(f"No prepared data in {run.data}: run `medrl prepare`.", note=True)]
     rows = []
-    for split in DATA_SPLITS:
+    benchmarks = sorted(p.stem for p in run.data.glob("*.jsonl") if p.stem not in DATA_SPLITS)
+    for split in (*DATA_SPLITS, *benchmarks):
         path = run.data / f"{split}.jsonl"
         if not path.is_file():
             continue
@@ -244,7 +247,8 @@ def build_report(run: RunDir) -> Path:
         for skipped in summary.get("skipped", []):
             blocks.append(Para(f"Not evaluated: {skipped}", note=True))
         per_set = ((cfg or {}).get("eval") or {}).get("examples_per_set", 3)
-        blocks += (_eval_tables(summary) + _safety(summary) + _pairwise(summary) + _judge(summary)
+        bench = benchmark_blocks(summary, _models(summary), _sets(summary), run.report / "plots")
+        blocks += (_eval_tables(summary) + bench + _safety(summary) + _pairwise(summary) + _judge(summary)
                    + _examples(run, summary, per_set))
     blocks += feedback_section(run, summary) + review_section(run)
     title = f"medrl report: {run.root.name}"
