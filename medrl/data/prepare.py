@@ -266,7 +266,7 @@ def _write_rl_prompts(cfg: Config, run: RunDir, c: dict, h: np.ndarray, sp, redt
     rows = []
     with open(run.data / "rl_prompts.jsonl", "w", encoding="utf-8") as fh:
         for _, _, _, i, name in chosen:
-            row = rl_prompt_row(json.loads(_read_line(sp, int(c["offset"][i]))))
+            row = rl_prompt_row(json.loads(_read_line(sp, int(c["offset"][i]))), cfg.eval.mcq_prompt.render)
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             rows.append({"pool": name, "risk": row["risk"]})
     return rows

@@ -14,14 +14,15 @@ from __future__ import annotations
 import hashlib
 import re
 import string
-from typing import Any
+from typing import Any, Callable
 
 from medrl.data.clean import normalize_text
 from medrl.data.risk import classify_risk
 
 RECORD_FIELDS = ("id", "source", "language", "question", "think", "answer", "output", "reference", "options",
                  "label", "specialty", "risk", "category", "expected_behavior", "meta")
-RL_PROMPT_FIELDS = ("id", "prompt", "reference", "risk", "source", "language", "category", "expected_behavior")
+RL_PROMPT_FIELDS = ("id", "prompt", "reference", "label", "options", "risk", "source", "language", "category",
+                    "expected_behavior")
 EXPECTED_BEHAVIORS = ("refuse", "triage", "answer_safely")
 
 _ASCII_LETTERS = string.ascii_letters.encode()
@@ -177,11 +178,15 @@ def build_record(source: str, raw: dict[str, Any], language: str = "auto",
     }
 
 
-def rl_prompt_row(record: dict[str, Any]) -> dict[str, Any]:
-    """The rl_prompts.jsonl row of a record. An MCQ/yes-no label is put in front of the reference text."""
+def rl_prompt_row(record: dict[str, Any], render_prompt: Callable[[dict], str] | None = None) -> dict[str, Any]:
+    """The rl_prompts.jsonl row of a record. An MCQ/yes-no label is put in front of the reference text (for the
+    rubric judge) and kept with the options (for the verifier reward); ``render_prompt`` (``eval.mcq_prompt``)
+    words an MCQ prompt as the eval does, asking for the answer letter after the reasoning."""
     reference = record["reference"]
     if record["label"] is not None:
         reference = f"{record['label']}: {reference}" if reference else record["label"]
-    return {"id": record["id"], "prompt": record["question"], "reference": reference, "risk": record["risk"],
-            "source": record["source"], "language": record["language"], "category": record["category"],
+    prompt = render_prompt(record) if render_prompt else record["question"]
+    return {"id": record["id"], "prompt": prompt, "reference": reference, "label": record["label"],
+            "options": record["options"], "risk": record["risk"], "source": record["source"],
+            "language": record["language"], "category": record["category"],
             "expected_behavior": record["expected_behavior"]}

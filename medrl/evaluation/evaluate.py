@@ -174,7 +174,8 @@ def score_all(pool, sets: dict[str, list[dict]], generations: dict[str, dict]) -
                 inputs.append(RewardInput(
                     id=f"{model}/{s}/{item['id']}", prompt=item["question"], response=g["response"],
                     reference=item.get("reference"), risk=item.get("risk") or "low",
-                    expected_behavior=item.get("expected_behavior"), language=item.get("language")))
+                    expected_behavior=item.get("expected_behavior"), language=item.get("language"),
+                    label=item.get("label"), options=item.get("options")))
     results = pool.score(inputs)
     return [_row(m, s, item, g, res) for (m, s, item, g), res in zip(keys, results)]
 

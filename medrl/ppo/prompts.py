@@ -34,4 +34,5 @@ def reward_input(record: dict, step_no: int, sample_index: int, response: str) -
     """What the reward plane gets for one response to ``record`` (id ``prompt-id:step:sample``)."""
     return RewardInput(id=f"{record['id']}:{step_no}:{sample_index}", prompt=record["prompt"], response=response,
                        reference=record.get("reference"), risk=record.get("risk") or "low",
-                       expected_behavior=record.get("expected_behavior"), language=record.get("language"))
+                       expected_behavior=record.get("expected_behavior"), language=record.get("language"),
+                       label=record.get("label"), options=record.get("options"))  # ground truth for the verifier

@@ -1,7 +1,8 @@
 """Config of the reward plane (owned by medrl.reward): rule weights and parameters, the teacher judge, the pool.
 
 Defaults suit Qwen3-1.7B answers judged by DeepSeek (``docs/reward.md``, ``docs/reward_rules.md``).
-R = w_rule * Rule + w_teacher * Teacher; when no teacher score exists (judge off, failed, over budget) R = Rule.
+R = w_rule * Rule + w_teacher * Teacher (+ w_verifier * Verifier, a ground-truth check); when no teacher score exists
+(judge off, failed, over budget) R = Rule (see ``RewardConfig.mix``).
 """
 from __future__ import annotations
 
@@ -170,14 +171,72 @@ class JudgeConfig(StrictModel):
         return "reference:medrl-reference-v1" if self.provider == "reference" else "none"
 
 
+VERIFIER_VERSION = "medrl-verifier-v1"
+"""Version of the verifier's equivalence prompt in ``medrl/reward/verifier.py``; part of its cache keys."""
+
+
+class VerifierConfig(StrictModel):
+    """Ground-truth reward for prompts that carry one (``medrl/reward/verifier.py``); used when ``w_verifier`` > 0."""
+
+    correct: float = Field(1.0, ge=0, le=1)
+    wrong: float = Field(0.1, ge=0, le=1)
+    """A wrong (or missing) answer in the right format: a little above a broken format, as in HuatuoGPT-o1."""
+    bad_format: float = Field(0.0, ge=0, le=1)
+    """The think-then-answer format is broken (no single non-empty ``<think>`` block before a non-empty answer)."""
+    mcq_mode: Literal["strict", "lenient"] = "strict"
+    """How the chosen letter is read (as in eval): ``strict`` needs an explicit "The answer is B" / "答案是B"."""
+    open_ended: Literal["judge", "match", "off"] = "judge"
+    """Open-ended references: ``judge`` asks the teacher endpoint (``reward.judge``, provider openai; with another
+    provider the matcher is used) whether the answer is equivalent; ``match`` uses the deterministic matcher
+    only; ``off`` verifies MCQ / yes-no items only."""
+    match_threshold: float = Field(0.6, gt=0, le=1)
+    """Matcher: the reference is contained in the answer, or this share of its key terms is."""
+    max_reference_chars: int = Field(300, ge=1)
+    """Longer references are explanations, not verifiable answers: such prompts get no verifier verdict."""
+    version: str = VERIFIER_VERSION
+    """Part of every verifier cache key; change it to re-verify everything."""
+
+
+PRESETS: dict[str, dict] = {
+    "huatuo-o1": {"w_rule": 0.0, "w_teacher": 0.0, "w_verifier": 1.0},
+}
+"""Named recipes: ``huatuo-o1`` is HuatuoGPT-o1's RL reward (verifier only: 1.0 correct, 0.1 wrong, 0 broken
+format). Keys set explicitly next to ``preset`` win."""
+
+
 class RewardConfig(StrictModel):
+    preset: Literal["none", "huatuo-o1"] = "none"
+    """A named recipe filling the weights (``PRESETS``); explicit weights win."""
     w_rule: float = Field(0.6, ge=0, le=1)
     w_teacher: float = Field(0.4, ge=0, le=1)
+    """0 turns the rubric judge off (no calls, no cost; judge status ``disabled``)."""
+    w_verifier: float = Field(0.0, ge=0, le=1)
+    """R = (w_rule Rule + w_teacher Teacher + w_verifier Verifier) / (sum of the weights of the parts present):
+    a part is absent when it has no score for the sample (no teacher judgement, no ground truth to verify); with
+    no weighted part present R = Rule."""
     rules: RulesConfig = RulesConfig()
     judge: JudgeConfig = JudgeConfig()
+    verifier: VerifierConfig = VerifierConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        if isinstance(data, dict) and data.get("preset", "none") in PRESETS:
+            data = {**PRESETS[data["preset"]], **data}
+        return data
 
     @model_validator(mode="after")
     def _weights(self):
-        if abs(self.w_rule + self.w_teacher - 1.0) > 1e-6:
-            raise ValueError(f"w_rule + w_teacher must be 1, got {self.w_rule + self.w_teacher:g}")
+        total = self.w_rule + self.w_teacher + self.w_verifier
+        if abs(total - 1.0) > 1e-6:
+            hint = (f" (preset {self.preset} sets {PRESETS[self.preset]}; drop the weights set next to it)"
+                    if self.preset in PRESETS else "")
+            raise ValueError(f"w_rule + w_teacher + w_verifier must be 1, got {total:g}{hint}")
         return self
+
+    def mix(self, rule: float, teacher: float | None, verifier: float | None) -> float:
+        """The combined reward (see ``w_verifier``)."""
+        parts = [(self.w_rule, rule), (self.w_teacher, teacher), (self.w_verifier, verifier)]
+        present = [(w, v) for w, v in parts if v is not None and w > 0]
+        total = sum(w for w, _ in present)
+        return rule if total == 0 else sum(w * v for w, v in present) / total

@@ -14,24 +14,29 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field
-from typing import Protocol
+from functools import lru_cache
+from typing import Any, Callable, Protocol
 
 import openai
 
 from medrl.reward.config import JudgeConfig
 from medrl.reward.ledger import Permit, Usage, call_cost
 from medrl.reward.preflight import JudgeSetupError, fatal_judge_error
-from medrl.reward.rubric import RUBRIC, Judgement, JudgementError, build_messages, parse_judgement
+from medrl.reward.rubric import Judgement, JudgementError, build_messages, parse_judgement
 from medrl.reward.rules import RuleOutcome
 from medrl.reward.text import en_words, estimate_tokens, key_terms, term_found
 
 
-RUBRIC_TOKENS = estimate_tokens(RUBRIC)
+@lru_cache(maxsize=8)
+def _system_tokens(system: str) -> int:
+    """Token estimate of a fixed system prompt (the rubric), computed once per prompt."""
+    return estimate_tokens(system)
 
 
 @dataclass
 class JudgeOutcome:
-    judgement: Judgement | None
+    judgement: Judgement | Any | None
+    """A rubric Judgement, or what the ``parse`` of ``OpenAIJudge.call`` returned (the verifier's verdict)."""
     status: str
     """ok | failed | over_budget"""
     reason: str = ""
@@ -106,10 +111,17 @@ class OpenAIJudge:
         return text.replace(self._key, "***") if self._key else text
 
     async def judge(self, prompt: str, answer: str, reference: str | None, gate: Gate) -> JudgeOutcome:
-        messages = build_messages(prompt, answer, reference)
+        return await self.call(build_messages(prompt, answer, reference), parse_judgement, gate)
+
+    async def call(self, messages: list[dict[str, str]], parse: Callable[[str | None], Any], gate: Gate
+                   ) -> JudgeOutcome:
+        """One JSON verdict: ``messages`` (fixed system prompt first) sent under the gate's rate limits and budget;
+        ``parse`` turns the reply into the verdict (``JudgeOutcome.judgement``) or raises JudgementError, which is
+        asked again at most ``malformed_retries`` times."""
         body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
                 "max_tokens": self.cfg.max_tokens, "response_format": {"type": "json_object"}}
-        est_tokens = RUBRIC_TOKENS + estimate_tokens(messages[-1]["content"]) + self.cfg.max_tokens
+        est_tokens = _system_tokens(messages[0]["content"]) + estimate_tokens(messages[-1]["content"]) \
+            + self.cfg.max_tokens
         est_cost = call_cost(Usage(est_tokens - self.cfg.max_tokens, self.cfg.max_tokens), self.price)
         total, cost, reason = Usage(), 0.0, ""
         for _ in range(1 + self.cfg.malformed_retries):
@@ -135,7 +147,7 @@ class OpenAIJudge:
             cost += call
             content = content_of(completion)
             try:
-                return JudgeOutcome(parse_judgement(content), "ok", "", total, cost)
+                return JudgeOutcome(parse(content), "ok", "", total, cost)
             except JudgementError as exc:
                 reason = str(exc)
         calls = 1 + self.cfg.malformed_retries

@@ -8,6 +8,7 @@ prompt is a cache hit after its first request) and injects faults that the grade
     [[fault:KIND*N]]   the first N requests fail, later ones succeed
     KIND: 429 (with Retry-After), 500, 503, timeout (hangs), empty (empty content), malformed (invalid JSON)
     [[score:N]]        every dimension scores N (else the scores come from the key's hash: ``expected_scores``)
+    [[equivalent:X]]   the verifier's verdict is X (yes / no; else yes when the reference is in the answer)
 
 With ``models`` set, a request for any other model gets 404 "model not found" (as a provider answers an unknown
 model name); with ``api_key`` set, a request without that bearer key gets 401.
@@ -40,10 +41,22 @@ from medrl.reward.text import estimate_tokens
 
 FAULT_MARK = re.compile(r"\[\[fault:(429|500|503|timeout|empty|malformed)(?:\*(\d+))?\]\]")
 SCORE_MARK = re.compile(r"\[\[score:(\d+)\]\]")
+EQUIVALENT_MARK = re.compile(r"\[\[equivalent:(yes|no)\]\]")
 
 
 def request_key(user_content: str) -> str:
     return hashlib.sha256(user_content.encode("utf-8")).hexdigest()[:16]
+
+
+def expected_equivalent(user_content: str) -> str:
+    """The verifier verdict (yes / no) the server gives: ``[[equivalent:yes|no]]`` in the request, else the reference
+    (the line after ``REFERENCE ANSWER:``) found in the answer, case-insensitively."""
+    m = EQUIVALENT_MARK.search(user_content)
+    if m:
+        return m.group(1)
+    ref = user_content.split("REFERENCE ANSWER:\n", 1)[-1].split("\n", 1)[0].strip().lower()
+    answer = user_content.split("<<<ANSWER>>>", 1)[-1].lower()
+    return "yes" if ref and ref in answer else "no"
 
 
 def expected_scores(user_content: str) -> dict[str, int]:
@@ -122,6 +135,8 @@ async def _chat(request: web.Request) -> web.Response:
         if kind == "timeout":
             await asyncio.sleep(state.hang_s)
         content = {"empty": "", "malformed": '{"accuracy": 7, "safety": '}.get(kind)
+    if content is None and '"equivalent"' in messages[0]["content"]:  # the verifier's rubric (yes/no json)
+        content = json.dumps({"equivalent": expected_equivalent(user), "reason": f"loopback verdict {key}"})
     if content is None:
         content = json.dumps({**expected_scores(user), "reason": f"loopback verdict {key}"})
     state.served[key] += 1

@@ -16,6 +16,7 @@ from medrl.reward.rubric import DIMENSIONS, Judgement, teacher_score
 from medrl.reward.rules import RuleOutcome, detect_injection, evaluate_rules
 from medrl.reward.text import split_response
 from medrl.reward.types import RewardInput, RewardResult
+from medrl.reward.verifier import Verifier, with_verdict
 
 log = logging.getLogger("medrl.reward")
 
@@ -38,7 +39,7 @@ def combine(cfg: RewardConfig, item: RewardInput, rules: RuleOutcome, judgement:
             judge_reason = f"teacher score zeroed: the answer grades itself ({judge_reason})"
     if judge_reason:
         reasons["judge"] = judge_reason
-    reward = rules.rule if teacher is None else cfg.w_rule * rules.rule + cfg.w_teacher * teacher
+    reward = cfg.mix(rules.rule, teacher, None)
     flags = list(rules.flags)
     if rules.injected:
         reward = 0.0
@@ -70,6 +71,7 @@ class Scorer:
         self._inflight: dict[str, asyncio.Future] = {}
         self._rules_memo: dict[tuple, RuleOutcome] = {}
         self._warned_budget = False
+        self.verifier = Verifier(cfg, self.judge, self.cache) if cfg.w_verifier > 0 else None
 
     @staticmethod
     def _memo_key(item: RewardInput) -> tuple:
@@ -97,7 +99,8 @@ class Scorer:
         return judge_key(self.cfg, item, split_response(item.response).answer)
 
     async def score_batch(self, items: list[RewardInput]) -> list[RewardResult]:
-        provider = self.cfg.judge.provider
+        provider = self.cfg.judge.provider if self.cfg.w_teacher > 0 else "none"  # weight 0: no rubric calls
+        verdicts = asyncio.ensure_future(self.verifier.verify_batch(items, self.gate)) if self.verifier else None
         if provider == "openai":
             keys = [self._judge_key(item) for item in items]
             cached = self.cache.get_many(k for k in keys if k)
@@ -129,6 +132,8 @@ class Scorer:
                     out = judged[i]
                     results.append(combine(self.cfg, it, o, out.judgement, out.status, out.reason, out.usage,
                                            out.cost_usd))
+        if verdicts is not None:
+            results = [with_verdict(self.cfg, r, v) for r, v in zip(results, await verdicts)]
         counts = dict.fromkeys(("judged", "cached", "failed", "over_budget", "skipped", "disabled", "dropped"), 0)
         for r in results:
             counts["judged" if r.judge_status == "ok" else r.judge_status] += 1

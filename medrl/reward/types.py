@@ -25,6 +25,10 @@ class RewardInput:
     risk: Literal["high", "medium", "low"] = "low"
     expected_behavior: Literal["refuse", "triage", "answer_safely"] | None = None
     language: Literal["en", "zh"] | None = None
+    label: str | None = None
+    """Ground-truth label for the verifier: MCQ option letter(s) (``B``, ``ACE``) or yes / no / maybe."""
+    options: dict[str, str] | None = None
+    """MCQ options (letter -> text) when ``label`` is a letter."""
 
     @classmethod
     def from_record(cls, row: dict[str, Any]) -> "RewardInput":
@@ -46,9 +50,15 @@ class RewardInput:
         if behavior not in (None, *_BEHAVIORS):
             raise ValueError(f"key 'expected_behavior' must be one of {', '.join(_BEHAVIORS)} or null, "
                              f"got {behavior!r}")
+        label, options = row.get("label"), row.get("options")
+        if label is not None and not isinstance(label, str):
+            raise ValueError(f"key 'label' must be a string or null, got {type(label).__name__}")
+        if options is not None and not (isinstance(options, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in options.items())):
+            raise ValueError("key 'options' must be an object of letter -> option text, or null")
         rid = row.get("id") or hashlib.sha256(json.dumps([prompt, response, reference]).encode()).hexdigest()[:16]
         return cls(id=str(rid), prompt=prompt, response=response, reference=reference, risk=risk,
-                   expected_behavior=behavior, language=row.get("language"))
+                   expected_behavior=behavior, language=row.get("language"), label=label, options=options or None)
 
 
 @dataclass
