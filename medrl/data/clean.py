@@ -210,10 +210,20 @@ class Decontaminator:
         self._hash = self._line = self._pos = None
         self._common: list[np.ndarray] = []
         self.common_windows = 0
+        self._pow = np.array([pow(1000003, self.k - 1 - j, 2**64) for j in range(self.k)], dtype=np.uint64)
 
     @staticmethod
     def _split(text: str) -> list[str]:
         return [seg for seg in _SEGMENT.split(text.lower()) if seg]
+
+    def _window_hashes(self, windows: np.ndarray) -> np.ndarray:
+        """Polynomial hashes (mod 2^64) of (m, k) code points; equal windows hash equal in every process."""
+        with np.errstate(over="ignore"):
+            return (windows * self._pow).sum(axis=1).view(np.int64)
+
+    @staticmethod
+    def _codepoints(text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64)
 
     def add(self, label: str, text: str) -> None:
         k = self.k
@@ -226,27 +236,28 @@ class Decontaminator:
             line = len(self._lines)
             self._lines.append(seg)
             self._owner.append(len(self._labels) - 1)
-            h = np.fromiter((hash(seg[i:i + k]) for i in range(n)), dtype=np.int64, count=n)
+            h = self._window_hashes(np.lib.stride_tricks.sliding_window_view(self._codepoints(seg), k))
             self._hashes.append(np.stack([h, np.full(n, line), np.arange(n)]))
 
     def freeze(self) -> "Decontaminator":
         table = np.concatenate(self._hashes, axis=1) if self._hashes else np.zeros((3, 0), dtype=np.int64)
+        self._hashes = [table]  # more texts may be added and the index frozen again
         order = np.argsort(table[0], kind="stable")
         self._hash, self._line, self._pos = table[0][order], table[1][order], table[2][order]
-        self._hashes = []
-        common = np.zeros(self._hash.size, dtype=bool)
-        if self.phrase_items is not None and self._hash.size:
+        common = np.zeros(table.shape[1], dtype=bool)  # in table order: line by line, window by window
+        if self.phrase_items is not None and table.shape[1]:
             text_key = np.asarray(self._text_keys, dtype=np.uint64).view(np.int64)
-            owner = text_key[np.asarray(self._owner, dtype=np.int64)[self._line]]
-            pairs = np.unique(np.stack([self._hash, owner]), axis=1)  # one (window, distinct eval text) pair
-            hashes, items = np.unique(pairs[0], return_counts=True)
-            common = np.isin(self._hash, hashes[items >= self.phrase_items])
+            owner = text_key[np.asarray(self._owner, dtype=np.int64)[table[1]]]
+            by = np.lexsort((owner, table[0]))  # by window hash, then by distinct eval text
+            h, o = table[0][by], owner[by]
+            new_hash = np.r_[True, h[1:] != h[:-1]]
+            new_text = new_hash | np.r_[True, o[1:] != o[:-1]]
+            group = np.cumsum(new_hash) - 1
+            texts = np.bincount(group, weights=new_text)  # distinct eval texts holding each window
+            common[by] = texts[group] >= self.phrase_items
             self.common_windows = int(common.sum())
-        # common flag of every window of every eval line, by (line, position)
-        by_line = np.lexsort((self._pos, self._line))
-        starts = np.searchsorted(self._line[by_line], np.arange(len(self._lines) + 1))
-        flags = common[by_line]
-        self._common = [flags[starts[i]:starts[i + 1]] for i in range(len(self._lines))]
+        ends = np.cumsum([len(seg) - self.k + 1 for seg in self._lines])
+        self._common = np.split(common, ends[:-1]) if len(self._lines) else []
         return self
 
     def find(self, text: str) -> str | None:
@@ -263,7 +274,7 @@ class Decontaminator:
                  for q in range(0, len(seg) - k + 1, k)]
         if not where:
             return found
-        probe = np.array([hash(seg[q:q + k]) for _, seg, q in where], dtype=np.int64)
+        probe = self._window_hashes(self._codepoints("".join(seg[q:q + k] for _, seg, q in where)).reshape(-1, k))
         lo = np.searchsorted(self._hash, probe, side="left")
         hi = np.searchsorted(self._hash, probe, side="right")
         for i in np.flatnonzero(hi > lo):

@@ -188,19 +188,35 @@ def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, 
     sets = {"dev": dev, "test": test, "gold": gold, **benchmarks, "redteam": redteam}
     decontam = Decontaminator(d.decontam_chars, d.decontam_phrase_items)
     counts: dict[str, int] = {}
+    contaminated: list[tuple[int, str]] = []
     with open(spool.path, "rb") as sp:
         for set_name, idx in sets.items():
-            order = idx if set_name == "redteam" else idx[np.argsort(h[idx], kind="stable")]
-            sets[set_name] = order
-            with open(run.data / f"{set_name}.jsonl", "wb") as fh:
-                for i in order.tolist():
-                    line = _read_line(sp, int(c["offset"][i]))
-                    fh.write(line)
-                    rec = json.loads(line)
+            sets[set_name] = idx if set_name == "redteam" else idx[np.argsort(h[idx], kind="stable")]
+
+        def index(names) -> None:
+            for set_name in names:
+                for i in sets[set_name].tolist():
+                    rec = json.loads(_read_line(sp, int(c["offset"][i])))
                     decontam.add(f"{set_name}:{rec['id']}", rec["question"] + "\x00" + (rec["reference"] or ""))
-        decontam.freeze()
+            decontam.freeze()
+
+        # benchmark and red-team items first: a dev/test/gold record copying one is dropped too (gold feeds RL)
+        index([*benchmarks, "redteam"])
+        for set_name in ("dev", "test", "gold"):
+            idx = sets[set_name]
+            recs = [json.loads(_read_line(sp, int(c["offset"][i]))) for i in idx.tolist()]
+            hits = decontam.find_many(["\x00".join((r["question"], r["think"], r["answer"])) for r in recs])
+            bad = [(int(i), f"shares a {d.decontam_chars}-character run with {hit}")
+                   for i, hit in zip(idx.tolist(), hits) if hit is not None]
+            contaminated += bad
+            sets[set_name] = idx[~np.isin(idx, [i for i, _ in bad])]
+        gold = sets["gold"]
+        index(("dev", "test", "gold"))
+        for set_name, idx in sets.items():
+            with open(run.data / f"{set_name}.jsonl", "wb") as fh:
+                for i in idx.tolist():
+                    fh.write(_read_line(sp, int(c["offset"][i])))
         train = train[np.argsort(h[train], kind="stable")]
-        contaminated = []
         with open(run.data / "train.jsonl", "wb") as fh, tqdm(total=train.size, desc="prepare decontaminate",
                                                                 unit=" rec", disable=None, leave=False) as bar:
             for start in range(0, train.size, BATCH):
