@@ -102,8 +102,12 @@ def test_weights_combine_rules_teacher_and_verifier():
         assert res.teacher is not None
         assert res.reward == pytest.approx(0.5 * res.rule + 0.2 * res.teacher + 0.3 * v)
     assert inj.reward == 0.0 and inj.components["verifier"] == 1.0  # a prompt injection still scores 0
-    with pytest.raises(ValueError, match="must be 1, got 1.6 \\(preset huatuo-o1 sets"):
-        RewardConfig.model_validate({"preset": "huatuo-o1", "w_rule": 0.6})
+    # weights are relative: the preset plus w_rule 0.25 is R = (0.25 Rule + 1.0 Verifier) / 1.25
+    mixed = RewardConfig.model_validate({"preset": "huatuo-o1", "w_rule": 0.25, "judge": {"provider": "none"}})
+    (m,), _ = _score(mixed, [right])
+    assert m.reward == pytest.approx((0.25 * m.rule + 1.0) / 1.25) and m.teacher is None
+    with pytest.raises(ValueError, match="at least one of w_rule, w_teacher, w_verifier must be > 0"):
+        RewardConfig.model_validate({"w_rule": 0, "w_teacher": 0})
 
 
 def test_equivalence_prompt_and_parse():

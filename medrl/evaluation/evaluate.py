@@ -128,6 +128,15 @@ def generate_model(model_cfg, adapter: Path | None, questions: dict[str, list[st
 
 def generate_all(cfg: Config, models: dict[str, Path | None], sets: dict[str, list[dict]]) -> dict[str, dict]:
     questions = {s: [cfg.eval.mcq_prompt.render(it) for it in items] for s, items in sets.items()}
+    out = _generate(cfg, models, questions)
+    for gen in out.values():  # each row records the exact prompt (MCQ items: the template around the question)
+        for s, qs in questions.items():
+            for g, q in zip(gen["outputs"][s], qs):
+                g["prompt"] = q
+    return out
+
+
+def _generate(cfg: Config, models: dict[str, Path | None], questions: dict[str, list[str]]) -> dict[str, dict]:
     decoding = cfg.eval.decoding.model_dump()
     if cfg.eval.engine == "vllm":
         from medrl.evaluation.vllm_generate import generate_all_vllm
@@ -150,10 +159,11 @@ def generate_all(cfg: Config, models: dict[str, Path | None], sets: dict[str, li
 # --------------------------------------------------------------------------- scoring
 def _row(model: str, set_name: str, item: dict, gen: dict, result) -> dict:
     rules = {k: v for k, v in result.components.items()
-             if k not in ("rule", "teacher") and not k.startswith("judge.")}
+             if k not in ("rule", "teacher", "verifier") and not k.startswith("judge.")}
     scores = {k[len("judge."):]: v for k, v in result.components.items() if k.startswith("judge.")}
     row = {"model": model, "set": set_name, **{k: item.get(k) for k in _ITEM_FIELDS}, **gen,
            "reward": result.reward, "rule": result.rule, "teacher": result.teacher, "rules": rules,
+           "verifier": result.components.get("verifier"),
            "judge": {"id": result.judge, "status": result.judge_status, "scores": scores or None,
                      "reason": result.reasons.get("judge", ""), "tokens_in": result.tokens_in,
                      "tokens_out": result.tokens_out, "tokens_cache_hit": result.tokens_cache_hit,
