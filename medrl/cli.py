@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
                    help="comma-separated subset of base,sft,rl (default: those that exist)")
     p.add_argument("--sets", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
-                   help="comma-separated subset of eval.sets")
+                   help="comma-separated eval sets: test, gold, redteam or benchmark source names (default eval.sets)")
 
     p = sub.add_parser("report", help="build report.html / report.md for a run directory")
     p.add_argument("run_dir", type=Path, help="run directory, e.g. runs/local_tiny")

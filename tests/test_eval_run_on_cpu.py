@@ -155,6 +155,11 @@ def test_bad_inputs_fail_with_one_line(evaluated, tmp_path, tiny_model_dir):
         run_eval(cfg, run, models=["ppo"])
     with pytest.raises(UsageError, match=r"--sets gold: .*gold.jsonl not found \(run `medrl prepare` first\)"):
         run_eval(cfg, run, sets=["gold"])
+    with pytest.raises(UsageError, match=r"--sets medqa: .*medqa.jsonl not found \(run `medrl prepare` first; a "
+                                         r"benchmark needs data.catalog.medqa.role: benchmark"):
+        run_eval(cfg, run, sets=["medqa"])
+    with pytest.raises(UsageError, match="--sets: 'train' is not an eval set"):
+        run_eval(cfg, run, sets=["train"])
     run.data.mkdir()
     (run.data / "test.jsonl").write_text('{"id": "a", "question": "q?"}\n{"id": "b", "question": ""}\n',
                                          encoding="utf-8")

@@ -1,6 +1,6 @@
 """The one record schema every stage reads, and the validation that turns loader output into records.
 
-Record (train/dev/test/gold/redteam/pubmedqa .jsonl), in this key order:
+Record (train/dev/test/gold/redteam/<benchmark> .jsonl), in this key order:
 
     id, source, language, question, think, answer, output, reference, options, label, specialty, risk, category,
     expected_behavior, meta

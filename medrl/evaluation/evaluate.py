@@ -82,8 +82,9 @@ def load_sets(cfg: Config, run: RunDir, sets: list[str] | None) -> tuple[dict[st
         path = run.data / f"{name}.jsonl"
         if not path.is_file():
             if explicit:
-                raise UsageError(f"--sets {name}: {path} not found (run `medrl prepare` first; a benchmark needs "
-                                 f"data.catalog.{name}.role: benchmark and its name in data.sources)")
+                hint = "" if name in ("test", "gold", "redteam", "dev") else (
+                    f"; a benchmark needs data.catalog.{name}.role: benchmark and its name in data.sources")
+                raise UsageError(f"--sets {name}: {path} not found (run `medrl prepare` first{hint})")
             skipped.append(f"set {name}: {path} not found")
             continue
         items = select_items(read_jsonl(path, ("id", "question")), cfg.eval.limit_for(name))
