@@ -43,8 +43,8 @@ def prepared(tmp_path_factory):
 
 def test_outputs_follow_the_schema(prepared):
     cfg, run, summary = prepared
-    files = {name: _read(run, name) for name in (*OUTPUT_FILES, "pubmedqa")}
-    assert summary["benchmarks"] == {"pubmedqa": 16}
+    files = {name: _read(run, name) for name in (*OUTPUT_FILES, "pubmedqa", "mcq-sample")}
+    assert summary["benchmarks"] == {"pubmedqa": 16, "mcq-sample": 4}
     for name, rows in files.items():
         assert {**summary, **summary["benchmarks"]}[name] == len(rows) > 0, name
         for r in rows:
@@ -59,6 +59,7 @@ def test_outputs_follow_the_schema(prepared):
     assert {r["source"] for r in files["gold"]} == {"medical-o1-verifiable", "pubmedqa", "datatang-style"}  # MCQ: label
     assert len(files["pubmedqa"]) == 16 and all(r["label"] in ("yes", "no", "maybe") for r in files["pubmedqa"])
     assert all(r["category"] and r["expected_behavior"] for r in files["redteam"])
+    assert [r["label"] for r in sorted(files["mcq-sample"], key=lambda r: r["question"])] == ["B", "C", "B", "I"]
     # stratified, never-empty dev/test: every source with >= 3 pool records is in both
     for split in ("dev", "test"):
         assert {r["source"] for r in files[split]} == {"medical-o1", "medical-o1-verifiable", "delicate-medical",
@@ -190,7 +191,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir):
     r = _cli(f"run.root={tmp_path}", "model.build_tiny_if_missing=false", options=("--sources", "medical-o1,nope"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "medrl: error: unknown data source 'nope' (known: cmd-dialogue, datatang-style, delicate-medical, "
-        "medical-o1, medical-o1-verifiable, pubmedqa; define new ones under data.catalog)"]
+        "mcq-sample, medical-o1, medical-o1-verifiable, pubmedqa; define new ones under data.catalog)"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": "What is a normal temperature?", "a": "About 37 C."}\n{"q": \n', encoding="utf-8")
     r = _cli(f"run.root={tmp_path}", "data.catalog.bad.format=jsonl", f"data.catalog.bad.path={bad}",
