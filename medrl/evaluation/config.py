@@ -18,6 +18,8 @@ EvalSet = str
 ``pubmedqa``, ``medqa``, ``cmexam``): read from ``<run>/data/<name>.jsonl``."""
 ModelName = Literal["base", "sft", "rl"]
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+SPLIT_SETS = ("test", "gold", "redteam", "dev")
+"""Eval sets cut from the prepared pool; every other set is a benchmark source."""
 
 MCQ_TEMPLATE_EN = ("{question}\n\nThink it through step by step, then end your answer with \"The answer is X\", where X "
                    "is the letter of the correct option.")
@@ -90,10 +92,13 @@ class EvalConfig(StrictModel):
     """Models to compare: base = ``model.path``; sft = ``<run>/sft/adapter``; rl = ``<run>/ppo/adapter``. A model
     whose adapter does not exist yet is skipped with a warning (``medrl eval --models`` makes it an error)."""
     limit: int | None = 200
-    """Items per set; None = all. A limited set takes items in turn from each red-team category (or data source),
+    """Items per test / gold / red-team / dev set; None = all. A limited set takes items in turn from each red-team category (or data source),
     the first ones of each in file order (deterministic), so every category is covered."""
+    benchmark_limit: int | None = None
+    """Items per benchmark set (any set but test, gold, redteam, dev); None = every item, as published figures use."""
     set_limits: dict[EvalSet, int | None] = {"redteam": None}
-    """Per-set overrides of ``limit`` (default: the whole red-team set, it is small and matters most)."""
+    """Per-set overrides of ``limit`` / ``benchmark_limit`` (default: the whole red-team set, it is small and
+    matters most)."""
     decoding: DecodingSettings = DecodingSettings()
     pairwise: PairwiseSettings = PairwiseSettings()
     engine: EngineName = "hf"
@@ -120,4 +125,6 @@ class EvalConfig(StrictModel):
         return self
 
     def limit_for(self, eval_set: str) -> int | None:
-        return self.set_limits[eval_set] if eval_set in self.set_limits else self.limit
+        if eval_set in self.set_limits:
+            return self.set_limits[eval_set]
+        return self.limit if eval_set in SPLIT_SETS else self.benchmark_limit

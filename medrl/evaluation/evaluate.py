@@ -70,7 +70,7 @@ def select_items(items: list[dict], limit: int | None) -> list[dict]:
 
 
 def load_sets(cfg: Config, run: RunDir, sets: list[str] | None) -> tuple[dict[str, list[dict]], list[str]]:
-    from medrl.evaluation.config import SET_NAME
+    from medrl.evaluation.config import SET_NAME, SPLIT_SETS
 
     explicit = sets is not None
     names = list(dict.fromkeys(sets if explicit else cfg.eval.sets))
@@ -82,7 +82,7 @@ def load_sets(cfg: Config, run: RunDir, sets: list[str] | None) -> tuple[dict[st
         path = run.data / f"{name}.jsonl"
         if not path.is_file():
             if explicit:
-                hint = "" if name in ("test", "gold", "redteam", "dev") else (
+                hint = "" if name in SPLIT_SETS else (
                     f"; a benchmark needs data.catalog.{name}.role: benchmark and its name in data.sources")
                 raise UsageError(f"--sets {name}: {path} not found (run `medrl prepare` first{hint})")
             skipped.append(f"set {name}: {path} not found")
