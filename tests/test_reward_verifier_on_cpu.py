@@ -159,3 +159,20 @@ def test_open_ended_judge_is_cached_and_budgeted(server, tmp_path):
     assert [r.components["verifier"] for r in capped] == [1.0, 0.1, 0.1]  # matcher: j1 names no hypothyroidism
     assert "judge over_budget" in capped[0].reasons["verifier"] and "reference matcher used" in capped[0].reasons[
         "verifier"]
+
+
+def test_rl_prompt_rows_carry_the_ground_truth_to_the_reward():
+    from medrl.data.schema import rl_prompt_row
+    from medrl.evaluation.config import McqPrompt
+    from medrl.ppo.prompts import reward_input
+
+    record = {"id": "r1", "question": MCQ, "reference": "Heparin", "label": "B", "options": OPTIONS, "risk": "low",
+              "source": "medqa-train", "language": "en", "category": None, "expected_behavior": None}
+    row = rl_prompt_row(record, McqPrompt().render)
+    assert row["prompt"].startswith(MCQ) and row["prompt"].endswith("letter of the correct option.")
+    assert (row["reference"], row["label"], row["options"]) == ("B: Heparin", "B", OPTIONS)
+    item = reward_input(row, 3, 1, "<think>\nanticoagulant\n</think>\n\nThe answer is B.")
+    assert (item.id, item.label, item.options) == ("r1:3:1", "B", OPTIONS)
+    cfg = RewardConfig.model_validate({"preset": "huatuo-o1", "judge": {"provider": "none"}})
+    (result,), _ = _score(cfg, [item])
+    assert result.reward == 1.0
