@@ -184,6 +184,10 @@ def near_duplicates(sig: np.ndarray, rows: np.ndarray, rank: np.ndarray, protect
 
 
 # ---------------------------------------------------------------------------------------------- decontamination
+MAX_CANDIDATES = 64
+"""Eval lines examined per probe window when stock phrasing is on (a window in more lines than this is common)."""
+
+
 class Decontaminator:
     """Finds any shared run of ``run_chars`` characters (case-insensitive) between a text and the eval texts.
 
@@ -239,9 +243,11 @@ class Decontaminator:
             h = self._window_hashes(np.lib.stride_tricks.sliding_window_view(self._codepoints(seg), k))
             self._hashes.append(np.stack([h, np.full(n, line), np.arange(n)]))
 
-    def freeze(self) -> "Decontaminator":
+    def freeze(self, final: bool = True) -> "Decontaminator":
+        """Build the lookup index; ``final=False`` keeps the window table so more texts can be added and the index
+        frozen again."""
         table = np.concatenate(self._hashes, axis=1) if self._hashes else np.zeros((3, 0), dtype=np.int64)
-        self._hashes = [table]  # more texts may be added and the index frozen again
+        self._hashes = [] if final else [table]
         order = np.argsort(table[0], kind="stable")
         self._hash, self._line, self._pos = table[0][order], table[1][order], table[2][order]
         common = np.zeros(table.shape[1], dtype=bool)  # in table order: line by line, window by window
@@ -288,6 +294,9 @@ class Decontaminator:
     def _extend(self, seg: str, q: int, candidates: range) -> int | None:
         """The eval line whose k-window equals ``seg[q:q+k]`` and whose shared run around it is long enough."""
         k, reach = self.k, self.run_chars - self.k
+        if self.phrase_items is not None and len(candidates) > MAX_CANDIDATES:
+            # only a common window has this many eval lines: a copied text is found through its rare windows
+            candidates = candidates[:MAX_CANDIDATES]
         for j in candidates:
             other, pos = self._lines[self._line[j]], int(self._pos[j])
             if other[pos:pos + k] != seg[q:q + k]:

@@ -193,15 +193,15 @@ def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, 
         for set_name, idx in sets.items():
             sets[set_name] = idx if set_name == "redteam" else idx[np.argsort(h[idx], kind="stable")]
 
-        def index(names) -> None:
+        def index(names, final: bool) -> None:
             for set_name in names:
                 for i in sets[set_name].tolist():
                     rec = json.loads(_read_line(sp, int(c["offset"][i])))
                     decontam.add(f"{set_name}:{rec['id']}", rec["question"] + "\x00" + (rec["reference"] or ""))
-            decontam.freeze()
+            decontam.freeze(final)
 
         # benchmark and red-team items first: a dev/test/gold record copying one is dropped too (gold feeds RL)
-        index([*benchmarks, "redteam"])
+        index([*benchmarks, "redteam"], final=False)
         for set_name in ("dev", "test", "gold"):
             idx = sets[set_name]
             recs = [json.loads(_read_line(sp, int(c["offset"][i]))) for i in idx.tolist()]
@@ -211,7 +211,7 @@ def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, 
             contaminated += bad
             sets[set_name] = idx[~np.isin(idx, [i for i, _ in bad])]
         gold = sets["gold"]
-        index(("dev", "test", "gold"))
+        index(("dev", "test", "gold"), final=True)
         for set_name, idx in sets.items():
             with open(run.data / f"{set_name}.jsonl", "wb") as fh:
                 for i in idx.tolist():
