@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from medrl.reward.config import RewardConfig
-from medrl.reward.ledger import LeasedGate, Ledger
+from medrl.reward.ledger import Ledger, local_gate
 from medrl.reward.loopback_server import LoopbackJudge
 from medrl.reward.scoring import Scorer
 from medrl.reward.types import RewardInput
@@ -18,17 +18,7 @@ MCQ = "Which drug is an anticoagulant?\n\nA. Aspirin\nB. Heparin\nC. Insulin\nD.
 
 def _gate(budget_usd=None):
     ledger = Ledger(0, 0, budget_usd)
-
-    async def lease(*a):
-        return ledger.lease(*a)
-
-    async def settle(*a):
-        ledger.settle(*a)
-
-    async def add(**counts):
-        ledger.add(**counts)
-
-    return LeasedGate(lease, settle, add, lease_size=4, flush_every=4), ledger
+    return local_gate(ledger, lease_size=4), ledger
 
 
 def _score(cfg: RewardConfig, items: list[RewardInput], budget_usd=None, api_key=None):
