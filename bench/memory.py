@@ -49,7 +49,7 @@ def measure(spec: dict) -> dict:
 
     from medrl.config import LoraSettings
     from medrl.models.loading import lora_config
-    from medrl.ppo.algos import policy_loss
+    from medrl.ppo.algos import aggregate_loss, policy_loss
     from medrl.ppo.modeling import PolicyWithValue
 
     shape = ModelShape(**spec["shape"])
@@ -86,7 +86,10 @@ def measure(spec: dict) -> dict:
             model(*args, temperature=0.7, with_values=False)
     else:
         out = model(*args, temperature=0.7, with_values=False, with_entropy=spec["entropy"])
-        loss, _ = policy_loss(out["logprobs"], out["logprobs"].detach(), torch.ones(b, R), torch.ones(b, R), 0.2)
+        ones = torch.ones(b, R)
+        token_loss, _ = policy_loss("ppo", out["logprobs"], out["logprobs"].detach(), ones, ones, clip_low=0.2,
+                                    clip_high=0.2)
+        loss = aggregate_loss(token_loss, ones, "token-mean", n_tokens=b * R, n_seqs=b, norm_len=R)
         del out
         loss.backward()
         optimizer.step()

@@ -236,6 +236,46 @@ def test_killing_a_judge_actor_mid_run_loses_and_repays_nothing(ray_local, serve
     cache.close()
 
 
+def test_a_judge_actor_dead_past_its_restarts_is_replaced_and_nothing_is_repaid(ray_local, server, api_key,
+                                                                                  tmp_path):
+    """actor_max_restarts=0: the killed actor stays dead; its items are resubmitted to a fresh actor in its place."""
+    from medrl.reward.pool import RewardPool
+
+    server.reset()
+    server.set_latency(0.3)
+    items = [_item("dead", i) for i in range(32)]
+    cfg = _cfg(server, tmp_path, num_actors=2, concurrency=4, batch_size=16, actor_max_restarts=0)
+    cache = JudgeCache(cfg.judge.cache_path)
+    try:
+        with RewardPool(cfg) as pool:
+            victim = pool.process_info()[0]["pid"]
+            refs = pool.submit(items)
+            deadline = time.time() + 60
+            while cache.count() < 6 and time.time() < deadline:
+                time.sleep(0.05)
+            cached_keys = [cache_key(cfg.judge.model, cfg.judge.rubric_version, it.prompt,
+                                     split_response(it.response).answer, it.reference) for it in items]
+            paid_before = {request_key(build_messages(r["prompt"], r["answer"], r["reference"])[1]["content"])
+                           for r in cache.get_many(cached_keys).values()}
+            os.kill(victim, signal.SIGKILL)
+            results, retries = pool.collect(items, refs)
+            assert retries > 0 and pool.process_info()[0]["pid"] != victim  # a fresh actor took its place
+            # new content routed to that slot reaches the live actor: no failure, no retry
+            fresh = [_item("after", i) for i in range(4)]
+            after, retries_after = pool.collect(fresh, pool.submit(fresh))
+            stats = pool.stats()
+    finally:
+        server.set_latency(0.0)
+    assert 6 <= len(paid_before) < 32
+    assert all(r.judge_status in ("ok", "cached") and r.teacher == pytest.approx(_expected_teacher(it))
+               for r, it in zip(results + after, items + fresh))
+    assert retries_after == 0 and stats["failed"] == 0
+    counts = server.stats()["requests"]
+    assert all(counts[k] == 1 for k in paid_before)  # received before the crash: never paid again
+    assert sum(n - 1 for n in counts.values()) <= 4  # at most the killed actor's calls in flight (concurrency 4)
+    cache.close()
+
+
 class _Lines(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -261,11 +301,12 @@ def test_rate_limit_and_budget_cap(ray_local, server, api_key, tmp_path):
     warnings = _Lines()
     logging.getLogger("medrl.reward").addHandler(warnings)
     try:
-        with RewardPool(_cfg(server, tmp_path, budget_usd=budget)) as pool:
-            results = pool.score(items, progress=False)
+        with RewardPool(_cfg(server, tmp_path, budget_usd=budget)) as pool:  # PPO's path: submit, then collect
+            results, retries = pool.collect(items, pool.submit(items))
             stats = pool.stats()
     finally:
         logging.getLogger("medrl.reward").removeHandler(warnings)
+    assert retries == 0
     over = [r for r in results if r.judge_status == "over_budget"]
     assert over and all(r.reward == r.rule and "judge_over_budget" in r.flags for r in over)
     assert stats["judged"] == 40 - len(over) > 0 and stats["over_budget"] == len(over)

@@ -41,11 +41,17 @@ def test_discounted_returns_and_whitening():
     assert torch.allclose(algos.masked_mean(x, mask, dim=1), t([1.5, 3.0]))
 
 
+def _ppo_loss(logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=None, weights=None, name="ppo"):
+    token, info = algos.policy_loss(name, logp, torch.zeros_like(logp), adv, mask, clip_low=clip_low,
+                                    clip_high=clip_high, dual_clip=dual_clip, behaviour_weights=weights)
+    return algos.aggregate_loss(token, mask, "token-mean", n_tokens=mask.sum(), n_seqs=1, norm_len=1), info
+
+
 def test_clipped_policy_loss_by_hand():
     ratio = t([[1.5, 0.5, 1.0, 0.5, 7.0]])
     adv = t([[1.0, -1.0, 2.0, 1.0, 50.0]])
     mask = t([[1, 1, 1, 1, 0]])
-    loss, info = algos.policy_loss(torch.log(ratio), torch.zeros_like(ratio), adv, mask, clip=0.2)
+    loss, info = _ppo_loss(torch.log(ratio), adv, mask)
     # token terms max(-A r, -A clip(r)): 1.5,A=1 -> max(-1.5,-1.2) = -1.2 (clipped); .5,A=-1 -> max(.5,.8) = .8
     # (clipped); 1,A=2 -> -2; .5,A=1 -> max(-.5,-.8) = -.5 (not clipped). Mean = (-1.2+.8-2-.5)/4 = -.725
     assert loss.item() == pytest.approx(-0.725)
@@ -55,8 +61,70 @@ def test_clipped_policy_loss_by_hand():
     assert info["approx_kl"].item() == pytest.approx(expect)
     # the gradient only flows through unclipped tokens: d/dlogp of -A r at r=1 (token 3) and r=.5 (token 4)
     logp = torch.log(ratio).clone().requires_grad_(True)
-    algos.policy_loss(logp, torch.zeros_like(ratio), adv, mask, clip=0.2)[0].backward()
+    _ppo_loss(logp, adv, mask)[0].backward()
     assert torch.allclose(logp.grad, t([[0.0, 0.0, -2.0 / 4, -0.5 / 4, 0.0]]))
+    with pytest.raises(ValueError, match="unknown policy loss 'trpo'"):
+        _ppo_loss(logp, adv, mask, name="trpo")
+
+
+def test_clip_higher_and_dual_clip_by_hand():
+    # clip_low .2, clip_high .28 (DAPO): r = 1.25, A = 1 is inside [.8, 1.28] -> -1.25 (symmetric .2: -1.2);
+    # r = 1.5, A = 1 -> -1.28; r = .7, A = -1 -> max(.7, .8) = .8
+    logp, adv, mask = torch.log(t([[1.25, 1.5, 0.7]])), t([[1.0, 1.0, -1.0]]), t([[1, 1, 1]])
+    token, info = algos.policy_loss("ppo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.28)
+    assert torch.allclose(token, t([[-1.25, -1.28, 0.8]]))
+    assert info["clip_frac"].item() == pytest.approx(2 / 3)
+    # dual clip c = 3 caps the loss of negative-advantage tokens at -A c: r = 5, A = -2 -> max(10, 2.4) = 10 -> 6;
+    # r = 2, A = -1 -> 2 (< 3, kept); r = 5, A = +1 -> -1.2 (positive advantages are never dual-clipped)
+    logp, adv = torch.log(t([[5.0, 2.0, 5.0]])), t([[-2.0, -1.0, 1.0]])
+    token, info = algos.policy_loss("ppo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.2,
+                                    dual_clip=3.0)
+    assert torch.allclose(token, t([[6.0, 2.0, -1.2]]))
+    assert info["dual_clip_frac"].item() == pytest.approx(1 / 3)
+
+
+def test_gspo_uses_one_ratio_per_response():
+    # row log-ratios [.1, .3] -> mean .2 -> s = e^.2 = 1.2214 for both tokens; A = 1: max(-1.2214, -1.2) = -1.2
+    # (clipped, no gradient). Row 2: [-.05, .05] -> s = 1, -A s = -2 on both tokens; d/dlogp_t = -2 (s = 1)
+    logp = t([[0.1, 0.3], [-0.05, 0.05]]).requires_grad_(True)
+    adv, mask = t([[1.0, 1.0], [2.0, 2.0]]), t([[1, 1], [1, 1]])
+    token, info = algos.policy_loss("gspo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.2)
+    assert torch.allclose(token, t([[-1.2, -1.2], [-2.0, -2.0]]))
+    token.sum().backward()
+    assert torch.allclose(logp.grad, t([[0.0, 0.0], [-2.0, -2.0]]))
+
+
+def test_loss_aggregation_modes_by_hand_and_across_micro_batches():
+    # row 0: one token of loss 4; row 1: three tokens 1, 2, 3; row 2: empty
+    loss = t([[4.0, 0.0, 0.0], [1.0, 2.0, 3.0], [9.0, 9.0, 9.0]])
+    mask = t([[1, 0, 0], [1, 1, 1], [0, 0, 0]])
+    kw = dict(n_tokens=4, n_seqs=2, norm_len=8)
+    # token-mean (4 + 6) / 4 = 2.5; seq-mean-token-mean (4 + 2) / 2 = 3; sum-norm (4 + 6) / (2 * 8) = .625
+    expect = {"token-mean": 2.5, "seq-mean-token-mean": 3.0, "seq-mean-token-sum-norm": 0.625}
+    for mode, value in expect.items():
+        assert algos.aggregate_loss(loss, mask, mode, **kw).item() == pytest.approx(value)
+        # one row per micro-batch, the minibatch totals as denominators: the parts add up to the whole
+        parts = sum(algos.aggregate_loss(loss[i:i + 1], mask[i:i + 1], mode, **kw) for i in range(3))
+        assert parts.item() == pytest.approx(value)
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        algos.aggregate_loss(loss, mask, "sum", **kw)
+
+
+def test_log_ratio_and_kl_clamps_keep_the_loss_finite():
+    # fp32: a log-ratio of 95 overflows exp (e^95 = inf): with A < 0 the loss -A r was inf and its gradient NaN.
+    # Clamped at +-20: A = 1 -> max(-e^20, -1.2) = -1.2; r = e^-20, A = -1 -> max(~0, .8) = .8
+    logp = torch.tensor([[95.0, -95.0]], requires_grad=True)
+    adv, mask = torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    token, _ = algos.policy_loss("ppo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.2)
+    assert torch.isfinite(token).all() and torch.allclose(token, torch.tensor([[-1.2, 0.8]]))
+    token, _ = algos.policy_loss("ppo", logp, torch.zeros_like(logp), -adv, mask, clip_low=0.2, clip_high=0.2)
+    token.sum().backward()
+    assert torch.isfinite(token).all() and token[0, 0].item() == pytest.approx(math.exp(20.0), rel=1e-5)
+    assert torch.isfinite(logp.grad).all()
+    # k3 at a log-ratio of -100: exp(100) - 101 = inf in fp32 -> clamped to 10; k1 likewise to -10 / +10
+    lp, ref = torch.tensor([-100.0, 0.0, 30.0]), torch.tensor([0.0, 0.0, 0.0])
+    assert torch.equal(algos.kl_estimate(lp, ref, "k3"), torch.tensor([10.0, 0.0, 10.0]))
+    assert torch.equal(algos.kl_estimate(lp, ref, "k1"), torch.tensor([-10.0, 0.0, 10.0]))
 
 
 def test_behaviour_weights_and_decoupled_loss_by_hand():
@@ -67,11 +135,10 @@ def test_behaviour_weights_and_decoupled_loss_by_hand():
     # each token's surrogate is scaled by its weight: ratios 1.5 (A=1, clipped -> -1.2), 1 (A=2 -> -2), .5 (A=1 ->
     # -.5): (1 * -1.2 + .3679 * -2 + 2 * -.5) / 3
     ratio, adv, mask = t([[1.5, 1.0, 0.5]]), t([[1.0, 2.0, 1.0]]), t([[1, 1, 1]])
-    loss, _ = algos.policy_loss(torch.log(ratio), torch.zeros_like(ratio), adv, mask, 0.2, w)
+    loss, _ = _ppo_loss(torch.log(ratio), adv, mask, weights=w)
     assert loss.item() == pytest.approx((-1.2 - 2 * math.exp(-1.0) - 1.0) / 3)
-    unweighted, _ = algos.policy_loss(torch.log(ratio), torch.zeros_like(ratio), adv, mask, 0.2, torch.ones_like(w))
-    assert unweighted.item() == pytest.approx(algos.policy_loss(torch.log(ratio), torch.zeros_like(ratio), adv, mask,
-                                                                0.2)[0].item())
+    unweighted, _ = _ppo_loss(torch.log(ratio), adv, mask, weights=torch.ones_like(w))
+    assert unweighted.item() == pytest.approx(_ppo_loss(torch.log(ratio), adv, mask)[0].item())
 
 
 def test_clipped_value_loss_by_hand():
@@ -131,6 +198,39 @@ def test_grpo_rloo_reinforce_pp_by_hand():
     sd = math.sqrt(4 / 3)
     assert torch.allclose(ret, t([[1.0, 1.0], [3.0, 0.0]]))
     assert torch.allclose(adv, t([[-2 / 3 / sd, -2 / 3 / sd], [4 / 3 / sd, 0.0]]), atol=1e-6)
+
+
+def test_dr_grpo_subtracts_the_group_mean_only():
+    scores, group = t([1.0, 2.0, 6.0, 4.0, 4.0]), torch.tensor([0, 0, 0, 1, 1])
+    kw = dict(scores=scores, kl_penalty=torch.zeros(5, 1, dtype=torch.float64), mask=torch.ones(5, 1,
+              dtype=torch.float64), group=group)
+    adv, _ = algos.compute_advantages("dr_grpo", **kw)
+    # group 0: mean 3 -> [-2, -1, 3] (grpo would divide by the std, sqrt(7)); group 1: equal scores -> 0
+    assert torch.equal(adv[:, 0], t([-2.0, -1.0, 3.0, 0.0, 0.0]))
+    grpo, _ = algos.compute_advantages("grpo", **kw)
+    assert torch.allclose(grpo[:3, 0], t([-2.0, -1.0, 3.0]) / (math.sqrt(7.0) + 1e-6))
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_all_equal_groups_get_exactly_zero_advantage_in_fp32(estimator):
+    """The old fp32 group mean of 8 x 0.97 landed one ulp off, its std ~1e-7 < eps, and every row got -0.106."""
+    values = torch.linspace(0, 1, 101).tolist() + [2.7, -3.1, 1e3, 1e-7]
+    for n in range(2, 17):
+        scores = torch.tensor([v for v in values for _ in range(n)], dtype=torch.float32)
+        group = torch.arange(len(values)).repeat_interleave(n)
+        mask = torch.ones(len(scores), 3)
+        adv, _ = algos.compute_advantages(estimator, scores=scores, kl_penalty=torch.zeros_like(mask), mask=mask,
+                                          group=group)
+        assert adv.dtype == torch.float32 and torch.count_nonzero(adv) == 0, (n, adv.abs().max())
+    # a group with spread next to equal groups still gets its signal: [0.97, 0.97, 0.99] -> -1/sqrt(3) x 2, 2/sqrt(3)
+    scores = torch.tensor([0.97, 0.97, 0.99, 0.5, 0.5, 0.5])
+    st = algos.group_stats(scores, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert st.zero_spread.tolist() == [False] * 3 + [True] * 3 and st.mean.dtype == torch.float64
+    if estimator == "grpo":
+        adv, _ = algos.compute_advantages("grpo", scores=scores, kl_penalty=torch.zeros(6, 1), mask=torch.ones(6, 1),
+                                          group=torch.tensor([0, 0, 0, 1, 1, 1]))
+        assert adv[:, 0].tolist() == pytest.approx([-1 / math.sqrt(3)] * 2 + [2 / math.sqrt(3)] + [0.0] * 3,
+                                                   rel=1e-4)
 
 
 def test_gae_estimator_uses_values_and_whitens():

@@ -108,10 +108,10 @@ class FakeLearner:
         old = behaviour - 0.25 * mask
         return FakePending(batch.replace(old_logprobs=old, behaviour_logprobs=behaviour, ref_logprobs=old - 0.5 * mask))
 
-    def train(self, batch, n_minibatches, seed):
-        assert batch.advantages is not None and batch.behaviour_weights is not None
+    def train(self, batch, n_minibatches, seed, kl_coef):
+        assert batch.advantages is not None and batch.behaviour_weights is not None and batch.loss_mask is not None
         self.trained.append((len(batch), n_minibatches, seed))
-        return FakePending({"policy_loss": 0.5, "grad_norm": 1.0, "lr": 0.02})
+        return FakePending({"policy_loss": 0.5, "grad_norm": 1.0, "lr": 0.02, "nonfinite_skipped": 0})
 
     def adapter(self, version):
         self.published.append(version)
@@ -197,7 +197,8 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
     assert [t[1:] for t in groups.learner.trained] == [(2, 100_003 + s) for s in (1, 2, 3)]
     assert set(second) == {
         "reward_mean", "reward_std", "reward/rule", "judge_failed", "dropped", "judge_tokens_in",
-        "judge_tokens_out", "judge_cost_usd", "cache_hit_rate", "policy_loss", "grad_norm", "lr",
+        "judge_tokens_out", "judge_cost_usd", "cache_hit_rate", "policy_loss", "grad_norm", "lr", "nonfinite_skipped",
+        "truncated_masked", "zero_spread_groups", "zero_spread_frac", "update_skipped",
         "behaviour_weight_mean", "kl", "kl_seq_sum", "advantage_mean", "return_mean", "kl_coef", "logprob_gap",
         "logprob_gap_mean", "time_engine_sleep_s", "response_len", "finished_frac", "samples", "rollout_restarts", "reward_retries", "rollout_staleness",
         "time_generate_s", "time_rollout_s", "time_actor_generate_s", "time_actor_logprob_s", "time_reward_wait_s",

@@ -1,6 +1,7 @@
 """The PPO driver end to end on the tiny model with real Ray actors: weight sync and log-prob consistency, a killed
 rollout actor, a two-rank DeepSpeed learner over gloo, exact resume."""
 import json
+import math
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ from medrl.models.chat import render_prompt
 from medrl.ppo.checkpoint import complete_checkpoints
 from medrl.ppo.driver import PPOTrainer, run_ppo
 from medrl.ppo.prompts import load_prompts, prompts_at
+from medrl.ppo.algos import advantages_and_weights
 from medrl.ppo.batch import Batch
 from medrl.runs import read_metrics
 from conftest import free_port
@@ -75,6 +77,29 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
         third = tr.step()
         assert third["rollout_restarts"] == 1 and third["logprob_gap"] < 1e-4
 
+        # a non-finite loss on one rank only: both ranks agree to skip the update (DeepSpeed discards the
+        # gradients in its step), the weights stay identical and unchanged, and the next clean update trains
+        out = ray.get(rollouts[0].generate.remote([(0, text), (1, text)], 4, 13, [tr.adapter_ref], tr.version))
+        batch = tr.groups.learner.make_experience(Batch.pack(out["samples"], tr.tokenizer.pad_token_id),
+                                                  tr.version).result()
+        added, _ = advantages_and_weights(
+            cfg.ppo, scores=torch.arange(8.0), group=torch.tensor([0] * 4 + [1] * 4), mask=batch.response_mask,
+            old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
+            behaviour_logprobs=batch.behaviour_logprobs, values=batch.values, kl_coef=0.001)
+        clean = batch.replace(**added).shard(2)
+        nan_advantages = clean[1].advantages.clone()
+        nan_advantages[2, 0] = float("nan")
+        shards = [clean[0], clean[1].replace(advantages=nan_advantages)]
+        before = ray.get([a.weights_digest.remote() for a in learners])
+        skipped = ray.get([a.train.remote(s, 1, 5) for a, s in zip(learners, shards)])
+        assert [m["nonfinite_skipped"] for m in skipped] == [1, 1]
+        assert ray.get([a.weights_digest.remote() for a in learners]) == before
+        trained = ray.get([a.train.remote(s, 1, 5) for a, s in zip(learners, clean)])
+        assert [m["nonfinite_skipped"] for m in trained] == [0, 0] and trained[0]["grad_norm"] > 0
+        after = ray.get([a.weights_digest.remote() for a in learners])
+        assert after[0] == after[1] != before[0] and all(math.isfinite(v) for v in after[0].values())
+        tr._publish_adapter()  # as the driver does after an update: the rollouts follow the new weights
+
         # DeepSpeed checkpoint round trip: partitioned optimizer state per rank, RNG per rank
         path = tr.save_checkpoint()
         assert (path / "deepspeed").is_dir() and (path / "rng_rank1.pt").is_file()
@@ -86,9 +111,14 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:  # the unreachable judge: every sample is a counted failure, scored by the rules alone
         assert r["judge_failed"] == 16 and r["dropped"] == 0 and r["reward_mean"] == pytest.approx(r["reward/rule"])
+    # the reward plane logged each PPO step as it logs a `medrl judge` run: the same per-step path
+    reward_rows = read_metrics(run, "reward")
+    assert [r["step"] for r in reward_rows] == [1, 2, 3, 4]
+    assert reward_rows[-1]["failed"] == sum(r["judge_failed"] for r in rows) > 0  # the pool's running totals
     for key in ("reward_mean", "reward_std", "reward/length", "kl", "kl_coef", "entropy", "clip_frac",
                 "value_loss", "response_len", "judge_tokens_in", "judge_cost_usd", "cache_hit_rate",
-                "time_generate_s", "time_reward_wait_s", "time_learn_s", "logprob_gap", "judge_failed"):
+                "time_generate_s", "time_reward_wait_s", "time_learn_s", "logprob_gap", "judge_failed",
+                "zero_spread_groups", "zero_spread_frac", "nonfinite_skipped", "update_skipped"):
         assert key in rows[-1], key
 
 
@@ -188,3 +218,17 @@ def test_actor_resources_that_cannot_fit_fail_at_once(tiny_model_dir, tmp_path, 
     cfg, _ = ppo_config(tmp_path, tiny_model_dir, "too_big", "ppo.learner.num_cpus=1", "ppo.rollout.num_cpus=1")
     with pytest.raises(UsageError, match=r"PPO asks for 2.1 CPUs .* but the Ray cluster has 2; lower those shares"):
         check_actor_resources(cfg)
+
+
+def test_zero_spread_groups_are_filtered_and_the_update_skipped(tiny_model_dir, tmp_path, ray_local):
+    """Every rule weighted 0: every sample scores 0, so every group has zero spread; with the filter on the step
+    has nothing to learn and skips its update (counted), the weights untouched."""
+    cfg, run = ppo_config(tmp_path, tiny_model_dir, "flat", "ppo.steps=1", "reward.rules.length.weight=0",
+                          "ppo.filter_zero_spread_groups=true", "ppo.log_samples=false")
+    with PPOTrainer(cfg, run) as tr:
+        learner = tr.groups.learner.actors[0]
+        before = ray.get(learner.weights_digest.remote())
+        m = tr.step()
+        assert ray.get(learner.weights_digest.remote()) == before
+    assert (m["update_skipped"], m["samples"], m["zero_spread_groups"], m["zero_spread_frac"]) == (1, 0, 4, 1.0)
+    assert m["reward_mean"] == 0.0 and [r["update_skipped"] for r in read_metrics(run, "ppo")] == [1]

@@ -2,15 +2,26 @@
 
 Shapes: ``[B, T]`` tensors hold one row per response, right padded; ``mask`` is 1 on response tokens and 0 on
 padding. Advantage estimators are registered by name (veRL style) and share one signature, so the driver picks
-one from ``cfg.ppo.estimator`` without knowing which.
+one from ``cfg.ppo.estimator`` without knowing which; policy losses likewise (``cfg.ppo.policy_loss``), and their
+per-token values are reduced to one number by ``aggregate_loss`` (``cfg.ppo.loss_agg_mode``).
+
+Guards: log-ratios are clamped to +-``LOG_RATIO_CLAMP`` before ``exp`` and per-token KL estimates to +-``KL_CLAMP``
+(as OpenRLHF and veRL do), so a policy that drifted far from the old or reference policy gives a large, finite loss.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 EPS = 1e-8
+LOG_RATIO_CLAMP = 20.0
+"""|log pi - log pi_old| is clamped here before ``exp`` (exp(20) ~ 4.9e8: finite in fp32 and bf16)."""
+KL_CLAMP = 10.0
+"""Per-token KL estimates are clamped to +-this (k3 of a log-ratio of -100 would be ~e^100)."""
+ZERO_SPREAD_RTOL = 1e-6
+"""A group whose scores differ by at most this times their largest magnitude has zero spread: it carries no
+signal, its group-baselined advantages are exactly 0, and ``ppo.filter_zero_spread_groups`` drops it."""
 
 
 # --------------------------------------------------------------------------- masked statistics
@@ -74,15 +85,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 # --------------------------------------------------------------------------- KL
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
-    """Per-token estimate of KL(pi || ref) from log-probs of tokens sampled from pi (Schulman's k1/k2/k3)."""
-    log_ratio = logprobs - ref_logprobs
+    """Per-token estimate of KL(pi || ref) from log-probs of tokens sampled from pi (Schulman's k1/k2/k3), the
+    log-ratio clamped to +-``LOG_RATIO_CLAMP`` and the estimate to +-``KL_CLAMP``."""
+    log_ratio = torch.clamp(logprobs - ref_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     if kind == "k1":
-        return log_ratio
-    if kind == "k2":
-        return 0.5 * log_ratio ** 2
-    if kind == "k3":
-        return torch.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {kind!r} (k1, k2, k3)")
+        kl = log_ratio
+    elif kind == "k2":
+        kl = 0.5 * log_ratio ** 2
+    elif kind == "k3":
+        kl = torch.expm1(-log_ratio) + log_ratio
+    else:
+        raise ValueError(f"unknown KL estimator {kind!r} (k1, k2, k3)")
+    return torch.clamp(kl, -KL_CLAMP, KL_CLAMP)
 
 
 def token_rewards(scores: torch.Tensor, kl_penalty: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,22 +110,87 @@ def token_rewards(scores: torch.Tensor, kl_penalty: torch.Tensor, mask: torch.Te
 
 
 # --------------------------------------------------------------------------- losses
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float, behaviour_weights: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate, token mean. Returns the loss and (detached) clip fraction and approximate KL.
-    ``behaviour_weights`` (samples drawn by an older policy): each token's surrogate is multiplied by its weight
-    (decoupled PPO: the ratio is clipped around ``old_logprobs``, the proximal policy)."""
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    surrogate = torch.maximum(unclipped, clipped)
-    loss = masked_mean(surrogate if behaviour_weights is None else behaviour_weights * surrogate, mask)
+PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+    def deco(fn: PolicyLoss) -> PolicyLoss:
+        POLICY_LOSSES[name] = fn
+        return fn
+    return deco
+
+
+def policy_loss(name: str, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, *, clip_low: float, clip_high: float, dual_clip: float | None = None,
+                behaviour_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token policy loss ``[B, T]`` of the registered loss ``name`` (reduce it with ``aggregate_loss``) and
+    detached statistics (token means over ``mask``). ``behaviour_weights`` (samples drawn by an older policy): each
+    token's loss is multiplied by its weight (decoupled PPO: the ratio is clipped around ``old_logprobs``, the
+    proximal policy)."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r} ({', '.join(POLICY_LOSSES)})")
+    loss, info = POLICY_LOSSES[name](logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
+                                     clip_high=clip_high, dual_clip=dual_clip)
     with torch.no_grad():
-        clip_frac = masked_mean((clipped > unclipped).float(), mask)
-        approx_kl = masked_mean(0.5 * log_ratio ** 2, mask)
-    return loss, {"clip_frac": clip_frac, "approx_kl": approx_kl}
+        info["approx_kl"] = masked_mean(0.5 * (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) ** 2,
+                                        mask)
+    return (loss if behaviour_weights is None else behaviour_weights * loss), info
+
+
+def _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high, dual_clip):
+    """``max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``; with ``dual_clip`` c, tokens with A < 0 are also
+    capped at ``-A c`` (Ye et al. 2020: a huge ratio on a bad token cannot make the loss unbounded)."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    info = {"clip_frac": masked_mean((clipped > unclipped).float(), mask).detach()}
+    if dual_clip is not None:
+        cap = -advantages * dual_clip
+        capped = (advantages < 0) & (loss > cap)
+        loss = torch.where(capped, cap, loss)
+        info["dual_clip_frac"] = masked_mean(capped.float(), mask).detach()
+    return loss, info
+
+
+@register_policy_loss("ppo")
+def _ppo(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip):
+    """PPO's clipped surrogate with a per-token ratio ``pi / pi_old`` (asymmetric: DAPO's clip-higher)."""
+    ratio = torch.exp(torch.clamp(logprobs - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    return _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high, dual_clip)
+
+
+@register_policy_loss("gspo")
+def _gspo(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip):
+    """GSPO (Zheng et al. 2025): one ratio per response, the geometric mean ``exp(mean_t log(pi / pi_old))``, clipped
+    as PPO's; each token carries it with its own gradient (``sg[s] * pi_t / sg[pi_t]``). Use small clips (the
+    paper: 3e-4 / 4e-4)."""
+    seq_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach())
+    return _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high, dual_clip)
+
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, *, n_tokens: torch.Tensor | float,
+                   n_seqs: torch.Tensor | float, norm_len: float) -> torch.Tensor:
+    """These rows' share of the minibatch loss, so that micro-batches add up to the minibatch value (``n_tokens`` /
+    ``n_seqs``: the minibatch's loss tokens and non-empty rows on this rank; veRL's ``loss_agg_mode`` names):
+
+    - ``token-mean``: sum over all tokens / ``n_tokens`` (PPO, DAPO: long responses weigh more);
+    - ``seq-mean-token-mean``: each row's token mean, averaged over rows (GRPO paper: every response weighs the
+      same, so tokens of long responses weigh less);
+    - ``seq-mean-token-sum-norm``: sum over all tokens / (``n_seqs`` x ``norm_len``), a constant length (Dr. GRPO:
+      no length bias in either direction)."""
+    total = (loss * mask).sum(1)
+    if mode == "token-mean":
+        return total.sum() / max(float(n_tokens), 1.0)
+    if mode == "seq-mean-token-mean":
+        return (total / mask.sum(1).clamp(min=1)).sum() / max(float(n_seqs), 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return total.sum() / (max(float(n_seqs), 1.0) * norm_len)
+    raise ValueError(f"unknown loss aggregation {mode!r} ({', '.join(LOSS_AGG_MODES)})")
 
 
 def behaviour_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
@@ -167,16 +246,37 @@ def compute_advantages(name: str, *, scores: torch.Tensor, kl_penalty: torch.Ten
                                       gamma=gamma, lam=lam, whiten=whiten)
 
 
-def _group_stats(scores: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row mean, unbiased std and size of the row's group."""
+class GroupStats(NamedTuple):
+    """Per-row statistics of the row's group, in fp64 (``centred`` = score - group mean)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    size: torch.Tensor
+    centred: torch.Tensor
+    zero_spread: torch.Tensor
+    """True where the group's scores are all equal (within ``ZERO_SPREAD_RTOL``)."""
+
+
+def group_stats(scores: torch.Tensor, group: torch.Tensor) -> GroupStats:
+    """Mean, unbiased std and size of each row's group, computed in fp64: in fp32 the mean of equal scores can land
+    one ulp away from them, and dividing that residue by a ~1e-7 std gave a whole group the same non-zero advantage.
+    Zero-spread groups are flagged so that estimators return an exact 0 for them."""
+    s = scores.double()
     ids, inverse = torch.unique(group, return_inverse=True)
-    size = torch.zeros(len(ids), dtype=scores.dtype, device=scores.device).index_add_(0, inverse,
-                                                                                      torch.ones_like(scores))
-    total = torch.zeros_like(size).index_add_(0, inverse, scores)
-    mean = total / size
-    sq = torch.zeros_like(size).index_add_(0, inverse, (scores - mean[inverse]) ** 2)
-    std = torch.sqrt(sq / (size - 1).clamp(min=1))
-    return mean[inverse], std[inverse], size[inverse]
+    size = torch.zeros(len(ids), dtype=s.dtype, device=s.device).index_add_(0, inverse, torch.ones_like(s))
+    mean = (torch.zeros_like(size).index_add_(0, inverse, s) / size)[inverse]
+    centred = s - mean
+    std = torch.sqrt(torch.zeros_like(size).index_add_(0, inverse, centred ** 2) / (size - 1).clamp(min=1))[inverse]
+    hi = torch.full_like(size, -torch.inf).scatter_reduce(0, inverse, s, "amax")
+    lo = torch.full_like(size, torch.inf).scatter_reduce(0, inverse, s, "amin")
+    zero = (hi - lo) <= ZERO_SPREAD_RTOL * torch.maximum(hi.abs(), lo.abs())
+    return GroupStats(mean, std, size[inverse], centred, zero[inverse])
+
+
+def _baselined(stats: GroupStats, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` where the group has two or more rows and a non-zero spread, exactly 0 elsewhere."""
+    signal = (stats.size > 1) & ~stats.zero_spread
+    return torch.where(signal, value, torch.zeros_like(value)).to(dtype)
 
 
 def _outcome_advantages(seq_adv: torch.Tensor, kl_penalty: torch.Tensor, mask: torch.Tensor,
@@ -199,19 +299,26 @@ def _gae(*, scores, kl_penalty, mask, group, values, gamma, lam, whiten):
 
 @register_estimator("grpo")
 def _grpo(*, scores, kl_penalty, mask, group, values, gamma, lam, whiten):
-    """GRPO (Shao et al. 2024): score normalised within its group, ``(r - mean_g) / (std_g + eps)``; a group of one
-    gets 0."""
-    mean, std, size = _group_stats(scores, group)
-    seq_adv = torch.where(size > 1, (scores - mean) / (std + 1e-6), torch.zeros_like(scores))
-    return _outcome_advantages(seq_adv, kl_penalty, mask, gamma)
+    """GRPO (Shao et al. 2024): score normalised within its group, ``(r - mean_g) / (std_g + eps)``; a group of one,
+    or one whose scores are all equal, gets exactly 0 (so do ``dr_grpo`` and ``rloo``)."""
+    st = group_stats(scores, group)
+    return _outcome_advantages(_baselined(st, st.centred / (st.std + 1e-6), scores.dtype), kl_penalty, mask, gamma)
+
+
+@register_estimator("dr_grpo")
+def _dr_grpo(*, scores, kl_penalty, mask, group, values, gamma, lam, whiten):
+    """Dr. GRPO (Liu et al. 2025): the group mean subtracted, no division by the std (which up-weights prompts that
+    are nearly always right or wrong); pair it with ``loss_agg_mode=seq-mean-token-sum-norm``."""
+    st = group_stats(scores, group)
+    return _outcome_advantages(_baselined(st, st.centred, scores.dtype), kl_penalty, mask, gamma)
 
 
 @register_estimator("rloo")
 def _rloo(*, scores, kl_penalty, mask, group, values, gamma, lam, whiten):
     """RLOO (Ahmadian et al. 2024): baseline = mean of the other samples of the group,
     ``r_i - (sum_g - r_i) / (n - 1) = n / (n - 1) * (r_i - mean_g)``; a group of one gets 0."""
-    mean, _, size = _group_stats(scores, group)
-    seq_adv = torch.where(size > 1, (scores - mean) * size / (size - 1).clamp(min=1), torch.zeros_like(scores))
+    st = group_stats(scores, group)
+    seq_adv = _baselined(st, st.centred * st.size / (st.size - 1).clamp(min=1), scores.dtype)
     return _outcome_advantages(seq_adv, kl_penalty, mask, gamma)
 
 
@@ -224,22 +331,48 @@ def _reinforce_pp(*, scores, kl_penalty, mask, group, values, gamma, lam, whiten
 
 # --------------------------------------------------------------------------- the driver's finishing step
 def advantages_and_weights(ppo_cfg, *, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
-                           old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                           behaviour_logprobs: torch.Tensor, values: torch.Tensor | None, kl_coef: float
-                           ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                           old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
+                           behaviour_logprobs: torch.Tensor, values: torch.Tensor | None, kl_coef: float,
+                           finished: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """What the PPO update needs beyond the log-probs, over the whole batch (group and batch statistics): per-token
-    ``kl`` (``ppo.kl.estimator``), ``advantages`` and ``returns`` of the configured estimator on per-token rewards
-    ``-kl_coef * KL_t`` with ``scores [B]`` on the last token, and the truncated ``behaviour_weights``
-    ``pi_old / pi_behaviour``; all 0 on padding. Also returns batch statistics."""
-    kl = kl_estimate(old_logprobs, ref_logprobs, ppo_cfg.kl.estimator) * mask
+    ``kl`` (``ppo.kl.estimator``; 0 without ``ref_logprobs``, i.e. a zero coefficient), ``advantages`` and
+    ``returns`` of the configured estimator with ``scores [B]`` on the last token (plus per-token rewards ``-kl_coef
+    * KL_t`` when ``kl.placement`` is ``reward``), the truncated ``behaviour_weights`` ``pi_old / pi_behaviour``,
+    and ``loss_mask``: the response tokens the losses see (``ppo.mask_truncated`` removes the responses not
+    ``finished [B]``); all 0 on padding. Also returns batch statistics (``kl``: the mean per-token KL over the tokens
+    that exist, what the adaptive controller steers; absent without a reference)."""
+    kl = torch.zeros_like(mask) if ref_logprobs is None else kl_estimate(old_logprobs, ref_logprobs,
+                                                                         ppo_cfg.kl.estimator) * mask
+    in_reward = kl_coef * kl if ppo_cfg.kl.placement == "reward" else torch.zeros_like(kl)
     advantages, returns = compute_advantages(
-        ppo_cfg.estimator, scores=scores.float(), kl_penalty=kl_coef * kl, mask=mask, group=group, values=values,
+        ppo_cfg.estimator, scores=scores.float(), kl_penalty=in_reward, mask=mask, group=group, values=values,
         gamma=ppo_cfg.gamma, lam=ppo_cfg.lam, whiten=ppo_cfg.whiten_advantages)
     weights = behaviour_weights(old_logprobs, behaviour_logprobs, ppo_cfg.behaviour_weight_cap)
+    truncated = torch.zeros(len(mask), dtype=torch.bool) if finished is None else ~finished.bool()
+    masked = truncated & ppo_cfg.mask_truncated
     stats = {"behaviour_weight_mean": float(masked_mean(weights, mask)),
-             "kl": float(masked_mean(kl, mask, dim=1).mean()), "kl_seq_sum": float((kl * mask).sum(1).mean()),
-             "advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask))}
+             "advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask)),
+             "truncated_masked": int(masked.sum())}
+    if ref_logprobs is not None:
+        stats.update(kl=float(masked_mean(kl, mask)), kl_seq_sum=float((kl * mask).sum(1).mean()))
     if values is not None:
         stats["value_mean"] = float(masked_mean(values, mask))
-    return {"kl": kl, "advantages": advantages * mask, "returns": returns * mask,
-            "behaviour_weights": weights * mask}, stats
+    return {"kl": kl, "advantages": advantages * mask, "returns": returns * mask, "behaviour_weights": weights * mask,
+            "loss_mask": mask * (~masked).to(mask.dtype)[:, None]}, stats
+
+
+def rows_to_learn(dropped: list[bool], scores: torch.Tensor, group: torch.Tensor, ppo_cfg, ranks: int
+                  ) -> tuple[list[int], dict[str, float]]:
+    """The rows a step learns from: not dropped by the reward plane, minus the groups whose scores have zero spread
+    when ``ppo.filter_zero_spread_groups`` is on, cut to a multiple of ``ranks`` (equal shards). Counts the
+    zero-spread groups among the scored rows either way (DAPO's dynamic-sampling statistic)."""
+    scored = [i for i, d in enumerate(dropped) if not d]
+    stats = {"zero_spread_groups": 0, "zero_spread_frac": 0.0}
+    if scored:
+        idx = torch.tensor(scored)
+        zero = group_stats(scores[idx], group[idx]).zero_spread
+        flat, groups = torch.unique(group[idx][zero]), torch.unique(group[idx])
+        stats = {"zero_spread_groups": int(flat.numel()), "zero_spread_frac": flat.numel() / groups.numel()}
+        if ppo_cfg.filter_zero_spread_groups:
+            scored = [i for i, z in zip(scored, zero.tolist()) if not z]
+    return scored[:len(scored) - len(scored) % ranks], stats

@@ -9,8 +9,8 @@ A ``Batch`` has one row per response. Each field has a kind, which says how rows
                         log-prob, value, KL, advantage and weight added on the way to the gradient)
 
 The token fields after ``rollout_logprobs`` are ``None`` until a phase fills them: the learner ranks add
-``old_logprobs``, ``behaviour_logprobs``, ``ref_logprobs`` (and ``values``), the driver ``kl``, ``advantages``,
-``returns`` and ``behaviour_weights``.
+``old_logprobs``, ``behaviour_logprobs``, ``ref_logprobs`` (not with a zero KL coefficient) and ``values``, the
+driver ``kl``, ``advantages``, ``returns``, ``behaviour_weights`` and ``loss_mask``.
 """
 from __future__ import annotations
 
@@ -65,6 +65,9 @@ class Batch:
     advantages: torch.Tensor | None = _kind(TOKEN, optional=True)
     returns: torch.Tensor | None = _kind(TOKEN, optional=True)
     behaviour_weights: torch.Tensor | None = _kind(TOKEN, optional=True)
+    loss_mask: torch.Tensor | None = _kind(TOKEN, optional=True)
+    """The response tokens the losses see: ``response_mask`` without the truncated responses under
+    ``ppo.mask_truncated``."""
     pad_id: int = field(default=0, metadata={"kind": None})
     """Token id in the padding of ``input_ids`` / ``response_ids`` (masked out everywhere it is read)."""
 

@@ -33,9 +33,15 @@ class KLSettings(StrictModel):
     """``adaptive``: Ziegler et al. (2019) proportional controller driving the KL towards ``target``; ``fixed``:
     constant ``init_coef``."""
     init_coef: float = Field(0.01, ge=0)
-    """Initial (or fixed) coefficient beta of the penalty ``-beta * KL_t`` added to every response token. Advantages
-    sum the penalty over the rest of the response, so its weight grows with length: keep beta small for long
-    chains of thought."""
+    """Initial (or fixed) coefficient beta of the KL term. In the reward (``placement=reward``) the penalty
+    ``-beta * KL_t`` is added to every response token and advantages sum it over the rest of the response, so its
+    weight grows with length: keep beta small for long chains of thought. 0 turns the KL off and skips the reference
+    forward entirely (no ``kl`` metric then; the adaptive controller cannot move a zero coefficient)."""
+    placement: Literal["reward", "loss"] = "reward"
+    """``reward``: the per-token penalty is part of the reward (PPO/InstructGPT, OpenRLHF's default). ``loss``: the
+    advantages see the score alone and ``beta * KL_t`` of the live policy is added to the loss, aggregated as the
+    policy loss (the GRPO paper's form; use ``estimator=k3``: OpenRLHF ``--use_kl_loss``, veRL ``use_kl_loss``,
+    TRL GRPO's ``beta``)."""
     target: float = Field(0.1, gt=0)
     """Target of the adaptive controller: mean per-token KL (nats) of the batch."""
     horizon: int = Field(10000, ge=1)
@@ -89,10 +95,11 @@ class CheckpointSettings(StrictModel):
 
 class PPOConfig(StrictModel):
     # ---- algorithm
-    estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "grpo"
+    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
     """Advantage estimator. ``gae``: PPO with the value head and GAE. Critic-free: ``grpo`` (reward normalised
-    within each prompt's group), ``rloo`` (leave-one-out group baseline), ``reinforce_pp`` (REINFORCE++: batch-
-    whitened returns). ``grpo`` is the default: no value head to train, best for sparse judge rewards."""
+    within each prompt's group), ``dr_grpo`` (group mean subtracted, no std division), ``rloo`` (leave-one-out group
+    baseline), ``reinforce_pp`` (REINFORCE++: batch-whitened returns). ``grpo`` is the default: no value head to
+    train, best for sparse judge rewards. Groups whose scores are all equal get exactly 0 (grpo, dr_grpo, rloo)."""
     steps: int = Field(100, ge=1)
     """PPO steps (rollout + update rounds)."""
     prompts_per_step: int = Field(16, ge=1)
@@ -110,9 +117,37 @@ class PPOConfig(StrictModel):
     """Whiten GAE advantages over the batch (grpo/rloo are already normalised per group; reinforce_pp always
     whitens)."""
 
+    filter_zero_spread_groups: bool = False
+    """Drop the groups whose rewards are all equal from the update (DAPO's dynamic-sampling filter, without the
+    resampling): they carry no signal for group estimators, yet dilute the token mean. Counted either way
+    (``zero_spread_groups``, ``zero_spread_frac``); a step left with nothing to learn skips its update."""
+    mask_truncated: bool = False
+    """Exclude responses cut at ``generation.max_new_tokens`` from every loss (DAPO's overlong filtering, TRL's
+    ``mask_truncated_completions``): an unfinished answer is not penalised for being unfinished. They still count
+    in their group's baseline and the reward metrics (``truncated_masked`` counts them)."""
+
     # ---- losses and optimisation
+    policy_loss: Literal["ppo", "gspo"] = "ppo"
+    """Policy loss (registry ``medrl.ppo.algos.POLICY_LOSSES``). ``ppo``: clipped surrogate on each token's ratio.
+    ``gspo``: the same on one ratio per response, the geometric mean of its token ratios (GSPO; clips of ~3e-4)."""
     clip: float = Field(0.2, gt=0)
-    """PPO ratio clip epsilon."""
+    """PPO ratio clip epsilon (both sides unless ``clip_low`` / ``clip_high`` say otherwise)."""
+    clip_low: float | None = Field(None, gt=0, lt=1)
+    """Lower clip: ratios below ``1 - clip_low`` stop pushing (None: ``clip``)."""
+    clip_high: float | None = Field(None, gt=0)
+    """Upper clip: ratios above ``1 + clip_high`` stop pushing (None: ``clip``). DAPO's clip-higher: 0.28 with
+    ``clip_low`` 0.2 lets rare tokens of good answers grow, against entropy collapse."""
+    dual_clip: float | None = Field(None, gt=1)
+    """Dual clip c (Ye et al. 2020): the loss of a token with a negative advantage is capped at ``-A * c``, so a
+    token the policy has made far likelier cannot give an unbounded loss (OpenRLHF ``--dual_clip``, veRL
+    ``clip_ratio_c``; typical 3). None: off."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """How per-token losses become one number (veRL's names). ``token-mean``: over all tokens of the minibatch (PPO,
+    DAPO). ``seq-mean-token-mean``: each response's token mean, averaged over responses (the GRPO paper; TRL's
+    ``loss_type=grpo``). ``seq-mean-token-sum-norm``: token sums over responses x ``loss_norm_len`` (Dr. GRPO, TRL's
+    ``dr_grpo``: no length bias)."""
+    loss_norm_len: int | None = Field(None, ge=1)
+    """The constant length of ``seq-mean-token-sum-norm`` (None: ``generation.max_new_tokens``)."""
     value_clip: float | None = Field(0.2, gt=0)
     """Clip of value predictions around the old values (None: unclipped value loss)."""
     vf_coef: float = Field(0.1, ge=0)
@@ -176,8 +211,16 @@ class PPOConfig(StrictModel):
     @classmethod
     def _group_size(cls, v: int, info: ValidationInfo) -> int:
         estimator = info.data.get("estimator")
-        if estimator in ("grpo", "rloo") and v < 2:
+        if estimator in ("grpo", "dr_grpo", "rloo") and v < 2:
             raise ValueError(f"must be >= 2 for estimator {estimator!r} (the group baseline needs 2 samples)")
+        return v
+
+    @field_validator("clip_high")
+    @classmethod
+    def _clip_range(cls, v: float | None, info: ValidationInfo) -> float | None:
+        low = info.data.get("clip_low")
+        if v is not None and low is not None and v < low:
+            raise ValueError(f"clip_high={v} below clip_low={low} (clip-higher means clip_high >= clip_low)")
         return v
 
     @field_validator("learner")

@@ -26,7 +26,7 @@ from medrl.errors import UsageError
 from medrl.models.chat import render_prompt
 from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
 from medrl.ppo import checkpoint as ckpt
-from medrl.ppo.algos import advantages_and_weights
+from medrl.ppo.algos import advantages_and_weights, rows_to_learn
 from medrl.ppo.batch import Batch, Rollout, Sample
 from medrl.ppo.groups import ActorGroups
 from medrl.ppo.kl_controller import make_kl_controller
@@ -112,17 +112,20 @@ class PPOTrainer:
         experience = self.groups.learner.make_experience(rollout.batch, rollout.version)  # overlaps the judge
         results, reward_retries = self._rewards(rollout)
         t_rewarded = time.perf_counter()
-        batch, keep = self._experience(experience, results)
+        batch, keep, filter_stats = self._experience(experience, results, rollout.samples)
+        if not keep:  # ppo.filter_zero_spread_groups left nothing to learn from
+            return self._log_skipped_update(results, {**filter_stats, "reward_retries": reward_retries}, t_start)
         gap, gap_mean = self._check_weight_sync(batch, rollout.version)
         t_experience = time.perf_counter()
         batch, kl_coef, exp_stats = self._advantages(batch, [results[i] for i in keep],
                                                      [rollout.samples[i] for i in keep])
-        train = self._train(batch)
+        train = self._train(batch, kl_coef)
         staleness = self.version - rollout.version  # updates between the sampling weights and this update's start
         self._publish_adapter()
         t_end = time.perf_counter()
         metrics = {
-            **reward_metrics([results[i] for i in keep], results), **train, **exp_stats,
+            **reward_metrics([results[i] for i in keep], results), **train, **exp_stats, **filter_stats,
+            "update_skipped": 0,
             "kl_coef": kl_coef, "logprob_gap": gap, "logprob_gap_mean": gap_mean, "time_engine_sleep_s": sleep_s,
             "response_len": float(batch.response_mask.sum(1).mean()),
             "finished_frac": float(np.mean([rollout.samples[i].finished for i in keep])),
@@ -159,16 +162,27 @@ class PPOTrainer:
         self.data_position = rollout.end_position
         return results
 
-    def _experience(self, experience, results: list[RewardResult]) -> tuple[Batch, list[int]]:
-        """The learner's log-probs and values; the samples the reward plane dropped leave the batch, which is cut to
-        a multiple of the learner ranks (equal shards on every rank). Returns it and the kept rows."""
+    def _experience(self, experience, results: list[RewardResult], samples: list[Sample]
+                    ) -> tuple[Batch, list[int], dict[str, float]]:
+        """The learner's log-probs and values; the samples the reward plane dropped (and with
+        ``filter_zero_spread_groups`` the groups of equal rewards) leave the batch, which is cut to a multiple of the
+        learner ranks (equal shards on every rank). Returns it, the kept rows and the zero-spread counts."""
         self._wait_feeding_ahead(experience.refs)
         batch = experience.result()
-        keep = [i for i, r in enumerate(results) if not r.dropped]
-        keep = keep[:len(keep) - len(keep) % self.ppo.learner.ranks]
-        if not keep:
+        if all(r.dropped for r in results):
             raise RuntimeError(f"step {self.step_no}: every sample was dropped by the reward plane")
-        return (batch.take(torch.tensor(keep)) if len(keep) < len(results) else batch), keep
+        keep, stats = rows_to_learn([r.dropped for r in results], torch.tensor([r.reward for r in results]),
+                                    torch.tensor([s.prompt_index for s in samples]), self.ppo, self.ppo.learner.ranks)
+        return (batch.take(torch.tensor(keep)) if 0 < len(keep) < len(results) else batch), keep, stats
+
+    def _log_skipped_update(self, results: list[RewardResult], counts: dict, t_start: float) -> dict[str, float]:
+        """A step whose groups all had zero reward spread (``filter_zero_spread_groups``): no update, logged."""
+        log.warning("step %d: every group had zero reward spread: update skipped", self.step_no)
+        metrics = {**reward_metrics([r for r in results if not r.dropped], results), **counts, "samples": 0,
+                   "update_skipped": 1, "time_step_s": time.perf_counter() - t_start,
+                   "data_position": self.data_position}
+        self.metrics.log(self.step_no, metrics)
+        return metrics
 
     def _advantages(self, batch: Batch, kept: list[RewardResult], samples: list[Sample]
                     ) -> tuple[Batch, float, dict[str, float]]:
@@ -179,17 +193,23 @@ class PPOTrainer:
             self.ppo, scores=torch.tensor([r.reward for r in kept]),
             group=torch.tensor([s.prompt_index for s in samples]), mask=batch.response_mask,
             old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-            behaviour_logprobs=batch.behaviour_logprobs, values=batch.values, kl_coef=kl_coef)
-        self.kl_ctl.update(stats["kl"], len(batch))
+            behaviour_logprobs=batch.behaviour_logprobs, values=batch.values, kl_coef=kl_coef,
+            finished=torch.tensor([s.finished for s in samples]))
+        if "kl" in stats:  # no reference forward (nor KL) with a zero coefficient
+            self.kl_ctl.update(stats["kl"], len(batch))
         return batch.replace(**added), kl_coef, stats
 
-    def _train(self, batch: Batch) -> dict[str, float]:
+    def _train(self, batch: Batch, kl_coef: float) -> dict[str, float]:
         training = self.groups.learner.train(batch, num_minibatches(len(batch), self.ppo),
-                                             self.cfg.run.seed * 100_003 + self.step_no)
+                                             self.cfg.run.seed * 100_003 + self.step_no, kl_coef)
         self._wait_feeding_ahead(training.refs)
         if self._engines_sleep:
             self.groups.learner.release_memory()
-        return training.result()
+        metrics = training.result()
+        if metrics.get("nonfinite_skipped"):
+            log.warning("step %d: %d minibatch update(s) skipped on every rank: non-finite loss or gradient",
+                        self.step_no, metrics["nonfinite_skipped"])
+        return metrics
 
     def _publish_adapter(self) -> None:
         """The learner's live LoRA tensors, as a new version, go into the object store once; rollout engines fetch
@@ -252,7 +272,8 @@ class PPOTrainer:
         with tqdm(total=self.ppo.steps, initial=self.step_no, desc="ppo", unit="step") as bar:
             while self.step_no < self.ppo.steps:
                 m = self.step()
-                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m['kl']:.4f}", gap=f"{m['logprob_gap']:.1e}")
+                bar.set_postfix(reward=f"{m['reward_mean']:.3f}", kl=f"{m.get('kl', 0.0):.4f}",
+                                gap=f"{m.get('logprob_gap', 0.0):.1e}")
                 bar.update(1)
                 if self.step_no % every == 0 or self.step_no == self.ppo.steps:
                     self.save_checkpoint()

@@ -29,7 +29,7 @@ count restarts. The engine class is a parameter (``rollout_engine``: ``RolloutWo
       rollouts) free the engine's GPU memory until the next ``generate``; returns the seconds it took.
 
 ``ActorGroups`` bundles both groups with the reward pool and is the driver's only door to Ray: waiting on calls in
-flight and collecting rewards, with resubmission of failed reward tasks.
+flight and collecting rewards (``RewardPool.collect``: failed reward tasks resubmitted, dead judge actors replaced).
 """
 from __future__ import annotations
 
@@ -42,7 +42,6 @@ import ray
 import torch
 
 from medrl.config import Config
-from medrl.errors import UsageError
 from medrl.ppo.batch import Batch
 from medrl.ppo.config import RolloutSettings
 from medrl.ppo.learner import Learner, read_deepspeed_config
@@ -54,10 +53,6 @@ from medrl.reward.types import RewardInput, RewardResult
 from medrl.runs import RunDir
 
 log = logging.getLogger("medrl.ppo")
-
-REWARD_RETRIES = 2
-"""Resubmissions of a sample whose reward task failed (its judge actor died past its restarts)."""
-
 
 @dataclass
 class Pending:
@@ -117,9 +112,10 @@ class LearnerGroup:
         order = torch.argsort(torch.cat(rows))
         return Pending(refs, lambda parts: Batch.cat(parts).take(order))
 
-    def train(self, batch: Batch, n_minibatches: int, seed: int) -> Pending:
-        """The PPO update on ``batch`` (each rank its shard); the result is the metrics averaged over ranks."""
-        refs, _ = self._on_shards("train", batch, n_minibatches, seed)
+    def train(self, batch: Batch, n_minibatches: int, seed: int, kl_coef: float) -> Pending:
+        """The PPO update on ``batch`` (each rank its shard; ``kl_coef`` weighs a KL loss term); the result is the
+        metrics averaged over ranks."""
+        refs, _ = self._on_shards("train", batch, n_minibatches, seed, kl_coef)
         return Pending(refs, lambda per_rank: {k: float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]})
 
     def adapter(self, version: int) -> ray.ObjectRef:
@@ -240,21 +236,10 @@ class ActorGroups:
         return self.reward_pool.stats()
 
     def rewards(self, items: list[RewardInput], refs: list) -> tuple[list[RewardResult], int]:
-        """The results of submitted reward tasks, in order; a failed one is resubmitted up to ``REWARD_RETRIES``
-        times. Also returns the number of resubmissions."""
-        results, retries = [], 0
-        for item, ref in zip(items, refs):
-            for attempt in range(REWARD_RETRIES + 1):
-                try:
-                    results.append(ray.get(ref))
-                    break
-                except ray.exceptions.RayError as exc:
-                    if attempt == REWARD_RETRIES or isinstance(getattr(exc, "cause", None), UsageError):
-                        raise  # a judge that cannot work (bad key, unknown model) is not retried
-                    log.warning("reward of %s failed (%s); resubmitting", item.id, type(exc).__name__)
-                    retries += 1
-                    ref = self.reward_pool.submit([item])[0]
-        return results, retries
+        """The results of submitted reward tasks, in order, and how many were resubmitted (``RewardPool.collect``:
+        a judge actor dead past its restarts is replaced first; the step's reward metrics and budget warning are
+        logged as in ``medrl judge``)."""
+        return self.reward_pool.collect(items, refs)
 
     def close(self) -> None:
         self.reward_pool.close()  # as before: the judges first, then the actors holding models

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -20,9 +21,9 @@ import torch
 
 from medrl.errors import UsageError
 from medrl.models.loading import load_policy, pick_device
-from medrl.ppo.algos import policy_loss, value_loss
 from medrl.ppo.batch import Batch
 from medrl.ppo.modeling import PolicyWithValue, logprobs_and_values, make_value_head, old_and_ref_logprobs
+from medrl.ppo.objective import finite_on_all_ranks, loss_denominators, micro_batch_loss, stand_in_loss
 
 log = logging.getLogger("medrl.ppo.learner")
 
@@ -148,6 +149,8 @@ class Learner:
         for key, name in (("bf16", "bfloat16"), ("fp16", "float16")):
             if isinstance(ds.get(key), dict) and ds[key].get("enabled") == "auto":
                 ds[key]["enabled"] = dtype == name
+        if isinstance(ds.get("bf16"), dict):  # bf16 ZeRO skips a step with non-finite gradients only when asked
+            ds["bf16"].setdefault("check_grad_overflow", True)
         zero = ds.get("zero_optimization", {})
         hidden = AutoConfig.from_pretrained(resolve_model_path(self.cfg.model.path, self.cfg.model.cache_dir)
                                             ).hidden_size
@@ -176,7 +179,8 @@ class Learner:
         on CPU; ``behaviour_logprobs`` from the weights of the published ``version`` that sampled it (None: the live
         weights), for the rollout/learner check and the behaviour weights."""
         out = old_and_ref_logprobs(self.model, self.unwrapped.policy, shard, self.ppo.micro_batch_size,
-                                   self.ppo.generation.temperature, self.use_values, device=self.accelerator.device)
+                                   self.ppo.generation.temperature, self.use_values, device=self.accelerator.device,
+                                   with_reference=self.ppo.kl.init_coef > 0)
         if self._is_live(version):
             out["behaviour_logprobs"] = out["old_logprobs"]
         else:
@@ -213,53 +217,71 @@ class Learner:
                 for n, p in params.items():
                     p.copy_(live[n])
 
-    def train(self, shard: Batch, n_minibatches: int, seed: int) -> dict[str, float]:
+    def train(self, shard: Batch, n_minibatches: int, seed: int, kl_coef: float = 0.0) -> dict[str, float]:
         """``ppo_epochs`` passes over the shard in ``n_minibatches`` optimizer steps each (the same count on every
-        rank). Losses are token means over each minibatch; metrics are token-weighted means."""
+        rank). Losses follow ``ppo.loss_agg_mode`` over each minibatch (``kl_coef`` weighs the KL loss term of
+        ``kl.placement=loss``); metrics are token-weighted means, losses means over minibatches. A minibatch with a
+        non-finite loss (or gradient) on any rank is skipped by all ranks: its gradients never reach the optimizer,
+        and it is counted in ``nonfinite_skipped``."""
         ppo, acc = self.ppo, self.accelerator
+        deepspeed = acc.state.deepspeed_plugin is not None
         self.model.train()
         gen = torch.Generator().manual_seed(seed * 1009 + self.rank)
         n = len(shard)
         totals: dict[str, float] = {}
-        tokens_seen = 0.0
+        losses: dict[str, float] = {}
+        tokens_seen, updates, skipped = 0.0, 0, 0
         grad_norms = []
         for _ in range(ppo.ppo_epochs):
             for mb_rows in torch.randperm(n, generator=gen).tensor_split(n_minibatches):
                 micro = mb_rows.split(ppo.micro_batch_size)
-                mb_tokens = shard.response_mask[mb_rows].sum().clamp(min=1)
+                n_tokens, n_seqs = loss_denominators(shard.loss_mask[mb_rows])
+                bad = False
+                mb_losses: dict[str, float] = {}
                 for i, rows in enumerate(micro):
                     last = i == len(micro) - 1
                     acc.sync_gradients = last  # DeepSpeed: accumulation boundary; DDP: all-reduce on the last
                     mb = shard.take(rows).to(acc.device)
-                    mask = mb.response_mask
                     with nullcontext() if last else acc.no_sync(self.model):
                         out = self.model(mb.input_ids, mb.attention_mask, mb.prompt_lens, mb.response_ids,
                                          temperature=ppo.generation.temperature, with_values=self.use_values,
                                          with_entropy=ppo.log_entropy)
-                        loss, info = policy_loss(out["logprobs"], mb.old_logprobs, mb.advantages, mask, ppo.clip,
-                                                 mb.behaviour_weights)
-                        info["policy_loss"] = loss.detach()
-                        if self.use_values:
-                            vloss, vinfo = value_loss(out["values"], mb.values, mb.returns, mask, ppo.value_clip)
-                            loss = loss + ppo.vf_coef * vloss
-                            info.update(vinfo, value_loss=vloss.detach())
-                        acc.backward(loss * (mask.sum() / mb_tokens))
-                    if "entropy" in out:
-                        info["entropy"] = (out["entropy"] * mask).sum() / mask.sum().clamp(min=1)
+                        entropy = out.pop("entropy", None)
+                        loss, info = micro_batch_loss(out, mb, ppo, kl_coef, n_tokens, n_seqs)
+                        bad = bad or not finite_on_all_ranks(loss)
+                        acc.backward(stand_in_loss(out, poison=deepspeed and last) if bad else loss)
+                    if bad:
+                        continue
+                    mask = mb.loss_mask
+                    if entropy is not None:
+                        info["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
+                    for key in ("policy_loss", "kl_loss"):
+                        if key in info:
+                            mb_losses[key] = mb_losses.get(key, 0.0) + float(info.pop(key))
                     weight = float(mask.sum())
                     tokens_seen += weight
                     for key, value in info.items():
                         totals[key] = totals.get(key, 0.0) + float(value) * weight
                 norm = acc.clip_grad_norm_(self.model.parameters(), ppo.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
+                bad = bad or (norm is not None and not math.isfinite(float(norm)))  # the same on every rank
+                if bad:  # DeepSpeed discarded them in its step (see stand_in_loss); plain torch: dropped here
+                    skipped += 1
+                    log.warning("rank %d: minibatch update skipped: non-finite loss or gradient", self.rank)
+                else:
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    updates += 1
+                    for key, value in mb_losses.items():
+                        losses[key] = losses.get(key, 0.0) + value
+                    if norm is not None:
+                        grad_norms.append(float(norm))
                 self.optimizer.zero_grad()
-                if norm is not None:
-                    grad_norms.append(float(norm))
         self._live_version = None
         metrics = {k: v / max(tokens_seen, 1.0) for k, v in totals.items()}
+        metrics.update({k: v / max(updates, 1) for k, v in losses.items()})
         metrics["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["nonfinite_skipped"] = skipped
         return metrics
 
     def release_memory(self) -> None:

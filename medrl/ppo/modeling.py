@@ -78,14 +78,17 @@ def logprobs_and_values(model: nn.Module, batch: Batch, micro_batch_size: int, t
 
 
 def old_and_ref_logprobs(model: nn.Module, policy: nn.Module, batch: Batch, micro_batch_size: int,
-                         temperature: float, with_values: bool, device: torch.device | str = "cpu"
-                         ) -> dict[str, torch.Tensor]:
-    """``old_logprobs`` (+ ``values``) from the current weights; ``ref_logprobs`` from the same weights with the LoRA
-    adapter disabled (``policy`` is the unwrapped ``PeftModel``: no second copy of the base model)."""
+                         temperature: float, with_values: bool, device: torch.device | str = "cpu",
+                         with_reference: bool = True) -> dict[str, torch.Tensor]:
+    """``old_logprobs`` (+ ``values``) from the current weights; with ``with_reference`` (a non-zero KL
+    coefficient) ``ref_logprobs`` from the same weights with the LoRA adapter disabled (``policy`` is the unwrapped
+    ``PeftModel``: no second copy of the base model)."""
     current = logprobs_and_values(model, batch, micro_batch_size, temperature, with_values, device=device)
-    with policy.disable_adapter():
-        ref = logprobs_and_values(model, batch, micro_batch_size, temperature, with_values=False, device=device)
-    out = {"old_logprobs": current["logprobs"], "ref_logprobs": ref["logprobs"]}
+    out = {"old_logprobs": current["logprobs"]}
+    if with_reference:
+        with policy.disable_adapter():
+            out["ref_logprobs"] = logprobs_and_values(model, batch, micro_batch_size, temperature, with_values=False,
+                                                      device=device)["logprobs"]
     if "values" in current:
         out["values"] = current["values"]
     return out

@@ -4,7 +4,9 @@ the global rate limits, the budget and the usage totals.
 Items with the same judged content are routed to the same actor, so they share one judge call; new content goes to
 the least-loaded actor.
 Ray restarts a dead judge actor and re-runs its unfinished batches; judgements finished before the crash are read
-from the SQLite cache, so nothing is lost and nothing already received is paid for again.
+from the SQLite cache, so nothing is lost and nothing already received is paid for again. An actor dead for good
+(past ``actor_max_restarts``) is replaced by a fresh one and its items are resubmitted (``collect``, ``score``).
+Both ways in end a step the same way: reward-stage metrics and the budget warning (``medrl judge`` and PPO alike).
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ log = logging.getLogger("medrl.reward")
 
 ROUTES_KEPT = 1 << 16
 """Judged contents whose actor the pool remembers (about 100 bytes each)."""
+REWARD_RETRIES = 2
+"""Rounds of resubmission of items whose reward task failed (their judge actor died past its restarts)."""
+PROBE_TIMEOUT_S = 30.0
+"""How long a liveness probe waits for a judge actor (one being restarted by Ray answers once it is back)."""
 
 
 def process_info() -> dict:
@@ -107,12 +113,11 @@ class RewardPool:
         api_key = None
         if jc.provider == "openai":
             api_key = SecretStr(judge_api_key(jc))
-        name = f"medrl-judge-coordinator-{uuid.uuid4().hex[:12]}"
-        self.coordinator = JudgeCoordinator.options(name=name, max_restarts=-1, max_task_retries=-1).remote(
-            jc.rpm, jc.tpm, jc.budget_usd)
-        self.actors = [JudgeActor.options(num_cpus=jc.actor_num_cpus, max_restarts=jc.actor_max_restarts,
-                                          max_task_retries=-1).remote(self.cfg, api_key, name)
-                       for _ in range(jc.num_actors)]
+        self._api_key = api_key
+        self._coordinator_name = f"medrl-judge-coordinator-{uuid.uuid4().hex[:12]}"
+        self.coordinator = JudgeCoordinator.options(name=self._coordinator_name, max_restarts=-1,
+                                                    max_task_retries=-1).remote(jc.rpm, jc.tpm, jc.budget_usd)
+        self.actors = [self._new_actor() for _ in range(jc.num_actors)]
         self._routes: dict[int, int] = {}
         self._assigned = [0] * len(self.actors)
         self._metrics = MetricsLogger(run, "reward") if run is not None else None
@@ -124,6 +129,28 @@ class RewardPool:
                      "none" if jc.budget_usd is None else f"${jc.budget_usd:g}", cache_path)
         else:  # no calls, no spending, no cache: say only what is used
             log.info("reward pool: judge %s, %d actor(s)", jc.judge_id, jc.num_actors)
+
+    def _new_actor(self):
+        jc = self.cfg.judge
+        return JudgeActor.options(num_cpus=jc.actor_num_cpus, max_restarts=jc.actor_max_restarts,
+                                  max_task_retries=-1).remote(self.cfg, self._api_key, self._coordinator_name)
+
+    def replace_dead_actors(self) -> int:
+        """Replace every judge actor that is dead for good (past its restarts) by a fresh one, so that retries and
+        new content (routed by index) reach a live actor; returns how many were replaced."""
+        probes = [a.process_info.remote() for a in self.actors]
+        replaced = 0
+        for i, probe in enumerate(probes):
+            try:
+                ray.get(probe, timeout=PROBE_TIMEOUT_S)
+            except ray.exceptions.ActorDiedError:
+                log.warning("judge actor %d died past its restarts (reward.judge.actor_max_restarts=%d): replaced",
+                            i, self.cfg.judge.actor_max_restarts)
+                self.actors[i] = self._new_actor()
+                replaced += 1
+            except ray.exceptions.GetTimeoutError:
+                pass  # busy or being restarted: alive
+        return replaced
 
     def _route(self, item: RewardInput) -> int:
         """The actor for ``item``: items with the same judged content (prompt, final answer, reference) go to the
@@ -163,19 +190,64 @@ class RewardPool:
                 refs[i] = ref
         return refs
 
+    def collect(self, items: list[RewardInput], refs: list[ray.ObjectRef]) -> tuple[list[RewardResult], int]:
+        """Blocking: the RewardResults of ``submit(items)``'s ``refs``, in order, and how many items had to be
+        resubmitted; ends the step as ``score`` does (metrics, budget warning)."""
+        results, retries = self._gather(items, list(refs))
+        self._log_step()
+        return results, retries
+
     def score(self, items: list[RewardInput], progress: bool = True) -> list[RewardResult]:
-        """Blocking: RewardResults in the order of ``items``."""
+        """Blocking: RewardResults in the order of ``items``. Ends the step: per-step metrics, budget warning."""
         pending = {actor.score_batch.remote([items[i] for i in idxs]): idxs for actor, idxs in self._plan(items)}
         results: list[RewardResult] = [None] * len(items)  # type: ignore[list-item]
+        failed: list[int] = []
         with tqdm(total=len(items), desc="reward", unit="item", disable=not progress, mininterval=0.5) as bar:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 idxs = pending.pop(done[0])
-                for i, result in zip(idxs, ray.get(done[0])):
+                try:
+                    batch = ray.get(done[0])
+                except ray.exceptions.RayError as exc:
+                    log.warning("reward batch of %d item(s) failed (%s)", len(idxs), type(exc).__name__)
+                    failed += idxs
+                    continue
+                for i, result in zip(idxs, batch):
                     results[i] = result
                 bar.update(len(idxs))
+            if failed:
+                self.replace_dead_actors()
+                again = [items[i] for i in failed]
+                for i, result in zip(failed, self._gather(again, self.submit(again))[0]):
+                    results[i] = result
+                bar.update(len(failed))
         self._log_step()
         return results
+
+    def _gather(self, items: list[RewardInput], refs: list[ray.ObjectRef]) -> tuple[list[RewardResult], int]:
+        """Results of ``refs``; the items whose task failed are resubmitted (after the dead actors are replaced)
+        for up to ``REWARD_RETRIES`` rounds. Judgements finished before a crash come from the cache: not repaid."""
+        results: list[RewardResult] = [None] * len(items)  # type: ignore[list-item]
+        pending, retries = list(range(len(items))), 0
+        for attempt in range(REWARD_RETRIES + 1):
+            failed = []
+            for i in pending:
+                try:
+                    results[i] = ray.get(refs[i])
+                except ray.exceptions.RayError as exc:
+                    if attempt == REWARD_RETRIES or isinstance(getattr(exc, "cause", None), UsageError):
+                        raise  # a judge that cannot work (bad key, unknown model) is not retried
+                    failed.append(i)
+                    error = type(exc).__name__
+            if not failed:
+                break
+            log.warning("%d reward task(s) failed (%s): resubmitting (round %d of %d)", len(failed), error,
+                        attempt + 1, REWARD_RETRIES)
+            self.replace_dead_actors()
+            for i, ref in zip(failed, self.submit([items[i] for i in failed])):
+                refs[i] = ref
+            pending, retries = failed, retries + len(failed)
+        return results, retries
 
     def _log_step(self) -> None:
         stats = self.stats()

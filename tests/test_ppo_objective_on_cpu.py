@@ -1,0 +1,132 @@
+"""The learner's objective and the driver-side batch finalisation against hand-worked values; the non-finite guard
+through a real learner rank (a Ray actor training the tiny model)."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from medrl.config import load_config
+from medrl.ppo.algos import advantages_and_weights, rows_to_learn
+from medrl.ppo.batch import Batch, Sample
+from medrl.ppo.objective import micro_batch_loss
+
+
+def _ppo(*overrides):
+    return load_config(None, [f"ppo.{o}" for o in overrides]).ppo
+
+
+def _rows(logp, adv, mask, ref=None):
+    return SimpleNamespace(old_logprobs=logp.clone(), advantages=adv, loss_mask=mask,
+                           behaviour_weights=torch.ones_like(adv), ref_logprobs=ref)
+
+
+def test_kl_loss_term_by_hand():
+    # ratio 1 everywhere: the PPO term is -A per token. Tokens: row 0 [A=1, A=1], row 1 [A=-2, padding].
+    logp, mask = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]]), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0], [-2.0, 0.0]])
+    ref = torch.tensor([[-1.0, -1.0], [-1.5, 0.0]])  # log-ratios to the reference: 0, -1, 1
+    mb = _rows(logp, adv, mask, ref)
+    out = {"logprobs": logp}
+    loss, info = micro_batch_loss(out, mb, _ppo("kl.placement=loss", "kl.estimator=k3"), 0.1, 3, 2)
+    # policy: (-1 - 1 + 2) / 3 = 0; k3 = e^-r - 1 + r: r=0 -> 0, r=-1 -> e - 2, r=1 -> e^-1; token mean over 3
+    k3 = (math.e - 2 + math.exp(-1)) / 3
+    assert info["policy_loss"].item() == pytest.approx(0.0, abs=1e-7)
+    assert info["kl_loss"].item() == pytest.approx(k3, rel=1e-6) and loss.item() == pytest.approx(0.1 * k3, rel=1e-6)
+    # the same term aggregated per sequence: row 0 (0 + e - 2) / 2, row 1 e^-1; mean over the 2 rows
+    _, info = micro_batch_loss(out, mb, _ppo("kl.placement=loss", "kl.estimator=k3",
+                                             "loss_agg_mode=seq-mean-token-mean"), 0.1, 3, 2)
+    assert info["kl_loss"].item() == pytest.approx(((math.e - 2) / 2 + math.exp(-1)) / 2, rel=1e-6)
+    # KL in the reward (the default): no loss term, no reference needed here
+    loss, info = micro_batch_loss(out, _rows(logp, adv, mask), _ppo(), 0.1, 3, 2)
+    assert "kl_loss" not in info and loss.item() == pytest.approx(0.0, abs=1e-7)
+    # Dr. GRPO's constant normaliser: (-1 - 1 + 2) / (2 rows x 4) on the policy term; with A = 1 on all 3: -3 / 8
+    _, info = micro_batch_loss(out, _rows(logp, torch.ones(2, 2), mask), _ppo(
+        "loss_agg_mode=seq-mean-token-sum-norm", "loss_norm_len=4"), 0.0, 3, 2)
+    assert info["policy_loss"].item() == pytest.approx(-3 / 8)
+
+
+def _finish(ppo_cfg, old, ref, mask, scores, group, kl_coef, finished=None):
+    return advantages_and_weights(ppo_cfg, scores=scores, group=group, mask=mask, old_logprobs=old,
+                                  ref_logprobs=ref, behaviour_logprobs=old.clone(), values=None, kl_coef=kl_coef,
+                                  finished=finished)
+
+
+def test_finish_kl_statistic_over_existing_tokens_and_placement():
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0], [1.0, 0.0], [1.0, 1.0]])  # row 1: an empty response
+    old = torch.tensor([[0.2, 0.4], [0.0, 0.0], [0.6, 0.0], [0.0, 0.0]])
+    ref = torch.zeros(4, 2)
+    scores, group = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0, 0, 1, 1])
+    added, stats = _finish(_ppo("estimator=dr_grpo", "kl.mode=fixed"), old, ref, mask, scores, group, 0.5)
+    # k1 tokens .2 .4 .6 0 0 -> token mean 1.2 / 5 = .24 (the empty row counted as a zero KL gave .18 before)
+    assert stats["kl"] == pytest.approx(0.24)
+    # dr_grpo: group means .5 -> +-.5 on the last token; KL in the reward: -.5 * KL_t summed to go.
+    # Row 0: token rewards [-.1, -.2 + .5] -> returns [.2, .3]; row 2: [-.3 + .5] -> [.2]
+    assert torch.allclose(added["advantages"][0], torch.tensor([0.2, 0.3]))
+    assert torch.allclose(added["advantages"][2], torch.tensor([0.2, 0.0]))
+    # KL as a loss term: the advantages see the score alone
+    added, _ = _finish(_ppo("estimator=dr_grpo", "kl.placement=loss"), old, ref, mask, scores, group, 0.5)
+    assert torch.allclose(added["advantages"][0], torch.tensor([0.5, 0.5]))
+    # no reference (kl.init_coef=0): no KL at all, no statistic for the controller
+    added, stats = _finish(_ppo("estimator=dr_grpo", "kl.init_coef=0"), old, None, mask, scores, group, 0.0)
+    assert "kl" not in stats and torch.count_nonzero(added["kl"]) == 0
+
+
+def test_truncated_responses_can_be_masked_out_of_the_loss():
+    mask = torch.ones(4, 2)
+    finished = torch.tensor([True, False, True, True])
+    for on, expect in ((False, 0), (True, 1)):
+        added, stats = _finish(_ppo(f"mask_truncated={str(on).lower()}"), torch.zeros(4, 2), torch.zeros(4, 2), mask,
+                               torch.tensor([1.0, 0.0, 0.5, 0.5]), torch.tensor([0, 0, 1, 1]), 0.0, finished)
+        assert stats["truncated_masked"] == expect
+        assert added["loss_mask"][:, 0].tolist() == [1.0, 0.0 if on else 1.0, 1.0, 1.0]
+        assert added["advantages"][1, 0] != 0  # it still counts in its group's baseline
+
+
+def test_rows_to_learn_counts_and_filters_zero_spread_groups():
+    # groups: 0 -> [1, 1] (flat), 1 -> [0, 1], 2 -> [.3, .3] with one dropped row (still flat), 3 -> [0, 0] flat
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.3, 0.3, 0.0, 0.0])
+    group = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    dropped = [False] * 5 + [True] + [False] * 2
+    keep, stats = rows_to_learn(dropped, scores, group, _ppo(), ranks=1)
+    assert keep == [0, 1, 2, 3, 4, 6, 7] and stats == {"zero_spread_groups": 3, "zero_spread_frac": 0.75}
+    keep, _ = rows_to_learn(dropped, scores, group, _ppo("filter_zero_spread_groups=true"), ranks=1)
+    assert keep == [2, 3]
+    keep, _ = rows_to_learn(dropped, scores, group, _ppo(), ranks=2)
+    assert keep == [0, 1, 2, 3, 4, 6]  # equal shards
+
+
+@pytest.mark.slow
+def test_learner_skips_a_nonfinite_minibatch_and_keeps_learning(tiny_model_dir, tmp_path, ray_local):
+    """One plain-PyTorch learner rank (a Ray actor): a NaN advantage makes that minibatch's loss non-finite; the
+    update is skipped (weights and LR schedule untouched), counted, and the next clean batch trains normally."""
+    import ray
+
+    from medrl.ppo.learner import Learner
+    from ppo_setup import ppo_config
+
+    cfg, _ = ppo_config(tmp_path, tiny_model_dir, "guard", "ppo.micro_batch_size=2", "ppo.minibatch_size=4",
+                        "ppo.lr_scheduler=linear", "ppo.kl.placement=loss", "ppo.kl.estimator=k3")
+    learner = ray.remote(Learner).options(num_cpus=0.5).remote(cfg, 0, 1, None, None)
+    ray.get(learner.setup.remote(0))
+    gen = torch.Generator().manual_seed(0)
+    samples = [Sample(i // 2, i % 2, torch.randint(10, 500, (5,), generator=gen).tolist(),
+                      torch.randint(10, 500, (4,), generator=gen).tolist(), "", True) for i in range(4)]
+    batch = ray.get(learner.make_experience.remote(Batch.pack(samples, 0)))
+    assert batch.ref_logprobs is not None  # kl.init_coef > 0: the reference forward runs
+    added, _ = advantages_and_weights(cfg.ppo, scores=torch.tensor([0.0, 1.0, 1.0, 0.5]),
+                                      group=torch.tensor([0, 0, 1, 1]), mask=batch.response_mask,
+                                      old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
+                                      behaviour_logprobs=batch.behaviour_logprobs, values=None, kl_coef=0.01)
+    batch = batch.replace(**added)
+    nan_advantages = batch.advantages.clone()
+    nan_advantages[3, 1] = float("nan")
+    poisoned = batch.replace(advantages=nan_advantages)
+    before = ray.get(learner.weights_digest.remote())
+    bad = ray.get(learner.train.remote(poisoned, 1, 0, 0.01))
+    assert bad["nonfinite_skipped"] == 1 and ray.get(learner.weights_digest.remote()) == before
+    assert bad["lr"] == cfg.ppo.lr  # the linear schedule did not move
+    good = ray.get(learner.train.remote(batch, 1, 0, 0.01))
+    assert good["nonfinite_skipped"] == 0 and math.isfinite(good["policy_loss"]) and good["kl_loss"] >= 0
+    assert good["lr"] < cfg.ppo.lr and ray.get(learner.weights_digest.remote()) != before
+    ray.kill(learner)
