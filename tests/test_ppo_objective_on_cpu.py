@@ -96,6 +96,25 @@ def test_rows_to_learn_counts_and_filters_zero_spread_groups():
     assert keep == [0, 1, 2, 3, 4, 6]  # equal shards
 
 
+def test_a_zero_kl_coefficient_skips_the_reference_forward(tiny_model_dir):
+    """The reference pass is a second forward over the batch with the adapter disabled: counted on the real model."""
+    from medrl.models.loading import load_policy
+    from medrl.ppo.modeling import PolicyWithValue, old_and_ref_logprobs
+
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "model.device=cpu", "model.dtype=float32"])
+    policy = load_policy(cfg.model, None, trainable=True, device="cpu")
+    calls = []
+    policy.get_base_model().model.register_forward_hook(lambda *_: calls.append(1))
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch.pack([Sample(0, i, torch.randint(10, 500, (4,), generator=gen).tolist(),
+                               torch.randint(10, 500, (3,), generator=gen).tolist(), "", True) for i in range(2)], 0)
+    for with_reference, forwards in ((True, 2), (False, 1)):
+        calls.clear()
+        out = old_and_ref_logprobs(PolicyWithValue(policy), policy, batch, 2, 1.0, with_values=False,
+                                   with_reference=with_reference)
+        assert len(calls) == forwards and ("ref_logprobs" in out) == with_reference
+
+
 @pytest.mark.slow
 def test_learner_skips_a_nonfinite_minibatch_and_keeps_learning(tiny_model_dir, tmp_path, ray_local):
     """One plain-PyTorch learner rank (a Ray actor): a NaN advantage makes that minibatch's loss non-finite; the
