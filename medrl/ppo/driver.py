@@ -114,7 +114,8 @@ class PPOTrainer:
         t_rewarded = time.perf_counter()
         batch, keep, filter_stats = self._experience(experience, results, rollout.samples)
         if not keep:  # ppo.filter_zero_spread_groups left nothing to learn from
-            return self._log_skipped_update(results, {**filter_stats, "reward_retries": reward_retries}, t_start)
+            return self._log_skipped_update(rollout, results, {**filter_stats, "reward_retries": reward_retries},
+                                            t_start, t_rewarded - t_generated)
         gap, gap_mean = self._check_weight_sync(batch, rollout.version)
         t_experience = time.perf_counter()
         batch, kl_coef, exp_stats = self._advantages(batch, [results[i] for i in keep],
@@ -175,13 +176,17 @@ class PPOTrainer:
                                     torch.tensor([s.prompt_index for s in samples]), self.ppo, self.ppo.learner.ranks)
         return (batch.take(torch.tensor(keep)) if 0 < len(keep) < len(results) else batch), keep, stats
 
-    def _log_skipped_update(self, results: list[RewardResult], counts: dict, t_start: float) -> dict[str, float]:
+    def _log_skipped_update(self, rollout: Rollout, results: list[RewardResult], counts: dict, t_start: float,
+                            reward_wait_s: float) -> dict[str, float]:
         """A step whose groups all had zero reward spread (``filter_zero_spread_groups``): no update, logged."""
         log.warning("step %d: every group had zero reward spread: update skipped", self.step_no)
         metrics = {**reward_metrics([r for r in results if not r.dropped], results), **counts, "samples": 0,
                    "update_skipped": 1, "time_step_s": time.perf_counter() - t_start,
-                   "data_position": self.data_position}
+                   "data_position": self.data_position,
+                   "judge_rate_wait_s": self._rate_meter.step(self.groups.reward_stats(), reward_wait_s)}
         self.metrics.log(self.step_no, metrics)
+        if self.ppo.log_samples:
+            append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)
         return metrics
 
     def _advantages(self, batch: Batch, kept: list[RewardResult], samples: list[Sample]
