@@ -6,7 +6,7 @@ from medrl.ppo.driver import PPOTrainer
 from ppo_setup import ppo_config
 
 STEPS = 20
-DR_GRPO_CLIP_HIGHER = ("ppo.clip_low=0.2", "ppo.clip_high=0.28", "ppo.loss_agg_mode=seq-mean-token-sum-norm")
+DR_GRPO_CLIP_HIGHER = ("ppo.clip_low=0.2", "ppo.clip_high=0.28")
 
 
 @pytest.mark.slow
@@ -15,7 +15,7 @@ DR_GRPO_CLIP_HIGHER = ("ppo.clip_low=0.2", "ppo.clip_high=0.28", "ppo.loss_agg_m
                          ids=["gae", "grpo", "grpo-async", "dr_grpo-clip-higher"])
 def test_ppo_raises_reward(estimator, async_rollout, extra, tiny_model_dir, tmp_path, ray_local):
     """async_rollout: every step after the first learns from samples drawn one update earlier. dr_grpo-clip-higher:
-    Dr. GRPO (no std division, constant-length normaliser) with DAPO's asymmetric clip."""
+    Dr. GRPO's advantages (no std division) with DAPO's asymmetric clip."""
     cfg, run = ppo_config(tmp_path, tiny_model_dir, estimator, f"ppo.estimator={estimator}", f"ppo.steps={STEPS}",
                           "ppo.log_samples=false", f"ppo.async_rollout={str(async_rollout).lower()}", *extra)
     with PPOTrainer(cfg, run) as trainer:
