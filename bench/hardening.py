@@ -162,7 +162,7 @@ def _cli_cases(d: Path, server_url: str) -> list[tuple[str, list[str], dict, str
     garbage.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
     base = ["--config", str(cfg)]
     judge = ["judge", *base, "--input", str(items), "--out", str(d / "out.jsonl"), "ray.num_cpus=1",
-             "reward.judge.num_actors=1", f"reward.judge.cache_path={d}/cache.sqlite"]
+             "reward.judge.num_actors=1", f"reward.cache.path={d}/cache.sqlite"]
     online = ["reward.judge.provider=openai", f"reward.judge.base_url={server_url}", "reward.judge.max_retries=0"]
     key = {"DEEPSEEK_API_KEY": "sk-wrong-key-0000000000000000"}
     return [
@@ -184,7 +184,7 @@ def _cli_cases(d: Path, server_url: str) -> list[tuple[str, list[str], dict, str
         ("judge_unknown_model", [*judge, *online, "reward.judge.model=no-such-model",
                                  "reward.judge.prices.no-such-model={input: 0, input_cache_hit: 0, output: 0}"],
          {"DEEPSEEK_API_KEY": "right-key"}, "error"),
-        ("judge_corrupted_cache", [*judge[:-1], f"reward.judge.cache_path={garbage}", *online],
+        ("judge_corrupted_cache", [*judge[:-1], f"reward.cache.path={garbage}", *online],
          {"DEEPSEEK_API_KEY": "right-key"}, "error"),
         ("report_not_a_run", ["report", str(d / "afile").rsplit("/", 1)[0]], {}, "error"),
         ("ppo_missing_data", ["ppo", *base, "run.name=empty", "ray.num_cpus=1"], {}, "fast_error"),

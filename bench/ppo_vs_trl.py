@@ -62,7 +62,7 @@ def bench_config(opts, judge_url: str | None, name: str):
         "ppo.init_adapter=null", "ppo.checkpoint.every=100000", "ppo.log_samples=false",
         # Ray CPU reservations that let learner, rollout and judge actors all start on 2 CPUs
         "ppo.learner.num_cpus=0.5", "ppo.rollout.num_cpus=0.5",
-        f"reward.judge.cache_path={opts.workdir}/{name}-judge-cache.sqlite",
+        f"reward.cache.path={opts.workdir}/{name}-judge-cache.sqlite",
     ]
     if judge_url:
         overrides += ["reward.judge.provider=openai", f"reward.judge.base_url={judge_url}",

@@ -149,7 +149,7 @@ def main() -> None:
             "base_url": server.base_url, "num_actors": a.actors, "concurrency": a.concurrency // a.actors,
             "rpm": 60_000, "tpm": 60_000_000, "budget_usd": 100.0, "timeout_s": max(1.0, 5 * a.latency),
             "max_retries": 2,
-            "batch_size": 1024, "cache_path": f"{tmp}/judge_cache.sqlite"}})
+            "batch_size": 1024}, "cache": {"path": f"{tmp}/judge_cache.sqlite"}})
         with RewardPool(cfg) as pool:
             pool.score(synthetic_items(a.actors * 8, "warmup"), progress=False)  # start actors and clients
             rows = [("bare aiohttp loop, no scoring", ceiling),

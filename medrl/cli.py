@@ -169,6 +169,9 @@ def secret_env_names(cfg) -> list[str]:
     env = getattr(judge, "api_key_env", None)
     if env:
         names.add(env)
+    cache = getattr(cfg.reward, "cache", None)
+    if getattr(cache, "backend", None) == "postgres":
+        names.add(cache.url_env)  # the database URL carries a password
     return sorted(names)
 
 

@@ -4,8 +4,10 @@
         --input /abs/path/samples.jsonl --out /abs/path/scored.jsonl [--address auto] [KEY=VALUE ...]
 
 The job connects with ``ray.init(address="auto")`` (or ``--address``). Its working directory is a copy of the
-upload, so give absolute paths for --input, --out, ``run.root`` and ``reward.judge.cache_path``. The API key is read
-from the environment of the cluster's nodes (``reward.judge.api_key_env``); never pass it in the job's runtime_env.
+upload, so give absolute paths for --input, --out, ``run.root`` and ``reward.cache.path``. The API key and, with
+``reward.cache.backend=postgres``, the database URL are read from the head node's environment (the driver's:
+``reward.judge.api_key_env``, ``reward.cache.url_env``) and handed to the actors as secrets; never pass them in the
+job's runtime_env (docs/cluster.md).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from medrl.cli import secret_env_names  # noqa: E402
 from medrl.config import load_config  # noqa: E402
 from medrl.errors import UsageError  # noqa: E402
 from medrl.reward.judge_cli import run_judge  # noqa: E402
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         cfg.ray.address = args.address
         run = RunDir.from_config(cfg).ensure()
-        setup_logging(run, secret_envs=[cfg.reward.judge.api_key_env])
+        setup_logging(run, secret_envs=secret_env_names(cfg))
         run.save_config(cfg)
         summary = run_judge(cfg, run, input_path=args.input, out_path=args.out, limit=args.limit, dry_run=False)
     except UsageError as exc:

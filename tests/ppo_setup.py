@@ -42,7 +42,7 @@ def ppo_config(tmp_path: Path, model_dir: Path, name: str, *overrides: str):
         # lm_head joins the LoRA targets: the random tiny model's tied embeddings are too small to move its outputs
         "model.lora.target_modules=[q_proj,v_proj,lm_head]",
         "ray.num_cpus=2",
-        "reward.judge.provider=none", f"reward.judge.cache_path={tmp_path / 'judge_cache.sqlite'}",
+        "reward.judge.provider=none", f"reward.cache.path={tmp_path / 'judge_cache.sqlite'}",
         "reward.judge.num_actors=1",
         "reward.rules.format.weight=0", "reward.rules.keywords.weight=0", "reward.rules.safety.weight=0",
         "reward.rules.length.weight=1", "reward.rules.length.min_tokens=100", "reward.rules.length.max_tokens=1000",

@@ -55,8 +55,8 @@ def _config(run, port, tmp_path):
         "model": {"path": str(run.root.parent.parent / "unused")},
         "reward": {"judge": {"provider": "openai", "base_url": f"http://127.0.0.1:{port}/v1", "model": "loopback",
                              "prices": {"loopback": {"input": 1.0, "input_cache_hit": 0.1, "output": 2.0}},
-                             "api_key_env": "MEDRL_TEST_JUDGE_KEY", "max_retries": 0,
-                             "cache_path": str(tmp_path / "judge.sqlite"), "budget_usd": 1.0}},
+                             "api_key_env": "MEDRL_TEST_JUDGE_KEY", "max_retries": 0, "budget_usd": 1.0},
+                   "cache": {"path": str(tmp_path / "judge.sqlite")}},
         "eval": {"decoding": {"max_new_tokens": 24}}})
     return cfg
 

@@ -90,7 +90,8 @@ reward:
     api_key_env: MEDRL_TEST_JUDGE_KEY
     malformed_retries: 1
     max_retries: 0
-    cache_path: {tmp_path}/c.db
+  cache:
+    path: {tmp_path}/c.db
 eval:
   pairwise: {{pairs: [[rl, sft]], sets: [test]}}
 """, encoding="utf-8")

@@ -47,7 +47,7 @@ SETS = {
 def _config(tmp_path, model_dir):
     return load_config(CONFIGS / "local_tiny.yaml", [
         f"run.root={tmp_path}", "run.name=e2e", f"model.path={model_dir}", "reward.judge.provider=reference",
-        f"reward.judge.cache_path={tmp_path}/judge.sqlite", "reward.judge.num_actors=1",
+        f"reward.cache.path={tmp_path}/judge.sqlite", "reward.judge.num_actors=1",
         "eval.decoding.max_new_tokens=24", "eval.sets=[test,gold,redteam,pubmedqa,medqa]",
         "reward.w_rule=0.5", "reward.w_teacher=0.3", "reward.w_verifier=0.2"])
 

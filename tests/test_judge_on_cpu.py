@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from medrl.reward.cache import JudgeCache, cache_key
-from medrl.reward.config import RewardConfig
+from medrl.reward.cache import cache_key, open_store
+from medrl.reward.config import CacheConfig, RewardConfig
 from medrl.reward.judge import content_of, usage_of
 from medrl.reward.ledger import Ledger
 from medrl.reward.loopback_server import LoopbackJudge, expected_scores, request_key
@@ -78,8 +78,9 @@ def test_ledger_rate_limits_and_budget():
 
 _WRITER = """
 import sys
-from medrl.reward.cache import JudgeCache
-cache = JudgeCache(sys.argv[1])
+from medrl.reward.cache import open_store
+from medrl.reward.config import CacheConfig
+cache = open_store(CacheConfig(path=sys.argv[1]))
 for i in range(int(sys.argv[2]), int(sys.argv[2]) + 150):
     cache.put({"key": f"k{i % 200}", "judge": "j", "rubric_version": "v", "accuracy": 1, "safety": 2,
                "completeness": 3, "clarity": 4, "reason": "r", "prompt": "p", "answer": f"a{i}", "reference": None,
@@ -89,11 +90,11 @@ for i in range(int(sys.argv[2]), int(sys.argv[2]) + 150):
 
 def test_cache_is_wal_and_safe_with_concurrent_writers(tmp_path):
     path = str(tmp_path / "c.sqlite")
-    JudgeCache(path).close()
+    open_store(CacheConfig(path=path)).close()
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, str(start)], cwd=REPO)
              for start in (0, 50, 100, 150)]
     assert [p.wait(timeout=60) for p in procs] == [0, 0, 0, 0]
-    cache = JudgeCache(path)
+    cache = open_store(CacheConfig(path=path))
     assert cache._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert cache.count() == 200
     assert cache.export_jsonl(tmp_path / "all.jsonl") == 200
@@ -114,10 +115,11 @@ def api_key(monkeypatch):
 
 
 def _cfg(server, tmp_path, **judge) -> RewardConfig:
-    base = {"base_url": server.base_url, "cache_path": str(tmp_path / "judge_cache.sqlite"), "timeout_s": 1.0,
+    base = {"base_url": server.base_url, "timeout_s": 1.0,
             "max_retries": 1, "malformed_retries": 1, "num_actors": 2, "concurrency": 8, "rpm": 0, "tpm": 0,
             "budget_usd": None}
-    return RewardConfig.model_validate({"judge": {**base, **judge}})
+    return RewardConfig.model_validate({"judge": {**base, **judge},
+                                        "cache": {"path": str(tmp_path / "judge_cache.sqlite")}})
 
 
 def _item(tag: str, i: int, extra: str = "", **kw) -> RewardInput:
@@ -208,7 +210,7 @@ def test_killing_a_judge_actor_mid_run_loses_and_repays_nothing(ray_local, serve
     server.set_latency(0.3)
     items = [_item("k", i) for i in range(48)]
     cfg = _cfg(server, tmp_path, num_actors=2, concurrency=4, batch_size=24)
-    cache = JudgeCache(cfg.judge.cache_path)
+    cache = open_store(cfg.cache)
     try:
         with RewardPool(cfg) as pool:
             victim = pool.process_info()[0]["pid"]
@@ -323,7 +325,7 @@ def test_cli_judge_and_dry_run_never_write_the_api_key(server, tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     env = dict(os.environ, DEEPSEEK_API_KEY=FAKE_KEY, RAY_TMPDIR=ray_tmp)
     overrides = [f"run.root={tmp_path}/runs", "run.name=cli", "reward.judge.provider=openai",
-                 f"reward.judge.base_url={server.base_url}", f"reward.judge.cache_path={tmp_path}/cache.sqlite",
+                 f"reward.judge.base_url={server.base_url}", f"reward.cache.path={tmp_path}/cache.sqlite",
                  "reward.judge.max_retries=1", "reward.judge.timeout_s=2", "reward.judge.num_actors=1",
                  "model.build_tiny_if_missing=false"]
 

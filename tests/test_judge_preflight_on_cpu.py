@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from medrl.errors import UsageError
-from medrl.reward.cache import JudgeCache
-from medrl.reward.config import RewardConfig
+from medrl.reward.cache import open_store
+from medrl.reward.config import CacheConfig, RewardConfig
 from medrl.reward.judge import OpenAIJudge
 from medrl.reward.ledger import Ledger, local_gate
 from medrl.reward.loopback_server import LoopbackJudge
@@ -25,7 +25,7 @@ WRONG = "sk-wrong-9876543210fedcba"
 
 
 def _cache(path: Path, rows: int = 400) -> Path:
-    cache = JudgeCache(path)
+    cache = open_store(CacheConfig(path=str(path)))
     for i in range(rows):
         cache.put({"key": f"k{i}", "judge": "j", "rubric_version": "v", "accuracy": 1, "safety": 2, "completeness": 3,
                    "clarity": 4, "reason": "r" * 200, "prompt": "p" * 300, "answer": f"a{i}", "reference": None,
@@ -112,7 +112,7 @@ def test_cli_judge_with_a_wrong_key_exits_2_before_ray(server, tmp_path, monkeyp
     server.reset()
     rc = main(["judge", "--config", "configs/local_tiny.yaml", "--input", str(src), "--out", str(tmp_path / "o.jsonl"),
                f"run.root={tmp_path}/runs", "reward.judge.provider=openai", f"reward.judge.base_url={server.base_url}",
-               f"reward.judge.cache_path={tmp_path}/c.sqlite", "reward.judge.max_retries=0"])
+               f"reward.cache.path={tmp_path}/c.sqlite", "reward.judge.max_retries=0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "refused the API key (HTTP 401" in err[0], err
     assert server.stats()["unauthorized"] == 1 and not ray.is_initialized() and not (tmp_path / "o.jsonl").exists()
@@ -142,7 +142,8 @@ def test_failed_judgements_warn_once_per_batch(server, tmp_path, caplog):
     from medrl.reward.types import RewardInput
 
     cfg = RewardConfig.model_validate({"judge": {"base_url": server.base_url, "max_retries": 0, "timeout_s": 5,
-                                                 "malformed_retries": 0, "cache_path": str(tmp_path / "c.sqlite")}})
+                                                 "malformed_retries": 0},
+                                       "cache": {"path": str(tmp_path / "c.sqlite")}})
     async def run():
         gate = local_gate(Ledger(0, 0, None), lease_size=8)
         scorer = Scorer(cfg, gate, KEY)

@@ -58,7 +58,7 @@ def test_ppo_job_on_a_real_ray_head(node_key, ray_head, prepared_run, tiny_model
                "ppo.micro_batch_size=4", "ppo.minibatch_size=4", "ppo.rollout.batch_size=2", "ppo.init_adapter=null",
                "ppo.rollout.num_cpus=0.5", "ppo.learner.num_cpus=0.5", "ppo.checkpoint.every=2",
                "reward.judge.provider=openai", f"reward.judge.base_url={server.base_url}",
-               f"reward.judge.cache_path={tmp_path}/cache.sqlite", "reward.judge.num_actors=1"]
+               f"reward.cache.path={tmp_path}/cache.sqlite", "reward.judge.num_actors=1"]
         job = subprocess.run(cmd, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=300)
         requests = server.stats()["total"]
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-3000:]

@@ -118,9 +118,10 @@ def server():
 
 
 def test_open_ended_judge_is_cached_and_budgeted(server, tmp_path):
-    judge = {"base_url": server.base_url, "cache_path": str(tmp_path / "cache.sqlite"), "timeout_s": 2.0,
+    judge = {"base_url": server.base_url, "timeout_s": 2.0,
              "max_retries": 0, "malformed_retries": 0, "rpm": 0, "tpm": 0, "budget_usd": None}
-    cfg = RewardConfig.model_validate({"preset": "huatuo-o1", "judge": judge})
+    cfg = RewardConfig.model_validate({"preset": "huatuo-o1", "judge": judge,
+                                       "cache": {"path": str(tmp_path / "cache.sqlite")}})
     think = "<think>\nTSH high.\n</think>\n\n"
     items = [RewardInput(id="j0", prompt="Diagnosis?", response=think + "Primary hypothyroidism.",
                          reference="hypothyroidism"),
@@ -142,8 +143,9 @@ def test_open_ended_judge_is_cached_and_budgeted(server, tmp_path):
     assert [r.reasons["verifier"].split(":")[0] for r in again][:3] == ["correct (judge_cached)"] * 2 + [
         "wrong (judge_cached)"]
     # budget spent: no call is made, the reference matcher decides and says so
-    fresh = {**judge, "cache_path": str(tmp_path / "fresh.sqlite"), "budget_usd": 0.0}
-    capped, stats = _score(RewardConfig.model_validate({"preset": "huatuo-o1", "judge": fresh}), items[:3],
+    fresh = {**judge, "budget_usd": 0.0}
+    capped, stats = _score(RewardConfig.model_validate({"preset": "huatuo-o1", "judge": fresh,
+                                                        "cache": {"path": str(tmp_path / "fresh.sqlite")}}), items[:3],
                            budget_usd=0.0, api_key=FAKE_KEY)
     assert server.stats()["total"] == 3 and stats["requests"] == 0
     assert [r.components["verifier"] for r in capped] == [1.0, 0.1, 0.1]  # matcher: j1 names no hypothyroidism

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from medrl.reward.loopback_server import LoopbackJudge
+from medrl.reward.loopback_server import LoopbackJudge, request_key
+from medrl.reward.rubric import build_messages
+from medrl.reward.text import split_response
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_KEY = "sk-medrl-job-" + secrets.token_hex(8)  # built at run time: the uploaded sources must not hold it
@@ -34,9 +36,12 @@ def test_score_job_on_a_real_ray_head(node_key, ray_head, tmp_path):
                "--config", "configs/local_tiny.yaml", "--input", str(src), "--out", str(out),
                f"run.root={tmp_path}/runs", "run.name=job", "model.build_tiny_if_missing=false",
                "reward.judge.provider=openai", f"reward.judge.base_url={server.base_url}",
-               f"reward.judge.cache_path={tmp_path}/cache.sqlite", "reward.judge.num_actors=1"]
+               f"reward.cache.path={tmp_path}/cache.sqlite", "reward.judge.num_actors=1"]
         job = subprocess.run(cmd, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=300)
-        requests = server.stats()["total"]
+        served = server.stats()["requests"]
+    # the requests of the rows (the job's start-up check call to the judge is left out)
+    requests = sum(served.get(request_key(build_messages(r["prompt"], split_response(r["response"]).answer,
+                                                         r["reference"])[1]["content"]), 0) for r in rows)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout
     results = [json.loads(line) for line in out.read_text().splitlines()]

@@ -225,7 +225,7 @@ def pairwise_rows(cfg: Config, rows: list[dict]) -> tuple[dict[str, list[dict]],
             fa, fb = final_answer(ra["response"]), final_answer(rb["response"])
             tasks += [PairTask(ra["question"], ra.get("reference"), fa, fb),
                       PairTask(ra["question"], ra.get("reference"), fb, fa)]
-        results = PairwiseJudge(judge).judge_all(tasks)
+        results = PairwiseJudge(judge, cfg.reward.cache.path).judge_all(tasks)
         verdicts, usage = [], []
         for k in range(len(plan)):
             ab, ba = results[2 * k], results[2 * k + 1]
@@ -266,7 +266,7 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
         log.warning("eval: %s", note)
     log.info("eval: models %s on sets %s", ", ".join(chosen),
              ", ".join(f"{s} ({len(v)})" for s, v in eval_sets.items()))
-    check_judge(cfg.reward.judge)  # a bad key, model or cache stops here, before Ray and any generation
+    check_judge(cfg.reward)  # a bad key, model or cache stops here, before Ray and any generation
     started = init_ray(cfg.ray)
     try:
         with RewardPool(cfg.reward) as pool:  # built first: a missing API key fails before any generation

@@ -1,6 +1,7 @@
 """Pairwise judging: which of two final answers to the same prompt is better, asked in both presentation orders.
 
-The teacher endpoint, key, prices, cache file, rate limits and budget are the reward plane's (``reward.judge``):
+The teacher endpoint, key, prices, rate limits and budget are the reward plane's (``reward.judge``), the cache file
+is ``reward.cache.path`` (SQLite, also when the reward plane's store is PostgreSQL):
 the calls go through the ``openai`` client (its retries/timeouts), the reward plane's gate (``LeasedGate`` over a
 ``Ledger``: rate limits, budget) and a table of its SQLite cache file (content addressed, with ``PAIRWISE_VERSION``
 in the key, so a rerun pays nothing).
@@ -157,12 +158,13 @@ class PairwiseCache:
 class PairwiseJudge:
     """Asks an OpenAI-compatible judge for pairwise verdicts (cached, rate-limited, budget-capped)."""
 
-    def __init__(self, cfg: JudgeConfig):
+    def __init__(self, cfg: JudgeConfig, cache_path: str):
         key = os.environ.get(cfg.api_key_env)
         if not key:
             raise UsageError(f"pairwise judging needs the environment variable {cfg.api_key_env} "
                              f"(reward.judge.api_key_env); or set eval.pairwise.enabled=false")
         self.cfg = cfg
+        self.cache_path = cache_path
         self._key = key
         self.price = cfg.prices[cfg.model]
         self.ledger = Ledger(cfg.rpm, cfg.tpm, cfg.budget_usd)
@@ -175,7 +177,7 @@ class PairwiseJudge:
         return local_gate(self.ledger, max(1, self.cfg.concurrency // 4))
 
     async def _judge_all(self, tasks: list[PairTask]) -> list[PairVerdict]:
-        cache = PairwiseCache(os.path.expanduser(self.cfg.cache_path))
+        cache = PairwiseCache(os.path.expanduser(self.cache_path))
         client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=self._key, timeout=self.cfg.timeout_s,
                                     max_retries=self.cfg.max_retries)
         gate = self._gate()

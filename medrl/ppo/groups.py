@@ -1,8 +1,9 @@
 """The Ray shell of PPO: the actor groups the driver talks to, and all the Ray it needs.
 
 ``LearnerGroup``: ``ppo.learner.ranks`` ``Learner`` actors forming one torch process group. It owns their placement
-group and rendezvous, the calls every rank must make together (a collective on one rank alone hangs), and the
-sharding of each batch across ranks (``Batch.shard_rows``: equal row counts, balanced tokens) and back.
+group (``PACK``: across nodes when one cannot hold them) and rendezvous (at rank 0's node address), the calls every
+rank must make together (a collective on one rank alone hangs), and the sharding of each batch across ranks
+(``Batch.shard_rows``: equal row counts, balanced tokens) and back.
 
 ``RolloutGroup``: ``ppo.rollout.num_actors`` rollout engine actors, restarted by Ray when they die. It owns the
 dispatch of rollout micro-batches (chunk ``c`` goes to actor ``c % num_actors``) and tracks each actor's pid to
@@ -65,6 +66,23 @@ class Pending:
         return self.combine(ray.get(self.refs))
 
 
+def check_learner_layout(ranks: int, num_cpus: float, num_gpus: float) -> None:
+    """Refuse, with one line, learner ranks that the cluster's nodes cannot hold: a rank's bundle (``num_cpus``
+    CPUs, ``num_gpus`` GPUs) must fit on one node, and the ranks together on the nodes (their total resources)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+    def fits(res: dict) -> int:
+        per = [res.get("CPU", 0.0) / num_cpus] + ([res.get("GPU", 0.0) / num_gpus] if num_gpus else [])
+        return int(min(per) + 1e-9)
+
+    held = [fits(r) for r in nodes]
+    if sum(held) < ranks:
+        gpu = f" + {num_gpus:g} GPU" if num_gpus else ""
+        raise UsageError(f"ppo.learner.ranks={ranks} ranks of {num_cpus:g} CPU{gpu} each do not fit the Ray cluster: "
+                         f"its {len(nodes)} node(s) hold {' + '.join(map(str, held)) or '0'} = {sum(held)}; lower "
+                         f"ppo.learner.ranks or ppo.learner.num_cpus/num_gpus, or add nodes")
+
+
 class LearnerGroup:
     def __init__(self, cfg: Config, init_adapter: str | None, num_gpus: float):
         self.cfg = cfg
@@ -79,24 +97,29 @@ class LearnerGroup:
                  self.info[0]["distributed_type"], self.info[0]["trainable_params"])
 
     def _place_and_rendezvous(self, init_adapter: str | None, num_gpus: float) -> list[dict]:
-        """One bundle per rank, ``STRICT_PACK`` (all on one node), the process group's rendezvous at 127.0.0.1 and a
-        port free on rank 0's node. Learner ranks across nodes change this method only: ``PACK``, and the
-        rendezvous at rank 0's node address (``Learner.setup``). Returns each rank's ``setup`` facts."""
+        """One bundle per rank, ``PACK``: on as few nodes as can hold them, across nodes when one cannot (a layout no
+        set of nodes can hold is refused first, with one line). The process group meets at rank 0's node address on
+        a port free there. Returns each rank's ``setup`` facts, with its node."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         lc = self.cfg.ppo.learner
+        check_learner_layout(lc.ranks, lc.num_cpus, num_gpus)
         ds_config = read_deepspeed_config(lc.deepspeed)
         bundle = {"CPU": lc.num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        self._placement = placement_group([bundle] * lc.ranks, strategy="STRICT_PACK")
+        self._placement = placement_group([bundle] * lc.ranks, strategy="PACK")
         ray.get(self._placement.ready(), timeout=300)
         actor_cls = ray.remote(Learner)
         self.actors = [
             actor_cls.options(num_cpus=lc.num_cpus, num_gpus=num_gpus,
                               scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, rank))
             .remote(self.cfg, rank, lc.ranks, init_adapter, ds_config) for rank in range(lc.ranks)]
-        port = ray.get(self.actors[0].free_port.remote())
-        return ray.get([a.setup.remote(port) for a in self.actors])
+        nodes = ray.get([a.node.remote() for a in self.actors])
+        master = nodes[0]
+        local = [sum(n["node_id"] == node["node_id"] for n in nodes[:rank]) for rank, node in enumerate(nodes)]
+        infos = ray.get([a.setup.remote(master["address"], master["port"], local_rank)
+                         for a, local_rank in zip(self.actors, local)])
+        return [{**info, "node_id": node["node_id"], "address": node["address"]} for info, node in zip(infos, nodes)]
 
     def _on_every_rank(self, method: str, *args) -> list:
         return [getattr(a, method).remote(*args) for a in self.actors]
@@ -159,7 +182,7 @@ class RolloutGroup:
     def __init__(self, engine_cls: type, engine_args: tuple, settings: RolloutSettings, num_gpus: float):
         actor_cls = ray.remote(engine_cls).options(num_cpus=settings.num_cpus, num_gpus=num_gpus,
                                                    max_restarts=settings.max_restarts,
-                                                   max_task_retries=settings.max_restarts)
+                                                   max_task_retries=settings.max_restarts, scheduling_strategy="SPREAD")
         self.actors = [actor_cls.remote(*engine_args) for _ in range(settings.num_actors)]
         self.pids: list[int] = []
 

@@ -31,9 +31,9 @@ BEHAVIOUR_FILE = "behaviour_weights.pt"
 """In a checkpoint of an ``async_rollout`` run: the LoRA weights that sample the step after it."""
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -69,20 +69,24 @@ class Learner:
         self._live_version: int | None = None  # the published version the live weights are (None after an update)
 
     # ------------------------------------------------------------------ setup
-    def free_port(self) -> int:
-        """A free TCP port on this rank's node (asked of rank 0 for the rendezvous)."""
-        return free_port()
+    def node(self) -> dict:
+        """This rank's Ray node (id, address) and a TCP port free on that address: rank 0's is the rendezvous."""
+        import ray
 
-    def setup(self, master_port: int) -> dict:
-        """Join the process group on 127.0.0.1:``master_port``, load the policy, build the value head, optimizer
-        and scheduler, and wrap them with Accelerate. Returns facts the driver checks."""
+        address = ray.util.get_node_ip_address()
+        return {"node_id": ray.get_runtime_context().get_node_id(), "address": address, "port": free_port(address)}
+
+    def setup(self, master_addr: str, master_port: int, local_rank: int) -> dict:
+        """Join the process group at rank 0's ``master_addr:master_port`` (``local_rank``: this rank's index among
+        the ranks on its node), load the policy, build the value head, optimizer and scheduler, and wrap them with
+        Accelerate. Returns facts the driver checks."""
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, DummyOptim, InitProcessGroupKwargs
         from transformers import get_scheduler
 
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(self.rank),
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0" if torch.cuda.is_available() else
-                          str(self.rank))
+                          str(local_rank))
         on_cpu = pick_device(self.cfg.model.device) == "cpu"
         pg = [InitProcessGroupKwargs(backend="gloo" if on_cpu else "nccl")]
         ds_config = self._deepspeed_config() if self.deepspeed_config is not None else None

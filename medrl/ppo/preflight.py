@@ -22,7 +22,7 @@ def check_run_inputs(cfg: Config, run: RunDir) -> None:
     from medrl.reward.preflight import check_judge
 
     load_prompts(run.data / "rl_prompts.jsonl")
-    check_judge(cfg.reward.judge)
+    check_judge(cfg.reward)
     if not (cfg.model.build_tiny_if_missing and not Path(cfg.model.path).exists()):
         resolve_model_path(cfg.model.path, cfg.model.cache_dir)
 

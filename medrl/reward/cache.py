@@ -1,41 +1,46 @@
-"""Persistent judgement cache: SQLite in WAL mode, content-addressed, shared by every actor, process and run.
+"""The judge store: the content-addressed judgement cache, claims on keys being judged, the rate-limit buckets and
+the spend ledger, in one SQLite file (WAL, one machine) or one PostgreSQL database (psycopg 3, clusters and teams).
 
-A judgement is written (and committed) before the reward that uses it is returned, so no key is paid for twice,
-including across restarts. Only valid judgements are stored: a failure is retried by the next run.
+Both backends run the same SQL. A judgement is committed before the reward that uses it is returned, and a key is
+claimed before its judge call (the claim expires unless its holder renews it), so no key is paid for twice, by
+concurrent actors, processes and runs, or across restarts. Only valid judgements are stored: a failure is retried.
+The PostgreSQL connection string is read from the environment variable ``reward.cache.url_env`` and never kept.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
-from medrl.reward.config import RewardConfig
+from medrl.errors import UsageError
+from medrl.reward.config import CacheConfig, RewardConfig
+from medrl.reward.ledger import RateBucket, lease_buckets
 from medrl.reward.types import RewardInput
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS judgements (
-  key TEXT PRIMARY KEY,
-  judge TEXT NOT NULL,
-  rubric_version TEXT NOT NULL,
-  accuracy INTEGER NOT NULL,
-  safety INTEGER NOT NULL,
-  completeness INTEGER NOT NULL,
-  clarity INTEGER NOT NULL,
-  reason TEXT NOT NULL,
-  prompt TEXT NOT NULL,
-  answer TEXT NOT NULL,
-  reference TEXT,
-  tokens_in INTEGER NOT NULL,
-  tokens_out INTEGER NOT NULL,
-  tokens_cache_hit INTEGER NOT NULL,
-  cost_usd REAL NOT NULL,
-  created REAL NOT NULL
-)"""
+SCHEMA_VERSION = 1
+"""Version of the tables below, recorded in ``medrl_schema``; a store written by a newer medrl is refused."""
+
+_TABLES = (
+    """CREATE TABLE IF NOT EXISTS judgements (
+  key TEXT PRIMARY KEY, judge TEXT NOT NULL, rubric_version TEXT NOT NULL, accuracy INTEGER NOT NULL,
+  safety INTEGER NOT NULL, completeness INTEGER NOT NULL, clarity INTEGER NOT NULL, reason TEXT NOT NULL,
+  prompt TEXT NOT NULL, answer TEXT NOT NULL, reference TEXT, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL,
+  tokens_cache_hit INTEGER NOT NULL, cost_usd DOUBLE PRECISION NOT NULL, created DOUBLE PRECISION NOT NULL)""",
+    "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS rate_buckets (name TEXT PRIMARY KEY, tat DOUBLE PRECISION NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS spend (scope TEXT PRIMARY KEY, spent_usd DOUBLE PRECISION NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS medrl_schema (version INTEGER NOT NULL)",
+)
 _COLUMNS = ("key", "judge", "rubric_version", "accuracy", "safety", "completeness", "clarity", "reason", "prompt",
             "answer", "reference", "tokens_in", "tokens_out", "tokens_cache_hit", "cost_usd", "created")
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM judgements"
+_CHUNK = 500
+_PG_SCHEMA_LOCK = 0x6D6564726C  # advisory lock id taken while the schema is created
 
 
 def cache_key(judge: str, rubric_version: str, prompt: str, answer: str, reference: str | None) -> str:
@@ -50,44 +55,85 @@ def judge_key(cfg: RewardConfig, item: RewardInput, answer: str) -> str:
     return cache_key(cfg.judge.model, cfg.judge.rubric_version, item.prompt, answer, item.reference)
 
 
-class JudgeCache:
-    """One connection per process/actor; WAL lets readers and one writer work at once, ``busy_timeout`` queues the
-    other writers."""
+def _chunks(keys: list[str]):
+    for start in range(0, len(keys), _CHUNK):
+        yield keys[start:start + _CHUNK]
 
-    def __init__(self, path: str | Path, readonly: bool = False):
-        self.path = Path(path)
-        if readonly:
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30) if self.path.exists() \
-                else None
+
+class JudgeStore:
+    """One connection per process/actor (autocommit; multi-statement changes in explicit transactions). Use
+    ``open_store``. ``where`` names the store in messages (the file, or the URL's variable name: never the URL)."""
+
+    def __init__(self, db, backend: str, where: str):
+        self._db, self.backend, self.where = db, backend, where
+        self._pg = backend == "postgres"
+
+    # ---- plumbing
+    def _sql(self, query: str) -> str:
+        return query.replace("?", "%s") if self._pg else query
+
+    def _run(self, query: str, params: Iterable = ()):
+        return self._db.execute(self._sql(query), tuple(params))
+
+    def _run_many(self, query: str, rows: list[tuple]) -> None:
+        if rows:
+            self._db.cursor().executemany(self._sql(query), rows)
+
+    @contextmanager
+    def _tx(self, durable: bool = False):
+        """A write transaction: SQLite takes the write lock at once (BEGIN IMMEDIATE), so read-modify-write
+        sequences never deadlock; PostgreSQL locks the rows it reads ``FOR UPDATE``. On PostgreSQL only ``durable``
+        transactions (judgements, spending) wait for the WAL flush; claims and rate buckets, which a server crash may
+        lose harmlessly, do not (``synchronous_commit`` off for the session)."""
+        if self._pg:
+            with self._db.transaction():
+                if durable:
+                    self._run("SET LOCAL synchronous_commit TO ON")
+                yield
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
+    def _create_schema(self) -> None:
+        with self._tx():
+            if self._pg:
+                self._run("SELECT pg_advisory_xact_lock(?)", (_PG_SCHEMA_LOCK,))
+            for table in _TABLES:
+                self._run(table)
+            row = self._run("SELECT MAX(version) FROM medrl_schema").fetchone()
+            if row[0] is None:
+                self._run("INSERT INTO medrl_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise UsageError(f"{self.where}: judge store has schema version {row[0]}, this medrl knows "
+                                 f"{SCHEMA_VERSION} (upgrade medrl)")
+
+    # ---- judgements
     def get_many(self, keys: Iterable[str]) -> dict[str, dict]:
         """Cached judgements of the given keys (missing keys are absent)."""
-        keys = list(dict.fromkeys(keys))
         out: dict[str, dict] = {}
         if self._db is None:
             return out
-        for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
-            rows = self._db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM judgements WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-            for row in rows:
+        for chunk in _chunks(list(dict.fromkeys(keys))):
+            for row in self._run(f"{_SELECT} WHERE key IN ({','.join('?' * len(chunk))})", chunk).fetchall():
                 out[row[0]] = dict(zip(_COLUMNS, row))
         return out
 
-    def put(self, record: dict) -> None:
-        """Store one judgement (first writer wins; committed before returning)."""
+    def put(self, record: dict, holder: str | None = None) -> None:
+        """Store one judgement (first writer wins) and drop ``holder``'s claim on it, committed before returning."""
         rec = dict(record, created=record.get("created", time.time()))
-        self._db.execute(f"INSERT OR IGNORE INTO judgements ({', '.join(_COLUMNS)}) "
-                         f"VALUES ({','.join('?' * len(_COLUMNS))})", [rec.get(c) for c in _COLUMNS])
+        with self._tx(durable=True):
+            self._run(f"INSERT INTO judgements ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))}) "
+                      "ON CONFLICT (key) DO NOTHING", [rec.get(c) for c in _COLUMNS])
+            if holder is not None:
+                self._run("DELETE FROM claims WHERE key = ? AND holder = ?", (rec["key"], holder))
 
     def count(self) -> int:
-        return 0 if self._db is None else self._db.execute("SELECT COUNT(*) FROM judgements").fetchone()[0]
+        return 0 if self._db is None else self._run("SELECT COUNT(*) FROM judgements").fetchone()[0]
 
     def export_jsonl(self, out: str | Path, keys: Iterable[str] | None = None) -> int:
         """Write judgements (all, or those of ``keys``) as ``teacher_judgements.jsonl``; returns the row count."""
@@ -98,14 +144,123 @@ class JudgeCache:
         elif self._db is None:
             records = []
         else:
-            rows = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM judgements ORDER BY created")
-            records = [dict(zip(_COLUMNS, r)) for r in rows]
+            records = [dict(zip(_COLUMNS, r)) for r in self._run(f"{_SELECT} ORDER BY created").fetchall()]
         with open(out, "w", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         return len(records)
 
+    # ---- claims: who is judging a key right now
+    def claim_many(self, keys: list[str], holder: str, ttl_s: float) -> set[str]:
+        """Claim the keys nobody holds (or whose claim expired); returns the keys ``holder`` now holds."""
+        held: set[str] = set()
+        now = time.time()
+        for chunk in _chunks(keys):
+            with self._tx():
+                self._run_many("INSERT INTO claims (key, holder, expires) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE "
+                               "SET holder = excluded.holder, expires = excluded.expires WHERE claims.expires < ?",
+                               [(k, holder, now + ttl_s, now) for k in chunk])
+                rows = self._run(f"SELECT key FROM claims WHERE holder = ? AND key IN ({','.join('?' * len(chunk))})",
+                                 [holder, *chunk]).fetchall()
+            held.update(r[0] for r in rows)
+        return held
+
+    def release(self, keys: Iterable[str], holder: str) -> None:
+        self._run_many("DELETE FROM claims WHERE key = ? AND holder = ?", [(k, holder) for k in keys])
+
+    def renew_claims(self, holder: str, ttl_s: float) -> None:
+        """Push back the expiry of every claim ``holder`` has (its heartbeat)."""
+        self._run("UPDATE claims SET expires = ? WHERE holder = ?", (time.time() + ttl_s, holder))
+
+    # ---- rate limits and spending shared by every process on the store
+    def rate_lease(self, limits: list[tuple[str, int, int]], n: int) -> tuple[int, float]:
+        """Book up to ``n`` calls on the named buckets ((name, per minute, units per call)); returns (calls, wait)."""
+        names = [name for name, _, _ in limits]
+        now = time.time()
+        with self._tx():
+            self._run_many("INSERT INTO rate_buckets (name, tat) VALUES (?, 0) ON CONFLICT (name) DO NOTHING",
+                           [(name,) for name in names])
+            rows = dict(self._run(f"SELECT name, tat FROM rate_buckets WHERE name IN ({','.join('?' * len(names))})"
+                                  + (" FOR UPDATE" if self._pg else ""), names).fetchall())
+            buckets = []
+            for name, per_minute, units in limits:
+                bucket = RateBucket(per_minute)
+                bucket.tat = rows[name]
+                buckets.append((bucket, units))
+            n, wait = lease_buckets(buckets, n, now)
+            self._run_many("UPDATE rate_buckets SET tat = ? WHERE name = ?",
+                           [(b.tat, name) for (b, _), name in zip(buckets, names)])
+        return n, wait
+
+    def rate_adjust(self, moves: list[tuple[str, int, int]]) -> None:
+        """Correct earlier bookings by (name, per minute, units) (negative units: give back)."""
+        self._run_many("UPDATE rate_buckets SET tat = tat + ? WHERE name = ?",
+                       [(units * 60.0 / per_minute, name) for name, per_minute, units in moves])
+
+    def spent(self, scope: str) -> float:
+        row = self._run("SELECT spent_usd FROM spend WHERE scope = ?", (scope,)).fetchone()
+        return float(row[0]) if row else 0.0
+
+    def add_spend(self, scope: str, usd: float) -> None:
+        with self._tx(durable=True):
+            self._run("INSERT INTO spend (scope, spent_usd) VALUES (?, ?) ON CONFLICT (scope) DO UPDATE "
+                      "SET spent_usd = spend.spent_usd + excluded.spent_usd", (scope, usd))
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _open_sqlite(path: Path, readonly: bool) -> JudgeStore:
+    where = str(path)
+    try:
+        if readonly:
+            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) if path.exists() else None
+            store = JudgeStore(db, "sqlite", where)
+            if db is not None:
+                store.count()  # a file that is not a judge store fails here, not later
+            return store
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        store = JudgeStore(db, "sqlite", where)
+        store._create_schema()
+        return store
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(f"{path}: not a usable judge cache ({exc})") from None
+
+
+def store_url(cfg: CacheConfig) -> str | None:
+    """The PostgreSQL connection string from ``cfg.url_env`` (None for SQLite); one-line error when it is unset."""
+    if cfg.backend != "postgres":
+        return None
+    url = os.environ.get(cfg.url_env)
+    if not url:
+        raise UsageError(f"reward.cache.backend is 'postgres' but the environment variable {cfg.url_env} "
+                         f"(reward.cache.url_env) is not set")
+    return url
+
+
+def _open_postgres(url: str, url_env: str) -> JudgeStore:
+    where = f"PostgreSQL at ${url_env}"
+    import psycopg
+
+    try:
+        db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+    except psycopg.Error as exc:
+        raise UsageError(f"{where}: cannot connect: {str(exc).replace(url, '***').strip()}") from None
+    store = JudgeStore(db, "postgres", where)
+    store._run("SET synchronous_commit TO OFF")  # durable writes turn it back on (JudgeStore._tx)
+    store._create_schema()
+    return store
+
+
+def open_store(cfg: CacheConfig, readonly: bool = False, url: str | None = None) -> JudgeStore:
+    """The store ``cfg`` names. ``readonly`` (SQLite): never create the file; a missing file is an empty store.
+    ``url`` (PostgreSQL): the connection string when the caller already read it (a Ray actor gets it from the
+    driver, as a secret argument, so only the driver's node needs the variable); else it is read from the env."""
+    if cfg.backend == "postgres":
+        return _open_postgres(url or store_url(cfg), cfg.url_env)
+    return _open_sqlite(Path(cfg.path).expanduser(), readonly)

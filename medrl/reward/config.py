@@ -129,7 +129,11 @@ class JudgeConfig(StrictModel):
     prices: dict[str, Price] = Field(default_factory=_deepseek_prices)
     """Price table by model name; the judge model must be listed when ``provider`` is ``openai``."""
     budget_usd: float | None = Field(10.0, ge=0)
-    """Spending cap of one pool (None: no cap). Past it the judge stops and rewards are rules only, with a warning."""
+    """Spending cap (None: no cap). Past it the judge stops and rewards are rules only, with a warning."""
+    budget_scope: str = Field("run", min_length=1)
+    """Whose spending ``budget_usd`` caps, kept in the cache store so it survives restarts: ``run`` (this run
+    directory; a resumed run continues its total) or any other name: one budget shared by every run on the store
+    that uses that name."""
     rpm: int = Field(1200, ge=0)
     """Global requests per minute over all judge actors (0: no limit)."""
     tpm: int = Field(2_000_000, ge=0)
@@ -143,8 +147,6 @@ class JudgeConfig(StrictModel):
     """Ray restarts a dead judge actor this many times and re-runs its unfinished work (the cache stops re-paying)."""
     batch_size: int = Field(256, ge=1)
     """Items per actor call."""
-    cache_path: str = "runs/judge_cache.sqlite"
-    """SQLite judgement cache (WAL), shared across runs; relative paths are relative to the working directory."""
     tokenizer: str | None = None
     """Local tokenizer directory ``medrl judge --dry-run`` counts judge tokens with (None: documented estimate)."""
 
@@ -155,6 +157,13 @@ class JudgeConfig(StrictModel):
             raise ValueError("this looks like an API key itself, not the name of an environment variable: put the "
                              "key in a variable (export DEEPSEEK_API_KEY=...) and give its name here (value not shown)")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "cache_path" in data:
+            raise ValueError("reward.judge.cache_path moved to reward.cache.path")
+        return data
 
     @model_validator(mode="after")
     def _priced(self):
@@ -204,6 +213,22 @@ PRESETS: dict[str, dict] = {
 format). Weights set explicitly next to ``preset`` win (``w_rule: 0.2`` adds the rules to the recipe)."""
 
 
+class CacheConfig(StrictModel):
+    """The store of judgements, judge-call claims, rate limits and spending, shared by every actor, process and run
+    that points at it (``docs/cluster.md``)."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    """``sqlite``: one file on one machine (embedded default); ``postgres``: a PostgreSQL server for clusters and
+    teams (psycopg 3)."""
+    path: str = "runs/judge_cache.sqlite"
+    """SQLite file (WAL); relative paths are relative to the working directory. Keep it on a local disk."""
+    url_env: str = "MEDRL_CACHE_URL"
+    """``postgres``: name of the environment variable holding the connection string (``postgresql://user:pass@host
+    /db``), read on every node; the URL itself is never stored or logged."""
+    claim_ttl_s: float = Field(30.0, gt=0)
+    """A key is claimed before its judge call; a claim not renewed for this long (its holder died) is taken over."""
+
+
 class RewardConfig(StrictModel):
     preset: Literal["none", "huatuo-o1"] = "none"
     """A named recipe filling the weights (``PRESETS``); explicit weights win."""
@@ -225,6 +250,7 @@ class RewardConfig(StrictModel):
         if isinstance(data, dict) and data.get("preset", "none") in PRESETS:
             data = {**PRESETS[data["preset"]], **data}
         return data
+    cache: CacheConfig = CacheConfig()
 
     @model_validator(mode="after")
     def _weights(self):

@@ -55,6 +55,9 @@ class Gate(Protocol):
         """Report what the call used (zero tokens for a call that failed) and the HTTP attempts made since the
         previous settle (retries included)."""
 
+    def give_back(self, permit: Permit) -> None:
+        """Return a permit that was not used."""
+
     async def flush(self, **counts: int) -> None:
         """Send pending usage and add per-sample outcome counts (judged, cached, failed, ...)."""
 
@@ -110,26 +113,33 @@ class OpenAIJudge:
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "***") if self._key else text
 
-    async def judge(self, prompt: str, answer: str, reference: str | None, gate: Gate) -> JudgeOutcome:
-        return await self.call(build_messages(prompt, answer, reference), parse_judgement, gate)
+    async def judge(self, prompt: str, answer: str, reference: str | None, gate: Gate,
+                    recheck: Callable[[], Judgement | None] | None = None) -> JudgeOutcome:
+        return await self.call(build_messages(prompt, answer, reference), parse_judgement, gate, recheck)
 
-    async def call(self, messages: list[dict[str, str]], parse: Callable[[str | None], Any], gate: Gate
-                   ) -> JudgeOutcome:
+    async def call(self, messages: list[dict[str, str]], parse: Callable[[str | None], Any], gate: Gate,
+                   recheck: Callable[[], Any] | None = None) -> JudgeOutcome:
         """One JSON verdict: ``messages`` (fixed system prompt first) sent under the gate's rate limits and budget;
         ``parse`` turns the reply into the verdict (``JudgeOutcome.judgement``) or raises JudgementError, which is
-        asked again at most ``malformed_retries`` times."""
+        asked again at most ``malformed_retries`` times. ``recheck`` (the cache lookup) runs after the rate-limit
+        wait, right before the first request is sent: a verdict that arrived meanwhile (another actor or run) is
+        returned as ``cached``."""
         body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
                 "max_tokens": self.cfg.max_tokens, "response_format": {"type": "json_object"}}
         est_tokens = _system_tokens(messages[0]["content"]) + estimate_tokens(messages[-1]["content"]) \
             + self.cfg.max_tokens
         est_cost = call_cost(Usage(est_tokens - self.cfg.max_tokens, self.cfg.max_tokens), self.price)
         total, cost, reason = Usage(), 0.0, ""
-        for _ in range(1 + self.cfg.malformed_retries):
+        for attempt in range(1 + self.cfg.malformed_retries):
             permit = await gate.reserve(est_tokens, est_cost)
             if permit is None:
                 return JudgeOutcome(None, "over_budget", "budget cap reached", total, cost)
             if permit.wait_s > 0:
                 await asyncio.sleep(permit.wait_s)
+            found = recheck() if recheck is not None and attempt == 0 else None
+            if found is not None:
+                gate.give_back(permit)
+                return JudgeOutcome(found, "cached")
             try:
                 completion = await self.client.post("/chat/completions", body=body, cast_to=dict)
             except openai.APIError as exc:

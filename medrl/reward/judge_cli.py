@@ -9,7 +9,7 @@ from pathlib import Path
 from medrl.config import Config
 from medrl.errors import UsageError
 from medrl.jsonl import iter_jsonl
-from medrl.reward.cache import JudgeCache, judge_key
+from medrl.reward.cache import judge_key, open_store
 from medrl.reward.config import RewardConfig
 from medrl.reward.ledger import Usage, call_cost
 from medrl.reward.preflight import check_judge
@@ -69,7 +69,7 @@ def estimate_cost(cfg: RewardConfig, items: list[RewardInput]) -> dict:
             injected += 1
             continue
         pending.setdefault(judge_key(cfg, item, split_response(item.response).answer), item)
-    cache = JudgeCache(jc.cache_path, readonly=True)
+    cache = open_store(cfg.cache, readonly=True)
     cached = cache.get_many(pending)
     cache.close()
     todo = [item for key, item in pending.items() if key not in cached]
@@ -116,7 +116,7 @@ def summarize(results: list[RewardResult], seconds: float) -> dict:
 def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, limit: int | None,
               dry_run: bool) -> dict:
     items = read_items(Path(input_path), limit)
-    check_judge(cfg.reward.judge, probe=not dry_run)  # key, cache file and endpoint, before Ray starts
+    check_judge(cfg.reward, probe=not dry_run)  # key, cache file and endpoint, before Ray starts
     if dry_run:
         est = estimate_cost(cfg.reward, items)
         print(_describe_estimate(est))
@@ -133,6 +133,9 @@ def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, lim
             results = pool.score(items, progress=True)
             summary = summarize(results, time.perf_counter() - t0)
             pool_stats = pool.stats()
+            summary["judge_nodes"] = len({p["node"] for p in pool.process_info()[:-1]})
+        # judge calls made, and HTTP attempts (the openai client's retries included): what the provider may bill
+        summary["requests"], summary["http_attempts"] = pool_stats["requests"], pool_stats["http_attempts"]
         summary["rate_limited_calls"] = pool_stats.get("rate_limited_calls", 0)
         summary["rate_wait_call_s"] = pool_stats.get("rate_wait_call_s", 0.0)
         warn_if_rate_limit_binds(cfg.reward.judge, summary["rate_wait_call_s"], summary["rate_limited_calls"],
@@ -146,7 +149,7 @@ def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, lim
         for r in results:
             f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
     if cfg.reward.judge.provider == "openai":
-        cache = JudgeCache(Path(cfg.reward.judge.cache_path), readonly=True)
+        cache = open_store(cfg.reward.cache, readonly=True)
         keys = [judge_key(cfg.reward, it, split_response(it.response).answer) for it in items]
         summary["teacher_judgements"] = cache.export_jsonl(run.teacher_judgements, keys)
         cache.close()

@@ -1,9 +1,10 @@
 """The judge ledger: global rate limits (requests and tokens per minute), the budget cap and usage totals (pure).
 
-One ``Ledger`` lives in the pool's coordinator actor. Each judge actor talks to it through a ``LeasedGate``: it
-leases a few call permits at a time (only as many as the rate limits allow right now, at least one) and reports
-usage in bulk, so the global limits hold while the coordinator sees one message per lease instead of two per call.
-A permit reserves the call's worst-case cost (estimated prompt + ``max_tokens`` completion), so spent money plus
+One ``Ledger`` lives in the pool's coordinator actor; its rate buckets and spending live in the judge store
+(``StoreLimits``), so they hold across every process and run on that store. Each judge actor talks to it through a
+``LeasedGate``: it leases a few call permits at a time (only as many as the rate limits allow right now, at least
+one) and reports usage in bulk, so the global limits hold while the coordinator sees one message per lease instead
+of two per call. A permit reserves the call's worst-case cost (estimated prompt + ``max_tokens`` completion), so spent money plus
 the calls in flight never pass the budget.
 """
 from __future__ import annotations
@@ -64,12 +65,76 @@ class RateBucket:
         self.tat += units * self.interval
 
 
-class Ledger:
-    def __init__(self, rpm: int, tpm: int, budget_usd: float | None, clock: Callable[[], float] = time.monotonic):
-        self.requests_bucket = RateBucket(rpm) if rpm > 0 else None
-        self.tokens_bucket = RateBucket(tpm) if tpm > 0 else None
-        self.budget_usd = budget_usd
+def lease_buckets(buckets: list[tuple[RateBucket, int]], n: int, now: float) -> tuple[int, float]:
+    """Book up to ``n`` calls on every (bucket, units per call): as many as all buckets allow now, or one with a
+    wait. Returns (calls, seconds to wait)."""
+    for bucket, units in buckets:
+        if units > 0:
+            n = min(n, max(1, math.floor(bucket.available(now) / units)))
+    wait = 0.0
+    for bucket, units in buckets:
+        wait = max(wait, bucket.reserve(n * units, now))
+    return n, wait
+
+
+class LocalLimits:
+    """Rate buckets and spending held in this process (one pool; the pairwise judge of ``medrl eval``)."""
+
+    def __init__(self, rpm: int, tpm: int, clock: Callable[[], float] = time.monotonic):
+        self.requests = RateBucket(rpm) if rpm > 0 else None
+        self.tokens = RateBucket(tpm) if tpm > 0 else None
         self.clock = clock
+        self.spent_usd = 0.0
+
+    def lease(self, n: int, tokens_each: int) -> tuple[int, float]:
+        buckets = [(b, u) for b, u in ((self.requests, 1), (self.tokens, tokens_each)) if b is not None]
+        return lease_buckets(buckets, n, self.clock())
+
+    def adjust(self, requests: int, tokens: int) -> None:
+        for bucket, units in ((self.requests, requests), (self.tokens, tokens)):
+            if bucket is not None:
+                bucket.adjust(units)
+
+    def spent(self) -> float:
+        return self.spent_usd
+
+    def add_spend(self, usd: float) -> None:
+        self.spent_usd += usd
+
+
+class StoreLimits:
+    """Rate buckets and spending kept in the judge store (``medrl.reward.cache.JudgeStore``): the limits hold over
+    every process and run on that store, and the spending of ``scope`` survives restarts."""
+
+    def __init__(self, store, rate_key: str, rpm: int, tpm: int, scope: str):
+        self.store, self.scope = store, scope
+        self.limits = [(f"{rate_key}|{kind}", per_minute) for kind, per_minute in (("requests", rpm), ("tokens", tpm))]
+
+    def lease(self, n: int, tokens_each: int) -> tuple[int, float]:
+        wanted = [(name, pm, units) for (name, pm), units in zip(self.limits, (1, tokens_each)) if pm > 0]
+        return self.store.rate_lease(wanted, n) if wanted else (n, 0.0)
+
+    def adjust(self, requests: int, tokens: int) -> None:
+        moves = [(name, pm, units) for (name, pm), units in zip(self.limits, (requests, tokens)) if pm > 0 and units]
+        if moves:
+            self.store.rate_adjust(moves)
+
+    def spent(self) -> float:
+        return self.store.spent(self.scope)
+
+    def add_spend(self, usd: float) -> None:
+        if usd:
+            self.store.add_spend(self.scope, usd)
+
+
+class Ledger:
+    """The budget, the rate limits (through ``limits``: local or in the store) and the usage totals of one pool.
+    ``spent_usd`` is this pool's spending; the budget is checked against the spending of the limits' scope."""
+
+    def __init__(self, rpm: int, tpm: int, budget_usd: float | None, clock: Callable[[], float] = time.monotonic,
+                 limits: LocalLimits | StoreLimits | None = None):
+        self.limits = limits if limits is not None else LocalLimits(rpm, tpm, clock)
+        self.budget_usd = budget_usd
         self.spent_usd = 0.0
         self.reserved_usd = 0.0
         self.rate_wait_s = 0.0
@@ -81,20 +146,11 @@ class Ledger:
         """Grant up to ``n`` call permits of ``tokens_each`` tokens and ``cost_each`` USD each: as many as the rate
         limits allow now, or one with a wait. Returns (permits, seconds to wait) or None when the budget is spent."""
         if self.budget_usd is not None:
-            room = self.budget_usd - self.spent_usd - self.reserved_usd
+            room = self.budget_usd - self.limits.spent() - self.reserved_usd
             n = min(n, math.floor(room / cost_each) if cost_each > 0 else n)
             if n <= 0:
                 return None
-        now = self.clock()
-        if self.requests_bucket is not None:
-            n = min(n, max(1, math.floor(self.requests_bucket.available(now))))
-        if self.tokens_bucket is not None and tokens_each > 0:
-            n = min(n, max(1, math.floor(self.tokens_bucket.available(now) / tokens_each)))
-        wait = 0.0
-        if self.requests_bucket is not None:
-            wait = self.requests_bucket.reserve(n, now)
-        if self.tokens_bucket is not None:
-            wait = max(wait, self.tokens_bucket.reserve(n * tokens_each, now))
+        n, wait = self.limits.lease(n, tokens_each)
         self.reserved_usd += n * cost_each
         self.rate_wait_s += wait
         if wait > 0:
@@ -107,10 +163,8 @@ class Ledger:
         """Close the reservations of ``calls`` finished calls and ``unused`` returned permits with what was used."""
         self.reserved_usd = max(0.0, self.reserved_usd - reserved_cost)
         self.spent_usd += cost_usd
-        if self.requests_bucket is not None:
-            self.requests_bucket.adjust(-unused)
-        if self.tokens_bucket is not None:
-            self.tokens_bucket.adjust(tokens_in + tokens_out - reserved_tokens)
+        self.limits.add_spend(cost_usd)
+        self.limits.adjust(-unused, tokens_in + tokens_out - reserved_tokens)
         self.add(requests=calls, http_attempts=http_attempts, tokens_in=tokens_in, tokens_out=tokens_out,
                  tokens_cache_hit=tokens_cache_hit)
 
@@ -119,10 +173,12 @@ class Ledger:
             self.counts[k] += v
 
     def stats(self) -> dict:
-        left = None if self.budget_usd is None else max(0.0, self.budget_usd - self.spent_usd)
+        spent = self.limits.spent()
+        left = None if self.budget_usd is None else max(0.0, self.budget_usd - spent)
         return {**self.counts, "cost_usd": round(self.spent_usd, 6), "budget_usd": self.budget_usd,
-                "budget_left_usd": None if left is None else round(left, 6), "rate_wait_s": round(self.rate_wait_s, 3),
-                "rate_wait_call_s": round(self.rate_wait_call_s, 3), "rate_limited_calls": self.rate_limited_calls}
+                "budget_spent_usd": round(spent, 6), "budget_left_usd": None if left is None else round(left, 6),
+                "rate_wait_s": round(self.rate_wait_s, 3), "rate_wait_call_s": round(self.rate_wait_call_s, 3),
+                "rate_limited_calls": self.rate_limited_calls}
 
 
 @dataclass(frozen=True)
@@ -186,6 +242,13 @@ class LeasedGate:
             return True
         finally:
             self._refill = None
+
+    def give_back(self, permit: Permit) -> None:
+        """Return a permit that was not used (the judgement turned up in the cache while it waited)."""
+        u = self._usage
+        u["unused"] += 1
+        u["reserved_tokens"] += permit.tokens
+        u["reserved_cost"] += permit.cost_usd
 
     def settle(self, permit: Permit, tokens_in: int, tokens_out: int, tokens_cache_hit: int, cost_usd: float,
                http_attempts: int) -> None:

@@ -4,9 +4,11 @@ the global rate limits, the budget and the usage totals.
 Items with the same judged content are routed to the same actor, so they share one judge call; new content goes to
 the least-loaded actor.
 Ray restarts a dead judge actor and re-runs its unfinished batches; judgements finished before the crash are read
-from the SQLite cache, so nothing is lost and nothing already received is paid for again. An actor dead for good
+from the judge store, so nothing is lost and nothing already received is paid for again. An actor dead for good
 (past ``actor_max_restarts``) is replaced by a fresh one and its items are resubmitted (``collect``, ``score``).
 Both ways in end a step the same way: reward-stage metrics and the budget warning (``medrl judge`` and PPO alike).
+Judge actors are spread over the cluster's nodes; the coordinator stays on the driver's node. Rate limits and
+spending live in the store (``medrl.reward.cache``), so they hold across pools, processes and restarts.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ from pathlib import Path
 
 import ray
 from pydantic import SecretStr
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from medrl.errors import UsageError
-from medrl.reward.config import RewardConfig
-from medrl.reward.ledger import LeasedGate, Ledger
+from medrl.reward.cache import open_store, store_url
+from medrl.reward.config import JudgeConfig, RewardConfig
+from medrl.reward.ledger import LeasedGate, Ledger, StoreLimits
 from medrl.reward.preflight import judge_api_key
 from medrl.reward.scoring import Scorer
 from medrl.reward.text import split_response
@@ -40,17 +44,31 @@ PROBE_TIMEOUT_S = 30.0
 
 
 def process_info() -> dict:
-    """pid and CPU seconds used so far by the calling process (fault tests and benchmarks)."""
+    """pid, Ray node id and CPU seconds used so far by the calling process (fault tests and benchmarks)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"pid": os.getpid(), "cpu_s": usage.ru_utime + usage.ru_stime}
+    return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+            "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def budget_scope(jc: JudgeConfig, run: RunDir | None) -> str:
+    """The spend-ledger row ``budget_usd`` caps: this run directory's, or the shared budget named ``budget_scope``
+    (a pool without a run directory has a budget of its own)."""
+    if jc.budget_scope != "run":
+        return f"shared:{jc.budget_scope}"
+    return f"run:{run.root.resolve()}" if run is not None else f"pool:{uuid.uuid4().hex}"
 
 
 @ray.remote(num_cpus=0)
 class JudgeCoordinator:
-    """Hosts the one Ledger: judge actors lease call permits from it (rate limits, budget) and report usage."""
+    """Hosts the pool's Ledger: judge actors lease call permits from it (rate limits, budget) and report usage.
+    The rate buckets and the spending of ``budget_scope`` are kept in the judge store."""
 
-    def __init__(self, rpm: int, tpm: int, budget_usd: float | None):
-        self.ledger = Ledger(rpm, tpm, budget_usd)
+    def __init__(self, cfg: RewardConfig, budget_scope: str, store_url: SecretStr | None):
+        jc, limits = cfg.judge, None
+        if jc.provider == "openai":  # the other judges cost nothing and need no store
+            store = open_store(cfg.cache, url=store_url and store_url.get_secret_value())
+            limits = StoreLimits(store, f"{jc.base_url}|{jc.model}", jc.rpm, jc.tpm, budget_scope)
+        self.ledger = Ledger(jc.rpm, jc.tpm, jc.budget_usd, limits=limits)
 
     def lease(self, n: int, tokens_each: int, cost_each: float) -> tuple[int, float] | None:
         return self.ledger.lease(n, tokens_each, cost_each)
@@ -70,9 +88,11 @@ class JudgeCoordinator:
 
 @ray.remote
 class JudgeActor:
-    def __init__(self, cfg: RewardConfig, api_key: SecretStr | None, coordinator_name: str):
+    def __init__(self, cfg: RewardConfig, api_key: SecretStr | None, coordinator_name: str,
+                 store_url: SecretStr | None = None):
         # the coordinator is passed by name: a handle argument would keep the actor from restarting cleanly
         self.cfg, self._api_key, self._coordinator_name = cfg, api_key, coordinator_name
+        self._store_url = store_url
         self._scorer: Scorer | None = None
 
     def _get_scorer(self) -> Scorer:
@@ -82,7 +102,8 @@ class JudgeActor:
             lease_size = max(1, self.cfg.judge.concurrency // 2)
             gate = LeasedGate(coordinator.lease.remote, coordinator.settle.remote, coordinator.add.remote,
                               lease_size=lease_size, flush_every=lease_size)
-            self._scorer = Scorer(self.cfg, gate, key)
+            url = self._store_url.get_secret_value() if self._store_url is not None else None
+            self._scorer = Scorer(self.cfg, gate, key, store_url=url)
         return self._scorer
 
     async def score_batch(self, items: list[RewardInput]) -> list[RewardResult]:
@@ -108,15 +129,21 @@ class RewardPool:
         if not ray.is_initialized():
             raise UsageError("RewardPool needs Ray: call medrl.ray_utils.init_ray(cfg.ray) first")
         jc = cfg.judge
-        cache_path = str(Path(jc.cache_path).expanduser().resolve())
-        self.cfg = cfg.model_copy(update={"judge": jc.model_copy(update={"cache_path": cache_path})})
+        cache_path = str(Path(cfg.cache.path).expanduser().resolve())
+        self.cfg = cfg.model_copy(update={"cache": cfg.cache.model_copy(update={"path": cache_path})})
+        where = cache_path if cfg.cache.backend == "sqlite" else f"PostgreSQL at ${cfg.cache.url_env}"
         api_key = None
         if jc.provider == "openai":
             api_key = SecretStr(judge_api_key(jc))
         self._api_key = api_key
+        # read here and passed as a secret, like the API key: only the driver's node needs it, no job metadata holds it
+        url = store_url(cfg.cache) if jc.provider == "openai" else None
+        self._db_url = SecretStr(url) if url else None
         self._coordinator_name = f"medrl-judge-coordinator-{uuid.uuid4().hex[:12]}"
-        self.coordinator = JudgeCoordinator.options(name=self._coordinator_name, max_restarts=-1,
-                                                    max_task_retries=-1).remote(jc.rpm, jc.tpm, jc.budget_usd)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.coordinator = JudgeCoordinator.options(name=self._coordinator_name, max_restarts=-1, max_task_retries=-1,
+                                                    scheduling_strategy=here).remote(
+            self.cfg, budget_scope(jc, run), self._db_url)
         self.actors = [self._new_actor() for _ in range(jc.num_actors)]
         self._routes: dict[int, int] = {}
         self._assigned = [0] * len(self.actors)
@@ -126,14 +153,15 @@ class RewardPool:
         if jc.provider == "openai":
             log.info("reward pool: judge %s, %d actor(s) x %d concurrent, rpm %s, tpm %s, budget %s, cache %s",
                      jc.judge_id, jc.num_actors, jc.concurrency, jc.rpm or "unlimited", jc.tpm or "unlimited",
-                     "none" if jc.budget_usd is None else f"${jc.budget_usd:g}", cache_path)
+                     "none" if jc.budget_usd is None else f"${jc.budget_usd:g} ({jc.budget_scope})", where)
         else:  # no calls, no spending, no cache: say only what is used
             log.info("reward pool: judge %s, %d actor(s)", jc.judge_id, jc.num_actors)
 
     def _new_actor(self):
         jc = self.cfg.judge
         return JudgeActor.options(num_cpus=jc.actor_num_cpus, max_restarts=jc.actor_max_restarts,
-                                  max_task_retries=-1).remote(self.cfg, self._api_key, self._coordinator_name)
+                                  max_task_retries=-1, scheduling_strategy="SPREAD").remote(
+            self.cfg, self._api_key, self._coordinator_name, self._db_url)
 
     def replace_dead_actors(self) -> int:
         """Replace every judge actor that is dead for good (past its restarts) by a fresh one, so that retries and
@@ -261,7 +289,7 @@ class RewardPool:
 
     def stats(self) -> dict:
         """Cumulative totals: requests, http_attempts, judged, cached, failed, over_budget, skipped, disabled,
-        dropped, tokens_in/out/cache_hit, cost_usd, budget_usd, budget_left_usd, rate_wait_s."""
+        dropped, tokens_in/out/cache_hit, cost_usd, budget_usd, budget_spent_usd, budget_left_usd, rate_wait_s."""
         return ray.get(self.coordinator.stats.remote())
 
     def process_info(self) -> list[dict]:

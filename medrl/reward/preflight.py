@@ -10,7 +10,8 @@ import sqlite3
 from pathlib import Path
 
 from medrl.errors import UsageError
-from medrl.reward.config import JudgeConfig
+from medrl.reward.cache import store_url
+from medrl.reward.config import JudgeConfig, RewardConfig
 
 log = logging.getLogger("medrl.reward")
 
@@ -56,9 +57,9 @@ def check_cache_file(path: str | Path) -> None:
     if not p.exists():
         return
     fix = (f"it was not modified: move it aside (mv {p} {p}.bad) to start an empty cache, or set "
-           f"reward.judge.cache_path to another file")
+           f"reward.cache.path to another file")
     if p.is_dir():
-        raise UsageError(f"judge cache {p} is a directory, not an SQLite file; set reward.judge.cache_path to a file")
+        raise UsageError(f"judge cache {p} is a directory, not an SQLite file; set reward.cache.path to a file")
     with open(p, "rb") as f:
         head = f.read(len(SQLITE_MAGIC))
     if not head:
@@ -104,11 +105,15 @@ def probe_judge(jc: JudgeConfig, api_key: str) -> None:
         client.close()
 
 
-def check_judge(jc: JudgeConfig, probe: bool = True) -> None:
+def check_judge(reward: RewardConfig, probe: bool = True) -> None:
     """Everything about the judge that can be checked before Ray starts."""
+    jc = reward.judge
     if jc.provider != "openai":
         return
     key = judge_api_key(jc)
-    check_cache_file(jc.cache_path)
+    if reward.cache.backend == "sqlite":
+        check_cache_file(reward.cache.path)
+    else:
+        store_url(reward.cache)  # the variable holding the database URL is set
     if probe:
         probe_judge(jc, key)

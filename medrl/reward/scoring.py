@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
-from medrl.reward.cache import JudgeCache, judge_key
+from medrl.reward.cache import judge_key, open_store
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import Gate, JudgeOutcome, OpenAIJudge, reference_judgement
 from medrl.reward.ledger import Usage
@@ -21,6 +22,8 @@ from medrl.reward.verifier import Verifier, with_verdict
 log = logging.getLogger("medrl.reward")
 
 RULES_MEMO = 16384
+CLAIM_POLL_S = 0.25
+"""How often keys claimed by another actor or run are looked up while this one waits for their judgements."""
 
 
 def combine(cfg: RewardConfig, item: RewardInput, rules: RuleOutcome, judgement: Judgement | None, status: str,
@@ -57,18 +60,30 @@ def _from_cache(record: dict) -> Judgement:
     return Judgement(**{d: record[d] for d in DIMENSIONS}, reason=record["reason"])
 
 
+def _shared(outcome: JudgeOutcome) -> JudgeOutcome:
+    """The outcome of a sample that waited for another sample's (or another run's) call: it cost nothing."""
+    status = "cached" if outcome.status in ("ok", "cached") else outcome.status
+    return JudgeOutcome(outcome.judgement, status, outcome.reason)
+
+
 class Scorer:
     """Scores batches of items; at most ``judge.concurrency`` judge calls in flight; identical judge keys in flight
-    at the same time share one call."""
+    at the same time share one call. A key missing from the store is claimed there before its call; a key another
+    actor or run has claimed is waited for (its judgement then counts as cached), and taken over if that claim
+    expires or is released without a judgement. The store is looked at once more right before a request is sent."""
 
-    def __init__(self, cfg: RewardConfig, gate: Gate, api_key: str | None = None):
+    def __init__(self, cfg: RewardConfig, gate: Gate, api_key: str | None = None, store_url: str | None = None):
         self.cfg = cfg
         self.gate = gate
         provider = cfg.judge.provider
-        self.cache = JudgeCache(cfg.judge.cache_path) if provider == "openai" else None
+        self.cache = open_store(cfg.cache, url=store_url) if provider == "openai" else None
         self.judge = OpenAIJudge(cfg.judge, api_key or "") if provider == "openai" else None
         self._slots = asyncio.Semaphore(cfg.judge.concurrency)
         self._inflight: dict[str, asyncio.Future] = {}
+        self._holder = uuid.uuid4().hex  # this scorer's name on its claims
+        self._waiting: dict[str, asyncio.Future] = {}  # keys claimed by others -> resolved when judged or ours
+        self._poller: asyncio.Task | None = None
+        self._renewer: asyncio.Task | None = None
         self._rules_memo: dict[tuple, RuleOutcome] = {}
         self._warned_budget = False
         self.verifier = Verifier(cfg, self.judge, self.cache) if cfg.w_verifier > 0 else None
@@ -104,8 +119,12 @@ class Scorer:
         if provider == "openai":
             keys = [self._judge_key(item) for item in items]
             cached = self.cache.get_many(k for k in keys if k)
-            calls = {i: asyncio.ensure_future(self._teacher(item, k)) for i, (item, k) in enumerate(zip(items, keys))
-                     if k is not None and k not in cached}
+            todo: dict[str, RewardInput] = {}
+            for item, k in zip(items, keys):
+                if k is not None and k not in cached:
+                    todo.setdefault(k, item)
+            started = self._start(todo)
+            calls = {k: asyncio.shield(self._inflight[k]) for k in todo}
         outcomes = []
         for n, item in enumerate(items):  # the rules run while the judge calls are in flight
             outcomes.append(self._rules(item))
@@ -123,13 +142,14 @@ class Scorer:
         else:
             judged = dict(zip(calls, await asyncio.gather(*calls.values())))
             results = []
-            for i, (it, o, k) in enumerate(zip(items, outcomes, keys)):
+            for it, o, k in zip(items, outcomes, keys):
                 if k is None:
                     results.append(combine(self.cfg, it, o, None, "skipped", "prompt injection: not sent to the judge"))
                 elif k in cached:
                     results.append(combine(self.cfg, it, o, _from_cache(cached[k]), "cached"))
                 else:
-                    out = judged[i]
+                    out = judged[k] if k in started else _shared(judged[k])
+                    started.discard(k)  # later items with the same key share the first one's call
                     results.append(combine(self.cfg, it, o, out.judgement, out.status, out.reason, out.usage,
                                            out.cost_usd))
         if verdicts is not None:
@@ -145,36 +165,97 @@ class Scorer:
                         counts["failed"], len(results), first.reasons.get("judge", ""))
         return results
 
-    async def _teacher(self, item: RewardInput, key: str) -> JudgeOutcome:
-        """Judge one sample not in the cache; a sample whose key is already being judged waits for that call and
-        counts as cached (it costs nothing)."""
-        if key in self._inflight:
-            outcome = await asyncio.shield(self._inflight[key])
-            if outcome.status == "ok":
-                return JudgeOutcome(outcome.judgement, "cached")
-            return JudgeOutcome(outcome.judgement, outcome.status, outcome.reason)
-        future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+    def _start(self, todo: dict[str, RewardInput]) -> set[str]:
+        """Start resolving the keys not in flight here yet (claiming them in the store first); returns those keys.
+        Every key of ``todo`` then has a future in ``_inflight``."""
+        fresh = [k for k in todo if k not in self._inflight]
+        mine = self.cache.claim_many(fresh, self._holder, self.cfg.cache.claim_ttl_s) if fresh else set()
+        self._keep_renewing(mine)
+        for k in fresh:
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[k] = future
+            task = asyncio.ensure_future(self._resolve(todo[k], k, k in mine, future))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the future carries the error
+        return set(fresh)
+
+    async def _resolve(self, item: RewardInput, key: str, claimed: bool, future: asyncio.Future) -> None:
         try:
-            outcome = await self._call(item, split_response(item.response).answer, key)
-            future.set_result(outcome)
+            if not claimed:
+                record = await self._wait_for_other(key)  # None: the key is ours now
+                if record is not None:
+                    future.set_result(JudgeOutcome(_from_cache(record), "cached"))
+                    return
+            future.set_result(await self._call(item, split_response(item.response).answer, key))
         except BaseException as exc:  # cancelled or crashed: waiters get the same error
             future.set_exception(exc)
             raise
         finally:
             del self._inflight[key]
-        return outcome
+
+    async def _wait_for_other(self, key: str) -> dict | None:
+        """Wait until the key's judgement is in the store (returned) or the key is claimed by us (None)."""
+        future = self._waiting[key] = asyncio.get_running_loop().create_future()
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._poll_claimed())
+        return await future
+
+    async def _poll_claimed(self) -> None:
+        """One query per poll for every key this scorer waits on: found judgements resolve their waiters, then the
+        keys whose claim expired or was released are claimed for us."""
+        while self._waiting:
+            await asyncio.sleep(CLAIM_POLL_S)
+            waiting = list(self._waiting)
+            try:
+                found = self.cache.get_many(waiting)
+                rest = [k for k in waiting if k not in found]
+                mine = self.cache.claim_many(rest, self._holder, self.cfg.cache.claim_ttl_s) if rest else set()
+            except Exception as exc:  # the store failed: the waiters fail with it instead of waiting forever
+                for k in waiting:
+                    self._waiting.pop(k).set_exception(exc)
+                raise
+            self._keep_renewing(mine)
+            for k in waiting:
+                if k in found or k in mine:
+                    future = self._waiting.pop(k)
+                    if not future.done():
+                        future.set_result(found.get(k))
+
+    def _keep_renewing(self, claimed: set[str]) -> None:
+        """Start the heartbeat that renews this scorer's claims (once, at its first claim)."""
+        if claimed and self._renewer is None:
+            self._renewer = asyncio.ensure_future(self._renew_claims())
+
+    async def _renew_claims(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.cache.claim_ttl_s / 3)
+            try:
+                self.cache.renew_claims(self._holder, self.cfg.cache.claim_ttl_s)
+            except Exception as exc:  # a missed renewal only lets another holder take a key over: keep going
+                log.warning("could not renew judge claims in %s: %s", self.cache.where, exc)
+
+    def _recheck(self, key: str) -> Judgement | None:
+        record = self.cache.get_many([key]).get(key)
+        return None if record is None else _from_cache(record)
 
     async def _call(self, item: RewardInput, answer: str, key: str) -> JudgeOutcome:
-        async with self._slots:
-            outcome = await self.judge.judge(item.prompt, answer, item.reference, self.gate)
+        """Judge one claimed key; the judgement is stored (and the claim dropped) before it is returned. Without a
+        judgement the claim is released, so another actor or run may try."""
+        outcome = None
+        try:
+            async with self._slots:
+                outcome = await self.judge.judge(item.prompt, answer, item.reference, self.gate,
+                                                 recheck=lambda: self._recheck(key))
+        finally:
+            if outcome is None or outcome.status != "ok":
+                self.cache.release([key], self._holder)
         if outcome.status == "ok":
-            j = outcome.judgement
-            self.cache.put({"key": key, "judge": self.cfg.judge.judge_id,
-                            "rubric_version": self.cfg.judge.rubric_version, **j.scores(), "reason": j.reason, "prompt": item.prompt, "answer": answer,
-                            "reference": item.reference, "tokens_in": outcome.usage.tokens_in,
-                            "tokens_out": outcome.usage.tokens_out,
-                            "tokens_cache_hit": outcome.usage.tokens_cache_hit, "cost_usd": outcome.cost_usd})
+            j, usage = outcome.judgement, outcome.usage
+            jc = self.cfg.judge
+            self.cache.put({"key": key, "judge": jc.judge_id, "rubric_version": jc.rubric_version, **j.scores(),
+                            "reason": j.reason, "prompt": item.prompt, "answer": answer, "reference": item.reference,
+                            "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out,
+                            "tokens_cache_hit": usage.tokens_cache_hit, "cost_usd": outcome.cost_usd},
+                           holder=self._holder)
         elif outcome.status == "over_budget" and not self._warned_budget:
             self._warned_budget = True
             log.warning("judge budget of $%s reached: rewards fall back to rules only", self.cfg.judge.budget_usd)
@@ -183,6 +264,11 @@ class Scorer:
         return outcome
 
     async def close(self) -> None:
+        for task in (self._poller, self._renewer):
+            if task is not None:
+                task.cancel()
+        if self.cache is not None:
+            self.cache.release([k for k in self._inflight], self._holder)
         if self.judge is not None:
             await self.judge.close()
         if self.cache is not None:

@@ -18,7 +18,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from medrl.reward.cache import JudgeCache, cache_key
+from medrl.reward.cache import JudgeStore, cache_key
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import Gate, OpenAIJudge
 from medrl.reward.ledger import Usage
@@ -102,7 +102,7 @@ def match_reference(answer: str, reference: str, threshold: float) -> bool:
 class Verifier:
     """Ground-truth verdicts for a batch; judge calls share the rubric judge's client, gate and cache."""
 
-    def __init__(self, cfg: RewardConfig, judge: OpenAIJudge | None, cache: JudgeCache | None):
+    def __init__(self, cfg: RewardConfig, judge: OpenAIJudge | None, cache: JudgeStore | None):
         self.cfg, self.v = cfg, cfg.verifier
         use_judge = self.v.open_ended == "judge" and cfg.judge.provider == "openai"
         self.judge, self.cache = (judge, cache) if use_judge else (None, None)
