@@ -43,6 +43,7 @@ import ray
 import torch
 
 from medrl.config import Config
+from medrl.errors import UsageError
 from medrl.ppo.batch import Batch
 from medrl.ppo.config import RolloutSettings
 from medrl.ppo.learner import Learner, read_deepspeed_config
@@ -78,9 +79,9 @@ def check_learner_layout(ranks: int, num_cpus: float, num_gpus: float) -> None:
     held = [fits(r) for r in nodes]
     if sum(held) < ranks:
         gpu = f" + {num_gpus:g} GPU" if num_gpus else ""
-        raise UsageError(f"ppo.learner.ranks={ranks} ranks of {num_cpus:g} CPU{gpu} each do not fit the Ray cluster: "
-                         f"its {len(nodes)} node(s) hold {' + '.join(map(str, held)) or '0'} = {sum(held)}; lower "
-                         f"ppo.learner.ranks or ppo.learner.num_cpus/num_gpus, or add nodes")
+        raise UsageError(f"ppo.learner.ranks={ranks} ranks of {num_cpus:g} CPU{gpu} each do not fit the Ray "
+                         f"cluster: its {len(nodes)} node(s) hold {' + '.join(map(str, held)) or '0'} = {sum(held)}; "
+                         f"lower ppo.learner.ranks or ppo.learner.num_cpus/num_gpus, or add nodes")
 
 
 class LearnerGroup:
