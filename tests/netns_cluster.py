@@ -113,7 +113,7 @@ class Cluster:
 
     def submit(self, *args: str, no_wait: bool = False) -> subprocess.Popen:
         cmd = [RAY, "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", str(REPO),
-               *(["--no-wait"] if no_wait else []), "--", "python", *args]
+               *(["--no-wait"] if no_wait else []), "--", sys.executable, *args]
         return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
 

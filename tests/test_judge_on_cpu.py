@@ -247,7 +247,7 @@ def test_a_judge_actor_dead_past_its_restarts_is_replaced_and_nothing_is_repaid(
     server.set_latency(0.3)
     items = [_item("dead", i) for i in range(32)]
     cfg = _cfg(server, tmp_path, num_actors=2, concurrency=4, batch_size=16, actor_max_restarts=0)
-    cache = JudgeCache(cfg.judge.cache_path)
+    cache = open_store(cfg.cache)
     try:
         with RewardPool(cfg) as pool:
             victim = pool.process_info()[0]["pid"]

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from medrl.models.chat import render_prompt
-from medrl.models.generation import _eos_ids
+from medrl.models.generation import eos_ids
 from medrl.models.loading import load_causal_lm, load_tokenizer
 from medrl.reward.config import RewardConfig
 from medrl.reward.ledger import Ledger, local_gate
@@ -65,7 +65,7 @@ class DemoModels:
         prompt = render_prompt(tok, self.cfg.system_prompt, question)
         device = next(self.model.parameters()).device
         enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-        eos = sorted(_eos_ids(self.model, tok))
+        eos = sorted(eos_ids(self.model.generation_config, tok))
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
         sample = temperature > 0
         kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
