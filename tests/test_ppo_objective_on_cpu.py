@@ -127,7 +127,7 @@ def test_learner_skips_a_nonfinite_minibatch_and_keeps_learning(tiny_model_dir, 
     cfg, _ = ppo_config(tmp_path, tiny_model_dir, "guard", "ppo.micro_batch_size=2", "ppo.minibatch_size=4",
                         "ppo.lr_scheduler=linear", "ppo.kl.placement=loss", "ppo.kl.estimator=k3")
     learner = ray.remote(Learner).options(num_cpus=0.5).remote(cfg, 0, 1, None, None)
-    ray.get(learner.setup.remote(0))
+    ray.get(learner.setup.remote("127.0.0.1", 0, 0))  # one rank: no rendezvous
     gen = torch.Generator().manual_seed(0)
     samples = [Sample(i // 2, i % 2, torch.randint(10, 500, (5,), generator=gen).tolist(),
                       torch.randint(10, 500, (4,), generator=gen).tolist(), "", True) for i in range(4)]

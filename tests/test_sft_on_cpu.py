@@ -279,5 +279,7 @@ def test_deepspeed_zero2_two_ranks_identical_weights(deepspeed_one_rank, tiny_mo
     assert two == pytest.approx(one, abs=1e-5)
     w1 = load_file(deepspeed_one_rank.sft_adapter / "adapter_model.safetensors")
     w2 = load_file(run.sft_adapter / "adapter_model.safetensors")
+    # Adam divides by sqrt(v): on an element whose gradient is ~0, the all-reduce's summation order (vs one rank's
+    # batch mean) can move it by ~2e-5 in 4 steps (seen on CI); 1e-4 is still 0.5 % of the 4-step update bound 2e-2
     for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-4)
