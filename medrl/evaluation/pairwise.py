@@ -27,7 +27,7 @@ from medrl.reward.cache import cache_key
 from medrl.reward.config import JudgeConfig
 from medrl.reward.judge import content_of, usage_of
 from medrl.reward.ledger import LeasedGate, Ledger, Usage, call_cost, local_gate
-from medrl.reward.rubric import JudgementError
+from medrl.reward.rubric import JudgementError, load_verdict_json
 from medrl.reward.text import estimate_tokens
 
 log = logging.getLogger("medrl.eval")
@@ -95,14 +95,7 @@ def build_pairwise_messages(task: PairTask) -> list[dict[str, str]]:
 
 def parse_verdict(content: str | None) -> tuple[str, str]:
     """(winner, reason) from the judge's JSON reply; raises JudgementError with a short cause."""
-    if content is None or not content.strip():
-        raise JudgementError("empty content")
-    text = content.strip()
-    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.DOTALL)
-    try:
-        data = json.loads(fence.group(1) if fence else text)
-    except json.JSONDecodeError as exc:
-        raise JudgementError(f"malformed JSON ({exc.msg} at char {exc.pos})") from None
+    data = load_verdict_json(content)
     winner = data.get("winner") if isinstance(data, dict) else None
     winner = winner.strip() if isinstance(winner, str) else winner
     normalised = {"a": "A", "b": "B", "tie": "tie"}.get(winner.lower()) if isinstance(winner, str) else None

@@ -74,19 +74,23 @@ def build_messages(prompt: str, answer: str, reference: str | None) -> list[dict
     return [{"role": "system", "content": RUBRIC}, {"role": "user", "content": user}]
 
 
-def parse_judgement(content: str | None) -> Judgement:
-    """Validate the judge's reply: a JSON object with the four dimensions as integers (out-of-range values are
-    clamped to 0-10) and a reason. Raises JudgementError with a short cause."""
+def load_verdict_json(content: str | None):
+    """The JSON value of a judge's reply (a ```json fence allowed), for every judge prompt (rubric, pairwise,
+    verifier). Raises JudgementError for empty content or malformed JSON."""
     if content is None or not content.strip():
         raise JudgementError("empty content")
     text = content.strip()
     fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.DOTALL)
-    if fence:
-        text = fence.group(1)
     try:
-        data = json.loads(text)
+        return json.loads(fence.group(1) if fence else text)
     except json.JSONDecodeError as exc:
         raise JudgementError(f"malformed JSON ({exc.msg} at char {exc.pos})") from None
+
+
+def parse_judgement(content: str | None) -> Judgement:
+    """Validate the judge's reply: a JSON object with the four dimensions as integers (out-of-range values are
+    clamped to 0-10) and a reason. Raises JudgementError with a short cause."""
+    data = load_verdict_json(content)
     if not isinstance(data, dict):
         raise JudgementError(f"malformed verdict: expected a JSON object, got {type(data).__name__}")
     values = {}

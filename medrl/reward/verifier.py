@@ -14,7 +14,6 @@ HuatuoGPT-o1 recipe. No ground truth: no verdict (the other parts of the reward 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ from medrl.reward.cache import JudgeStore, cache_key
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import Gate, OpenAIJudge
 from medrl.reward.ledger import Usage
-from medrl.reward.rubric import ANSWER_CLOSE, ANSWER_OPEN, JudgementError, _scrub
+from medrl.reward.rubric import ANSWER_CLOSE, ANSWER_OPEN, JudgementError, _scrub, load_verdict_json
 from medrl.reward.rules import format_rule
 from medrl.reward.text import en_words, key_terms, split_response, term_found
 from medrl.reward.types import RewardInput, RewardResult
@@ -57,14 +56,7 @@ class Verdict:
 
 def parse_equivalence(content: str | None) -> tuple[bool, str]:
     """The judge's yes/no verdict and reason; raises JudgementError (empty, malformed, missing key)."""
-    if content is None or not content.strip():
-        raise JudgementError("empty content")
-    text = content.strip()
-    fence = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text, flags=re.DOTALL)
-    try:
-        data = json.loads(fence.group(1) if fence else text)
-    except json.JSONDecodeError as exc:
-        raise JudgementError(f"malformed JSON ({exc.msg} at char {exc.pos})") from None
+    data = load_verdict_json(content)
     value = data.get("equivalent") if isinstance(data, dict) else None
     reason = str(data.get("reason", ""))[:500] if isinstance(data, dict) else ""
     if isinstance(value, bool):
