@@ -1,5 +1,7 @@
 """The typed batch (pack / take / shard / cat, token-balanced equal shards) and one PPO driver's bookkeeping over
-three async steps with fake actor groups: no Ray, no model (the tiny model's tokenizer renders the prompts)."""
+three async steps, and over a step with nothing to learn, with fake actor groups: no Ray, no model (the tiny model's
+tokenizer renders the prompts)."""
+import json
 import math
 
 import pytest
@@ -9,6 +11,7 @@ from medrl.ppo.batch import Batch, Sample
 from medrl.ppo.driver import PPOTrainer
 from medrl.ppo.prompts import load_prompts, prompts_at
 from medrl.reward.types import RewardResult
+from medrl.runs import read_metrics
 from ppo_setup import ppo_config
 
 
@@ -122,8 +125,8 @@ class FakeGroups:
     """Rewards 1.0 for sample 0 of a prompt and 0.25 for the others; the reward plane drops ``drop``. ``wait_any``
     answers the last call it is given: a rollout running ahead goes to the judge while the step waits."""
 
-    def __init__(self, drop: str):
-        self.learner, self.rollout, self.drop = FakeLearner(), FakeRollout(), drop
+    def __init__(self, drop: str, flat: bool = False):  # flat: every sample scores 0.5
+        self.learner, self.rollout, self.drop, self.flat = FakeLearner(), FakeRollout(), drop, flat
         self.submitted, self.closed = [], False
 
     def wait_any(self, refs):
@@ -134,8 +137,9 @@ class FakeGroups:
 
     def submit_rewards(self, items):
         self.submitted += [item.id for item in items]
-        return [Done(RewardResult(id=x.id, reward=1.0 if x.id.endswith(":0") else 0.25, rule=0.0, teacher=None,
-                                  components={"rule": 0.5}, dropped=x.id == self.drop)) for x in items]
+        return [Done(RewardResult(id=x.id, reward=0.5 if self.flat else 1.0 if x.id.endswith(":0") else 0.25,
+                                  rule=0.0, teacher=None, components={"rule": 0.5}, dropped=x.id == self.drop))
+                for x in items]
 
     def rewards(self, items, refs):
         assert [r.value.id for r in refs] == [x.id for x in items]
@@ -205,3 +209,32 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
         "time_experience_s", "time_train_s", "time_learn_s", "time_step_s", "data_position", "judge_rate_wait_s"}
     logged = run.ppo_samples.read_text(encoding="utf-8").splitlines()
     assert len(logged) == 48 and sum('"dropped": true' in line for line in logged) == 1
+
+
+def test_a_step_with_zero_reward_spread_logs_and_skips_its_update_with_fake_groups(tiny_model_dir, tmp_path):
+    """Every group scores 0.5 throughout and ``filter_zero_spread_groups`` is on: nothing to learn, so no train call
+    and no new adapter version; the step still checks the weight sync over every sample, moves the data position
+    and logs one row with the rollout and judge figures (the dropped sample counted, not in the reward mean)."""
+    cfg, run = ppo_config(tmp_path, tiny_model_dir, "fake-flat", "ppo.steps=2", "ppo.estimator=grpo",
+                          "ppo.filter_zero_spread_groups=true")
+    first_id = prompts_at(load_prompts(run.data / "rl_prompts.jsonl"), 0, 1, seed=1)[0]["id"]
+    groups = FakeGroups(f"{first_id}:1:2", flat=True)
+    with PPOTrainer(cfg, run, groups=groups) as tr:
+        m = tr.step()
+        assert tr.version == 1 and groups.learner.published == [1] and groups.learner.trained == []
+        assert tr.data_position == 4 and tr._ahead is None
+    assert (m["update_skipped"], m["samples"], m["dropped"], m["zero_spread_groups"], m["zero_spread_frac"]) == (
+        1, 0, 1, 4, 1.0)
+    assert m["reward_mean"] == 0.5 and m["reward_std"] == 0.0 and m["judge_rate_wait_s"] == 1.5
+    assert m["logprob_gap"] == 2 ** -10 and m["rollout_staleness"] == 0 and m["rollout_restarts"] == 0
+    assert m["time_learn_s"] == m["time_experience_s"] and m["time_step_s"] >= m["time_generate_s"] > 0
+    assert set(m) == {
+        "reward_mean", "reward_std", "reward/rule", "judge_failed", "dropped", "judge_tokens_in", "judge_tokens_out",
+        "judge_cost_usd", "cache_hit_rate", "zero_spread_groups", "zero_spread_frac",
+        "update_skipped", "logprob_gap", "logprob_gap_mean", "time_engine_sleep_s", "samples", "rollout_restarts",
+        "reward_retries", "rollout_staleness", "time_generate_s", "time_rollout_s", "time_actor_generate_s",
+        "time_actor_logprob_s", "time_reward_wait_s", "time_experience_s", "time_learn_s", "time_step_s",
+        "data_position", "judge_rate_wait_s"}  # none of the update's: advantages, losses, KL, response length
+    logged = [json.loads(line) for line in run.ppo_samples.read_text(encoding="utf-8").splitlines()]
+    assert len(logged) == 16 and [r["dropped"] for r in logged].count(True) == 1
+    assert [r["update_skipped"] for r in read_metrics(run, "ppo")] == [1]

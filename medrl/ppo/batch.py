@@ -15,6 +15,7 @@ driver ``kl``, ``advantages``, ``returns``, ``behaviour_weights`` and ``loss_mas
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -197,6 +198,17 @@ class Rollout:
     actor_logprob_s: float = 0.0
     finished: float = 0.0
     batch: Batch | None = None
+
+    def add(self, out: dict, restarted: bool, reward_inputs: list[RewardInput], reward_refs: list) -> None:
+        """A finished micro-batch (an engine's ``generate`` answer, ``restarted``: by a new actor): its samples,
+        timings, their reward inputs and the reward calls already submitted."""
+        self.restarts += restarted
+        self.actor_generate_s += out["generate_s"]
+        self.actor_logprob_s += out["logprob_s"]
+        self.samples += out["samples"]
+        self.reward_inputs += reward_inputs
+        self.reward_refs += reward_refs
+        self.finished = time.perf_counter()
 
     def pack(self, pad_id: int) -> None:
         """Samples (and their reward inputs and calls) ordered by (prompt, sample), whatever order the micro-batches

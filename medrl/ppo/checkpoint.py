@@ -55,9 +55,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def find_resume(root: Path, resume: str | None) -> Path | None:
-    """``None``: start fresh; ``auto``: the newest complete checkpoint (None when there is none); else a path to a
-    complete checkpoint directory."""
+    """``None``: start fresh (refused when ``root`` holds complete checkpoints of an earlier run); ``auto``: the
+    newest complete checkpoint (None when there is none); else a path to a complete checkpoint directory."""
     if resume is None:
+        if complete_checkpoints(root):
+            raise UsageError(f"{root} holds checkpoints of an earlier run: continue it with --resume auto, or remove "
+                             f"them / choose another run.name")
         return None
     if resume == "auto":
         partial = [p.name for p in root.iterdir() if p.is_dir() and p not in complete_checkpoints(root)] \
@@ -65,6 +68,8 @@ def find_resume(root: Path, resume: str | None) -> Path | None:
         if partial:
             log.warning("skipping incomplete checkpoint(s) in %s: %s", root, ", ".join(sorted(partial)))
         done = complete_checkpoints(root)
+        if not done:
+            log.info("no PPO checkpoint to resume from: starting at step 0")
         return done[-1] if done else None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():

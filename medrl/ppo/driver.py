@@ -22,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from medrl.config import Config
-from medrl.errors import UsageError
 from medrl.models.chat import render_prompt
 from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
 from medrl.ppo import checkpoint as ckpt
@@ -32,8 +31,8 @@ from medrl.ppo.groups import ActorGroups
 from medrl.ppo.kl_controller import make_kl_controller
 from medrl.ppo.learner import num_minibatches
 from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
-from medrl.ppo.prompts import load_prompts, prompts_at, reward_input
-from medrl.ppo.step_log import append_samples, reward_metrics
+from medrl.ppo.prompts import load_prompts, micro_batches, prompts_at, reward_input
+from medrl.ppo.step_log import StepRecord, append_samples
 from medrl.ppo.sync_check import abort_threshold, check_sampled_version, check_weight_sync, logprob_gaps
 from medrl.reward.rate_report import RateWaitMeter
 from medrl.reward.types import RewardResult
@@ -50,11 +49,6 @@ def run_ppo(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
     from medrl.ray_utils import init_ray
 
     checkpoint = ckpt.find_resume(run.checkpoints("ppo"), resume)  # a bad --resume fails before anything starts
-    if resume is None and ckpt.complete_checkpoints(run.checkpoints("ppo")):
-        raise UsageError(f"{run.checkpoints('ppo')} holds checkpoints of an earlier run: continue it with --resume "
-                         f"auto, or remove them / choose another run.name")
-    if resume == "auto" and checkpoint is None:
-        log.info("no PPO checkpoint to resume from: starting at step 0")
     check_run_inputs(cfg, run)
     started = init_ray(cfg.ray)
     try:
@@ -78,16 +72,14 @@ class PPOTrainer:
         self.prompts = load_prompts(run.data / "rl_prompts.jsonl")
         self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.cache_dir)
         self.kl_ctl = make_kl_controller(self.ppo.kl)
-        self.step_no = 0
-        self.data_position = 0
-        self.version = 0
+        self.step_no = self.data_position = self.version = 0  # steps done, prompts used, adapter versions published
         self.adapter_ref = None
         self._ahead: Rollout | None = None  # async_rollout: the next step's rollout, already running
         self._resumed_behaviour: tuple | None = None  # (adapter ref, version) the first rollout after a resume uses
         self.metrics = MetricsLogger(run, "ppo")
         self._rate_meter = RateWaitMeter(cfg.reward.judge)  # judge_rate_wait_s: what reward.judge.rpm/tpm cost
         self.gap_abort = abort_threshold(self.ppo, pick_dtype(cfg.model.dtype, pick_device(cfg.model.device)))
-        rc = self.ppo.rollout
+        rc = self.ppo.rollout  # vLLM on a GPU, synchronous: the engines sleep while the learner works
         self._engines_sleep = rc.engine == "vllm" and rc.vllm.sleep and not self.ppo.async_rollout
         self.groups = groups
         if groups is None:
@@ -100,51 +92,22 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict[str, float]:
-        """One PPO step: generate -> score (rewards; the learner computes log-probs meanwhile) -> experience ->
-        advantages -> train -> publish -> log. With ``async_rollout`` the samples of the step were drawn during the
-        previous step (with the weights before its update)."""
+        """One PPO step, one line per phase (``rec`` collects each phase's time and figures for the metrics row).
+        With ``async_rollout`` the samples of the step were drawn during the previous step (weights before its
+        update). ``keep`` empty: every group had zero reward spread (``filter_zero_spread_groups``), no update."""
         self.step_no += 1
-        t_start = time.perf_counter()
-        rollout = self._generate()
-        t_generated = time.perf_counter()
-        # vLLM on a GPU, synchronous: the engines free their memory while the learner works (generate wakes them)
-        sleep_s = self.groups.rollout.sleep() if self._engines_sleep else 0.0
-        experience = self.groups.learner.make_experience(rollout.batch, rollout.version)  # overlaps the judge
-        results, reward_retries = self._rewards(rollout)
-        t_rewarded = time.perf_counter()
-        batch, keep, filter_stats = self._experience(experience, results, rollout.samples)
-        if not keep:  # ppo.filter_zero_spread_groups left nothing to learn from
-            return self._log_skipped_update(rollout, results, {**filter_stats, "reward_retries": reward_retries},
-                                            t_start, t_rewarded - t_generated)
-        gap, gap_mean = self._check_weight_sync(batch, rollout.version)
-        t_experience = time.perf_counter()
-        batch, kl_coef, exp_stats = self._advantages(batch, [results[i] for i in keep],
-                                                     [rollout.samples[i] for i in keep])
-        train = self._train(batch, kl_coef)
-        staleness = self.version - rollout.version  # updates between the sampling weights and this update's start
-        self._publish_adapter()
-        t_end = time.perf_counter()
-        metrics = {
-            **reward_metrics([results[i] for i in keep], results), **train, **exp_stats, **filter_stats,
-            "update_skipped": 0,
-            "kl_coef": kl_coef, "logprob_gap": gap, "logprob_gap_mean": gap_mean, "time_engine_sleep_s": sleep_s,
-            "response_len": float(batch.response_mask.sum(1).mean()),
-            "finished_frac": float(np.mean([rollout.samples[i].finished for i in keep])),
-            "samples": len(keep), "rollout_restarts": rollout.restarts, "reward_retries": reward_retries,
-            "rollout_staleness": staleness,
-            "time_generate_s": t_generated - t_start, "time_rollout_s": rollout.finished - rollout.started,
-            "time_actor_generate_s": rollout.actor_generate_s, "time_actor_logprob_s": rollout.actor_logprob_s,
-            "time_reward_wait_s": t_rewarded - t_generated, "time_experience_s": t_experience - t_rewarded,
-            "time_train_s": t_end - t_experience, "time_learn_s": t_end - t_rewarded, "time_step_s": t_end - t_start,
-            "data_position": self.data_position,
-            "judge_rate_wait_s": self._rate_meter.step(self.groups.reward_stats(), t_rewarded - t_generated),
-        }
-        self.metrics.log(self.step_no, metrics)
-        if self.ppo.log_samples:
-            append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)
-        return metrics
+        rec = StepRecord()
+        rollout = rec.timed("generate", self._generate, rec)
+        experience = rec.timed("reward_wait", self._start_experience, rollout, rec)  # overlaps the judge
+        results = rec.timed("reward_wait", self._rewards, rollout, rec)
+        batch, keep = rec.timed("experience", self._experience, experience, rollout, results, rec)
+        if keep:
+            batch, kl_coef = rec.timed("train", self._advantages, batch, rollout.samples, results, keep, rec)
+            rec.timed("train", self._train, batch, kl_coef, rec)
+            rec.timed("train", self._publish_adapter)
+        return self._log(rollout, results, keep, rec)
 
-    def _generate(self) -> Rollout:
+    def _generate(self, rec: StepRecord) -> Rollout:
         """This step's samples (already running ahead, or dispatched now), each micro-batch to the judge as it comes
         in; then, with ``async_rollout``, the next step's rollout is dispatched with the weights of now."""
         rollout = self._ahead or self._launch_rollout(self.step_no, self.data_position)
@@ -154,46 +117,48 @@ class PPOTrainer:
         if self.ppo.async_rollout and self.step_no < self.ppo.steps:
             self._ahead = self._launch_rollout(self.step_no + 1, rollout.end_position)
         rollout.pack(self.tokenizer.pad_token_id)
+        rec.add(rollout_restarts=rollout.restarts, time_rollout_s=rollout.finished - rollout.started,
+                time_actor_generate_s=rollout.actor_generate_s, time_actor_logprob_s=rollout.actor_logprob_s,
+                rollout_staleness=self.version - rollout.version)  # updates between its weights and this update
         return rollout
 
-    def _rewards(self, rollout: Rollout) -> tuple[list[RewardResult], int]:
+    def _start_experience(self, rollout: Rollout, rec: StepRecord):
+        """The learner's old / behaviour / ref log-probs and values, dispatched (they do not need the rewards). vLLM
+        on a GPU, synchronous: the engines first free their memory for the learner (``generate`` wakes them)."""
+        rec.add(time_engine_sleep_s=self.groups.rollout.sleep() if self._engines_sleep else 0.0)
+        return self.groups.learner.make_experience(rollout.batch, rollout.version)
+
+    def _rewards(self, rollout: Rollout, rec: StepRecord) -> list[RewardResult]:
         """The judge wait: every sample's reward (failed reward tasks resubmitted, counted)."""
         self._wait_feeding_ahead(rollout.reward_refs)
-        results = self.groups.rewards(rollout.reward_inputs, rollout.reward_refs)
+        results, retries = self.groups.rewards(rollout.reward_inputs, rollout.reward_refs)
+        rec.add(reward_retries=retries)
         self.data_position = rollout.end_position
         return results
 
-    def _experience(self, experience, results: list[RewardResult], samples: list[Sample]
-                    ) -> tuple[Batch, list[int], dict[str, float]]:
-        """The learner's log-probs and values; the samples the reward plane dropped (and with
-        ``filter_zero_spread_groups`` the groups of equal rewards) leave the batch, which is cut to a multiple of the
-        learner ranks (equal shards on every rank). Returns it, the kept rows and the zero-spread counts."""
+    def _experience(self, experience, rollout: Rollout, results: list[RewardResult], rec: StepRecord
+                    ) -> tuple[Batch, list[int]]:
+        """The learner's log-probs and values, and the weight-sync proof: rollout vs learner log-probs of every
+        sampled token under the version that drew it (``sync_check``). The samples the reward plane dropped (and
+        with ``filter_zero_spread_groups`` the groups of equal rewards) leave the batch, which is cut to a multiple
+        of the learner ranks (equal shards on every rank). Returns it and the kept rows."""
         self._wait_feeding_ahead(experience.refs)
         batch = experience.result()
+        gap, gap_mean = logprob_gaps(batch.rollout_logprobs, batch.behaviour_logprobs, batch.response_mask)
+        check_weight_sync(self.step_no, rollout.version, gap, gap_mean, self.ppo.logprob_gap_tolerance, self.gap_abort)
         if all(r.dropped for r in results):
             raise RuntimeError(f"step {self.step_no}: every sample was dropped by the reward plane")
         keep, stats = rows_to_learn([r.dropped for r in results], torch.tensor([r.reward for r in results]),
-                                    torch.tensor([s.prompt_index for s in samples]), self.ppo, self.ppo.learner.ranks)
-        return (batch.take(torch.tensor(keep)) if 0 < len(keep) < len(results) else batch), keep, stats
+                                    torch.tensor([s.prompt_index for s in rollout.samples]), self.ppo,
+                                    self.ppo.learner.ranks)
+        rec.add(logprob_gap=gap, logprob_gap_mean=gap_mean, **stats)
+        return (batch.take(torch.tensor(keep)) if 0 < len(keep) < len(results) else batch), keep
 
-    def _log_skipped_update(self, rollout: Rollout, results: list[RewardResult], counts: dict, t_start: float,
-                            reward_wait_s: float) -> dict[str, float]:
-        """A step whose groups all had zero reward spread (``filter_zero_spread_groups``): no update, logged."""
-        log.warning("step %d: every group had zero reward spread: update skipped", self.step_no)
-        metrics = {**reward_metrics([r for r in results if not r.dropped], results), **counts, "samples": 0,
-                   "update_skipped": 1, "time_step_s": time.perf_counter() - t_start,
-                   "data_position": self.data_position,
-                   "judge_rate_wait_s": self._rate_meter.step(self.groups.reward_stats(), reward_wait_s)}
-        self.metrics.log(self.step_no, metrics)
-        if self.ppo.log_samples:
-            append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)
-        return metrics
-
-    def _advantages(self, batch: Batch, kept: list[RewardResult], samples: list[Sample]
-                    ) -> tuple[Batch, float, dict[str, float]]:
-        """KL, advantages, returns and behaviour weights (``algos.advantages_and_weights``); the KL controller steps.
-        Returns the batch with them, the KL coefficient used and batch statistics."""
-        kl_coef = self.kl_ctl.value
+    def _advantages(self, batch: Batch, samples: list[Sample], results: list[RewardResult], keep: list[int],
+                    rec: StepRecord) -> tuple[Batch, float]:
+        """KL, advantages, returns and behaviour weights (``algos.advantages_and_weights``) of the kept rows; the KL
+        controller steps. Returns the batch with them and the KL coefficient used."""
+        kl_coef, samples, kept = self.kl_ctl.value, [samples[i] for i in keep], [results[i] for i in keep]
         added, stats = advantages_and_weights(
             self.ppo, scores=torch.tensor([r.reward for r in kept]),
             group=torch.tensor([s.prompt_index for s in samples]), mask=batch.response_mask,
@@ -202,9 +167,11 @@ class PPOTrainer:
             finished=torch.tensor([s.finished for s in samples]))
         if "kl" in stats:  # no reference forward (nor KL) with a zero coefficient
             self.kl_ctl.update(stats["kl"], len(batch))
-        return batch.replace(**added), kl_coef, stats
+        rec.add(kl_coef=kl_coef, response_len=float(batch.response_mask.sum(1).mean()),
+                finished_frac=float(np.mean([s.finished for s in samples])), **stats)
+        return batch.replace(**added), kl_coef
 
-    def _train(self, batch: Batch, kl_coef: float) -> dict[str, float]:
+    def _train(self, batch: Batch, kl_coef: float, rec: StepRecord) -> None:
         training = self.groups.learner.train(batch, num_minibatches(len(batch), self.ppo),
                                              self.cfg.run.seed * 100_003 + self.step_no, kl_coef)
         self._wait_feeding_ahead(training.refs)
@@ -214,7 +181,7 @@ class PPOTrainer:
         if metrics.get("nonfinite_skipped"):
             log.warning("step %d: %d minibatch update(s) skipped on every rank: non-finite loss or gradient",
                         self.step_no, metrics["nonfinite_skipped"])
-        return metrics
+        rec.add(**metrics)
 
     def _publish_adapter(self) -> None:
         """The learner's live LoRA tensors, as a new version, go into the object store once; rollout engines fetch
@@ -222,13 +189,16 @@ class PPOTrainer:
         self.version += 1
         self.adapter_ref = self.groups.learner.adapter(self.version)
 
-    def _check_weight_sync(self, batch: Batch, version: int) -> tuple[float, float]:
-        """Max and mean |rollout engine - learner| log-prob of the sampled tokens, under the weights of ``version``
-        that drew them: a warning above the tolerance, a ``WeightSyncError`` naming ``version`` above the abort
-        threshold (before the update could learn from samples of the wrong policy)."""
-        gap, gap_mean = logprob_gaps(batch.rollout_logprobs, batch.behaviour_logprobs, batch.response_mask)
-        check_weight_sync(self.step_no, version, gap, gap_mean, self.ppo.logprob_gap_tolerance, self.gap_abort)
-        return gap, gap_mean
+    def _log(self, rollout: Rollout, results: list[RewardResult], keep: list[int], rec: StepRecord) -> dict[str, float]:
+        """The step's metrics row (``metrics.jsonl``, TensorBoard) and its samples (``samples.jsonl``)."""
+        if not keep:
+            log.warning("step %d: every group had zero reward spread: update skipped", self.step_no)
+        wait = self._rate_meter.step(self.groups.reward_stats(), rec.row["time_reward_wait_s"])
+        row = rec.finish(results, keep, data_position=self.data_position, judge_rate_wait_s=wait)
+        self.metrics.log(self.step_no, row)
+        if self.ppo.log_samples:
+            append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)
+        return row
 
     # ------------------------------------------------------------------ rollout micro-batches
     def _launch_rollout(self, step_no: int, position: int) -> Rollout:
@@ -237,11 +207,8 @@ class PPOTrainer:
         records = prompts_at(self.prompts, position, self.ppo.prompts_per_step, self.cfg.run.seed)
         adapter_ref, version = self._resumed_behaviour or (self.adapter_ref, self.version)
         self._resumed_behaviour = None
-        bs = self.ppo.rollout.batch_size
         texts = [render_prompt(self.tokenizer, self.cfg.model.system_prompt, r["prompt"]) for r in records]
-        chunks = [[(i, texts[i]) for i in range(start, min(start + bs, len(records)))]
-                  for start in range(0, len(records), bs)]
-        seeds = [(self.cfg.run.seed * 1_000_003 + step_no * 1_009 + c) % 2**31 for c in range(len(chunks))]
+        chunks, seeds = micro_batches(texts, self.ppo.rollout.batch_size, self.cfg.run.seed, step_no)
         pending = self.groups.rollout.generate(chunks, self.ppo.samples_per_prompt, seeds, adapter_ref, version)
         return Rollout(step_no, records, position + len(records), version, adapter_ref, pending, time.perf_counter())
 
@@ -249,15 +216,9 @@ class PPOTrainer:
         """A finished micro-batch: its samples go to the reward pool at once."""
         out, restarted = self.groups.rollout.receive(ref, rollout.pending.pop(ref))
         check_sampled_version(rollout.step_no, rollout.version, out.get("version"))
-        rollout.restarts += restarted
-        rollout.actor_generate_s += out["generate_s"]
-        rollout.actor_logprob_s += out["logprob_s"]
         items = [reward_input(rollout.records[s.prompt_index], rollout.step_no, s.sample_index, s.text)
                  for s in out["samples"]]
-        rollout.samples += out["samples"]
-        rollout.reward_inputs += items
-        rollout.reward_refs += self.groups.submit_rewards(items)
-        rollout.finished = time.perf_counter()
+        rollout.add(out, restarted, items, self.groups.submit_rewards(items))
 
     def _wait_feeding_ahead(self, refs: list) -> None:
         """Wait until ``refs`` are ready (or failed); meanwhile the micro-batches of the rollout running ahead go to

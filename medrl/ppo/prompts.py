@@ -1,5 +1,5 @@
-"""RL prompts: loading ``rl_prompts.jsonl`` with one-line errors, the deterministic order they are used in, and what
-the reward plane gets for a response to one."""
+"""RL prompts: loading ``rl_prompts.jsonl`` with one-line errors, the deterministic order they are used in, their
+rollout micro-batches and seeds, and what the reward plane gets for a response to one."""
 from __future__ import annotations
 
 import random
@@ -28,6 +28,14 @@ def prompts_at(rows: list[dict], position: int, count: int, seed: int) -> list[d
         random.Random(seed * 7919 + pos // n).shuffle(order)
         out.append(rows[order[pos % n]])
     return out
+
+
+def micro_batches(texts: list[str], size: int, seed: int, step_no: int
+                  ) -> tuple[list[list[tuple[int, str]]], list[int]]:
+    """Rendered prompts in rollout micro-batches of ``size`` ``(index, text)`` pairs, and one sampling seed per
+    micro-batch from (run seed, step, micro-batch): the same step draws the same samples after a resume."""
+    chunks = [list(enumerate(texts))[start:start + size] for start in range(0, len(texts), size)]
+    return chunks, [(seed * 1_000_003 + step_no * 1_009 + c) % 2**31 for c in range(len(chunks))]
 
 
 def reward_input(record: dict, step_no: int, sample_index: int, response: str) -> RewardInput:

@@ -1,14 +1,45 @@
-"""What a PPO step reports about its rewards: the reward metrics of ``metrics.jsonl`` and the rows of
-``samples.jsonl``. No Ray in here."""
+"""What a PPO step reports: its ``metrics.jsonl`` row (``StepRecord``, filled phase by phase; ``reward_metrics``)
+and its ``samples.jsonl`` rows. No Ray in here."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 from medrl.ppo.batch import Sample
 from medrl.reward.types import RewardResult
+
+
+class StepRecord:
+    """One step's metrics row as the step goes: ``timed`` runs a phase and adds its seconds to ``time_<phase>_s``
+    (a phase may take several calls), ``add`` takes the figures a phase reports, ``finish`` completes the row."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.row: dict[str, float] = {}
+
+    def timed(self, phase: str, fn, *args):
+        t = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            key = f"time_{phase}_s"
+            self.row[key] = self.row.get(key, 0.0) + time.perf_counter() - t
+
+    def add(self, **metrics: float) -> None:
+        self.row.update(metrics)
+
+    def finish(self, results: list[RewardResult], keep: list[int], **extra: float) -> dict[str, float]:
+        """The row: reward metrics of the kept rows (``keep`` empty, an update skipped: of all not dropped), what
+        the phases added, ``time_learn_s`` (experience + train) and ``time_step_s``."""
+        kept = [results[i] for i in keep] or [r for r in results if not r.dropped]
+        row = {**reward_metrics(kept, results), **self.row, **extra, "samples": len(keep),
+               "update_skipped": int(not keep)}
+        row["time_learn_s"] = row.get("time_experience_s", 0.0) + row.get("time_train_s", 0.0)
+        row["time_step_s"] = time.perf_counter() - self.started
+        return row
 
 
 def reward_metrics(kept: list[RewardResult], results: list[RewardResult]) -> dict[str, float]:
