@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Qwen3 built once per session, the real shared data, Ray runtimes that tests stop."""
+"""Shared fixtures: a tiny Qwen3 built once per session, the real shared data, Ray runtimes and a PostgreSQL server
+that tests stop."""
 from __future__ import annotations
 
 import os
@@ -29,6 +30,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 for one test module (``tests/pg_server.py``), stopped by its PID."""
+    from pg_server import PostgresServer, pg_bin
+
+    if pg_bin() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is missing in CI (.ci/run installs it)")
+        pytest.skip("PostgreSQL not installed (apt-get install -y postgresql)")
+    with PostgresServer() as pg:
+        yield pg
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ key twice, a shared budget stops both and survives a restart, a per-run budget c
 rate limit holds over both pools together."""
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
@@ -18,20 +17,9 @@ from medrl.reward.config import CacheConfig, RewardConfig
 from medrl.reward.loopback_server import LoopbackJudge
 from medrl.reward.types import RewardInput
 from medrl.runs import RunDir
-from pg_server import PostgresServer, pg_bin
 
 FAKE_KEY = "sk-medrl-store-" + secrets.token_hex(8)
 URL_ENV = "MEDRL_TEST_CACHE_URL"
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    if pg_bin() is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is missing in CI (.ci/run installs it)")
-        pytest.skip("PostgreSQL not installed (apt-get install -y postgresql)")
-    with PostgresServer() as pg:
-        yield pg
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -40,7 +28,8 @@ def cache_cfg(request, tmp_path, monkeypatch) -> CacheConfig:
         pg = request.getfixturevalue("postgres")
         monkeypatch.setenv(URL_ENV, pg.url)
         store = open_store(CacheConfig(backend="postgres", url_env=URL_ENV))
-        store._run("TRUNCATE judgements, claims, rate_buckets, spend")  # one server for the module: start empty
+        # one server for the module: every test starts empty
+        store._run("TRUNCATE judgements, pairwise_verdicts, claims, rate_buckets, spend")
         store.close()
         return CacheConfig(backend="postgres", url_env=URL_ENV, claim_ttl_s=3)
     return CacheConfig(path=str(tmp_path / "store.sqlite"), claim_ttl_s=3)

@@ -1,4 +1,5 @@
-"""Pairwise judging in both orders against a real OpenAI-compatible HTTP judge on 127.0.0.1 (aiohttp)."""
+"""Pairwise judging in both orders against a real OpenAI-compatible HTTP judge on 127.0.0.1 (aiohttp), its verdicts
+in the judge store: a SQLite file, or a real PostgreSQL server on 127.0.0.1."""
 import asyncio
 import json
 import re
@@ -11,6 +12,7 @@ from medrl.config import load_config
 from medrl.evaluation.evaluate import pairwise_rows
 from medrl.evaluation.metrics import summarize
 from medrl.evaluation.pairwise import PairTask, build_pairwise_messages, parse_verdict
+from medrl.reward.cache import open_store
 from medrl.reward.rubric import JudgementError
 
 KEY = "sk-test-pairwise-0123456789"
@@ -77,8 +79,15 @@ def _rows(answers: dict[str, dict[str, str]]) -> list[dict]:
             for m, items in answers.items() for i, a in items.items()]
 
 
-def test_pairwise_both_orders_cached_and_costed(server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_pairwise_both_orders_cached_and_costed(backend, server, tmp_path, monkeypatch, request):
     monkeypatch.setenv("MEDRL_TEST_JUDGE_KEY", KEY)
+    if backend == "postgres":
+        pg = request.getfixturevalue("postgres")
+        monkeypatch.setenv("MEDRL_TEST_PAIRWISE_DB", pg.url)
+        cache = "backend: postgres, url_env: MEDRL_TEST_PAIRWISE_DB"
+    else:
+        cache = f"path: {tmp_path}/c.db"
     config = tmp_path / "pairwise.yaml"
     config.write_text(f"""
 reward:
@@ -90,8 +99,7 @@ reward:
     api_key_env: MEDRL_TEST_JUDGE_KEY
     malformed_retries: 1
     max_retries: 0
-  cache:
-    path: {tmp_path}/c.db
+  cache: {{{cache}}}
 eval:
   pairwise: {{pairs: [[rl, sft]], sets: [test]}}
 """, encoding="utf-8")
@@ -121,8 +129,14 @@ eval:
     assert server.requests == 12 + 4  # only q5 (never cached) is asked again
     assert {r["id"]: (r["verdict_ab"], r["verdict_ba"]) for r in again["rl_vs_sft"]} == got
     assert {r["judge"]["status"] for r in again["rl_vs_sft"] if r["id"] != "q5"} == {"cached"}
-    assert KEY.encode() not in (tmp_path / "c.db").read_bytes()
     assert KEY not in json.dumps(again)
+    store = open_store(cfg.reward.cache)  # what the store holds: 7 verdicts (q3 shows one answer twice: one key)
+    rows = store._run("SELECT * FROM pairwise_verdicts").fetchall()
+    store.close()
+    assert len(rows) == 7 and {r[3] for r in rows} == {"A", "B", "tie"}  # and no key, no database URL:
+    assert not any(KEY in str(v) or (backend == "postgres" and pg.password in str(v)) for r in rows for v in r)
+    if backend == "sqlite":
+        assert KEY.encode() not in (tmp_path / "c.db").read_bytes()
 
 
 def test_messages_show_only_final_answers_between_markers():

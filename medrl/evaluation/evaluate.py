@@ -225,7 +225,7 @@ def pairwise_rows(cfg: Config, rows: list[dict]) -> tuple[dict[str, list[dict]],
             fa, fb = final_answer(ra["response"]), final_answer(rb["response"])
             tasks += [PairTask(ra["question"], ra.get("reference"), fa, fb),
                       PairTask(ra["question"], ra.get("reference"), fb, fa)]
-        results = PairwiseJudge(judge, cfg.reward.cache.path).judge_all(tasks)
+        results = PairwiseJudge(judge, cfg.reward.cache).judge_all(tasks)
         verdicts, usage = [], []
         for k in range(len(plan)):
             ab, ba = results[2 * k], results[2 * k + 1]

@@ -1,10 +1,10 @@
 """Pairwise judging: which of two final answers to the same prompt is better, asked in both presentation orders.
 
-The teacher endpoint, key, prices, rate limits and budget are the reward plane's (``reward.judge``), the cache file
-is ``reward.cache.path`` (SQLite, also when the reward plane's store is PostgreSQL):
-the calls go through the ``openai`` client (its retries/timeouts), the reward plane's gate (``LeasedGate`` over a
-``Ledger``: rate limits, budget) and a table of its SQLite cache file (content addressed, with ``PAIRWISE_VERSION``
-in the key, so a rerun pays nothing).
+The teacher endpoint, key, prices, rate limits and budget are the reward plane's (``reward.judge``), and so is the
+judge store (``reward.cache``: the SQLite file, or the PostgreSQL database a cluster shares): the calls go through the
+``openai`` client (its retries/timeouts), the reward plane's gate (``LeasedGate`` over a ``Ledger``: rate limits,
+budget), and the verdicts into the store's ``pairwise_verdicts`` table (content addressed, with ``PAIRWISE_VERSION``
+in the key, so a rerun, on this machine or another one on the same store, pays nothing).
 With the offline judge (``provider: reference``) the verdict compares the two answers' rewards (the reference judge
 is deterministic, so both orders agree by construction); with ``provider: none`` there is no pairwise judge.
 """
@@ -15,16 +15,13 @@ import json
 import logging
 import os
 import re
-import sqlite3
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import openai
 
 from medrl.errors import UsageError
-from medrl.reward.cache import cache_key
-from medrl.reward.config import JudgeConfig
+from medrl.reward.cache import cache_key, open_store
+from medrl.reward.config import CacheConfig, JudgeConfig
 from medrl.reward.judge import content_of, usage_of
 from medrl.reward.ledger import LeasedGate, Ledger, Usage, call_cost, local_gate
 from medrl.reward.rubric import JudgementError, load_verdict_json
@@ -111,53 +108,16 @@ def reward_verdict(first_reward: float, second_reward: float) -> str:
     return "A" if first_reward > second_reward else "B"
 
 
-class PairwiseCache:
-    """Pairwise verdicts in their own table of the reward plane's SQLite judgement cache (WAL; content-addressed by
-    ``cache_key(judge model, PAIRWISE_VERSION, prompt, [answer A, answer B], reference)``; first writer wins)."""
-
-    _SCHEMA = ("CREATE TABLE IF NOT EXISTS pairwise_verdicts (key TEXT PRIMARY KEY, judge TEXT NOT NULL, "
-               "version TEXT NOT NULL, winner TEXT NOT NULL, reason TEXT NOT NULL, prompt TEXT NOT NULL, "
-               "answers TEXT NOT NULL, reference TEXT, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL, "
-               "tokens_cache_hit INTEGER NOT NULL, cost_usd REAL NOT NULL, created REAL NOT NULL)")
-    _COLUMNS = ("key", "judge", "version", "winner", "reason", "prompt", "answers", "reference", "tokens_in",
-                "tokens_out", "tokens_cache_hit", "cost_usd", "created")
-
-    def __init__(self, path: str):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(self._SCHEMA)
-
-    def get_many(self, keys: list[str]) -> dict[str, tuple[str, str]]:
-        """{key: (winner, reason)} of the cached keys."""
-        out = {}
-        unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start:start + 500]
-            out.update((k, (w, r)) for k, w, r in self._db.execute(
-                f"SELECT key, winner, reason FROM pairwise_verdicts WHERE key IN ({','.join('?' * len(chunk))})",
-                chunk))
-        return out
-
-    def put(self, record: dict) -> None:
-        rec = dict(record, created=time.time())
-        self._db.execute(f"INSERT OR IGNORE INTO pairwise_verdicts ({', '.join(self._COLUMNS)}) "
-                         f"VALUES ({','.join('?' * len(self._COLUMNS))})", [rec[c] for c in self._COLUMNS])
-
-    def close(self) -> None:
-        self._db.close()
-
-
 class PairwiseJudge:
     """Asks an OpenAI-compatible judge for pairwise verdicts (cached, rate-limited, budget-capped)."""
 
-    def __init__(self, cfg: JudgeConfig, cache_path: str):
+    def __init__(self, cfg: JudgeConfig, cache: CacheConfig):
         key = os.environ.get(cfg.api_key_env)
         if not key:
             raise UsageError(f"pairwise judging needs the environment variable {cfg.api_key_env} "
                              f"(reward.judge.api_key_env); or set eval.pairwise.enabled=false")
         self.cfg = cfg
-        self.cache_path = cache_path
+        self.cache = cache
         self._key = key
         self.price = cfg.prices[cfg.model]
         self.ledger = Ledger(cfg.rpm, cfg.tpm, cfg.budget_usd)
@@ -170,7 +130,7 @@ class PairwiseJudge:
         return local_gate(self.ledger, max(1, self.cfg.concurrency // 4))
 
     async def _judge_all(self, tasks: list[PairTask]) -> list[PairVerdict]:
-        cache = PairwiseCache(os.path.expanduser(self.cache_path))
+        store = open_store(self.cache)
         client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=self._key, timeout=self.cfg.timeout_s,
                                     max_retries=self.cfg.max_retries)
         gate = self._gate()
@@ -178,7 +138,7 @@ class PairwiseJudge:
         answers = [json.dumps([t.first, t.second], ensure_ascii=False) for t in tasks]
         keys = [cache_key(self.cfg.model, PAIRWISE_VERSION, t.prompt, a, t.reference) for t, a in zip(tasks, answers)]
         try:
-            cached = cache.get_many(keys)
+            cached = store.pairwise_many(keys)
 
             async def one(task: PairTask, key: str, answer: str) -> PairVerdict:
                 if key in cached:
@@ -188,7 +148,7 @@ class PairwiseJudge:
                     verdict = await self._ask(client, gate, task)
                 if verdict.status == "ok":
                     u = verdict.usage
-                    cache.put({"key": key, "judge": self.cfg.judge_id, "version": PAIRWISE_VERSION,
+                    store.put_pairwise({"key": key, "judge": self.cfg.judge_id, "version": PAIRWISE_VERSION,
                                "winner": verdict.winner, "reason": verdict.reason, "prompt": task.prompt,
                                "answers": answer, "reference": task.reference, "tokens_in": u.tokens_in,
                                "tokens_out": u.tokens_out, "tokens_cache_hit": u.tokens_cache_hit,
@@ -199,7 +159,7 @@ class PairwiseJudge:
         finally:
             await gate.flush()
             await client.close()
-            cache.close()
+            store.close()
 
     async def _ask(self, client: openai.AsyncOpenAI, gate: LeasedGate, task: PairTask) -> PairVerdict:
         messages = build_pairwise_messages(task)

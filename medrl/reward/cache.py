@@ -1,5 +1,6 @@
-"""The judge store: the content-addressed judgement cache, claims on keys being judged, the rate-limit buckets and
-the spend ledger, in one SQLite file (WAL, one machine) or one PostgreSQL database (psycopg 3, clusters and teams).
+"""The judge store: the content-addressed judgement cache (rubric judgements of the reward plane, pairwise verdicts of
+eval), claims on keys being judged, the rate-limit buckets and the spend ledger, in one SQLite file (WAL, one
+machine) or one PostgreSQL database (psycopg 3, clusters and teams).
 
 Both backends run the same SQL. A judgement is committed before the reward that uses it is returned, and a key is
 claimed before its judge call (the claim expires unless its holder renews it), so no key is paid for twice, by
@@ -31,6 +32,10 @@ _TABLES = (
   safety INTEGER NOT NULL, completeness INTEGER NOT NULL, clarity INTEGER NOT NULL, reason TEXT NOT NULL,
   prompt TEXT NOT NULL, answer TEXT NOT NULL, reference TEXT, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL,
   tokens_cache_hit INTEGER NOT NULL, cost_usd DOUBLE PRECISION NOT NULL, created DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS pairwise_verdicts (
+  key TEXT PRIMARY KEY, judge TEXT NOT NULL, version TEXT NOT NULL, winner TEXT NOT NULL, reason TEXT NOT NULL,
+  prompt TEXT NOT NULL, answers TEXT NOT NULL, reference TEXT, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL,
+  tokens_cache_hit INTEGER NOT NULL, cost_usd DOUBLE PRECISION NOT NULL, created DOUBLE PRECISION NOT NULL)""",
     "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS rate_buckets (name TEXT PRIMARY KEY, tat DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS spend (scope TEXT PRIMARY KEY, spent_usd DOUBLE PRECISION NOT NULL)",
@@ -39,6 +44,8 @@ _TABLES = (
 _COLUMNS = ("key", "judge", "rubric_version", "accuracy", "safety", "completeness", "clarity", "reason", "prompt",
             "answer", "reference", "tokens_in", "tokens_out", "tokens_cache_hit", "cost_usd", "created")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM judgements"
+_PAIR_COLUMNS = ("key", "judge", "version", "winner", "reason", "prompt", "answers", "reference", "tokens_in",
+                 "tokens_out", "tokens_cache_hit", "cost_usd", "created")
 _CHUNK = 500
 _PG_SCHEMA_LOCK = 0x6D6564726C  # advisory lock id taken while the schema is created
 
@@ -149,6 +156,24 @@ class JudgeStore:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         return len(records)
+
+    # ---- pairwise verdicts (eval's pairwise judge; key: ``cache_key`` over both answers in their shown order)
+    def pairwise_many(self, keys: Iterable[str]) -> dict[str, tuple[str, str]]:
+        """{key: (winner, reason)} of the cached pairwise verdicts among ``keys``."""
+        out: dict[str, tuple[str, str]] = {}
+        for chunk in _chunks(list(dict.fromkeys(keys))) if self._db is not None else ():
+            out.update((k, (w, r)) for k, w, r in self._run(
+                f"SELECT key, winner, reason FROM pairwise_verdicts WHERE key IN ({','.join('?' * len(chunk))})",
+                chunk).fetchall())
+        return out
+
+    def put_pairwise(self, record: dict) -> None:
+        """Store one pairwise verdict (first writer wins), committed before returning."""
+        rec = dict(record, created=record.get("created", time.time()))
+        with self._tx(durable=True):
+            self._run(f"INSERT INTO pairwise_verdicts ({', '.join(_PAIR_COLUMNS)}) VALUES "
+                      f"({','.join('?' * len(_PAIR_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
+                      [rec.get(c) for c in _PAIR_COLUMNS])
 
     # ---- claims: who is judging a key right now
     def claim_many(self, keys: list[str], holder: str, ttl_s: float) -> set[str]:

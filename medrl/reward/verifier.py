@@ -4,7 +4,7 @@
   does (``medrl.evaluation.extract``), against the label. Yes/no/maybe labels (PubMedQA) likewise.
 * Open-ended verifiable questions (a short reference such as "Hypothyroidism"): the teacher endpoint is asked
   whether the final answer is equivalent to the reference (yes/no JSON, rubric ``VERIFIER_VERSION``), through the
-  same client, rate limits, budget gate and SQLite cache as the rubric judge; offline (judge provider ``reference``
+  same client, rate limits, budget gate and judge store as the rubric judge; offline (judge provider ``reference``
   or ``none``, ``open_ended: match``), or when the judge fails or the budget is spent, a deterministic reference
   matcher decides.
 
