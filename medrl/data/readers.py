@@ -146,15 +146,8 @@ def _scan_container(text: str, pos: int, close: str, keyed: bool, lines: _Lines,
             if pos >= len(text) or text[pos] != ":":
                 raise json.JSONDecodeError("expected ':'", text, pos)
             pos = _skip_ws(text, pos + 1)
-        start = pos
-        try:
-            value, pos = _DECODER.raw_decode(text, pos)
-        except RecursionError:
-            pos = _skip_value(text, start)
-            yield lines.at(start), None, TOO_DEEP
-        else:
-            yield _keyed_row(value, key, keyed, lines.at(start), len(text[start:pos].encode("utf-8", "surrogateescape")),
-                             max_row_bytes)
+        row, pos = _read_value(text, pos, lines, max_row_bytes, key, keyed)
+        yield row
         pos = _skip_ws(text, pos)
         if pos < len(text) and text[pos] == close:
             return
@@ -163,10 +156,18 @@ def _scan_container(text: str, pos: int, close: str, keyed: bool, lines: _Lines,
         pos = _skip_ws(text, pos + 1)
 
 
-def _keyed_row(value: Any, key: Any, keyed: bool, line: int, size: int, max_row_bytes: int) -> RawRow:
+def _read_value(text: str, pos: int, lines: _Lines, max_row_bytes: int, key: Any = None, keyed: bool = False
+                ) -> tuple[RawRow, int]:
+    """The row of the JSON value at ``pos`` (``keyed``: an object gets ``_key``; nested too deep for the decoder: a
+    ``TOO_DEEP`` row, the value skipped by bracket counting) and the position after the value."""
+    start = pos
+    try:
+        value, pos = _DECODER.raw_decode(text, pos)
+    except RecursionError:
+        return (lines.at(start), None, TOO_DEEP), _skip_value(text, start)
     if keyed and isinstance(value, dict):
         value = {**value, "_key": key}
-    return _row(value, line, size, max_row_bytes)
+    return _row(value, lines.at(start), len(text[start:pos].encode("utf-8", "surrogateescape")), max_row_bytes), pos
 
 
 def _skip_value(text: str, pos: int) -> int:
@@ -192,14 +193,8 @@ def _skip_value(text: str, pos: int) -> int:
 
 def _scan_stream(text: str, pos: int, lines: _Lines, max_row_bytes: int) -> Iterator[RawRow]:
     while pos < len(text):
-        start = pos
-        try:
-            value, pos = _DECODER.raw_decode(text, pos)
-        except RecursionError:
-            pos = _skip_value(text, start)
-            yield lines.at(start), None, TOO_DEEP
-        else:
-            yield _row(value, lines.at(start), len(text[start:pos].encode("utf-8", "surrogateescape")), max_row_bytes)
+        row, pos = _read_value(text, pos, lines, max_row_bytes)
+        yield row
         pos = _skip_ws(text, pos)
 
 
