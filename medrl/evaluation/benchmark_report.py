@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medrl.evaluation.metrics import difference_interval
+from medrl.evaluation.plots import png_figure
 from medrl.evaluation.render import Block, Heading, Image, Para, Table
 
 MODES = ("strict", "lenient")
@@ -37,16 +38,10 @@ def labelled_sets(summary: dict, models: list[str], sets: list[str]) -> list[str
 
 def benchmark_plot(summary: dict, models: list[str], sets: list[str], out: Path) -> Path | None:
     """Grouped bars: strict accuracy per set, one bar per model, Wilson 95% intervals as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not sets:
         return None
     width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(max(4.8, 1.4 * len(sets) + 2), 3.6), dpi=100)
-    try:
+    with png_figure(out, figsize=(max(4.8, 1.4 * len(sets) + 2), 3.6)) as ax:
         for k, m in enumerate(models):
             xs, ys, err = [], [], [[], []]
             for i, s in enumerate(sets):
@@ -65,11 +60,6 @@ def benchmark_plot(summary: dict, models: list[str], sets: list[str], out: Path)
         ax.set_title("Benchmarks: accuracy with Wilson 95% intervals")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
-    finally:
-        plt.close(fig)
     return out
 
 

@@ -17,6 +17,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import fmean
 
+from medrl.evaluation.plots import png_figure
 from medrl.evaluation.render import Block, Heading, Image, Para, Table
 from medrl.jsonl import read_jsonl
 from medrl.reward.rubric import DIMENSIONS
@@ -63,17 +64,11 @@ def _mean(values) -> str:
 
 # --------------------------------------------------------------------------- blocks
 def _distributions(items: list[dict], out: Path) -> Image | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     parts = sorted({_part(it) for it in items if any(v is not None for v in it["judge_scores"].values())})
     if not parts:
         return None
-    fig, axes = plt.subplots(2, 2, figsize=(9, 5.6), dpi=100, sharey=True)
     width = 0.8 / len(parts)
-    try:
+    with png_figure(out, 2, 2, figsize=(9, 5.6), sharey=True) as axes:
         for ax, d in zip(axes.flat, DIMENSIONS):
             for k, p in enumerate(parts):
                 vals = [it["judge_scores"][d] for it in items if _part(it) == p and it["judge_scores"][d] is not None]
@@ -85,11 +80,6 @@ def _distributions(items: list[dict], out: Path) -> Image | None:
             ax.grid(alpha=0.3, axis="y")
         axes[0][0].set_ylabel("share of judged answers")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
-    finally:
-        plt.close(fig)
     return Image(out, "Judge score distributions per dimension (0-10)")
 
 
@@ -184,18 +174,12 @@ def _spend(summary: dict | None, items: list[dict], ppo_metrics: list[dict], out
 
 
 def _spend_plot(ppo_metrics: list[dict], ppo: list[dict], out: Path) -> Image:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cost = {m["step"]: m["judge_cost_usd"] for m in ppo_metrics if "judge_cost_usd" in m}
     steps = sorted(cost)
     status = defaultdict(Counter)
     for it in ppo:
         status[it["step"]][it["judge_status"]] += 1
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    try:
+    with png_figure(out, 1, 2, figsize=(9, 3.4)) as (ax1, ax2):
         ax1.bar(steps, [cost[s] for s in steps], label="per step")
         cumulative, total = [], 0.0
         for s in steps:
@@ -212,11 +196,6 @@ def _spend_plot(ppo_metrics: list[dict], ppo: list[dict], out: Path) -> Image:
         ax2.legend(fontsize=7)
         for ax in (ax1, ax2):
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
-    finally:
-        plt.close(fig)
     return Image(out, "PPO judge spend and judgements per step")
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -45,19 +47,32 @@ def select_keys(rows: list[dict], spec: CurveSpec) -> list[str]:
     return sorted(chosen)
 
 
-def plot_curves(rows: list[dict], keys: list[str], title: str, out: Path) -> Path | None:
-    """One line per key (step on x); None when no key has at least one point."""
+@contextmanager
+def png_figure(out: Path, *grid: int, **subplots) -> Iterator:
+    """The axes of ``plt.subplots(*grid, dpi=100, **subplots)`` on the Agg backend (no display); the figure is
+    written to ``out`` as PNG (laid out tight, folders made) when the block ends without error, closed either way."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(*grid, dpi=100, **subplots)
+    try:
+        yield axes
+        fig.tight_layout()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, format="png")
+    finally:
+        plt.close(fig)
+
+
+def plot_curves(rows: list[dict], keys: list[str], title: str, out: Path) -> Path | None:
+    """One line per key (step on x); None when no key has at least one point."""
     series = {k: [(r["step"], r[k]) for r in rows if _numeric(r.get(k))] for k in keys}
     series = {k: sorted(pts) for k, pts in series.items() if pts}
     if not series:
         return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    try:
+    with png_figure(out, figsize=(6.4, 3.6)) as ax:
         for k, pts in series.items():
             xs, ys = zip(*pts)
             ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, markersize=3, label=k)
@@ -65,11 +80,6 @@ def plot_curves(rows: list[dict], keys: list[str], title: str, out: Path) -> Pat
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, format="png")
-    finally:
-        plt.close(fig)
     return out
 
 
