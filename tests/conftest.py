@@ -3,7 +3,6 @@ that tests stop."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import stop_ray_node
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
                "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -115,16 +115,4 @@ def ray_head(tmp_path_factory):
     try:
         yield {"address": f"127.0.0.1:{gcs_port}", "dashboard": url, "env": env, "temp_dir": temp_dir}
     finally:
-        # SIGTERM lets `ray start --block` clean up; what is left after a few seconds is killed, including any
-        # process of this head that left the group (they all carry the private temp dir on their command line)
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        subprocess.run(["pkill", "-9", "-f", str(temp_dir)], check=False)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_ray_node(proc, temp_dir)

@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 
 from medrl.reward.loopback_server import LoopbackJudge
 from pg_server import PostgresServer
+from procs import stop_ray_node
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -54,18 +53,6 @@ def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"{url} did not answer in {seconds:.0f} s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 _COMMON = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
@@ -118,13 +105,10 @@ class Cluster:
                                 text=True)
 
     def stop(self) -> None:
-        for proc in (self.node_b, self.head):
+        for proc, temp_dir in ((self.node_b, self.temp_dir_b), (self.head, self.temp_dir)):
             if proc is not None:
-                _stop(proc)
+                stop_ray_node(proc, temp_dir)
         self.head = self.node_b = None
-        for temp_dir in (self.temp_dir_b, self.temp_dir):  # what left the process groups carries the dir's name
-            subprocess.run(["pkill", "-9", "-f", str(temp_dir)], check=False)
-            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -201,6 +201,21 @@ def test_second_pass_makes_zero_requests(ray_local, server, api_key, tmp_path):
     assert [r.reward for r in second] == [r.reward for r in first] and [r.id for r in streamed] == ["s-0", "s-1", "s-2"]
 
 
+def _kill_first_actor_once_six_are_judged(pool, cache, cfg, items) -> tuple[int, set[str]]:
+    """Once 6 of ``items`` (submitted) are in the store, SIGKILL the pool's first judge actor; returns its pid and the
+    server request keys of the judgements stored before the kill."""
+    victim = pool.process_info()[0]["pid"]
+    deadline = time.time() + 60
+    while cache.count() < 6 and time.time() < deadline:
+        time.sleep(0.05)
+    stored = cache.get_many(cache_key(cfg.judge.model, cfg.judge.rubric_version, it.prompt,
+                                      split_response(it.response).answer, it.reference) for it in items)
+    paid_before = {request_key(build_messages(r["prompt"], r["answer"], r["reference"])[1]["content"])
+                   for r in stored.values()}
+    os.kill(victim, signal.SIGKILL)
+    return victim, paid_before
+
+
 def test_killing_a_judge_actor_mid_run_loses_and_repays_nothing(ray_local, server, api_key, tmp_path):
     import ray
 
@@ -213,16 +228,8 @@ def test_killing_a_judge_actor_mid_run_loses_and_repays_nothing(ray_local, serve
     cache = open_store(cfg.cache)
     try:
         with RewardPool(cfg) as pool:
-            victim = pool.process_info()[0]["pid"]
             refs = pool.submit(items)
-            deadline = time.time() + 60
-            while cache.count() < 6 and time.time() < deadline:
-                time.sleep(0.05)
-            paid_before = {request_key(build_messages(r["prompt"], r["answer"], r["reference"])[1]["content"])
-                           for r in cache.get_many(cache_key(cfg.judge.model, cfg.judge.rubric_version, it.prompt,
-                                                             split_response(it.response).answer, it.reference)
-                                                   for it in items).values()}
-            os.kill(victim, signal.SIGKILL)
+            victim, paid_before = _kill_first_actor_once_six_are_judged(pool, cache, cfg, items)
             results = ray.get(refs, timeout=120)
             assert pool.process_info()[0]["pid"] != victim  # Ray restarted the actor
     finally:
@@ -250,16 +257,8 @@ def test_a_judge_actor_dead_past_its_restarts_is_replaced_and_nothing_is_repaid(
     cache = open_store(cfg.cache)
     try:
         with RewardPool(cfg) as pool:
-            victim = pool.process_info()[0]["pid"]
             refs = pool.submit(items)
-            deadline = time.time() + 60
-            while cache.count() < 6 and time.time() < deadline:
-                time.sleep(0.05)
-            cached_keys = [cache_key(cfg.judge.model, cfg.judge.rubric_version, it.prompt,
-                                     split_response(it.response).answer, it.reference) for it in items]
-            paid_before = {request_key(build_messages(r["prompt"], r["answer"], r["reference"])[1]["content"])
-                           for r in cache.get_many(cached_keys).values()}
-            os.kill(victim, signal.SIGKILL)
+            victim, paid_before = _kill_first_actor_once_six_are_judged(pool, cache, cfg, items)
             results, retries = pool.collect(items, refs)
             assert retries > 0 and pool.process_info()[0]["pid"] != victim  # a fresh actor took its place
             # new content routed to that slot reaches the live actor: no failure, no retry
