@@ -150,3 +150,10 @@ def test_a_key_pasted_as_the_variable_name_is_refused_unseen(tmp_path, value):
             load_config(None, source) if isinstance(source, list) else load_config(source)
         assert value not in str(e.value) and "looks like an API key itself" in str(e.value)
     assert load_config(None, ["reward.judge.api_key_env=MY_JUDGE_KEY_2"]).reward.judge.api_key_env == "MY_JUDGE_KEY_2"
+
+
+def test_vllm_rollouts_refuse_a_nucleus_below_one():
+    """vLLM's log-probs are renormalised over the nucleus: with top_p < 1 the weight-sync check would stop the run."""
+    with pytest.raises(ConfigError, match=r"ppo.rollout: engine vllm needs generation.top_p=1 \(got 0.9\)"):
+        load_config(None, ["ppo.generation.top_p=0.9", "ppo.rollout.engine=vllm"])
+    assert load_config(None, ["ppo.generation.top_p=0.9"]).ppo.rollout.engine == "hf"  # HF scores separately

@@ -125,8 +125,9 @@ class FakeGroups:
     """Rewards 1.0 for sample 0 of a prompt and 0.25 for the others; the reward plane drops ``drop``. ``wait_any``
     answers the last call it is given: a rollout running ahead goes to the judge while the step waits."""
 
-    def __init__(self, drop: str, flat: bool = False):  # flat: every sample scores 0.5
-        self.learner, self.rollout, self.drop, self.flat = FakeLearner(), FakeRollout(), drop, flat
+    def __init__(self, drop: str | set[str], flat: bool = False):  # flat: every sample scores 0.5
+        self.learner, self.rollout, self.flat = FakeLearner(), FakeRollout(), flat
+        self.drop = {drop} if isinstance(drop, str) else drop
         self.submitted, self.closed = [], False
 
     def wait_any(self, refs):
@@ -138,7 +139,7 @@ class FakeGroups:
     def submit_rewards(self, items):
         self.submitted += [item.id for item in items]
         return [Done(RewardResult(id=x.id, reward=0.5 if self.flat else 1.0 if x.id.endswith(":0") else 0.25,
-                                  rule=0.0, teacher=None, components={"rule": 0.5}, dropped=x.id == self.drop))
+                                  rule=0.0, teacher=None, components={"rule": 0.5}, dropped=x.id in self.drop))
                 for x in items]
 
     def rewards(self, items, refs):
@@ -211,7 +212,7 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
     assert len(logged) == 48 and sum('"dropped": true' in line for line in logged) == 1
 
 
-def test_a_step_with_zero_reward_spread_logs_and_skips_its_update_with_fake_groups(tiny_model_dir, tmp_path):
+def test_a_step_with_zero_reward_spread_logs_and_skips_its_update_with_fake_groups(tiny_model_dir, tmp_path, caplog):
     """Every group scores 0.5 throughout and ``filter_zero_spread_groups`` is on: nothing to learn, so no train call
     and no new adapter version; the step still checks the weight sync over every sample, moves the data position
     and logs one row with the rollout and judge figures (the dropped sample counted, not in the reward mean)."""
@@ -223,6 +224,7 @@ def test_a_step_with_zero_reward_spread_logs_and_skips_its_update_with_fake_grou
         m = tr.step()
         assert tr.version == 1 and groups.learner.published == [1] and groups.learner.trained == []
         assert tr.data_position == 4 and tr._ahead is None
+    assert "step 1: every group had zero reward spread: update skipped" in caplog.text
     assert (m["update_skipped"], m["samples"], m["dropped"], m["zero_spread_groups"], m["zero_spread_frac"]) == (
         1, 0, 1, 4, 1.0)
     assert m["reward_mean"] == 0.5 and m["reward_std"] == 0.0 and m["judge_rate_wait_s"] == 1.5
@@ -238,3 +240,16 @@ def test_a_step_with_zero_reward_spread_logs_and_skips_its_update_with_fake_grou
     logged = [json.loads(line) for line in run.ppo_samples.read_text(encoding="utf-8").splitlines()]
     assert len(logged) == 16 and [r["dropped"] for r in logged].count(True) == 1
     assert [r["update_skipped"] for r in read_metrics(run, "ppo")] == [1]
+
+
+def test_a_step_with_fewer_samples_left_than_ranks_skips_its_update_and_says_why(tiny_model_dir, tmp_path, caplog):
+    """Two learner ranks, and the reward plane dropped all but one of the 16 samples: no equal shards, no update."""
+    cfg, run = ppo_config(tmp_path, tiny_model_dir, "fake-one-left", "ppo.steps=1", "ppo.estimator=grpo",
+                          "ppo.learner.ranks=2")
+    records = prompts_at(load_prompts(run.data / "rl_prompts.jsonl"), 0, 4, seed=1)
+    groups = FakeGroups({f"{r['id']}:1:{s}" for r in records for s in range(4)} - {f"{records[0]['id']}:1:0"})
+    with PPOTrainer(cfg, run, groups=groups) as tr:
+        m = tr.step()
+    assert groups.learner.trained == [] and (m["update_skipped"], m["samples"], m["dropped"]) == (1, 0, 15)
+    assert m["reward_mean"] == 1.0  # the one sample left, not learned from
+    assert "step 1: fewer samples left than 2 ranks: update skipped" in caplog.text

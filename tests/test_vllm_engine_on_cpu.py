@@ -60,7 +60,7 @@ def test_each_version_reaches_the_engine_and_a_stale_engine_is_caught(setup):
     cfg, tok, policy, actor, prompts = setup
     v1 = _new_version(policy, 1)
     out1 = ray.get(actor.generate.remote(prompts, 3, 7, [ray.put(v1)], 1))
-    assert out1["reloaded"] and out1["version"] == 1 and len(out1["samples"]) == 6
+    assert out1["reloaded"] and len(out1["samples"]) == 6
     assert all(len(s.logprobs) == len(s.response_ids) > 0 for s in out1["samples"])
     assert _learner_gap(policy, tok, out1["samples"])[0] < 1e-4
     with policy.disable_adapter():  # the base model's log-probs of the same tokens: the adapter matters
@@ -70,7 +70,7 @@ def test_each_version_reaches_the_engine_and_a_stale_engine_is_caught(setup):
     v2 = _new_version(policy, 2)
     ref2 = ray.put(v2)
     out2 = ray.get(actor.generate.remote(prompts, 3, 7, [ref2], 2))
-    assert out2["reloaded"] and out2["version"] == 2
+    assert out2["reloaded"]
     assert _learner_gap(policy, tok, out2["samples"])[0] < 1e-4  # against the new weights
     _set(policy, v1)
     assert _learner_gap(policy, tok, out2["samples"])[1] > 1e-2  # against the old ones
@@ -85,7 +85,7 @@ def test_each_version_reaches_the_engine_and_a_stale_engine_is_caught(setup):
     v3 = _new_version(policy, 3)
     ray.get(actor.load_adapter.remote(ref2, 3))
     stale = ray.get(actor.generate.remote(prompts, 3, 7, [ray.put(v3)], 3))
-    assert not stale["reloaded"] and stale["version"] == 3  # the engine believes it holds version 3
+    assert not stale["reloaded"]  # the engine believes it holds version 3: only the log-probs tell
     gap_max, gap_mean = _learner_gap(policy, tok, stale["samples"])
     assert gap_mean > 1e-2
     with pytest.raises(WeightSyncError, match="did not sample with adapter version 3:"):

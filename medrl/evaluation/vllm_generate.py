@@ -18,11 +18,8 @@ def answer_with_vllm(model_cfg, settings, models: dict[str, Path | None], questi
     """{model: {"outputs": {set: [{"response", "response_tokens", "finished"}]}, "seconds"}} from one engine.
     Runs where vLLM is installed (a Ray task: see ``generate_all_vllm``)."""
     from medrl.models.chat import render_prompt
-    from medrl.models.loading import pick_device
     from medrl.models.vllm_engine import VLLMEngine
-    from medrl.ppo.vllm_rollout import engine_environment
 
-    engine_environment(settings, pick_device(model_cfg.device) == "cpu")
     t0 = time.time()
     engine = VLLMEngine(model_cfg, settings, decoding["max_new_tokens"], keep=max(len(models), 1))
     tok = engine.tokenizer

@@ -223,6 +223,16 @@ class PPOConfig(StrictModel):
             raise ValueError(f"clip_high={v} below clip_low={low} (clip-higher means clip_high >= clip_low)")
         return v
 
+    @field_validator("rollout")
+    @classmethod
+    def _vllm_needs_full_nucleus(cls, v: RolloutSettings, info: ValidationInfo) -> RolloutSettings:
+        gen = info.data.get("generation")
+        if v.engine == "vllm" and gen is not None and gen.top_p < 1:
+            raise ValueError(f"engine vllm needs generation.top_p=1 (got {gen.top_p}): vLLM reports log-probs "
+                             f"renormalised over the nucleus, so every step's rollout vs learner log-prob check "
+                             f"would see a gap of -log(nucleus mass) and stop the run")
+        return v
+
     @field_validator("learner")
     @classmethod
     def _ranks_divide_batches(cls, v: LearnerSettings, info: ValidationInfo) -> LearnerSettings:

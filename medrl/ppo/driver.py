@@ -33,7 +33,7 @@ from medrl.ppo.learner import num_minibatches
 from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
 from medrl.ppo.prompts import load_prompts, micro_batches, prompts_at, reward_input
 from medrl.ppo.step_log import StepRecord, append_samples
-from medrl.ppo.sync_check import abort_threshold, check_sampled_version, check_weight_sync, logprob_gaps
+from medrl.ppo.sync_check import abort_threshold, check_weight_sync, logprob_gaps
 from medrl.reward.rate_report import RateWaitMeter
 from medrl.reward.types import RewardResult
 from medrl.runs import MetricsLogger, RunDir, rewind_jsonl
@@ -94,7 +94,8 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         """One PPO step, one line per phase (``rec`` collects each phase's time and figures for the metrics row).
         With ``async_rollout`` the samples of the step were drawn during the previous step (weights before its
-        update). ``keep`` empty: every group had zero reward spread (``filter_zero_spread_groups``), no update."""
+        update). ``keep`` empty (every group had zero reward spread with ``filter_zero_spread_groups``, or fewer
+        samples were left than learner ranks): no update."""
         self.step_no += 1
         rec = StepRecord()
         rollout = rec.timed("generate", self._generate, rec)
@@ -192,7 +193,9 @@ class PPOTrainer:
     def _log(self, rollout: Rollout, results: list[RewardResult], keep: list[int], rec: StepRecord) -> dict[str, float]:
         """The step's metrics row (``metrics.jsonl``, TensorBoard) and its samples (``samples.jsonl``)."""
         if not keep:
-            log.warning("step %d: every group had zero reward spread: update skipped", self.step_no)
+            why = ("every group had zero reward spread" if rec.row["zero_spread_frac"] == 1.0 and
+                   self.ppo.filter_zero_spread_groups else f"fewer samples left than {self.ppo.learner.ranks} ranks")
+            log.warning("step %d: %s: update skipped", self.step_no, why)
         wait = self._rate_meter.step(self.groups.reward_stats(), rec.row["time_reward_wait_s"])
         row = rec.finish(results, keep, data_position=self.data_position, judge_rate_wait_s=wait)
         self.metrics.log(self.step_no, row)
@@ -215,7 +218,6 @@ class PPOTrainer:
     def _take_micro_batch(self, rollout: Rollout, ref) -> None:
         """A finished micro-batch: its samples go to the reward pool at once."""
         out, restarted = self.groups.rollout.receive(ref, rollout.pending.pop(ref))
-        check_sampled_version(rollout.step_no, rollout.version, out.get("version"))
         items = [reward_input(rollout.records[s.prompt_index], rollout.step_no, s.sample_index, s.text)
                  for s in out["samples"]]
         rollout.add(out, restarted, items, self.groups.submit_rewards(items))

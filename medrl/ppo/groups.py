@@ -23,8 +23,7 @@ count restarts. The engine class is a parameter (``rollout_engine``: ``RolloutWo
       ``len(prompts) * n`` ``medrl.ppo.batch.Sample``s, ``sample_index`` ``i % n`` of prompt ``i // n``, each with
       its prompt and response token ids, text, whether it finished, and the engine's own log-probs of the response
       tokens at the sampling temperature (the driver compares them with the learner's every step); ``pid`` of the
-      engine process; seconds spent sampling and computing those log-probs. An engine that knows which adapter it
-      sampled with also returns it as ``"version"`` (the driver stops the run when it is not the one asked for).
+      engine process; seconds spent sampling and computing those log-probs.
   ``pid() -> int``  the engine process's pid (a restarted actor has a new one).
   ``sleep() -> float`` (engines with a sleep mode; called for ``vllm`` with ``rollout.vllm.sleep`` and sync
       rollouts) free the engine's GPU memory until the next ``generate``; returns the seconds it took.

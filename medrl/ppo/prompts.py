@@ -34,7 +34,8 @@ def micro_batches(texts: list[str], size: int, seed: int, step_no: int
                   ) -> tuple[list[list[tuple[int, str]]], list[int]]:
     """Rendered prompts in rollout micro-batches of ``size`` ``(index, text)`` pairs, and one sampling seed per
     micro-batch from (run seed, step, micro-batch): the same step draws the same samples after a resume."""
-    chunks = [list(enumerate(texts))[start:start + size] for start in range(0, len(texts), size)]
+    indexed = list(enumerate(texts))
+    chunks = [indexed[start:start + size] for start in range(0, len(indexed), size)]
     return chunks, [(seed * 1_000_003 + step_no * 1_009 + c) % 2**31 for c in range(len(chunks))]
 
 

@@ -43,9 +43,3 @@ def check_weight_sync(step: int, version: int, gap_max: float, gap_mean: float, 
         log.warning("step %d: rollout vs learner log-prob gap %.2e > tolerance %.0e (weight sync or numerics)",
                     step, gap_max, tolerance)
 
-
-def check_sampled_version(step: int, expected: int, reported: int | None) -> None:
-    """An engine that reports the adapter it sampled with must report the one it was sent."""
-    if reported is not None and reported != expected:
-        raise WeightSyncError(f"step {step}: the rollout engine sampled with adapter version {reported}, "
-                              f"not {expected}")

