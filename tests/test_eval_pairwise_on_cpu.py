@@ -13,6 +13,7 @@ from medrl.evaluation.evaluate import pairwise_rows
 from medrl.evaluation.metrics import summarize
 from medrl.evaluation.pairwise import PairTask, build_pairwise_messages, parse_verdict
 from medrl.reward.cache import open_store
+from medrl.reward.preflight import JudgeSetupError
 from medrl.reward.rubric import JudgementError
 
 KEY = "sk-test-pairwise-0123456789"
@@ -21,7 +22,8 @@ ANSWER = re.compile(r"<<<ANSWER (A|B)>>>\n(.*?)\n<<<END ANSWER \1>>>", re.DOTALL
 
 class PairJudgeServer:
     """Prefers the answer holding "[[good]]" (tie when both or neither do); "[[biased]]" anywhere makes it always pick
-    the answer shown first; "[[malformed]]" gets invalid JSON. Counts requests; usage 100 in / 10 out per call."""
+    the answer shown first; "[[malformed]]" gets invalid JSON; another key than ``KEY`` gets HTTP 401. Counts
+    requests; usage 100 in / 10 out per call."""
 
     def __init__(self):
         self.requests = 0
@@ -29,8 +31,9 @@ class PairJudgeServer:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     async def chat(self, request: web.Request) -> web.Response:
-        assert request.headers["Authorization"] == f"Bearer {KEY}"
         self.requests += 1
+        if request.headers["Authorization"] != f"Bearer {KEY}":
+            return web.json_response({"error": {"message": "Authentication Fails", "type": "auth"}}, status=401)
         body = await request.json()
         user = body["messages"][-1]["content"]
         answers = dict(ANSWER.findall(user))
@@ -137,6 +140,24 @@ eval:
     assert not any(KEY in str(v) or (backend == "postgres" and pg.password in str(v)) for r in rows for v in r)
     if backend == "sqlite":
         assert KEY.encode() not in (tmp_path / "c.db").read_bytes()
+
+
+def test_a_refused_key_stops_pairwise_judging_with_one_line_and_caches_nothing(server, tmp_path, monkeypatch):
+    """HTTP 401 is no per-pair failure: the first refusal stops the eval (the reward plane's fail-fast stop)."""
+    wrong = "sk-wrong-" + "0" * 16
+    monkeypatch.setenv("MEDRL_TEST_JUDGE_KEY", wrong)
+    cfg = load_config(None, ["reward.judge.provider=openai", f"reward.judge.base_url=http://127.0.0.1:{server.port}/v1",
+                             "reward.judge.model=deepseek-chat", "reward.judge.api_key_env=MEDRL_TEST_JUDGE_KEY",
+                             "reward.judge.max_retries=0", "reward.judge.concurrency=1", f"reward.cache.path={tmp_path}/c.db",
+                             "eval.pairwise.pairs=[[rl,sft]]", "eval.pairwise.sets=[test]"])
+    rows = _rows({"rl": {f"q{i}": "a [[good]]" for i in range(4)}, "sft": {f"q{i}": "b" for i in range(4)}})
+    with pytest.raises(JudgeSetupError, match=r"refused the API key \(HTTP 401") as e:
+        pairwise_rows(cfg, rows)
+    assert wrong not in str(e.value) and "\n" not in str(e.value)
+    assert server.requests <= 2  # the refused call (+ one the freed slot let through), not the 8 calls of 4 pairs
+    store = open_store(cfg.reward.cache)
+    assert store.pairwise_many(["x"]) == {} and store._run("SELECT COUNT(*) FROM pairwise_verdicts").fetchone()[0] == 0
+    store.close()
 
 
 def test_messages_show_only_final_answers_between_markers():

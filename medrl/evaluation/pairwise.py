@@ -2,7 +2,7 @@
 
 The teacher endpoint, key, prices, rate limits and budget are the reward plane's (``reward.judge``), and so is the
 judge store (``reward.cache``: the SQLite file, or the PostgreSQL database a cluster shares): the calls go through the
-``openai`` client (its retries/timeouts), the reward plane's gate (``LeasedGate`` over a ``Ledger``: rate limits,
+reward plane's ``OpenAIJudge.call`` (the ``openai`` client's retries/timeouts, malformed-reply retries), its gate (``LeasedGate`` over a ``Ledger``: rate limits,
 budget), and the verdicts into the store's ``pairwise_verdicts`` table (content addressed, with ``PAIRWISE_VERSION``
 in the key, so a rerun, on this machine or another one on the same store, pays nothing).
 With the offline judge (``provider: reference``) the verdict compares the two answers' rewards (the reference judge
@@ -17,15 +17,12 @@ import os
 import re
 from dataclasses import dataclass
 
-import openai
-
 from medrl.errors import UsageError
 from medrl.reward.cache import cache_key, open_store
 from medrl.reward.config import CacheConfig, JudgeConfig
-from medrl.reward.judge import content_of, usage_of
-from medrl.reward.ledger import LeasedGate, Ledger, Usage, call_cost, local_gate
+from medrl.reward.judge import OpenAIJudge
+from medrl.reward.ledger import Ledger, Usage, local_gate
 from medrl.reward.rubric import JudgementError, load_verdict_json
-from medrl.reward.text import estimate_tokens
 
 log = logging.getLogger("medrl.eval")
 
@@ -109,31 +106,25 @@ def reward_verdict(first_reward: float, second_reward: float) -> str:
 
 
 class PairwiseJudge:
-    """Asks an OpenAI-compatible judge for pairwise verdicts (cached, rate-limited, budget-capped)."""
+    """Asks an OpenAI-compatible judge for pairwise verdicts (cached, rate-limited, budget-capped) through the
+    reward plane's ``OpenAIJudge.call``: its retries, malformed-reply retries, HTTP attempt counts, key redaction and
+    fail-fast stop on errors no call can survive (bad key, unknown model)."""
 
     def __init__(self, cfg: JudgeConfig, cache: CacheConfig):
         key = os.environ.get(cfg.api_key_env)
         if not key:
             raise UsageError(f"pairwise judging needs the environment variable {cfg.api_key_env} "
                              f"(reward.judge.api_key_env); or set eval.pairwise.enabled=false")
-        self.cfg = cfg
-        self.cache = cache
-        self._key = key
-        self.price = cfg.prices[cfg.model]
+        self.cfg, self.cache, self._key = cfg, cache, key
         self.ledger = Ledger(cfg.rpm, cfg.tpm, cfg.budget_usd)
 
     def judge_all(self, tasks: list[PairTask]) -> list[PairVerdict]:
         return asyncio.run(self._judge_all(tasks))
 
-    def _gate(self) -> LeasedGate:
-        """The reward plane's gate over this judge's own ledger (rate limits and budget of ``reward.judge``)."""
-        return local_gate(self.ledger, max(1, self.cfg.concurrency // 4))
-
     async def _judge_all(self, tasks: list[PairTask]) -> list[PairVerdict]:
         store = open_store(self.cache)
-        client = openai.AsyncOpenAI(base_url=self.cfg.base_url, api_key=self._key, timeout=self.cfg.timeout_s,
-                                    max_retries=self.cfg.max_retries)
-        gate = self._gate()
+        judge = OpenAIJudge(self.cfg, self._key)
+        gate = local_gate(self.ledger, max(1, self.cfg.concurrency // 4))  # rate limits and budget of reward.judge
         slots = asyncio.Semaphore(self.cfg.concurrency)
         answers = [json.dumps([t.first, t.second], ensure_ascii=False) for t in tasks]
         keys = [cache_key(self.cfg.model, PAIRWISE_VERSION, t.prompt, a, t.reference) for t, a in zip(tasks, answers)]
@@ -145,50 +136,26 @@ class PairwiseJudge:
                     winner, why = cached[key]
                     return PairVerdict(winner, "cached", why)
                 async with slots:
-                    verdict = await self._ask(client, gate, task)
-                if verdict.status == "ok":
-                    u = verdict.usage
-                    store.put_pairwise({"key": key, "judge": self.cfg.judge_id, "version": PAIRWISE_VERSION,
-                               "winner": verdict.winner, "reason": verdict.reason, "prompt": task.prompt,
-                               "answers": answer, "reference": task.reference, "tokens_in": u.tokens_in,
-                               "tokens_out": u.tokens_out, "tokens_cache_hit": u.tokens_cache_hit,
-                               "cost_usd": verdict.cost_usd})
-                return verdict
+                    out = await judge.call(build_pairwise_messages(task), parse_verdict, gate)
+                if out.status != "ok":
+                    log.warning("pairwise judgement %s: %s", out.status, out.reason)
+                    return PairVerdict(None, out.status, out.reason, out.usage, out.cost_usd)
+                (winner, why), u = out.judgement, out.usage
+                store.put_pairwise({"key": key, "judge": self.cfg.judge_id, "version": PAIRWISE_VERSION,
+                                    "winner": winner, "reason": why, "prompt": task.prompt, "answers": answer,
+                                    "reference": task.reference, "tokens_in": u.tokens_in, "tokens_out": u.tokens_out,
+                                    "tokens_cache_hit": u.tokens_cache_hit, "cost_usd": out.cost_usd})
+                return PairVerdict(winner, "ok", why, u, out.cost_usd)
 
-            return list(await asyncio.gather(*(one(t, k, a) for t, k, a in zip(tasks, keys, answers))))
+            running = [asyncio.ensure_future(one(t, k, a)) for t, k, a in zip(tasks, keys, answers)]
+            try:
+                return list(await asyncio.gather(*running))
+            except BaseException:  # a judge no call can survive (JudgeSetupError): nothing more is sent
+                for task in running:
+                    task.cancel()
+                await asyncio.gather(*running, return_exceptions=True)
+                raise
         finally:
             await gate.flush()
-            await client.close()
+            await judge.close()
             store.close()
-
-    async def _ask(self, client: openai.AsyncOpenAI, gate: LeasedGate, task: PairTask) -> PairVerdict:
-        messages = build_pairwise_messages(task)
-        est_tokens = sum(estimate_tokens(m["content"]) for m in messages) + self.cfg.max_tokens
-        est_cost = call_cost(Usage(est_tokens - self.cfg.max_tokens, self.cfg.max_tokens), self.price)
-        total, cost, reason = Usage(), 0.0, ""
-        for _ in range(1 + self.cfg.malformed_retries):
-            permit = await gate.reserve(est_tokens, est_cost)
-            if permit is None:
-                return PairVerdict(None, "over_budget", "budget cap reached", total, cost)
-            await asyncio.sleep(permit.wait_s)
-            try:
-                completion = await client.post("/chat/completions", cast_to=dict, body={
-                    "model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
-                    "max_tokens": self.cfg.max_tokens, "response_format": {"type": "json_object"}})
-            except openai.APIError as exc:
-                gate.settle(permit, 0, 0, 0, 0.0, 1)
-                message = str(exc).replace(self._key, "***")[:200]
-                log.warning("pairwise judgement failed: %s: %s", type(exc).__name__, message)
-                return PairVerdict(None, "failed", f"{type(exc).__name__}: {message}", total, cost)
-            usage = usage_of(completion)
-            spent = call_cost(usage, self.price)
-            gate.settle(permit, usage.tokens_in, usage.tokens_out, usage.tokens_cache_hit, spent, 1)
-            total.add(usage)
-            cost += spent
-            content = content_of(completion)
-            try:
-                winner, why = parse_verdict(content)
-                return PairVerdict(winner, "ok", why, total, cost)
-            except JudgementError as exc:
-                reason = str(exc)
-        return PairVerdict(None, "failed", reason, total, cost)
