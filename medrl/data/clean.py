@@ -43,7 +43,8 @@ def normalize_text(text: str) -> str:
 
 
 def skeleton(text: str) -> str:
-    """The dedupe form of a text: NFKC, case-folded, without whitespace and punctuation."""
+    """The compact form of a text (dedupe keys; answers matched against options or references): NFKC,
+    case-folded, without whitespace and punctuation."""
     return _NON_WORD.sub("", unicodedata.normalize("NFKC", text).casefold())
 
 

@@ -16,7 +16,7 @@ import re
 import string
 from typing import Any, Callable
 
-from medrl.data.clean import normalize_text
+from medrl.data.clean import normalize_text, skeleton
 from medrl.data.risk import classify_risk
 
 RECORD_FIELDS = ("id", "source", "language", "question", "think", "answer", "output", "reference", "options",
@@ -88,10 +88,6 @@ def _options(value: Any, name: str) -> dict[str, str] | None:
     return out
 
 
-def _compact(text: str) -> str:
-    return re.sub(r"[\W_]+", "", text).casefold()
-
-
 def mcq_label(value: Any, options: dict[str, str], name: str, index_base: int = 0) -> str | None:
     """The option letter(s) of a raw MCQ label: a letter in any case (``c``), a number counted from
     ``index_base`` (``2`` = C when 0-based), the text of the correct option, or several letters for a
@@ -115,8 +111,8 @@ def mcq_label(value: Any, options: dict[str, str], name: str, index_base: int = 
         if text.upper() in options:
             out.append(text.upper())
             continue
-        by_text = [k for k, v in options.items() if _compact(v) == _compact(text)]
-        if by_text and _compact(text):
+        by_text = [k for k, v in options.items() if skeleton(v) == skeleton(text)]
+        if by_text and skeleton(text):
             out.append(by_text[0])
             continue
         several = re.sub(r"[\s,;、，和及]+", "", text).upper()

@@ -17,6 +17,7 @@ import re
 import unicodedata
 from typing import Literal
 
+from medrl.data.clean import skeleton
 from medrl.reward.rules import DANGEROUS, REFUSAL, TRIAGE, format_rule
 from medrl.reward.text import split_response
 
@@ -114,10 +115,6 @@ def _choice_patterns(letters: str, multi: bool = False) -> list[re.Pattern]:
     ]
 
 
-def _compact(text: str) -> str:
-    return re.sub(r"[\s\W_]+", "", unicodedata.normalize("NFKC", text)).casefold()
-
-
 def extract_choice(text: str, options: dict[str, str], mode: Mode = "strict", multi: bool = False) -> str | None:
     """The chosen option letter (a key of ``options``) from a response, or None. ``multi`` (items with several
     correct options): the chosen letters, sorted and joined (``ACE``)."""
@@ -133,8 +130,8 @@ def extract_choice(text: str, options: dict[str, str], mode: Mode = "strict", mu
             return "".join(chosen)
     if mode == "strict" or multi:
         return None
-    compact = _compact(answer)
-    quoted = [(len(_compact(v)), k) for k, v in options.items() if _compact(v) and _compact(v) in compact]
+    compact = skeleton(answer)
+    quoted = [(len(skeleton(v)), k) for k, v in options.items() if skeleton(v) and skeleton(v) in compact]
     if quoted:
         quoted.sort(reverse=True)
         if len(quoted) == 1 or quoted[0][0] > quoted[1][0]:

@@ -14,15 +14,15 @@ HuatuoGPT-o1 recipe. No ground truth: no verdict (the other parts of the reward 
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass, field
 
+from medrl.data.clean import skeleton
 from medrl.reward.cache import JudgeStore, cache_key
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import Gate, OpenAIJudge
 from medrl.reward.ledger import Usage
 from medrl.reward.rubric import ANSWER_CLOSE, ANSWER_OPEN, JudgementError, _scrub, load_verdict_json
-from medrl.reward.rules import format_rule
+from medrl.reward.rules import detect_injection, format_rule
 from medrl.reward.text import en_words, key_terms, split_response, term_found
 from medrl.reward.types import RewardInput, RewardResult
 
@@ -72,17 +72,13 @@ def build_verifier_messages(prompt: str, answer: str, reference: str) -> list[di
     return [{"role": "system", "content": VERIFIER_RUBRIC}, {"role": "user", "content": user}]
 
 
-def _compact(text: str) -> str:
-    return re.sub(r"[\W_]+", "", text).casefold()
-
-
 def match_reference(answer: str, reference: str, threshold: float) -> bool:
     """Deterministic matcher: the reference (letters and digits only, case-folded) inside the answer, or at least
     ``threshold`` of the reference's key terms (jieba words for Chinese, stemmed English words) in the answer."""
-    ref = _compact(reference)
+    ref = skeleton(reference)
     if not ref:
         return False
-    if ref in _compact(answer):
+    if ref in skeleton(answer):
         return True
     terms = key_terms(reference, 32)
     if not terms:
@@ -92,10 +88,12 @@ def match_reference(answer: str, reference: str, threshold: float) -> bool:
 
 
 class Verifier:
-    """Ground-truth verdicts for a batch; judge calls share the rubric judge's client, gate and cache."""
+    """Ground-truth verdicts for a batch; judge calls share the rubric judge's client, gate, cache and concurrency
+    slots (``reward.judge.concurrency`` bounds both kinds of call together)."""
 
-    def __init__(self, cfg: RewardConfig, judge: OpenAIJudge | None, cache: JudgeStore | None):
-        self.cfg, self.v = cfg, cfg.verifier
+    def __init__(self, cfg: RewardConfig, judge: OpenAIJudge | None, cache: JudgeStore | None,
+                 slots: asyncio.Semaphore):
+        self.cfg, self.v, self.slots = cfg, cfg.verifier, slots
         use_judge = self.v.open_ended == "judge" and cfg.judge.provider == "openai"
         self.judge, self.cache = (judge, cache) if use_judge else (None, None)
         self.judge_id = f"{cfg.judge.judge_id}#verifier"
@@ -137,7 +135,7 @@ class Verifier:
                 out[i] = Verdict(self.v.bad_format, "bad_format", "format", "think-then-answer format broken")
             elif item.label:
                 out[i] = self._closed(item, answer)
-            elif self.judge is None:
+            elif self.judge is None or detect_injection(item.response):  # an injection scores R = 0: no call
                 out[i] = self._score(match_reference(answer, item.reference, self.v.match_threshold), "match")
             else:
                 calls[i] = (answer, self._key(item, answer))
@@ -159,8 +157,9 @@ class Verifier:
         return out
 
     async def _ask(self, item: RewardInput, answer: str, key: str, gate: Gate) -> Verdict:
-        outcome = await self.judge.call(build_verifier_messages(item.prompt, answer, item.reference),
-                                        parse_equivalence, gate)
+        async with self.slots:
+            outcome = await self.judge.call(build_verifier_messages(item.prompt, answer, item.reference),
+                                            parse_equivalence, gate)
         if outcome.status != "ok":  # failed or over budget: the offline matcher decides, and says so
             return self._score(match_reference(answer, item.reference, self.v.match_threshold), "match",
                                f"judge {outcome.status} ({outcome.reason}); reference matcher used",
