@@ -286,6 +286,21 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+def test_a_refused_key_stops_pool_score_without_resubmitting(ray_local, server, tmp_path, monkeypatch):
+    """``RewardPool.score`` with a key the judge refuses (HTTP 401): JudgeSetupError on the first failed batch, no
+    resubmission round (each of the 2 actors sent one call: concurrency 1, one item each)."""
+    from medrl.reward.pool import RewardPool
+    from medrl.reward.preflight import JudgeSetupError
+
+    server.reset()
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "sk-refused-" + "0" * 12)
+    with RewardPool(_cfg(server, tmp_path, concurrency=1, batch_size=1)) as pool:
+        with pytest.raises(Exception) as e:
+            pool.score([_item("refused", i) for i in range(2)], progress=False)
+        assert isinstance(e.value.cause, JudgeSetupError) and "refused the API key (HTTP 401" in str(e.value)
+        assert server.stats()["unauthorized"] <= 2  # a resubmission round would have sent more
+
+
 def test_rate_limit_and_budget_cap(ray_local, server, api_key, tmp_path):
     from medrl.reward.pool import RewardPool
 

@@ -122,6 +122,12 @@ class JudgeActor:
             await self._scorer.close()
 
 
+def _judge_unusable(exc: ray.exceptions.RayError) -> bool:
+    """A reward task that failed because the judge cannot work at all (bad key, unknown model: a ``UsageError``,
+    ``JudgeSetupError``): stop the run, never resubmit or replace actors for it."""
+    return isinstance(getattr(exc, "cause", None), UsageError)
+
+
 class RewardPool:
     """Scores RewardInputs with rules + the teacher judge on a pool of Ray actors (Ray must be initialised)."""
 
@@ -237,6 +243,8 @@ class RewardPool:
                 try:
                     batch = ray.get(done[0])
                 except ray.exceptions.RayError as exc:
+                    if _judge_unusable(exc):
+                        raise
                     log.warning("reward batch of %d item(s) failed (%s)", len(idxs), type(exc).__name__)
                     failed += idxs
                     continue
@@ -263,8 +271,8 @@ class RewardPool:
                 try:
                     results[i] = ray.get(refs[i])
                 except ray.exceptions.RayError as exc:
-                    if attempt == REWARD_RETRIES or isinstance(getattr(exc, "cause", None), UsageError):
-                        raise  # a judge that cannot work (bad key, unknown model) is not retried
+                    if attempt == REWARD_RETRIES or _judge_unusable(exc):
+                        raise
                     failed.append(i)
                     error = type(exc).__name__
             if not failed:
