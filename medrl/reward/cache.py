@@ -119,16 +119,17 @@ class JudgeStore:
                 raise UsageError(f"{self.where}: judge store has schema version {row[0]}, this medrl knows "
                                  f"{SCHEMA_VERSION} (upgrade medrl)")
 
+    def _rows_of(self, select: str, keys: Iterable[str]) -> list[tuple]:
+        """The rows of ``select`` (its first column is ``key``) whose key is among ``keys``, in chunks."""
+        if self._db is None:
+            return []
+        return [row for chunk in _chunks(list(dict.fromkeys(keys)))
+                for row in self._run(f"{select} WHERE key IN ({','.join('?' * len(chunk))})", chunk).fetchall()]
+
     # ---- judgements
     def get_many(self, keys: Iterable[str]) -> dict[str, dict]:
         """Cached judgements of the given keys (missing keys are absent)."""
-        out: dict[str, dict] = {}
-        if self._db is None:
-            return out
-        for chunk in _chunks(list(dict.fromkeys(keys))):
-            for row in self._run(f"{_SELECT} WHERE key IN ({','.join('?' * len(chunk))})", chunk).fetchall():
-                out[row[0]] = dict(zip(_COLUMNS, row))
-        return out
+        return {row[0]: dict(zip(_COLUMNS, row)) for row in self._rows_of(_SELECT, keys)}
 
     def put(self, record: dict, holder: str | None = None) -> None:
         """Store one judgement (first writer wins) and drop ``holder``'s claim on it, committed before returning."""
@@ -160,12 +161,7 @@ class JudgeStore:
     # ---- pairwise verdicts (eval's pairwise judge; key: ``cache_key`` over both answers in their shown order)
     def pairwise_many(self, keys: Iterable[str]) -> dict[str, tuple[str, str]]:
         """{key: (winner, reason)} of the cached pairwise verdicts among ``keys``."""
-        out: dict[str, tuple[str, str]] = {}
-        for chunk in _chunks(list(dict.fromkeys(keys))) if self._db is not None else ():
-            out.update((k, (w, r)) for k, w, r in self._run(
-                f"SELECT key, winner, reason FROM pairwise_verdicts WHERE key IN ({','.join('?' * len(chunk))})",
-                chunk).fetchall())
-        return out
+        return {k: (w, r) for k, w, r in self._rows_of("SELECT key, winner, reason FROM pairwise_verdicts", keys)}
 
     def put_pairwise(self, record: dict) -> None:
         """Store one pairwise verdict (first writer wins), committed before returning."""
