@@ -179,3 +179,13 @@ def test_unclosed_csv_quote_rejects_one_line_and_keeps_the_rest(tmp_path):
     assert rejects == [(2, "unclosed quote: a quoted field opened on line 2 runs to line 28 (1 columns, the header "
                            "has 4); lines 3-28 are read again as rows")]
     assert [r.line for r in rows if r.record is not None] == list(range(3, 29))
+
+
+def test_an_unclosed_quote_after_unicode_line_separators_restarts_at_the_right_line(tmp_path):
+    """U+2028 / form feed in an earlier field are no line breaks to the csv module: the rows after an unclosed
+    quote are read again from the line after it, with their own line numbers."""
+    path = tmp_path / "seps.csv"
+    path.write_text('question,answer,x\nq0,a\u2028b\x0cc,0\nq1,"unclosed,1\nq2,two,2\nq3,fine,3\n', encoding="utf-8")
+    rows = list(read_csv(path, 10**6))
+    assert [(line, row and row["question"], bool(err)) for line, row, err in rows] == [
+        (2, "q0", False), (3, None, True), (4, "q2", False), (5, "q3", False)]

@@ -261,7 +261,8 @@ def read_csv(path: Path, max_row_bytes: int, encoding: str = "auto") -> Iterator
             yield start, None, (f"unclosed quote: a quoted field opened on line {start} runs to line {end} "
                                 f"({len(cells)} columns, the header has {len(header)}); lines {start + 1}-{end} are "
                                 f"read again as rows")
-            physical = physical if physical is not None else text.splitlines(keepends=True)
+            # the csv module's physical lines (\n, \r, \r\n; str.splitlines would also split at \x0c, \u2028, ...)
+            physical = physical if physical is not None else io.StringIO(text, newline="").readlines()
             reader = csv.reader(io.StringIO("".join(physical[start:]), newline=""))
             offset, last = start, 0
         elif size > max_row_bytes:
