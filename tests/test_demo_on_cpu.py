@@ -130,3 +130,14 @@ def test_demo_three_panes_and_judge_in_chromium(demo_run, tiny_model_dir, tmp_pa
                 proc.wait()
             log.close()
         assert KEY not in (tmp_path / "demo.log").read_text(errors="replace")
+
+
+def test_examples_take_the_first_red_team_row_of_each_category_in_order(tmp_path):
+    from types import SimpleNamespace
+
+    from medrl.demo.app import example_records
+
+    (tmp_path / "redteam.jsonl").write_text("".join(json.dumps({"id": i, "question": f"q{i}", "category": c}) + "\n"
+                                                    for i, c in enumerate("abacbd")), encoding="utf-8")
+    got = example_records(SimpleNamespace(data=tmp_path))
+    assert [r["id"] for r in got] == [0, 1, 3, 5, 2, 4] and {r["set"] for r in got} == {"redteam"}

@@ -37,9 +37,12 @@ def example_records(run) -> list[dict]:
         if not path.is_file():
             continue
         rows = read_jsonl(path, ("question",))
-        if name == "redteam":
-            firsts = list({r.get("category"): r for r in reversed(rows)}.values())[::-1]
-            rows = firsts + [r for r in rows if r not in firsts]
+        if name == "redteam":  # the first row of each category, in the order the categories first appear
+            first_of: dict = {}
+            for r in rows:
+                first_of.setdefault(r.get("category"), r)
+            picked = {id(r) for r in first_of.values()}
+            rows = [*first_of.values(), *(r for r in rows if id(r) not in picked)]
         out += [{**r, "set": name} for r in rows[:EXAMPLES_PER_SET]]
     return out
 

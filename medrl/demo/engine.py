@@ -56,7 +56,7 @@ class DemoModels:
         return contextlib.nullcontext()
 
     def stream(self, name: str, question: str, max_new_tokens: int = 512, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0) -> Iterator[str]:
+               seed: int = 0) -> Iterator[str]:
         """The response of model ``name`` (base, sft, rl) so far, after every decoded piece."""
         import torch
         from transformers import TextIteratorStreamer
@@ -69,7 +69,7 @@ class DemoModels:
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
         sample = temperature > 0
         kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
-                      else None, top_p=top_p if sample else None, top_k=None, streamer=streamer,
+                      else None, top_p=None, top_k=None, streamer=streamer,
                       pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0], eos_token_id=eos)
         stop = threading.Event()  # set when the page goes away mid-answer: generation ends at the next token
         kwargs["stopping_criteria"] = [lambda ids, scores, **_: torch.full((ids.shape[0],), stop.is_set(),
@@ -99,7 +99,6 @@ class DemoModels:
                 thread.join()
             if errors:
                 raise errors[0]
-        yield text
 
 
 def render_response(text: str, done: bool) -> str:
