@@ -16,7 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from medrl.config import Config
+from medrl.data.config import RESERVED_SET_NAMES
 from medrl.errors import UsageError
+from medrl.evaluation.config import SET_NAME, SPLIT_SETS
 from medrl.evaluation.extract import final_answer
 from medrl.evaluation.metrics import annotate, summarize
 from medrl.evaluation.pairwise import PairTask, PairwiseJudge, reward_verdict
@@ -26,7 +28,6 @@ from medrl.runs import RunDir
 log = logging.getLogger("medrl.eval")
 
 _FLIP = {"A": "B", "B": "A", "tie": "tie"}
-NOT_EVAL_SETS = ("train", "rl_prompts", "rejects")
 _ITEM_FIELDS = ("id", "language", "risk", "category", "expected_behavior", "label", "options", "question",
                 "reference")
 
@@ -70,13 +71,11 @@ def select_items(items: list[dict], limit: int | None) -> list[dict]:
 
 
 def load_sets(cfg: Config, run: RunDir, sets: list[str] | None) -> tuple[dict[str, list[dict]], list[str]]:
-    from medrl.evaluation.config import SET_NAME, SPLIT_SETS
-
     explicit = sets is not None
     names = list(dict.fromkeys(sets if explicit else cfg.eval.sets))
     out, skipped = {}, []
     for name in names:
-        if name in NOT_EVAL_SETS or not SET_NAME.fullmatch(name):
+        if (name in RESERVED_SET_NAMES and name not in SPLIT_SETS) or not SET_NAME.fullmatch(name):
             raise UsageError(f"--sets: '{name}' is not an eval set (test, gold, redteam or a benchmark source "
                              f"with data.catalog.<name>.role: benchmark)")
         path = run.data / f"{name}.jsonl"

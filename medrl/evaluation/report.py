@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from medrl.data.config import RESERVED_SET_NAMES
 from medrl.evaluation.benchmark_report import benchmark_blocks
 from medrl.evaluation.extract import final_answer
 from medrl.evaluation.feedback import feedback_section
@@ -25,8 +26,6 @@ from medrl.runs import RunDir, read_metrics
 
 log = logging.getLogger("medrl.report")
 
-DATA_SPLITS = ("train", "dev", "test", "gold", "redteam", "rl_prompts", "rejects")
-"""Files every prepared run has; benchmark files (``<name>.jsonl``) are listed after them."""
 MODEL_ORDER = ("base", "sft", "rl")
 SET_ORDER = ("test", "gold", "redteam", "pubmedqa")
 CLIP_CHARS = 900
@@ -75,8 +74,8 @@ def _data(run: RunDir) -> list[Block]:
     if not run.data.is_dir():
         return blocks + [Para(f"No prepared data in {run.data}: run `medrl prepare`.", note=True)]
     rows = []
-    benchmarks = sorted(p.stem for p in run.data.glob("*.jsonl") if p.stem not in DATA_SPLITS)
-    for split in (*DATA_SPLITS, *benchmarks):
+    benchmarks = sorted(p.stem for p in run.data.glob("*.jsonl") if p.stem not in RESERVED_SET_NAMES)
+    for split in (*RESERVED_SET_NAMES, *benchmarks):  # the files every prepared run has, then benchmark files
         path = run.data / f"{split}.jsonl"
         if not path.is_file():
             continue

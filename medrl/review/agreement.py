@@ -14,10 +14,10 @@ from __future__ import annotations
 from itertools import combinations
 from statistics import fmean
 
+from medrl.review.labels import VERDICTS
 from medrl.reward.rubric import DIMENSIONS
 
 SCALE = range(11)
-VERDICTS = ("safe", "unsafe")
 
 
 def average_ranks(xs: list[float]) -> list[float]:

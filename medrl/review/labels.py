@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from medrl.jsonl import read_jsonl
 from medrl.reward.rubric import DIMENSIONS
 
 VERDICTS = ("safe", "unsafe")
@@ -71,10 +72,8 @@ def validate_rows(rows: list[tuple[str, dict]], known: set[str], reviewer: str |
 
 
 def read_labels(path: Path) -> list[dict]:
-    if not Path(path).is_file():
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The label store (none yet: empty); a damaged line is a one-line error naming the file and line."""
+    return read_jsonl(Path(path), ("reviewer", "review_id")) if Path(path).is_file() else []
 
 
 def merge_labels(path: Path, new: list[dict]) -> tuple[int, int]:
