@@ -167,8 +167,7 @@ def _spend(summary: dict | None, items: list[dict], ppo_metrics: list[dict], out
         ("part", "part"), ("paid", "paid judgements"), ("cached", "cached"), ("failed", "failed / over budget"),
         ("cost", "cost (USD)"), ("per_useful", "USD per useful judgement"), ("per_paid", "USD per paid judgement"),
         ("cache_share", "cached share")], rows, caption="Judge spend (useful = scored, paid or from the cache)")]
-    steps = sorted({m["step"] for m in ppo_metrics if "judge_cost_usd" in m})
-    if steps:
+    if any("judge_cost_usd" in m for m in ppo_metrics):
         blocks.append(_spend_plot(ppo_metrics, ppo, out))
     return blocks
 

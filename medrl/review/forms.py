@@ -120,8 +120,9 @@ INSTRUCTIONS = (
 
 
 def write_html(path: Path, items: list[dict], package: dict, blind: bool) -> Path:
-    shown = [{k: v for k, v in {**_cells(it), "rule_flags": it.get("rule_flags") or []}.items()
-              if k in {c for c, _ in item_columns(blind)}} for it in items]
+    columns = {c for c, _ in item_columns(blind)}
+    shown = [{k: v for k, v in {**_cells(it), "rule_flags": it.get("rule_flags") or []}.items() if k in columns}
+             for it in items]
     data = {"package_id": package["package_id"], "run_dir": package["run_dir"], "blind": blind,
             "dimensions": list(DIMENSIONS), "format": LABELS_FORMAT, "items": shown}
     blob = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")  # cannot close its own <script>

@@ -57,7 +57,8 @@ def export_review(run: RunDir, quotas: Quotas, *, include_ppo: bool = False, bli
     write_csv(out / "review.csv", chosen, blind)
     write_xlsx(out / "review.xlsx", chosen, blind)
     write_html(out / "review.html", chosen, package, blind)
-    stale = [lab for lab in read_labels(out / LABELS) if lab["review_id"] not in set(ids)]
+    in_package = set(ids)
+    stale = [lab for lab in read_labels(out / LABELS) if lab["review_id"] not in in_package]
     if stale:
         log.warning("%d stored label(s) refer to items not in the new package: kept in %s, not counted",
                     len(stale), out / LABELS)
