@@ -191,6 +191,7 @@ def longest_content_run(text: str) -> int:
     return max((n for _, _, n in _content_runs(text)), default=0)
 
 
+@lru_cache(maxsize=64)  # the keyword rule and the rule outcome's covered text ask for the same answer
 def without_keyword_lists(answer: str, reference: str, min_run: int) -> tuple[str, int]:
     """The answer with its keyword lists blanked, and how many items they held. A keyword list is a run of at least
     ``min_run`` items, longer than any run in the reference, with no function word or sentence punctuation in it:
