@@ -197,8 +197,7 @@ class JudgeStore:
         with self._tx(durable=True):
             self._run(f"INSERT INTO judgements ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))}) "
                       "ON CONFLICT (key) DO NOTHING", [rec.get(c) for c in _COLUMNS])
-            if holder is not None:
-                self._run("DELETE FROM claims WHERE key = ? AND holder = ?", (rec["key"], holder))
+            self._drop_claim(rec["key"], holder)
 
     @_reconnecting
     def count(self) -> int:
@@ -225,15 +224,21 @@ class JudgeStore:
         return {k: (w, r) for k, w, r in self._rows_of("SELECT key, winner, reason FROM pairwise_verdicts", keys)}
 
     @_reconnecting
-    def put_pairwise(self, record: dict) -> None:
-        """Store one pairwise verdict (first writer wins), committed before returning."""
+    def put_pairwise(self, record: dict, holder: str | None = None) -> None:
+        """Store one pairwise verdict (first writer wins) and drop ``holder``'s claim on it, committed before
+        returning."""
         rec = dict(record, created=record.get("created", time.time()))
         with self._tx(durable=True):
             self._run(f"INSERT INTO pairwise_verdicts ({', '.join(_PAIR_COLUMNS)}) VALUES "
                       f"({','.join('?' * len(_PAIR_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
                       [rec.get(c) for c in _PAIR_COLUMNS])
+            self._drop_claim(rec["key"], holder)
 
-    # ---- claims: who is judging a key right now
+    # ---- claims: who is judging a key right now (judgements and pairwise verdicts alike: their keys never collide)
+    def _drop_claim(self, key: str, holder: str | None) -> None:
+        if holder is not None:
+            self._run("DELETE FROM claims WHERE key = ? AND holder = ?", (key, holder))
+
     @_reconnecting
     def claim_many(self, keys: list[str], holder: str, ttl_s: float) -> set[str]:
         """Claim the keys nobody holds (or whose claim expired); returns the keys ``holder`` now holds."""
