@@ -4,6 +4,7 @@ loopback judge. Every item is judged, each key is requested once, the judgements
 reconnect and no claim is left; a store that stays down past ``reward.cache.outage_s`` stops with one line."""
 from __future__ import annotations
 
+import json
 import secrets
 import threading
 import time
@@ -19,8 +20,8 @@ FAKE_KEY = "sk-medrl-outage-" + secrets.token_hex(8)
 URL_ENV = "MEDRL_TEST_OUTAGE_URL"
 
 
-def _items(n: int) -> list[RewardInput]:
-    return [RewardInput(id=f"o-{i}", prompt=f"patient {i} has a sore throat and fever.",
+def _items(n: int, tag: str) -> list[RewardInput]:
+    return [RewardInput(id=f"{tag}-{i}", prompt=f"{tag}: patient {i} has a sore throat and fever.",
                         response=f"<think>\nstrep {i}\n</think>\n\nAmoxicillin for streptococcal pharyngitis ({i}).",
                         reference="Amoxicillin for streptococcal pharyngitis.") for i in range(n)]
 
@@ -31,7 +32,7 @@ def test_a_postgres_restart_mid_run_loses_nothing_and_pays_no_key_twice(ray_loca
     monkeypatch.setenv(URL_ENV, postgres.url)
     monkeypatch.setenv("DEEPSEEK_API_KEY", FAKE_KEY)
     cache = CacheConfig(backend="postgres", url_env=URL_ENV, claim_ttl_s=30, outage_s=60)
-    items = _items(240)
+    items = _items(240, "restart")
     with LoopbackJudge(latency_s=0.2, api_key=FAKE_KEY) as server:
         cfg = RewardConfig.model_validate({"cache": cache.model_dump(), "judge": {
             "base_url": server.base_url, "timeout_s": 30.0, "max_retries": 1, "num_actors": 2, "concurrency": 4,
@@ -90,3 +91,40 @@ def test_a_store_down_past_outage_s_stops_with_one_line(postgres, monkeypatch):
         if postgres.proc is None:
             postgres._start()
         store.close()
+
+
+def test_medrl_judge_stops_with_one_line_when_the_store_stays_down(ray_local, postgres, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from medrl.cli import main
+
+    monkeypatch.setenv(URL_ENV, postgres.url)
+    monkeypatch.setenv("DEEPSEEK_API_KEY", FAKE_KEY)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": it.id, "prompt": it.prompt, "response": it.response,
+                                       "reference": it.reference}) + "\n" for it in _items(200, "down")))
+    done = threading.Event()
+    with LoopbackJudge(latency_s=0.2, api_key=FAKE_KEY) as server:
+        def stop_mid_run():
+            deadline = time.time() + 120
+            while server.stats()["total"] < 20 and time.time() < deadline and not done.is_set():
+                time.sleep(0.05)
+            postgres._stop()
+
+        stopper = threading.Thread(target=stop_mid_run)
+        stopper.start()
+        try:
+            rc = main(["judge", "--config", "configs/local_tiny.yaml", "--input", str(src), "--out",
+                       str(tmp_path / "o.jsonl"), f"run.root={tmp_path}/runs", "reward.judge.provider=openai",
+                       f"reward.judge.base_url={server.base_url}", "reward.judge.concurrency=4",
+                       "reward.cache.backend=postgres", f"reward.cache.url_env={URL_ENV}", "reward.cache.outage_s=2"])
+        finally:
+            done.set()
+            stopper.join()
+            postgres._start()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"medrl: error: PostgreSQL at ${URL_ENV}: unreachable for 2 s "
+                                          "(reward.cache.outage_s): "), err[-3:]
+    assert "Traceback" not in "\n".join(err) and postgres.password not in "\n".join(err)
+    assert not (tmp_path / "o.jsonl").exists()

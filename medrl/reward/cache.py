@@ -110,22 +110,27 @@ class JudgeStore:
         self._db, self.backend, self.where = db, backend, where
         self._pg = backend == "postgres"
         self._connect, self._outage_s = connect, outage_s
+        self._down_since: float | None = None  # time.monotonic() of the first operation that found the store down
 
     def _reconnect(self, lost: Exception) -> None:
-        """Open a new connection with bounded backoff; StoreDownError once the store has been down ``outage_s``."""
+        """Open a new connection with bounded backoff; StoreDownError once the store has been down ``outage_s``
+        (counted from the first lost operation: later ones then fail after one attempt)."""
         import psycopg
 
-        log.warning("%s: connection lost (%s): reconnecting for up to %g s (reward.cache.outage_s)", self.where,
-                    str(lost).strip().splitlines()[0], self._outage_s)
-        start, wait, error = time.monotonic(), _BACKOFF_S[0], lost
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("%s: connection lost (%s): reconnecting for up to %g s (reward.cache.outage_s)", self.where,
+                        str(lost).strip().splitlines()[0], self._outage_s)
+        wait, error = _BACKOFF_S[0], lost
         while True:
             try:
                 self._db = self._connect()
-                log.warning("%s: reconnected after %.1f s", self.where, time.monotonic() - start)
+                log.warning("%s: reconnected after %.1f s", self.where, time.monotonic() - self._down_since)
+                self._down_since = None
                 return
             except psycopg.OperationalError as exc:
                 error = exc
-            left = self._outage_s - (time.monotonic() - start)
+            left = self._outage_s - (time.monotonic() - self._down_since)
             if left <= 0:
                 reason = str(error).strip().splitlines()[0]
                 raise StoreDownError(f"{self.where}: unreachable for {self._outage_s:g} s (reward.cache.outage_s): "
