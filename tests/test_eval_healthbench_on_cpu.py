@@ -93,7 +93,7 @@ def test_summary_per_set_and_model_with_deltas_and_failed_items():
         rows.append(row("sft", str(i), [crit(4, i % 2 == 0), crit(-2, False)], ["theme:communication"]))
         rows.append(row("rl", str(i), [crit(4, True), crit(-2, None if i == 5 else False)], ["theme:communication"]))
     rows.append({"model": "rl", "set": "test", "id": "t", "criteria": None})  # not a rubric set
-    out = healthbench_summary(rows, graders={"base": "g1", "sft": "g1", "rl": "g1"})
+    out = healthbench_summary(rows, grader="g1")
     assert set(out) == {"hb"}
     hb = out["hb"]
     assert hb["models"]["base"]["score"] == pytest.approx(max(0, (1 + 1 - 0.5) / 6), abs=1e-4)

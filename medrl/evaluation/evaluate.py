@@ -309,7 +309,7 @@ def save_eval(run: RunDir, rows: list[dict], pairwise: dict[str, list[dict]], me
     for name, prows in pairwise.items():
         _write_jsonl(run.eval / f"pairwise.{name}.jsonl", prows)
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **meta,
-               **summarize(rows, pairwise)}
+               **summarize(rows, pairwise, meta.get("rubric_grader"))}
     tmp = run.eval_summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     tmp.replace(run.eval_summary)

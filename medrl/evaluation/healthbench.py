@@ -114,11 +114,11 @@ def paired_delta(a: dict[str, float], b: dict[str, float], samples: int = BOOTST
 DELTAS = (("sft", "base"), ("rl", "sft"), ("rl", "base"))
 
 
-def healthbench_summary(rows: list[dict], graders: dict[str, str] | None = None,
-                        samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+def healthbench_summary(rows: list[dict], grader: str | None = None, samples: int = BOOTSTRAP_SAMPLES,
+                        seed: int = BOOTSTRAP_SEED) -> dict:
     """``{set: {"models": {model: set_summary}, "deltas": {"sft-base": paired_delta ...}, "graders": [...]}}`` over
-    the eval rows that carry ``criteria`` (rubric sets); ``graders``: the grader id of each row's model/set when the
-    rows do not name it (``row["grader"]`` wins)."""
+    the eval rows that carry ``criteria`` (rubric sets). ``graders`` lists the grader model and version of the rows
+    (``row["grader"]``, else ``grader``), so every figure can name what graded it."""
     groups: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get("criteria"):
@@ -129,7 +129,7 @@ def healthbench_summary(rows: list[dict], graders: dict[str, str] | None = None,
                    for m, rs in per_model.items()}
         deltas = {f"{x}-{y}": paired_delta(overall[x], overall[y], samples, seed) for x, y in DELTAS
                   if x in overall and y in overall}
-        ids = sorted({r.get("grader") or (graders or {}).get(m, "?") for m, rs in per_model.items() for r in rs})
+        ids = sorted({r.get("grader") or grader or "?" for rs in per_model.values() for r in rs})
         out[s] = {"models": {m: set_summary(rs, samples, seed) for m, rs in per_model.items()}, "deltas": deltas,
                   "graders": ids}
     return out
