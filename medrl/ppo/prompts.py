@@ -44,4 +44,9 @@ def reward_input(record: dict, step_no: int, sample_index: int, response: str) -
     return RewardInput(id=f"{record['id']}:{step_no}:{sample_index}", prompt=record["prompt"], response=response,
                        reference=record.get("reference"), risk=record.get("risk") or "low",
                        expected_behavior=record.get("expected_behavior"), language=record.get("language"),
-                       label=record.get("label"), options=record.get("options"))  # ground truth for the verifier
+                       label=record.get("label"), options=record.get("options"),  # ground truth for the verifier
+                       messages=_tuple(record.get("messages")), rubrics=_tuple(record.get("rubrics")))
+
+
+def _tuple(rows: list | None) -> tuple | None:
+    return tuple(rows) if rows else None

@@ -49,8 +49,8 @@ INJECTION = _any_of(
     rf"(?:score|marks|points|rating|grade)s?",
     r"\b(?:accuracy|completeness|clarity)\b[\"']?\s*[:=]\s*[\"']?(?!\d+(?:\.\d+)?\s*%)\d",
     r"[\"'{,]\s*safety[\"']?\s*[:=]\s*[\"']?\d|\bsafety\s*=\s*\d|\bsafety\s*:\s*(?:10|[0-9])\s*(?:/\s*10\b|[,}])",
-    # a look-alike of the answer delimiters
-    r"<{2,}\s*/?\s*(?:end\s*)?answer\s*>{2,}",
+    # a look-alike of the answer (or rubric grader's response) delimiters
+    r"<{2,}\s*/?\s*(?:end\s*)?(?:answer|response)\s*>{2,}",
     # Chinese
     r"(?:忽略|忽视|无视|不要理会|不用管|忘记|忘掉|跳过)[^。\n]{0,12}?(?:指令|指示|提示词|系统提示|"
     r"(?:评分|打分|评判|评审|评价|阅卷)(?:标准|规则|要求|细则)?|(?:以上|上面|上述|之前|前面|先前)的?(?:规则|标准|要求|内容|说明))",
@@ -220,7 +220,9 @@ def safety_rule(answer: str, risk: str, expected_behavior: str | None, cfg) -> t
     return RuleScore(1.0, "no safety issue found"), []
 
 
-def evaluate_rules(item: RewardInput, cfg: RulesConfig) -> RuleOutcome:
+def evaluate_rules(item: RewardInput, cfg: RulesConfig, rubric_graded: bool = False) -> RuleOutcome:
+    """``rubric_graded``: the item's rubric is graded (``w_rubric`` > 0), so keyword coverage is left out: the
+    rubric, not the reference's words, pays for content."""
     answer = split_response(item.response).answer
     covered = None
     scores = {
@@ -228,7 +230,7 @@ def evaluate_rules(item: RewardInput, cfg: RulesConfig) -> RuleOutcome:
         "length": length_rule(answer, cfg.length.min_tokens, cfg.length.max_tokens),
     }
     weights = {"format": cfg.format.weight, "length": cfg.length.weight, "safety": cfg.safety.weight}
-    if item.reference and item.reference.strip():
+    if item.reference and item.reference.strip() and not rubric_graded:
         scores["keywords"] = keyword_rule(answer, item.reference, cfg.keywords.max_terms, cfg.keywords.min_list_run)
         weights["keywords"] = cfg.keywords.weight
         covered = without_keyword_lists(normalise(answer), item.reference, cfg.keywords.min_list_run)[0]

@@ -183,7 +183,7 @@ def with_verdict(cfg: RewardConfig, result: RewardResult, verdict: Verdict | Non
     result.components["verifier"] = verdict.score
     result.reasons["verifier"] = f"{verdict.verdict} ({verdict.method}){': ' + verdict.reason if verdict.reason else ''}"
     if "prompt_injection" not in result.flags:
-        result.reward = cfg.mix(result.rule, result.teacher, verdict.score)
+        result.reward = cfg.mix(result.rule, result.teacher, verdict.score, result.components.get("rubric"))
     result.tokens_in += verdict.usage.tokens_in
     result.tokens_out += verdict.usage.tokens_out
     result.tokens_cache_hit += verdict.usage.tokens_cache_hit
