@@ -117,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--run", type=Path, default=None, help="run directory (default: the one the file belongs to)")
     q.add_argument("--reviewer", default=None, help="reviewer name for rows that leave it empty")
 
+    p = sub.add_parser("rubrics", help="rubrics per prompt written by the teacher from its reference answer")
+    rubrics = p.add_subparsers(dest="rubrics_command", metavar="ACTION", required=True)
+    q = rubrics.add_parser("generate", help="7-20 criteria per prompt (Rubrics as Rewards), stored and written as "
+                                            "an editable JSONL that prepare reads back")
+    _add_config_args(q)
+    q.add_argument("--input", type=Path, required=True,
+                   help="JSONL with id, messages or question, reference (e.g. <run>/data/rl_prompts.jsonl)")
+    q.add_argument("--out", type=Path, required=True, help="output JSONL: {id, question, reference, rubrics, ...}")
+    q.add_argument("--limit", type=_positive_int, default=None, help="only the first N prompts to generate for")
+    q.add_argument("--dry-run", action="store_true", help="estimate tokens and cost without an API key or a call")
+
     p = sub.add_parser("demo", help="gradio app: base / SFT / RL answers side by side, judged on demand")
     p.add_argument("run_dir", type=Path, help="run directory (its config.yaml, adapters and example questions)")
     p.add_argument("--config", "-c", type=Path, default=None, help="YAML config (default: RUN_DIR/config.yaml)")
@@ -236,8 +247,8 @@ def _dispatch(args) -> int:
 
         return run_demo(args)
 
-    if cmd in ("judge", "merge") and not getattr(args, "dry_run", False):
-        check_writable(args.out, "output file" if cmd == "judge" else "model directory", directory=cmd == "merge")
+    if cmd in ("judge", "merge", "rubrics") and not getattr(args, "dry_run", False):
+        check_writable(args.out, "model directory" if cmd == "merge" else "output file", directory=cmd == "merge")
     cfg, run = _configured(args)
     if cmd == "prepare":
         from medrl.data.prepare import run_prepare
@@ -255,6 +266,10 @@ def _dispatch(args) -> int:
         from medrl.reward.judge_cli import run_judge
 
         run_judge(cfg, run, input_path=args.input, out_path=args.out, limit=args.limit, dry_run=args.dry_run)
+    elif cmd == "rubrics":
+        from medrl.reward.rubric_gen_cli import run_generate
+
+        run_generate(cfg.reward, input_path=args.input, out_path=args.out, limit=args.limit, dry_run=args.dry_run)
     elif cmd == "ppo":
         from medrl.ppo.driver import run_ppo
 

@@ -29,7 +29,7 @@ log = logging.getLogger("medrl.eval")
 
 _FLIP = {"A": "B", "B": "A", "tie": "tie"}
 _ITEM_FIELDS = ("id", "language", "risk", "category", "expected_behavior", "label", "options", "question",
-                "reference")
+                "reference", "example_tags")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -168,7 +168,8 @@ def _row(model: str, set_name: str, item: dict, gen: dict, result) -> dict:
                      "reason": result.reasons.get("judge", ""), "tokens_in": result.tokens_in,
                      "tokens_out": result.tokens_out, "tokens_cache_hit": result.tokens_cache_hit,
                      "cost_usd": result.cost_usd},
-           "flags": result.flags}
+           "flags": result.flags,
+           "criteria": result.criteria or None}  # rubric items: every criterion with its verdict and explanation
     return annotate(row)
 
 
@@ -185,7 +186,9 @@ def score_all(pool, sets: dict[str, list[dict]], generations: dict[str, dict]) -
                     id=f"{model}/{s}/{item['id']}", prompt=item["question"], response=g["response"],
                     reference=item.get("reference"), risk=item.get("risk") or "low",
                     expected_behavior=item.get("expected_behavior"), language=item.get("language"),
-                    label=item.get("label"), options=item.get("options")))
+                    label=item.get("label"), options=item.get("options"),
+                    messages=tuple(item["messages"]) if item.get("messages") else None,
+                    rubrics=tuple(item["rubrics"]) if item.get("rubrics") else None))
     results = pool.score(inputs)
     return [_row(m, s, item, g, res) for (m, s, item, g), res in zip(keys, results)]
 
@@ -244,6 +247,13 @@ def pairwise_rows(cfg: Config, rows: list[dict]) -> tuple[dict[str, list[dict]],
 
 
 # --------------------------------------------------------------------------- entry point
+def rubric_grader(cfg: Config) -> str | None:
+    """What grades rubric criteria (printed beside every HealthBench figure): the judge and the grader version."""
+    if cfg.reward.w_rubric <= 0 or cfg.reward.judge.provider == "none":
+        return None
+    return f"{cfg.reward.judge.judge_id} · {cfg.reward.rubric.grader_version}"
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -287,6 +297,7 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
         "skipped": skipped_models + skipped_sets + pair_notes,
         "decoding": cfg.eval.decoding.model_dump(),
         "judge": cfg.reward.judge.judge_id,
+        "rubric_grader": rubric_grader(cfg),
         "timings": {"generate_s": {m: g["seconds"] for m, g in generations.items()},
                     "generate_wall_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
                     "pairwise_s": round(t3 - t2, 2)},
