@@ -229,3 +229,50 @@ def test_cli_offline_rubrics_and_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"medrl: error: {bad}:2: key 'messages'") and "\n" not in err
     assert read_prompts(src, limit=1)[0][0]["id"] == "a"
+
+
+def test_prepare_reads_the_edited_rubrics_back(tmp_path):
+    from medrl.config import load_config
+    from medrl.data.prepare import run_prepare
+    from medrl.errors import UsageError
+    from medrl.runs import RunDir
+
+    src = _write(tmp_path / "qa.jsonl", [
+        {"q": "What should I do for chest pain with sweating?", "r": "Call emergency services now. Chew aspirin."},
+        {"q": "How is iron deficiency anaemia treated?", "r": "Oral iron. Treat the cause of the blood loss."}])
+    pool = _write(tmp_path / "pool.jsonl", [{"q": f"Is {k} hours of sleep enough for an adult?",
+                                             "a": "Adults need seven to nine hours."} for k in range(4, 10)])
+    base = [f"run.root={tmp_path}/runs", f"model.path={tmp_path}/no-model", "model.build_tiny_if_missing=false",
+            "data.sources=[qa,pool]", "data.catalog.qa.format=jsonl", f"data.catalog.qa.path={src}",
+            "data.catalog.qa.fields={question: q, reference: r}", "data.catalog.qa.role=benchmark",
+            "data.catalog.pool.format=jsonl", f"data.catalog.pool.path={pool}",
+            "data.catalog.pool.fields={question: q, answer: a}", "data.gold_size=0"]
+
+    def prepare(*extra):
+        cfg = load_config(None, [*base, *extra])
+        run = RunDir.from_config(cfg)
+        run_prepare(cfg, run)
+        rows = [json.loads(x) for x in (run.data / "qa.jsonl").read_text().splitlines()]
+        return sorted(rows, key=lambda r: not r["question"].startswith("What should I do"))  # chest pain first
+
+    first = prepare()
+    assert [r.get("rubrics") for r in first] == [None, None]
+    made = tmp_path / "rubrics.jsonl"
+    args = ["rubrics", "generate", "--input", str(tmp_path / "runs/default/data/qa.jsonl"), "--out", str(made),
+            *base[:3], "reward.judge.provider=reference", f"reward.cache.path={tmp_path}/c.sqlite"]
+    assert main(args) == 0
+    rows = sorted((json.loads(x) for x in made.read_text().splitlines()),
+                  key=lambda r: not r["question"].startswith("What should I do"))
+    assert [r["id"] for r in rows] == [r["id"] for r in first]
+    rows[0]["rubrics"][1] = {"criterion": "Tells the patient to chew 300 mg aspirin.", "points": 4, "tags": []}
+    rows[1]["rubrics"] = None  # a failed generation: passed over
+    _write(made, rows)
+    second = prepare(f"data.catalog.qa.rubrics={made}")
+    assert second[0]["rubrics"][1] == {"criterion": "Tells the patient to chew 300 mg aspirin.", "points": 4.0,
+                                       "tags": []}
+    assert second[0]["rubrics"][0]["criterion"] == "The response states: Call emergency services now."
+    assert second[1].get("rubrics") is None
+    rows[0]["rubrics"][0]["points"] = 12
+    _write(made, rows)
+    with pytest.raises(UsageError, match=rf"^{made}:1: key 'rubrics' item 0: .*\[-10, 10\]"):
+        prepare(f"data.catalog.qa.rubrics={made}")

@@ -68,6 +68,10 @@ class SourceSpec(StrictModel):
     benchmark by ``test_ground_truth.json``; its other rows join the training pool.)"""
     license: str = "unknown"
     """Shown in DATA_CARD.md."""
+    rubrics: str | None = None
+    """A rubrics JSONL (``{id, rubrics}`` per line, as ``medrl rubrics generate`` writes it, perhaps edited by a
+    clinician): each row's rubric is attached to this source's record with that id, replacing any rubric it had;
+    rows whose ``rubrics`` is null (generation failed) are passed over."""
 
 
 BUILTIN_SOURCES: dict[str, SourceSpec] = {

@@ -62,6 +62,21 @@ def read_prompts(path: Path, limit: int | None = None) -> tuple[list[dict], dict
     return todo, skipped
 
 
+def read_rubric_file(path: Path) -> dict[str, list[dict]]:
+    """{record id: rubric} of a rubrics JSONL (``data.catalog.<source>.rubrics``); rows whose ``rubrics`` is null
+    are passed over; a bad row is a one-line error naming the file and line."""
+    out = {}
+    for lineno, row in iter_jsonl(path, ("id",), missing_hint="data.catalog.<source>.rubrics"):
+        if row.get("rubrics") is None:
+            continue
+        try:
+            rubric = RewardInput.from_record({"prompt": "", "response": "", "rubrics": row["rubrics"]}).rubrics
+        except ValueError as exc:
+            raise UsageError(f"{path}:{lineno}: {exc}") from None
+        out[row["id"]] = [dict(c) for c in rubric]
+    return out
+
+
 def _key(cfg: RewardConfig, p: dict) -> str:
     g = cfg.rubric_generation
     return rubric_key(cfg.judge.model, g.version, p["messages"], p["reference"], g.min_criteria, g.max_criteria)
