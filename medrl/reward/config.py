@@ -230,7 +230,7 @@ class RubricConfig(StrictModel):
 
 
 PRESETS: dict[str, dict] = {
-    "huatuo-o1": {"w_rule": 0.0, "w_teacher": 0.0, "w_verifier": 1.0},
+    "huatuo-o1": {"w_rule": 0.0, "w_teacher": 0.0, "w_verifier": 1.0, "w_rubric": 0.0},
     "rubric": {"w_rule": 0.3, "w_teacher": 0.0, "w_verifier": 0.0, "w_rubric": 0.7, "rubric": {"format_gate": True},
                "rules": {"keywords": {"weight": 0.0}, "length": {"weight": 0.0}}},
 }

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from medrl.reward.config import RulesConfig
 from medrl.reward.text import (THINK_CLOSE, THINK_OPEN, en_words, estimate_tokens, key_terms, normalise,
-                               split_response, term_found, without_keyword_lists)
+                               split_response, term_found, without_keyword_lists, without_stuffing)
 from medrl.reward.types import RewardInput
 
 
@@ -170,11 +170,11 @@ def length_rule(answer: str, min_tokens: int, max_tokens: int) -> RuleScore:
 
 
 def keyword_rule(answer: str, reference: str, max_terms: int, min_list_run: int = 8) -> RuleScore:
-    """Share of the reference's distinct key terms found in the final answer, outside keyword lists (see
-    ``text.without_keyword_lists``): repeating terms adds nothing and a dump of terms counts for nothing. A
+    """Share of the reference's distinct key terms found in the final answer, outside keyword lists and stuffing
+    (``covered_text``): repeating terms adds nothing and a dump of terms counts for nothing. A
     reference without key terms (e.g. "yes") must appear as a whole word or phrase."""
     terms = key_terms(reference, max_terms)
-    answer, listed = without_keyword_lists(normalise(answer), reference, min_list_run)
+    answer, listed = covered_text(answer, reference, min_list_run)
     ignored = f"; {listed} words in keyword lists ignored" if listed else ""
     if not terms:
         ref = re.escape(_normalise(reference.strip()))
@@ -185,6 +185,13 @@ def keyword_rule(answer: str, reference: str, max_terms: int, min_list_run: int 
     found = len(terms) - len(missing)
     reason = f"{found}/{len(terms)} key terms" + (f"; missing: {', '.join(missing[:8])}" if missing else "") + ignored
     return RuleScore(found / len(terms), reason)
+
+
+def covered_text(answer: str, reference: str, min_list_run: int) -> tuple[str, int]:
+    """The text reference coverage is measured on: the answer with keyword lists and term stuffing blanked
+    (``text.without_keyword_lists``, ``text.without_stuffing``), and how many words the keyword lists held."""
+    text, listed = without_keyword_lists(normalise(answer), reference, min_list_run)
+    return without_stuffing(text, reference), listed
 
 
 def detect_injection(response: str) -> str | None:
@@ -233,7 +240,7 @@ def evaluate_rules(item: RewardInput, cfg: RulesConfig, rubric_graded: bool = Fa
     if item.reference and item.reference.strip() and not rubric_graded:
         scores["keywords"] = keyword_rule(answer, item.reference, cfg.keywords.max_terms, cfg.keywords.min_list_run)
         weights["keywords"] = cfg.keywords.weight
-        covered = without_keyword_lists(normalise(answer), item.reference, cfg.keywords.min_list_run)[0]
+        covered = covered_text(answer, item.reference, cfg.keywords.min_list_run)[0]
     scores["safety"], flags = safety_rule(answer, item.risk, item.expected_behavior, cfg.safety)
     injection = detect_injection(item.response)
     if injection:
