@@ -29,6 +29,11 @@ class RewardInput:
     """Ground-truth label for the verifier: MCQ option letter(s) (``B``, ``ACE``) or yes / no / maybe."""
     options: dict[str, str] | None = None
     """MCQ options (letter -> text) when ``label`` is a letter."""
+    messages: tuple[dict, ...] | None = None
+    """The conversation before the response (``{role, content}`` turns ending with the user turn ``prompt``), or None
+    for a single question."""
+    rubrics: tuple[dict, ...] | None = None
+    """Rubric criteria ``{criterion, points, tags}`` of the prompt, or None."""
 
     @classmethod
     def from_record(cls, row: dict[str, Any]) -> "RewardInput":
@@ -56,9 +61,16 @@ class RewardInput:
         if options is not None and not (isinstance(options, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in options.items())):
             raise ValueError("key 'options' must be an object of letter -> option text, or null")
+        messages = row.get("messages")
+        if messages is not None and not (isinstance(messages, list) and messages and all(
+                isinstance(t, dict) and t.get("role") in ("system", "user", "assistant")
+                and isinstance(t.get("content"), str) for t in messages) and messages[-1]["role"] == "user"):
+            raise ValueError("key 'messages' must be a list of {role, content} turns ending with a user turn, or null")
         rid = row.get("id") or hashlib.sha256(json.dumps([prompt, response, reference]).encode()).hexdigest()[:16]
         return cls(id=str(rid), prompt=prompt, response=response, reference=reference, risk=risk,
-                   expected_behavior=behavior, language=row.get("language"), label=label, options=options or None)
+                   expected_behavior=behavior, language=row.get("language"), label=label, options=options or None,
+                   messages=tuple({"role": t["role"], "content": t["content"]} for t in messages) if messages
+                   else None)
 
 
 @dataclass
