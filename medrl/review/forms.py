@@ -31,9 +31,20 @@ def item_columns(blind: bool) -> list[tuple[str, str]]:
     return cols
 
 
+def question_text(item: dict) -> str:
+    """The question as the reviewer reads it: after a conversation's earlier turns (``[user] ...``,
+    ``[assistant] ...``) when the item has them."""
+    earlier = (item.get("messages") or [])[:-1]
+    question = item.get("question") or ""
+    if not earlier:
+        return question
+    return "\n\n".join(f"[{t['role']}] {t['content']}" for t in [*earlier, {"role": "user", "content": question}])
+
+
 def _cells(item: dict) -> dict[str, str]:
-    out = {k: item.get(k) for k in ("review_id", "risk", "question", "answer", "think", "reference", "judge_reason",
+    out = {k: item.get(k) for k in ("review_id", "risk", "answer", "think", "reference", "judge_reason",
                                     "rule_verdict")}
+    out["question"] = question_text(item)
     out.update({f"judge_{d}": (item.get("judge_scores") or {}).get(d) for d in DIMENSIONS})
     out["rule_flags"] = ", ".join(item.get("rule_flags") or [])
     return {k: "" if v is None else str(v)[:MAX_CELL] for k, v in out.items()}

@@ -1,6 +1,6 @@
 """Review items and their selection (pure: no I/O beyond the rows given, no Ray, no model).
 
-A review item is one answer a clinician looks at: the question, the final answer (the ``<think>`` block kept apart,
+A review item is one answer a clinician looks at: the question (and the conversation before it), the final answer (the ``<think>`` block kept apart,
 shown folded), the reference when known, the judge's four scores (0-10) and reason, and the rule flags and verdict.
 Items come from eval rows (``<run>/eval/<model>.<set>.jsonl``) and optionally PPO samples (``ppo/samples.jsonl``
 joined with ``data/rl_prompts.jsonl``).
@@ -66,7 +66,8 @@ def _item(source: str, model: str, set_name: str, rec: dict, response: str, *, s
     return {
         "review_id": review_id(source, model, set_name, rec.get("id", ""), response),
         "source": source, "model": model, "set": set_name, "item_id": rec.get("id"), "step": step,
-        "question": rec.get("question") or rec.get("prompt") or "", "answer": parts.answer,
+        "question": rec.get("question") or rec.get("prompt") or "", "messages": rec.get("messages"),
+        "answer": parts.answer,
         "think": parts.think or "", "reference": rec.get("reference"), "risk": rec.get("risk") or "low",
         "category": rec.get("category"), "expected_behavior": rec.get("expected_behavior"),
         "language": rec.get("language"), "judge_status": judge_status, "judge_scores": _scores_0_10(judge_scores),
