@@ -276,3 +276,30 @@ def test_prepare_reads_the_edited_rubrics_back(tmp_path):
     _write(made, rows)
     with pytest.raises(UsageError, match=rf"^{made}:1: key 'rubrics' item 0: .*\[-10, 10\]"):
         prepare(f"data.catalog.qa.rubrics={made}")
+
+
+def test_prepare_option_generates_rubrics(tmp_path):
+    from medrl.config import load_config
+    from medrl.data.prepare import run_prepare
+    from medrl.runs import RunDir
+
+    src = _write(tmp_path / "qa.jsonl", [
+        {"q": "What should I do for chest pain with sweating?", "r": "Call emergency services now. Chew aspirin."},
+        {"q": "Is a rash after amoxicillin an allergy?", "r": None}])  # no reference: no rubric
+    pool = _write(tmp_path / "pool.jsonl", [{"q": f"Is {k} hours of sleep enough for an adult?",
+                                             "a": "Adults need seven to nine hours."} for k in range(4, 10)])
+    cfg = load_config(None, [
+        f"run.root={tmp_path}/runs", f"model.path={tmp_path}/no-model", "model.build_tiny_if_missing=false",
+        "data.sources=[qa,pool]", "data.catalog.qa.format=jsonl", f"data.catalog.qa.path={src}",
+        "data.catalog.qa.fields={question: q, reference: r, answer: r}", "data.catalog.qa.role=benchmark",
+        "data.catalog.qa.generate_rubrics=true", "data.catalog.pool.format=jsonl",
+        f"data.catalog.pool.path={pool}", "data.catalog.pool.fields={question: q, answer: a}", "data.gold_size=0",
+        "reward.judge.provider=reference", f"reward.cache.path={tmp_path}/c.sqlite"])
+    run = RunDir.from_config(cfg)
+    run_prepare(cfg, run)
+    rows = {r["question"][:7]: r for r in map(json.loads, (run.data / "qa.jsonl").read_text().splitlines())}
+    assert [c["criterion"] for c in rows["What sh"]["rubrics"]] == [
+        "The response states: Call emergency services now.", "The response states: Chew aspirin."]
+    made = [json.loads(x) for x in (run.data / "rubrics" / "qa.jsonl").read_text().splitlines()]
+    assert [m["id"] for m in made] == [rows["What sh"]["id"]] and made[0]["rubrics"] == rows["What sh"]["rubrics"]
+    assert not [p for p in run.data.glob("*.jsonl") if "rubric" in p.name]  # not an eval set or a split

@@ -75,6 +75,10 @@ class SourceSpec(StrictModel):
     """A rubrics JSONL (``{id, rubrics}`` per line, as ``medrl rubrics generate`` writes it, perhaps edited by a
     clinician): each row's rubric is attached to this source's record with that id, replacing any rubric it had;
     rows whose ``rubrics`` is null (generation failed) are passed over."""
+    generate_rubrics: bool = False
+    """Prepare asks the teacher (``reward.judge``, as ``medrl rubrics generate``: stored, never paid twice) for a
+    rubric for every record of this source that has a reference and no rubric, and writes them, editable, to
+    ``<run>/data/rubrics/<source>.jsonl`` (attach an edited copy with ``rubrics``)."""
 
 
 BUILTIN_SOURCES: dict[str, SourceSpec] = {

@@ -39,26 +39,35 @@ TYPICAL_TOKENS_PER_CRITERION = 40
 """Dry-run estimate of one generated criterion's completion tokens (the JSON entry)."""
 
 
+def prompt_of(row: dict) -> dict | str:
+    """What the generator needs of a record or prompt row (``{id, messages, reference, language, question}``), or
+    why it is passed over (``has_rubric``, ``no_reference``); raises ValueError naming a bad key."""
+    item = RewardInput.from_record({**row, "response": ""})
+    if item.rubrics:
+        return "has_rubric"
+    if not (item.reference or "").strip():
+        return "no_reference"
+    return {"id": str(row["id"]), "messages": list(item.conversation), "reference": item.reference,
+            "language": item.language, "question": item.conversation[-1]["content"]}
+
+
 def read_prompts(path: Path, limit: int | None = None) -> tuple[list[dict], dict]:
-    """The rows to generate for (``{id, messages, reference, language, question}``) and counts of the rows passed
-    over; a bad row is a one-line error naming the file and line."""
+    """The rows to generate for and counts of the rows passed over; a bad row is a one-line error naming the file
+    and line."""
     todo, skipped = [], {"no_reference": 0, "has_rubric": 0}
     for lineno, row in iter_jsonl(Path(path), missing_hint="the rubric generation input"):
         if limit is not None and len(todo) >= limit:
             break
-        try:
-            item = RewardInput.from_record({**row, "response": ""})
-        except ValueError as exc:
-            raise UsageError(f"{path}:{lineno}: {exc}") from None
         if not row.get("id"):
             raise UsageError(f"{path}:{lineno}: key 'id' is missing (prepare reads rubrics back by record id)")
-        if item.rubrics:
-            skipped["has_rubric"] += 1
-        elif not (item.reference or "").strip():
-            skipped["no_reference"] += 1
+        try:
+            got = prompt_of(row)
+        except ValueError as exc:
+            raise UsageError(f"{path}:{lineno}: {exc}") from None
+        if isinstance(got, str):
+            skipped[got] += 1
         else:
-            todo.append({"id": str(row["id"]), "messages": list(item.conversation), "reference": item.reference,
-                         "language": item.language, "question": item.conversation[-1]["content"]})
+            todo.append(got)
     return todo, skipped
 
 
@@ -194,6 +203,48 @@ def estimate_generation(cfg: RewardConfig, prompts: list[dict]) -> dict:
             "cost_usd_max": round(call_cost(Usage(tokens_in, g.max_tokens * len(todo), 0), price), 6)}
 
 
+def generate_rubrics(cfg: RewardConfig, prompts: list[dict]) -> tuple[list[str], dict[str, dict]]:
+    """The key of each prompt, and per distinct key ``{"criteria" | None, "status", "reason", "usage",
+    "cost_usd"}``: the offline rubric (``provider: reference``) or the teacher's."""
+    keys = [_key(cfg, p) for p in prompts]
+    if cfg.judge.provider == "reference":
+        return keys, {k: {"criteria": reference_rubric(p["reference"], p["language"]), "status": "ok", "reason": "",
+                          "usage": Usage(), "cost_usd": 0.0} for k, p in zip(keys, prompts)}
+    return keys, RubricGenerator(cfg).generate(dict(zip(keys, prompts)))
+
+
+def rubric_rows(cfg: RewardConfig, prompts: list[dict], made: list[dict]) -> list[dict]:
+    """The editable file's rows: ``{id, question, reference, rubrics, generator, status}`` (``rubrics`` with the
+    configured points; null with a ``reason`` when generation failed)."""
+    points = cfg.rubric_generation.points.model_dump()
+    rows = []
+    for p, m in zip(prompts, made):
+        row = {"id": p["id"], "question": p["question"], "reference": p["reference"],
+               "rubrics": with_points(m["criteria"], points) if m["criteria"] else None,
+               "generator": generator_id(cfg), "status": m["status"]}
+        if m["reason"]:
+            row["reason"] = m["reason"]
+        rows.append(row)
+    return rows
+
+
+def attach_generated(cfg: RewardConfig, records: list[dict], out_path: Path) -> int:
+    """``data.catalog.<source>.generate_rubrics``: give every record with a reference and no rubric a generated one
+    (in place) and append the rows to the editable file ``out_path``; returns how many records got one."""
+    todo = [(rec, p) for rec in records if isinstance(p := prompt_of(rec), dict)]
+    if not todo:
+        return 0
+    keys, made = generate_rubrics(cfg, [p for _, p in todo])
+    rows = rubric_rows(cfg, [p for _, p in todo], [made[k] for k in keys])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "a", encoding="utf-8") as f:
+        for (rec, _), row in zip(todo, rows):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if row["rubrics"]:
+                rec["rubrics"] = row["rubrics"]
+    return sum(1 for row in rows if row["rubrics"])
+
+
 def run_generate(cfg: RewardConfig, *, input_path: Path, out_path: Path, limit: int | None = None,
                  dry_run: bool = False) -> dict:
     """Generate (or estimate) the rubrics of ``input_path``'s rows and write ``out_path``: one row per prompt,
@@ -207,24 +258,12 @@ def run_generate(cfg: RewardConfig, *, input_path: Path, out_path: Path, limit: 
         print(f"dry run ({est['generator']}): {est['prompts']} prompts, {est['to_generate']} to generate; cost "
               f"~${est['cost_usd_typical']:.4f} (max ${est['cost_usd_max']:.4f})")
         return est
-    keys = [_key(cfg, p) for p in prompts]
-    if cfg.judge.provider == "reference":
-        made = {k: {"criteria": reference_rubric(p["reference"], p["language"]), "status": "ok", "reason": "",
-                    "usage": Usage(), "cost_usd": 0.0} for k, p in zip(keys, prompts)}
-    else:
-        made = RubricGenerator(cfg).generate(dict(zip(keys, prompts)))
-    points = cfg.rubric_generation.points.model_dump()
+    keys, made = generate_rubrics(cfg, prompts)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        for p, k in zip(prompts, keys):
-            m = made[k]
-            row = {"id": p["id"], "question": p["question"], "reference": p["reference"],
-                   "rubrics": with_points(m["criteria"], points) if m["criteria"] else None,
-                   "generator": generator_id(cfg), "status": m["status"]}
-            if m["reason"]:
-                row["reason"] = m["reason"]
+        for row in rubric_rows(cfg, prompts, [made[k] for k in keys]):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(out_path)
     statuses = [made[k]["status"] for k in dict.fromkeys(keys)]
