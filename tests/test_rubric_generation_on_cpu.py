@@ -113,7 +113,8 @@ def test_generate_against_the_loopback_judge(server, tmp_path, monkeypatch):
     assert len(a) == 7  # the prompt's lower bound: 3 reference sentences, a pitfall, 3 optional
     assert [c["points"] for c in a] == [5, 3, 3, -5, 1, 1, 1]
     assert a[0]["criterion"] == "States that Call emergency services now." and "category:essential" in a[0]["tags"]
-    assert rows["b"]["question"] == "39度，精神还好" and rows["b"]["generator"] == "openai:deepseek-chat · medrl-rubric-gen-v1"
+    assert rows["b"]["question"] == "39度，精神还好"
+    assert rows["b"]["generator"] == "openai:deepseek-chat · medrl-rubric-gen-v1"
     # the file is what prepare reads back: every row a valid rubric
     from medrl.reward.types import RewardInput
 
@@ -151,7 +152,8 @@ def test_faults_and_bad_replies_fail_the_prompt_not_the_run(server, tmp_path, mo
     rows = {r["id"]: r for r in map(json.loads, (tmp_path / "r.jsonl").read_text().splitlines())}
     assert (out["ok"], out["failed"]) == (2, 2)
     assert rows["busy"]["rubrics"] is None and rows["busy"]["reason"].startswith("HTTP 503")
-    assert rows["short"]["rubrics"] is None and "3 distinct criteria, expected 7-20 (2 calls)" in rows["short"]["reason"]
+    assert rows["short"]["rubrics"] is None
+    assert "3 distinct criteria, expected 7-20 (2 calls)" in rows["short"]["reason"]
     assert len(rows["flaky"]["rubrics"]) == 7  # a malformed reply is asked again
     assert FAKE_KEY not in (tmp_path / "r.jsonl").read_text()
     # failures were not stored: the next run asks again (and only for them)

@@ -1,7 +1,8 @@
 """``medrl report RUN_DIR``: one self-contained ``report.html`` (and ``report.md``) built from the run directory alone.
 
 Sections: run overview, data card summary, training curves (PNG from ``metrics.jsonl``), the eval table per set,
-benchmarks, HealthBench-style rubric scores, rule scores, red-team safety by category, pairwise win rates, judge usage and cost, side-by-side generations.
+benchmarks, HealthBench-style rubric scores, rule scores, red-team safety by category, pairwise win rates, judge
+usage and cost, side-by-side generations.
 Every missing piece (no data yet, no PPO metrics, eval not run) is named in the report instead of failing.
 """
 from __future__ import annotations

@@ -88,7 +88,8 @@ def criteria_agreement(items: dict[str, dict], labels: Iterable[dict], top: int 
                "grader": g, "reviewer_met": t, "explanation": c.get("explanation", ""), "model": item["model"],
                "set": item["set"]} for g, t, c, item, who in pairs if g != t]
     return {**binary_agreement([p[0] for p in pairs], [p[1] for p in pairs]),
-            "by_axis": {a: binary_agreement([p[0] for p in ps], [p[1] for p in ps]) for a, ps in sorted(by_axis.items())},
+            "by_axis": {a: binary_agreement([p[0] for p in ps], [p[1] for p in ps])
+                        for a, ps in sorted(by_axis.items())},
             "disagreements": differ[:top]}
 
 

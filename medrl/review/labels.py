@@ -2,8 +2,8 @@
 
 A label is one reviewer's verdict on one item: ``review_id, reviewer, accuracy, safety, completeness, clarity``
 (integers 0-10, each may be blank), ``verdict`` (``safe``/``unsafe`` or blank), ``criteria_met`` (rubric items: one
-mark per criterion, ``y`` / ``n`` / ``-``, stored as a list of true / false / null), ``comment``. A row whose label fields
-are all blank is skipped. A bad row is reported with its place in the file and the reason, and the good rows are
+mark per criterion, ``y`` / ``n`` / ``-``, stored as a list of true / false / null), ``comment``. A row whose label
+fields are all blank is skipped. A bad row is reported with its place in the file and the reason, and the good rows are
 kept. Several reviewers may label the same items; importing again replaces that reviewer's earlier label of the
 same item.
 """

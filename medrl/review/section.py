@@ -72,8 +72,9 @@ def review_section(run: RunDir) -> list[Block]:
 
     blocks: list[Block] = [Heading("Clinician review")]
     if not (run.review / PACKAGE).is_file():
-        return blocks + calibration_blocks(run, None, "") + [Para("No review package yet: run `medrl review export RUN_DIR`, have clinicians fill "
-                              "review.xlsx / review.csv / review.html, then `medrl review import FILE`.", note=True)]
+        return blocks + calibration_blocks(run, None, "") + [Para(
+            "No review package yet: run `medrl review export RUN_DIR`, have clinicians fill review.xlsx / "
+            "review.csv / review.html, then `medrl review import FILE`.", note=True)]
     package = json.loads((run.review / PACKAGE).read_text(encoding="utf-8"))
     items = load_items(run)
     stats = agreement(items, read_labels(run.review / LABELS))

@@ -15,6 +15,7 @@ import json
 import re
 from typing import Sequence
 
+from medrl.reward.criteria import _conversation  # the rubric grader's rendering: [role] then the scrubbed text
 from medrl.reward.rubric import JudgementError, _scrub, load_verdict_json
 from medrl.reward.text import key_terms
 
@@ -47,13 +48,9 @@ def system_prompt(low: int, high: int) -> str:
     return SYSTEM.format(low=low, high=high)
 
 
-def conversation_block(messages: Sequence[dict]) -> str:
-    return "\n\n".join(f"[{m['role']}]\n{_scrub(m['content'].strip())}" for m in messages)
-
-
 def generation_messages(messages: Sequence[dict], reference: str, low: int, high: int) -> list[dict[str, str]]:
     """Fixed instructions first (provider prefix cache), then the conversation and the reference."""
-    user = (f"CONVERSATION:\n{conversation_block(messages)}\n\nREFERENCE ANSWER:\n{_scrub(reference.strip())}\n\n"
+    user = (f"CONVERSATION:\n{_conversation(messages)}\n\nREFERENCE ANSWER:\n{_scrub(reference.strip())}\n\n"
             f"Return the json rubric.")
     return [{"role": "system", "content": system_prompt(low, high)}, {"role": "user", "content": user}]
 
