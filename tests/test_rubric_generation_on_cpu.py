@@ -305,3 +305,22 @@ def test_prepare_option_generates_rubrics(tmp_path):
     made = [json.loads(x) for x in (run.data / "rubrics" / "qa.jsonl").read_text().splitlines()]
     assert [m["id"] for m in made] == [rows["What sh"]["id"]] and made[0]["rubrics"] == rows["What sh"]["rubrics"]
     assert not [p for p in run.data.glob("*.jsonl") if "rubric" in p.name]  # not an eval set or a split
+
+
+def test_a_bad_key_stops_at_once_and_is_never_shown(server, tmp_path, monkeypatch):
+    from medrl.reward.preflight import JudgeSetupError
+
+    wrong = "sk-wrong-" + secrets.token_hex(8)
+    monkeypatch.setenv(KEY_ENV, wrong)
+    server.reset()
+    cfg = _cfg(server, CacheConfig(path=str(tmp_path / "store.sqlite")))
+    src = _write(tmp_path / "p.jsonl", [{"id": f"k{k}", "question": f"Q{k}?", "reference": f"R{k}."}
+                                        for k in range(6)])
+    with pytest.raises(JudgeSetupError) as err:
+        run_generate(cfg, input_path=src, out_path=tmp_path / "r.jsonl")
+    assert wrong not in str(err.value) and "\n" not in str(err.value)
+    assert server.stats()["unauthorized"] <= cfg.judge.concurrency  # nothing more is sent after the first refusal
+    assert not (tmp_path / "r.jsonl").exists()
+    store = open_store(CacheConfig(path=str(tmp_path / "store.sqlite")))
+    assert store.claim_many(["x"], "probe", 1) == {"x"} and store._run("SELECT COUNT(*) FROM claims").fetchone()[0] == 1
+    store.close()  # the stopped run left no claim behind
