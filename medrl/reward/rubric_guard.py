@@ -67,15 +67,15 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
 
 
-def _root(word: str) -> str:
+def root(word: str) -> str:
     """A rougher stem than the keyword rule's, so "chewing" meets "chew" and "called" meets "call"."""
     return re.sub(r"(?:ing|ed|ly|es|s)$", "", word) if len(word) > 5 else word
 
 
 def content_terms(criterion: str) -> tuple[str, ...]:
     """The criterion's key terms that name content (rubric verbs and meta words left out), English ones rooted."""
-    terms = [t if has_cjk(t) else _root(t) for t in key_terms(criterion, 32)]
-    return tuple(dict.fromkeys(t for t in terms if t not in RUBRIC_VERBS and _root(t) not in RUBRIC_VERBS))
+    terms = [t if has_cjk(t) else root(t) for t in key_terms(criterion, 32)]
+    return tuple(dict.fromkeys(t for t in terms if t not in RUBRIC_VERBS and root(t) not in RUBRIC_VERBS))
 
 
 def _found(term: str, sentence: str, roots: set[str]) -> bool:
@@ -91,7 +91,7 @@ def _echoes(sentence: str, criterion: str) -> bool:
     terms = content_terms(criterion)
     if not terms or not META.search(s):
         return False
-    roots = {_root(w) for w in en_words(s)}
+    roots = {root(w) for w in en_words(s)}
     return sum(_found(t, s, roots) for t in terms) * 2 >= len(terms)
 
 
@@ -111,7 +111,7 @@ def rubric_gaming(answer: str, criteria: Sequence[str]) -> str | None:
 def offline_criteria(answer: str, criteria: Sequence[str], min_list_run: int = 8) -> list[tuple[bool, str]]:
     """(met, explanation) per criterion, deterministic (see the module doc)."""
     text = covered_text(answer, " ".join(criteria), min_list_run)[0]
-    parts = [(s, {_root(w) for w in en_words(s)}) for s in sentences(text)]
+    parts = [(s, {root(w) for w in en_words(s)}) for s in sentences(text)]
     credit = [0] * len(parts)
     out = []
     for criterion in criteria:
