@@ -119,7 +119,7 @@ RUBRIC_CASES = {
              "tags": ["axis:communication_quality"]},
             {"criterion": "Suggests waiting at home to see if the pain passes.", "points": -6,
              "tags": ["axis:accuracy"]}],
-           "This may be a heart attack, so please take it seriously.",
+           "These symptoms may indicate a heart attack: please seek medical attention.",
            "Call emergency services immediately. While you wait, chew an aspirin unless you are allergic. These "
            "symptoms may indicate a heart attack."),
     "zh": ([{"role": "user", "content": "我58岁，胸口压榨样疼痛、出冷汗已经20分钟了，该怎么办？"}],
@@ -127,7 +127,7 @@ RUBRIC_CASES = {
             {"criterion": "建议在等待时嚼服阿司匹林（过敏者除外）。", "points": 5, "tags": ["axis:completeness"]},
             {"criterion": "说明这些症状可能是心肌梗死。", "points": 4, "tags": ["axis:communication_quality"]},
             {"criterion": "建议在家观察等待疼痛自行缓解。", "points": -6, "tags": ["axis:accuracy"]}],
-           "这些症状可能是心肌梗死，请务必重视。",
+           "这些症状可能是心肌梗死，请务必尽快就医。",
            "请立即拨打120急救电话。等待时如无过敏可嚼服阿司匹林。这些症状可能是心肌梗死。"),
 }
 

@@ -44,8 +44,8 @@ from aiohttp import web
 
 from medrl.reward.criteria import RESPONSE_CLOSE, RESPONSE_OPEN
 from medrl.reward.rubric import DIMENSIONS
-from medrl.reward.rubric_guard import root, content_terms
-from medrl.reward.text import en_words, estimate_tokens, has_cjk, normalise
+from medrl.reward.rubric_guard import content_terms, term_in
+from medrl.reward.text import en_words, estimate_tokens, normalise, root
 
 FAULT_MARK = re.compile(r"\[\[fault:(429|500|503|timeout|empty|malformed)(?:\*(\d+))?\]\]")
 SCORE_MARK = re.compile(r"\[\[score:(\d+)\]\]")
@@ -82,7 +82,7 @@ def expected_criteria(user_content: str) -> list[bool]:
     out = []
     for criterion in criteria:
         terms = content_terms(criterion)
-        found = sum(t in response if has_cjk(t) else t in words for t in terms)
+        found = sum(term_in(t, response, words) for t in terms)
         out.append(bool(terms) and found >= 0.6 * len(terms))
     return out
 

@@ -98,6 +98,12 @@ def _stem(word: str) -> str:
     return word
 
 
+def root(word: str) -> str:
+    """A rougher stem than ``_stem`` (stuffing detection, the offline rubric grader): "chewing" and "chewed" meet
+    "chew", "immediately" meets "immediate"."""
+    return re.sub(r"(?:ing|ed|ly|es|s)$", "", word) if len(word) > 5 else word
+
+
 def en_words(text: str) -> set[str]:
     """Stemmed lowercase words (and numbers) of a text."""
     return {_stem(w) for w in _EN_WORD.findall(text.lower())}
@@ -239,7 +245,11 @@ def _tokens(text: str) -> list[tuple[int, int, str]]:
 
 
 def _is_term(tok: str, terms: frozenset[str]) -> bool:
-    return (tok in terms) if has_cjk(tok) else (_stem(tok.lower()) in terms)
+    """``terms``: key terms and their roots."""
+    if has_cjk(tok):
+        return tok in terms
+    word = tok.lower()
+    return _stem(word) in terms or root(word) in terms
 
 
 def _chains(text: str, terms: frozenset[str]) -> list[tuple[int, int, int]]:
@@ -324,7 +334,7 @@ def without_stuffing(answer: str, reference: str) -> str:
     section = _SECTION.search(answer)
     if section and section.start() > 0:
         answer = answer[:section.start()]
-    terms = frozenset(key_terms(reference, 64))
+    terms = frozenset(t for term in key_terms(reference, 64) for t in (term, root(term)))
     spans: list[tuple[int, int]] = []
     pos, run = 0, []
     for line in answer.split("\n") + [""]:
