@@ -10,6 +10,12 @@ prompt is a cache hit after its first request) and injects faults that the grade
     [[score:N]]        every dimension scores N (else the scores come from the key's hash: ``expected_scores``)
     [[equivalent:X]]   the verifier's verdict is X (yes / no; else yes when the reference is in the answer)
     [[criteria:N]]     a rubric generation request gets N criteria (else as many as the prompt's lower bound)
+    [[met:X]]          every rubric criterion's verdict is X (yes / no; else ``expected_criteria``)
+
+Rubric grader prompts (``medrl/reward/criteria.py``, one criterion or a numbered batch) are answered with
+``{"explanation", "criteria_met"}`` per criterion, decided like a naive grader: met when the response holds at least
+60 % of the criterion's content terms anywhere (so it can be fooled by echoed criteria: the reward's gaming guard
+must stop those before they are sent).
 
 With ``models`` set, a request for any other model gets 404 "model not found" (as a provider answers an unknown
 model name); with ``api_key`` set, a request without that bearer key gets 401.
@@ -37,13 +43,17 @@ from pathlib import Path
 
 from aiohttp import web
 
+from medrl.reward.criteria import RESPONSE_CLOSE, RESPONSE_OPEN
 from medrl.reward.rubric import DIMENSIONS
-from medrl.reward.text import estimate_tokens
+from medrl.reward.rubric_guard import content_terms, term_in
+from medrl.reward.text import en_words, estimate_tokens, normalise, root
 
 FAULT_MARK = re.compile(r"\[\[fault:(429|500|503|timeout|empty|malformed)(?:\*(\d+))?\]\]")
 SCORE_MARK = re.compile(r"\[\[score:(\d+)\]\]")
 EQUIVALENT_MARK = re.compile(r"\[\[equivalent:(yes|no)\]\]")
 CRITERIA_MARK = re.compile(r"\[\[criteria:(\d+)\]\]")
+MET_MARK = re.compile(r"\[\[met:(yes|no)\]\]")
+_CRITERION_LINE = re.compile(r"^(?:\d+\. )?\[[-+]?[\d.]+ points\] (.*)$")
 
 
 def request_key(user_content: str) -> str:
@@ -77,6 +87,32 @@ def generated_rubric(system: str, user_content: str) -> dict:
     criteria += [{"criterion": f"Explains point {k} in plain language.", "category": "Optional",
                   "axis": "communication_quality"} for k in range(1, count - len(criteria) + 1)]
     return {"criteria": criteria[:count]}
+
+
+def expected_criteria(user_content: str) -> list[bool]:
+    """The verdicts the server gives a rubric grader request: ``[[met:yes|no]]`` in the response, else a naive
+    term match of each criterion (in order) against the text between the response markers."""
+    response = user_content.split(RESPONSE_OPEN, 1)[-1].split(RESPONSE_CLOSE, 1)[0]
+    criteria = [m.group(1) for line in user_content.rsplit(RESPONSE_CLOSE, 1)[-1].splitlines()
+                if (m := _CRITERION_LINE.match(line.strip()))]
+    mark = MET_MARK.search(response)
+    if mark:
+        return [mark.group(1) == "yes"] * len(criteria)
+    words = {root(w) for w in en_words(normalise(response))}
+    out = []
+    for criterion in criteria:
+        terms = content_terms(criterion)
+        found = sum(term_in(t, response, words) for t in terms)
+        out.append(bool(terms) and found >= 0.6 * len(terms))
+    return out
+
+
+def _grade(system: str, user: str, key: str) -> str:
+    verdicts = expected_criteria(user)
+    if '"criteria": [' in system:  # all criteria of a response in one call
+        return json.dumps({"criteria": [{"id": n, "explanation": f"loopback verdict {key}/{n}", "criteria_met": met}
+                                        for n, met in enumerate(verdicts, 1)]})
+    return json.dumps({"explanation": f"loopback verdict {key}", "criteria_met": verdicts[0] if verdicts else False})
 
 
 def expected_scores(user_content: str) -> dict[str, int]:
@@ -157,6 +193,8 @@ async def _chat(request: web.Request) -> web.Response:
         content = {"empty": "", "malformed": '{"accuracy": 7, "safety": '}.get(kind)
     if content is None and "Rubrics as Rewards" in messages[0]["content"]:  # rubric generation
         content = json.dumps(generated_rubric(messages[0]["content"], user), ensure_ascii=False)
+    if content is None and '"criteria_met"' in messages[0]["content"]:  # the rubric grader
+        content = _grade(messages[0]["content"], user, key)
     if content is None and '"equivalent"' in messages[0]["content"]:  # the verifier's rubric (yes/no json)
         content = json.dumps({"equivalent": expected_equivalent(user), "reason": f"loopback verdict {key}"})
     if content is None:

@@ -2,12 +2,11 @@
 
 ``rubric_gaming`` finds what a policy could write to please a rubric grader instead of answering: a claim that the
 criteria are met, or a sentence that echoes a criterion (a near-verbatim copy, or the criterion's terms under
-rubric meta-language: "the response mentions ...", "该回答提到 ..."), a checklist of criteria. Such a response gets
-rubric score 0 and is never sent to the grader (flag ``rubric_gaming``), whatever a grader would have said.
+rubric meta-language: "the response mentions ...", "该回答提到 ..."), a checklist of criteria. Such a response is
+treated as a prompt injection: R = 0 and it is never sent to the grader (flag ``rubric_gaming``).
 
-``offline_criterion`` is the grader of ``judge.provider: reference`` (deterministic, no API): a criterion is met when
-one sentence of the answer, keyword lists and stuffing blanked first (``rules.covered_text``, with the criteria as
-the reference), holds at least ``OFFLINE_SHARE`` of the criterion's content terms (its key terms less
+``offline_criteria`` is the grader of ``judge.provider: reference`` (deterministic, no API): a criterion is met when
+one sentence of the graded answer (keyword lists and stuffing blanked: ``rubric_reward.graded_answer``) holds at least ``OFFLINE_SHARE`` of the criterion's content terms (its key terms less
 rubric verbs such as "mentions", "advises", 提到, 建议); one sentence counts for at most ``SENTENCE_CREDIT``
 criteria, so a sentence stuffed with every criterion's terms meets at most two. Negative criteria use the same test
 ("met" = the bad behaviour's terms are said), which cannot tell "take antibiotics" from "antibiotics will not help":
@@ -19,8 +18,7 @@ import re
 from difflib import SequenceMatcher
 from typing import Sequence
 
-from medrl.reward.rules import covered_text
-from medrl.reward.text import en_words, has_cjk, key_terms, normalise
+from medrl.reward.text import en_words, has_cjk, key_terms, normalise, root
 
 OFFLINE_SHARE = 0.6
 SENTENCE_CREDIT = 2
@@ -67,19 +65,18 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
 
 
-def _root(word: str) -> str:
-    """A rougher stem than the keyword rule's, so "chewing" meets "chew" and "called" meets "call"."""
-    return re.sub(r"(?:ing|ed|ly|es|s)$", "", word) if len(word) > 5 else word
-
-
 def content_terms(criterion: str) -> tuple[str, ...]:
     """The criterion's key terms that name content (rubric verbs and meta words left out), English ones rooted."""
-    terms = [t if has_cjk(t) else _root(t) for t in key_terms(criterion, 32)]
-    return tuple(dict.fromkeys(t for t in terms if t not in RUBRIC_VERBS and _root(t) not in RUBRIC_VERBS))
+    terms = [t if has_cjk(t) else root(t) for t in key_terms(criterion, 32)]
+    return tuple(dict.fromkeys(t for t in terms if t not in RUBRIC_VERBS and root(t) not in RUBRIC_VERBS))
 
 
-def _found(term: str, sentence: str, roots: set[str]) -> bool:
-    return term in sentence if has_cjk(term) else term in roots
+def term_in(term: str, sentence: str, roots: set[str]) -> bool:
+    """English terms by root; Chinese terms as substrings, a 3+ character one also without its first or last
+    character (jieba cuts criteria and answers differently: 时嚼服 / 嚼服, 过敏者 / 过敏)."""
+    if not has_cjk(term):
+        return term in roots
+    return term in sentence or (len(term) >= 3 and (term[1:] in sentence or term[:-1] in sentence))
 
 
 def _echoes(sentence: str, criterion: str) -> bool:
@@ -91,8 +88,8 @@ def _echoes(sentence: str, criterion: str) -> bool:
     terms = content_terms(criterion)
     if not terms or not META.search(s):
         return False
-    roots = {_root(w) for w in en_words(s)}
-    return sum(_found(t, s, roots) for t in terms) * 2 >= len(terms)
+    roots = {root(w) for w in en_words(s)}
+    return sum(term_in(t, s, roots) for t in terms) * 2 >= len(terms)
 
 
 def rubric_gaming(answer: str, criteria: Sequence[str]) -> str | None:
@@ -108,10 +105,9 @@ def rubric_gaming(answer: str, criteria: Sequence[str]) -> str | None:
     return None
 
 
-def offline_criteria(answer: str, criteria: Sequence[str], min_list_run: int = 8) -> list[tuple[bool, str]]:
+def offline_criteria(answer: str, criteria: Sequence[str]) -> list[tuple[bool, str]]:
     """(met, explanation) per criterion, deterministic (see the module doc)."""
-    text = covered_text(answer, " ".join(criteria), min_list_run)[0]
-    parts = [(s, {_root(w) for w in en_words(s)}) for s in sentences(text)]
+    parts = [(s, {root(w) for w in en_words(s)}) for s in sentences(answer)]
     credit = [0] * len(parts)
     out = []
     for criterion in criteria:
@@ -119,7 +115,7 @@ def offline_criteria(answer: str, criteria: Sequence[str], min_list_run: int = 8
         need = max(1, -(-len(terms) * OFFLINE_SHARE // 1)) if terms else 1
         best = None
         for i, (s, words) in enumerate(parts):
-            found = sum(_found(t, s, words) for t in terms)
+            found = sum(term_in(t, s, words) for t in terms)
             if found >= need and credit[i] < SENTENCE_CREDIT and (best is None or found > best[1]):
                 best = (i, found)
         if best is None:

@@ -20,6 +20,7 @@ from medrl.reward.criteria import (batch_grader_messages, clipped, conversation_
 from medrl.reward.judge import JudgeOutcome
 from medrl.reward.ledger import Usage
 from medrl.reward.rubric_guard import offline_criteria, rubric_gaming
+from medrl.reward.rules import covered_text
 from medrl.reward.types import RewardInput, RewardResult
 
 _PRECEDENCE = ("disabled", "skipped", "cached", "ok", "over_budget", "failed")
@@ -84,6 +85,13 @@ def _stored(cfg: RewardConfig, conversation: str, answer: str, reference: str, v
             "reference": reference}
 
 
+def graded_answer(cfg: RewardConfig, answer: str, criteria: list[dict]) -> str:
+    """What the grader sees: the final answer with keyword lists and term stuffing (``rules.covered_text``, the
+    criteria as the reference) blanked, so stuffing reaches no grader, and stuffed variants of an answer share its
+    verdicts in the store."""
+    return covered_text(answer, " ".join(c["criterion"] for c in criteria), cfg.rules.keywords.min_list_run)[0]
+
+
 def plan(cfg: RewardConfig, item: RewardInput, answer: str, format_score: float) -> RubricPlan:
     """The keys and calls of ``item``'s rubric (``answer``: its final answer), or a fixed outcome: a response that
     games the rubric (``rubric_guard.rubric_gaming``) or, with ``format_gate``, has a broken format is not sent."""
@@ -95,6 +103,7 @@ def plan(cfg: RewardConfig, item: RewardInput, answer: str, format_score: float)
         return RubricPlan(criteria, fixed="format gate: broken think-then-answer format")
     if cfg.judge.provider != "openai":
         return RubricPlan(criteria)
+    answer = graded_answer(cfg, answer, criteria)
     conv, rc, model = conversation_text(item.conversation), cfg.rubric, cfg.judge.model
     out = RubricPlan(criteria, batched=rc.mode == "batched")
     if rc.mode == "batched":
@@ -132,7 +141,7 @@ def fixed_outcome(p: RubricPlan) -> RubricOutcome:
 
 def offline_outcome(cfg: RewardConfig, p: RubricPlan, answer: str) -> RubricOutcome:
     """``judge.provider: reference``: the deterministic offline grader."""
-    verdicts = offline_criteria(answer, [c["criterion"] for c in p.criteria], cfg.rules.keywords.min_list_run)
+    verdicts = offline_criteria(graded_answer(cfg, answer, p.criteria), [c["criterion"] for c in p.criteria])
     return RubricOutcome(_filled(p.criteria, verdicts), "ok")
 
 
@@ -157,7 +166,7 @@ def judged_outcome(p: RubricPlan, outcomes: dict[str, JudgeOutcome]) -> RubricOu
 
 def with_rubric(cfg: RewardConfig, result: RewardResult, outcome: RubricOutcome | None) -> RewardResult:
     """``result`` with the rubric component, the criteria, the merged judge status, tokens and cost; R is mixed
-    again (``RewardConfig.mix``) unless the response is a prompt injection (R = 0)."""
+    again (``RewardConfig.mix``) unless the response is a prompt injection or games the rubric (R = 0)."""
     if outcome is None:
         return result
     result.criteria = outcome.criteria
@@ -170,7 +179,9 @@ def with_rubric(cfg: RewardConfig, result: RewardResult, outcome: RubricOutcome 
     if outcome.reason and "rubric" not in result.reasons:
         result.reasons["rubric"] = outcome.reason
     result.flags += [f for f in outcome.flags if f not in result.flags]
-    if "prompt_injection" not in result.flags:
+    if "rubric_gaming" in result.flags:  # an attempt to manipulate the grader, like a prompt injection: R = 0
+        result.reward = 0.0
+    elif "prompt_injection" not in result.flags:
         result.reward = cfg.mix(result.rule, result.teacher, None, score)
     status = max(result.judge_status, outcome.status, key=_PRECEDENCE.index)
     if status != result.judge_status and status in ("failed", "over_budget"):
