@@ -325,3 +325,31 @@ def test_eval_generation_answers_the_conversation(tiny_model_dir):
                         temperature=1.0, seed=7)[0].text
 
     assert out["response"] == sample(TURNS) != sample(TURNS[-1]["content"])
+
+
+def test_demo_and_review_carry_the_conversation():
+    from medrl.demo.app import reward_input as demo_input
+    from medrl.demo.app import turns_for
+    from medrl.demo.engine import render_turns
+    from medrl.review.forms import question_text
+    from medrl.review.items import items_from_eval
+
+    rec = build_record("gold", {"messages": TURNS, "rubrics": [{"criterion": "Reassures <b>calmly</b>.", "points": 5}],
+                                "answer": "Usually not."})
+    examples = {rec["question"]: rec}
+    assert turns_for(rec["question"], examples) == TURNS and turns_for("typed", examples) == [
+        {"role": "user", "content": "typed"}]
+    shown = render_turns(turns_for(rec["question"], examples)[:-1])
+    assert "Conversation so far (2 turns)" in shown and shown.count('class="medrl-turn"') == 2
+    assert "&lt;think&gt;" in shown and "<think>" not in shown  # escaped text, never markup
+    assert render_turns([]) == ""
+    inp = demo_input(rec["question"], "ok", "sft", examples)
+    assert inp.messages == tuple(TURNS) and inp.rubrics == tuple(rec["rubrics"])
+    assert demo_input("typed", "ok", "sft", examples).messages is None
+    row = {**rec, "model": "sft", "set": "gold", "response": "<think>\nx\n</think>\n\nUsually not.", "judge": {},
+           "rules": {}}
+    item = items_from_eval([row])[0]
+    assert item["messages"] == TURNS
+    assert question_text(item) == ("[user] I have had a cough for a week.\n\n[assistant] <think>\nask about fever\n"
+                                   "</think>\n\nDo you have a fever?\n\n[user] No fever. Should I worry?")
+    assert question_text({"question": "q", "messages": None}) == "q"
