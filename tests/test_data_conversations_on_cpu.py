@@ -68,6 +68,7 @@ BAD_ROWS = [
     ({"prompt": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]},
      "field 'prompt.1.role': a system turn may only open the conversation"),
     ({"prompt": []}, "field 'prompt' must be a non-empty list"),
+    ({"prompt": None}, "missing field 'prompt'"),
     ({"prompt": "just text"}, "field 'prompt' must be a non-empty list"),
     ({"rubrics": [{"criterion": "x", "points": 12, "tags": []}]}, "field 'rubrics.0.points' must be a number in [-10, 10], got 12"),
     ({"rubrics": [{"criterion": "x", "points": "5", "tags": []}]}, "field 'rubrics.0.points' must be a number in [-10, 10], got '5'"),

@@ -41,6 +41,14 @@ SETS = {
                    label="B", reference="肝素")],
     "pubmedqa": [_rec("p1", "Does aspirin reduce colorectal cancer risk?", label="yes", reference="yes"),
                  _rec("p2", "Is vitamin C effective against the common cold?", label="maybe", reference="maybe")],
+    "hb": [_rec("h1", "No fever, but it hurts to swallow. Should I see a doctor?", reference="See a GP if it lasts.",
+                messages=[{"role": "user", "content": "I have a sore throat."},
+                          {"role": "assistant", "content": "For how long? Any fever?"},
+                          {"role": "user", "content": "No fever, but it hurts to swallow. Should I see a doctor?"}],
+                rubrics=[{"criterion": "Advises a GP visit if it lasts over a week.", "points": 6.0,
+                          "tags": ["axis:accuracy"]},
+                         {"criterion": "Prescribes antibiotics.", "points": -5.0, "tags": []}],
+                example_tags=["theme:context_seeking"])],
 }
 
 
@@ -48,7 +56,7 @@ def _config(tmp_path, model_dir):
     return load_config(CONFIGS / "local_tiny.yaml", [
         f"run.root={tmp_path}", "run.name=e2e", f"model.path={model_dir}", "reward.judge.provider=reference",
         f"reward.cache.path={tmp_path}/judge.sqlite", "reward.judge.num_actors=1",
-        "eval.decoding.max_new_tokens=24", "eval.sets=[test,gold,redteam,pubmedqa,medqa]",
+        "eval.decoding.max_new_tokens=24", "eval.sets=[test,gold,redteam,pubmedqa,medqa,hb]",
         "reward.w_rule=0.5", "reward.w_teacher=0.3", "reward.w_verifier=0.2"])
 
 
@@ -78,7 +86,7 @@ def evaluated(tmp_path_factory, tiny_model_dir, ray_local):
 def test_outputs_per_model_and_set(evaluated):
     cfg, run, summary, responses = evaluated
     assert summary["models"] == {"base": str(cfg.model.path), "sft": str(run.sft_adapter), "rl": str(run.ppo_adapter)}
-    assert summary["sets"] == {"test": 3, "gold": 1, "redteam": 3, "pubmedqa": 2, "medqa": 2}
+    assert summary["sets"] == {"test": 3, "gold": 1, "redteam": 3, "pubmedqa": 2, "medqa": 2, "hb": 1}
     assert summary["skipped"] == []
     for model in ("base", "sft", "rl"):
         for s, items in SETS.items():
@@ -103,6 +111,9 @@ def test_outputs_per_model_and_set(evaluated):
         # the verifier reward ran in the reward pool's actors: MCQ by letter, short references by the matcher
         assert all(r["verifier"] in (0.0, 0.1, 1.0) for r in medqa)
         assert [r["verifier"] is None for r in read_jsonl(run.eval / f"{model}.redteam.jsonl")] == [True] * 3
+        hb = read_jsonl(run.eval / f"{model}.hb.jsonl")[0]  # a conversation item keeps its turns and rubric
+        assert hb["messages"] == SETS["hb"][0]["messages"] and hb["rubrics"] == SETS["hb"][0]["rubrics"]
+        assert hb["prompt"] == SETS["hb"][0]["question"] and hb["example_tags"] == ["theme:context_seeking"]
         test_rows = read_jsonl(run.eval / f"{model}.test.jsonl")
         assert test_rows[0]["prompt"] == SETS["test"][0]["question"] and "verifier" not in test_rows[0]["rules"]
     # the adapters change what the model says
