@@ -71,6 +71,14 @@ class SourceSpec(StrictModel):
     benchmark by ``test_ground_truth.json``; its other rows join the training pool.)"""
     license: str = "unknown"
     """Shown in DATA_CARD.md."""
+    rubrics: str | None = None
+    """A rubrics JSONL (``{id, rubrics}`` per line, as ``medrl rubrics generate`` writes it, perhaps edited by a
+    clinician): each row's rubric is attached to this source's record with that id, replacing any rubric it had;
+    rows whose ``rubrics`` is null (generation failed) are passed over."""
+    generate_rubrics: bool = False
+    """Prepare asks the teacher (``reward.judge``, as ``medrl rubrics generate``: stored, never paid twice) for a
+    rubric for every record of this source that has a reference and no rubric, and writes them, editable, to
+    ``<run>/data/rubrics/<source>.jsonl`` (attach an edited copy with ``rubrics``)."""
 
 
 BUILTIN_SOURCES: dict[str, SourceSpec] = {

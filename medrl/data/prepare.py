@@ -27,6 +27,7 @@ from medrl.data.sources import Row, iter_rows, resolve_spec, source_files
 from medrl.data.splits import apply_train_size, assign_splits, rl_counts, select_gold, select_rl, split_hash
 from medrl.data.spool import BATCH, BENCHMARK, POOL, REDTEAM, Rejects, SourceStats, Spool
 from medrl.errors import UsageError
+from medrl.reward.rubric_gen_cli import attach_generated, read_rubric_file
 from medrl.runs import MetricsLogger, RunDir
 
 log = logging.getLogger("medrl.data")
@@ -42,6 +43,15 @@ def _load_source(spool: Spool, name: str) -> None:
     origin = spec.path or f"modelscope:{spec.modelscope}"
     stats = spool.stats[name] = SourceStats(origin=origin, license=spec.license, role=spec.role)
     spool.source_id(name)
+    attached = read_rubric_file(Path(spec.rubrics).expanduser()) if spec.rubrics else {}
+    generated = spool.path.parent / "rubrics" / f"{name}.jsonl"  # editable; read back with data.catalog.<>.rubrics
+    generated.unlink(missing_ok=True)
+
+    def add(rows: list[Row]) -> None:
+        if spec.generate_rubrics:
+            attach_generated(cfg.reward, [r.record for r in rows], generated)
+        spool.add_batch(rows, [BENCHMARK if r.benchmark else POOL for r in rows])
+
     accepted, batch = 0, []
     for row in tqdm(iter_rows(name, spec, files, cfg.data.max_row_bytes, tuple(cfg.data.canaries)), desc=f"prepare {name}", unit=" rows",
                     disable=None, leave=False):
@@ -50,6 +60,8 @@ def _load_source(spool: Spool, name: str) -> None:
             stats.invalid += 1
             spool.rejects.add(row.file, row.line, name, "parse", row.error, _summary(row.error))
             continue
+        if row.record["id"] in attached:
+            row.record["rubrics"] = attached[row.record["id"]]
         if not row.benchmark:
             if spec.limit is not None and accepted >= spec.limit:
                 stats.over_limit += 1
@@ -57,10 +69,10 @@ def _load_source(spool: Spool, name: str) -> None:
             accepted += 1
         batch.append(row)
         if len(batch) >= BATCH:
-            spool.add_batch(batch, [BENCHMARK if r.benchmark else POOL for r in batch])
+            add(batch)
             batch = []
     if batch:
-        spool.add_batch(batch, [BENCHMARK if r.benchmark else POOL for r in batch])
+        add(batch)
 
 
 def _summary(reason: str) -> str:

@@ -164,16 +164,17 @@ def _generate(cfg: Config, models: dict[str, Path | None], conversations: dict[s
 # --------------------------------------------------------------------------- scoring
 def _row(model: str, set_name: str, item: dict, gen: dict, result) -> dict:
     rules = {k: v for k, v in result.components.items()
-             if k not in ("rule", "teacher", "verifier") and not k.startswith("judge.")}
+             if k not in ("rule", "teacher", "verifier", "rubric") and not k.startswith("judge.")}
     scores = {k[len("judge."):]: v for k, v in result.components.items() if k.startswith("judge.")}
     row = {"model": model, "set": set_name, **{k: item.get(k) for k in _ITEM_FIELDS}, **gen,
            "reward": result.reward, "rule": result.rule, "teacher": result.teacher, "rules": rules,
-           "verifier": result.components.get("verifier"),
+           "verifier": result.components.get("verifier"), "rubric": result.components.get("rubric"),
            "judge": {"id": result.judge, "status": result.judge_status, "scores": scores or None,
                      "reason": result.reasons.get("judge", ""), "tokens_in": result.tokens_in,
                      "tokens_out": result.tokens_out, "tokens_cache_hit": result.tokens_cache_hit,
                      "cost_usd": result.cost_usd},
-           "flags": result.flags}
+           "flags": result.flags,
+           "criteria": result.criteria or None}  # rubric items: every criterion with its verdict and explanation
     return annotate(row)
 
 
@@ -251,6 +252,13 @@ def pairwise_rows(cfg: Config, rows: list[dict]) -> tuple[dict[str, list[dict]],
 
 
 # --------------------------------------------------------------------------- entry point
+def rubric_grader(cfg: Config) -> str | None:
+    """What grades rubric criteria (printed beside every HealthBench figure): the judge and the grader version."""
+    if cfg.reward.w_rubric <= 0 or cfg.reward.judge.provider == "none":
+        return None
+    return f"{cfg.reward.judge.judge_id} · {cfg.reward.rubric.grader_version}"
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -294,6 +302,7 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
         "skipped": skipped_models + skipped_sets + pair_notes,
         "decoding": cfg.eval.decoding.model_dump(),
         "judge": cfg.reward.judge.judge_id,
+        "rubric_grader": rubric_grader(cfg),
         "timings": {"generate_s": {m: g["seconds"] for m, g in generations.items()},
                     "generate_wall_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
                     "pairwise_s": round(t3 - t2, 2)},
@@ -316,7 +325,7 @@ def save_eval(run: RunDir, rows: list[dict], pairwise: dict[str, list[dict]], me
     for name, prows in pairwise.items():
         _write_jsonl(run.eval / f"pairwise.{name}.jsonl", prows)
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **meta,
-               **summarize(rows, pairwise)}
+               **summarize(rows, pairwise, meta.get("rubric_grader"))}
     tmp = run.eval_summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     tmp.replace(run.eval_summary)
