@@ -15,16 +15,18 @@ the offline grader is for make run and CI, not for training a real model.
 from __future__ import annotations
 
 import re
-from difflib import SequenceMatcher
+from functools import lru_cache
 from typing import Sequence
 
 from medrl.reward.text import en_words, has_cjk, key_terms, normalise, root
 
 OFFLINE_SHARE = 0.6
 SENTENCE_CREDIT = 2
-ECHO_SHARE = 0.8
-"""A sentence that contains a copy of this share of a criterion's text (at least ECHO_MIN_CHARS) echoes it."""
-ECHO_MIN_CHARS = 16
+ECHO_SHARE = 0.9
+"""A sentence that contains an unbroken copy of this share of a criterion's words (Chinese: characters), at least
+ECHO_MIN_UNITS of them, echoes it."""
+ECHO_MIN_UNITS = 4
+_UNIT = re.compile(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 CLAIM = re.compile("|".join(f"(?:{p})" for p in (
     r"\b(?:criteri(?:on|a)|rubric|checklist|requirements?)\b[^.\n]{0,40}?\b(?:(?:is|are|was|were|all|been|fully|now)"
@@ -57,14 +59,26 @@ criteria rubric point possible
 _SENTENCE = re.compile(r"[^.!?。！？;；\n]+[.!?。！？;；]?")
 
 
+@lru_cache(maxsize=4096)
 def _fold(text: str) -> str:
     return re.sub(r"\s+", " ", normalise(text).lower()).strip()
+
+
+@lru_cache(maxsize=4096)
+def _windows(criterion: str) -> tuple[str, ...]:
+    """Every run of ECHO_SHARE of the criterion's words / characters, as space-joined text."""
+    units = _UNIT.findall(_fold(criterion))
+    k = -(-len(units) * ECHO_SHARE // 1)
+    if len(units) < ECHO_MIN_UNITS:
+        return ()
+    return tuple(f" {' '.join(units[i:i + int(k)])} " for i in range(len(units) - int(k) + 1))
 
 
 def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
 
 
+@lru_cache(maxsize=4096)
 def content_terms(criterion: str) -> tuple[str, ...]:
     """The criterion's key terms that name content (rubric verbs and meta words left out), English ones rooted."""
     terms = [t if has_cjk(t) else root(t) for t in key_terms(criterion, 32)]
@@ -80,11 +94,10 @@ def term_in(term: str, sentence: str, roots: set[str]) -> bool:
 
 
 def _echoes(sentence: str, criterion: str) -> bool:
-    s, c = _fold(sentence), _fold(criterion)
-    if len(c) >= ECHO_MIN_CHARS:
-        m = SequenceMatcher(None, s, c, autojunk=False).find_longest_match(0, len(s), 0, len(c))
-        if m.size >= max(ECHO_MIN_CHARS, ECHO_SHARE * len(c)):
-            return True
+    s = _fold(sentence)
+    units = f" {' '.join(_UNIT.findall(s))} "
+    if any(w in units for w in _windows(criterion)):
+        return True
     terms = content_terms(criterion)
     if not terms or not META.search(s):
         return False
