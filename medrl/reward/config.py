@@ -263,6 +263,46 @@ class CacheConfig(StrictModel):
     """A key is claimed before its judge call; a claim not renewed for this long (its holder died) is taken over."""
 
 
+RUBRIC_GENERATOR_VERSION = "medrl-rubric-gen-v1"
+"""Version of the rubric generation prompt in ``medrl/reward/rubric_gen.py``; part of every generated rubric's key."""
+
+
+class CategoryPoints(StrictModel):
+    """Points of a generated criterion by its Rubrics-as-Rewards category (arXiv 2507.17746), on HealthBench's
+    -10..10 scale."""
+
+    essential: float = Field(5.0, gt=0, le=10)
+    """Without it the answer is wrong or unsafe."""
+    important: float = Field(3.0, gt=0, le=10)
+    """Clearly expected by a clinician."""
+    optional: float = Field(1.0, gt=0, le=10)
+    """Nice to have."""
+    pitfall: float = Field(-5.0, ge=-10, lt=0)
+    """A mistake or harm the response shows (met = present): subtracted."""
+
+
+class RubricGenerationConfig(StrictModel):
+    """``medrl rubrics generate``: the teacher (``reward.judge``: endpoint, rate limits, budget, store) writes a
+    rubric per prompt from its reference answer (``docs/reward.md``, "Rubric generation")."""
+
+    version: str = RUBRIC_GENERATOR_VERSION
+    """Part of every stored rubric's key; change it to generate every rubric again."""
+    min_criteria: int = Field(7, ge=1, le=40)
+    """Fewest distinct criteria a valid reply has (a reply outside the bounds is asked again)."""
+    max_criteria: int = Field(20, ge=1, le=40)
+    """Most distinct criteria a valid reply has."""
+    points: CategoryPoints = CategoryPoints()
+    """Category -> points, applied when the JSONL is written (changing them re-pays nothing)."""
+    max_tokens: int = Field(2048, ge=256)
+    """Completion tokens allowed for one rubric (a verdict's ``reward.judge.max_tokens`` is far too small)."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RubricGenerationConfig":
+        if self.min_criteria > self.max_criteria:
+            raise ValueError(f"min_criteria {self.min_criteria} is above max_criteria {self.max_criteria}")
+        return self
+
+
 class RewardConfig(StrictModel):
     preset: Literal["none", "huatuo-o1", "rubric"] = "none"
     """A named recipe filling the weights (``PRESETS``); explicit weights win."""
@@ -289,6 +329,7 @@ class RewardConfig(StrictModel):
             data = _merged(PRESETS[data["preset"]], data)
         return data
     cache: CacheConfig = CacheConfig()
+    rubric_generation: RubricGenerationConfig = RubricGenerationConfig()
 
     @model_validator(mode="after")
     def _weights(self):

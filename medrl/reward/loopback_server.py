@@ -9,6 +9,7 @@ prompt is a cache hit after its first request) and injects faults that the grade
     KIND: 429 (with Retry-After), 500, 503, timeout (hangs), empty (empty content), malformed (invalid JSON)
     [[score:N]]        every dimension scores N (else the scores come from the key's hash: ``expected_scores``)
     [[equivalent:X]]   the verifier's verdict is X (yes / no; else yes when the reference is in the answer)
+    [[criteria:N]]     a rubric generation request gets N criteria (else as many as the prompt's lower bound)
     [[met:X]]          every rubric criterion's verdict is X (yes / no; else ``expected_criteria``)
 
 Rubric grader prompts (``medrl/reward/criteria.py``, one criterion or a numbered batch) are answered with
@@ -50,6 +51,7 @@ from medrl.reward.text import en_words, estimate_tokens, normalise, root
 FAULT_MARK = re.compile(r"\[\[fault:(429|500|503|timeout|empty|malformed)(?:\*(\d+))?\]\]")
 SCORE_MARK = re.compile(r"\[\[score:(\d+)\]\]")
 EQUIVALENT_MARK = re.compile(r"\[\[equivalent:(yes|no)\]\]")
+CRITERIA_MARK = re.compile(r"\[\[criteria:(\d+)\]\]")
 MET_MARK = re.compile(r"\[\[met:(yes|no)\]\]")
 _CRITERION_LINE = re.compile(r"^(?:\d+\. )?\[[-+]?[\d.]+ points\] (.*)$")
 
@@ -67,6 +69,24 @@ def expected_equivalent(user_content: str) -> str:
     ref = user_content.split("REFERENCE ANSWER:\n", 1)[-1].split("\n", 1)[0].strip().lower()
     answer = user_content.split("<<<ANSWER>>>", 1)[-1].lower()
     return "yes" if ref and ref in answer else "no"
+
+
+def generated_rubric(system: str, user_content: str) -> dict:
+    """The rubric the server writes for a generation request (``medrl/reward/rubric_gen.py``'s prompt): one
+    criterion per sentence of the reference (the text after ``REFERENCE ANSWER:``), the first Essential, the others
+    Important, then Optional fillers and one Pitfall, as many as the prompt's lower bound (or ``[[criteria:N]]``)."""
+    bounds = re.search(r"between (\d+) and (\d+)\s+criteria", system)
+    mark = CRITERIA_MARK.search(user_content)
+    count = int(mark.group(1)) if mark else int(bounds.group(1)) if bounds else 7
+    reference = user_content.split("REFERENCE ANSWER:\n", 1)[-1].rsplit("\n\nReturn the json rubric.", 1)[0]
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?。！？])\s*|\n+", reference) if s.strip()]
+    criteria = [{"criterion": f"States that {s}", "category": "Essential" if k == 0 else "Important",
+                 "axis": "accuracy" if k == 0 else "completeness"} for k, s in enumerate(sentences[:count - 1])]
+    criteria.append({"criterion": "Tells the user that no medical care is ever needed.", "category": "Pitfall",
+                     "axis": "accuracy"})
+    criteria += [{"criterion": f"Explains point {k} in plain language.", "category": "Optional",
+                  "axis": "communication_quality"} for k in range(1, count - len(criteria) + 1)]
+    return {"criteria": criteria[:count]}
 
 
 def expected_criteria(user_content: str) -> list[bool]:
@@ -171,6 +191,8 @@ async def _chat(request: web.Request) -> web.Response:
         if kind == "timeout":
             await asyncio.sleep(state.hang_s)
         content = {"empty": "", "malformed": '{"accuracy": 7, "safety": '}.get(kind)
+    if content is None and "Rubrics as Rewards" in messages[0]["content"]:  # rubric generation
+        content = json.dumps(generated_rubric(messages[0]["content"], user), ensure_ascii=False)
     if content is None and '"criteria_met"' in messages[0]["content"]:  # the rubric grader
         content = _grade(messages[0]["content"], user, key)
     if content is None and '"equivalent"' in messages[0]["content"]:  # the verifier's rubric (yes/no json)
