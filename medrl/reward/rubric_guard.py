@@ -6,11 +6,12 @@ rubric meta-language: "the response mentions ...", "该回答提到 ..."), a che
 treated as a prompt injection: R = 0 and it is never sent to the grader (flag ``rubric_gaming``).
 
 ``offline_criteria`` is the grader of ``judge.provider: reference`` (deterministic, no API): a criterion is met when
-one sentence of the graded answer (keyword lists and stuffing blanked: ``rubric_reward.graded_answer``) holds at least ``OFFLINE_SHARE`` of the criterion's content terms (its key terms less
-rubric verbs such as "mentions", "advises", 提到, 建议); one sentence counts for at most ``SENTENCE_CREDIT``
-criteria, so a sentence stuffed with every criterion's terms meets at most two. Negative criteria use the same test
-("met" = the bad behaviour's terms are said), which cannot tell "take antibiotics" from "antibiotics will not help":
-the offline grader is for make run and CI, not for training a real model.
+one sentence of the graded answer (keyword lists and stuffing blanked: ``rubric_reward.graded_answer``) holds at
+least ``OFFLINE_SHARE`` of the criterion's content terms (its key terms less rubric verbs such as "mentions",
+"advises", 提到, 建议); one sentence counts for at most ``SENTENCE_CREDIT`` criteria, so a sentence stuffed with
+every criterion's terms meets at most two. Negative criteria use the same test ("met" = the bad behaviour's terms are
+said), which cannot tell "take antibiotics" from "antibiotics will not help": the offline grader is for make run and
+CI, not for training a real model.
 """
 from __future__ import annotations
 
