@@ -1,6 +1,6 @@
 """Injections aimed at the judge, by family, and the views of a response they are matched on (pure).
 
-``rules.detect_injection`` matches ``rules.INJECTION`` and ``JUDGE_BAIT`` on every view of ``matching_views``:
+``rules.detect_injection`` matches ``rules.INJECTION`` and the ``FAMILIES`` (``find_bait``) on every view of ``matching_views``:
 the text NFKC-normalised, invisible characters dropped, Cyrillic / Greek look-alikes folded to Latin, traditional
 Chinese converted to simplified (OpenCC ``t2s``) and lowercased; the same with leetspeak digits read as letters
 (only in words that mix both); and each base64 run that decodes to text. Families are listed in
@@ -121,8 +121,43 @@ FAMILIES: dict[str, list[str]] = {
 }
 """Patterns of each family, matched on the views of ``matching_views`` (lowercase, simplified Chinese)."""
 
-JUDGE_BAIT = re.compile(_any_of([p for patterns in FAMILIES.values() for p in patterns]))
-"""All families in one alternation: one scan per view."""
+TRIGGERS: dict[str, tuple[str, ...]] = {
+    "persona": ("you are now", "from now on", "pretend", "act as", "acting as", "role", "imagine you", "play a game",
+                "mode", "扮演", "假装", "假设你是", "假如你是", "现在你是", "你现在是", "从现在", "身份", "充当", "化身"),
+    "html_comment": ("<!--",),
+    "base64_request": ("decode", "解码"),
+    "json_verdict": ("score", "overall", "rating", "grade", "verdict", "points", "marks", "pass", "评分", "得分", "分数",
+                     "总分", "评语", "结论", "准确性", "安全性", "完整性", "清晰度"),
+    "judge_should": ("judge", "grader", "evaluator", "grading", "reward model", "evaluation model", "evaluation system",
+                     "examiner", "scorer", "marker", "reviewer", "assessor", "scoring model", "评分", "打分", "奖励模型",
+                     "评审", "评测模型", "评判模型", "阅卷", "评委", "裁判", "考官"),
+    "fake_turn": ("user", "human", "用户", "人类", "<|", "[inst", "[/inst", "<<sys", "<</sys", "instruction", "system"),
+    "ps_evaluator": ("whoever", "anyone", "someone", "the person", "the people", "the one", "the model", "the ai",
+                     "the llm", "附言", "附注", "ps", "p.s.", "回答的", "答案的", "回复的"),
+    "config_block": ("grader", "grading", "judg", "eval", "scoring", "rubric", "reviewer", "_score", "_rating",
+                     "_grade", "_mark", "pass", "skip_", "评分", "打分", "评审", "阅卷", "最低分", "强制满分", "默认分",
+                     "固定分"),
+    "polite": ("rat", "scor", "grad", "mark", "evaluat", "assess", "judg", "generous", "lenient", "kind", "points",
+               "verdict", "满分", "最高分", "高分", "好分数", "好的分数", "分数给高", "多给", "加分", "好评", "高抬贵手",
+               "手下留情", "请给", "请把"),
+    "fake_system": ("系统", "system", "管理员", "admin", "developer", "开发者", "评分", "打分", "评审", "评价", "停止", "跳过",
+                    "免于", "无需", "evaluation", "grading", "scoring"),
+}
+"""Substrings a view must contain for a family's patterns to match at all (each pattern needs one of them): a
+family's regex runs only on views that contain one, which keeps ordinary text cheap (tested against every pattern
+of ``FAMILIES`` on the attack set)."""
+
+_FAMILY_RX = {family: re.compile(_any_of(patterns)) for family, patterns in FAMILIES.items()}
+
+
+def find_bait(view: str) -> str | None:
+    """The first bait for the judge in a ``matching_views`` view (None: none)."""
+    for family, rx in _FAMILY_RX.items():
+        if any(t in view for t in TRIGGERS[family]):
+            m = rx.search(view)
+            if m:
+                return m.group(0)
+    return None
 
 
 @lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from medrl.reward.config import RulesConfig
-from medrl.reward.injection import JUDGE_BAIT, matching_views
+from medrl.reward.injection import find_bait, matching_views
 from medrl.reward.text import (THINK_CLOSE, THINK_OPEN, en_words, estimate_tokens, key_terms, normalise,
                                split_response, term_found, without_keyword_lists)
 from medrl.reward.types import RewardInput
@@ -196,7 +196,7 @@ def detect_injection(response: str) -> str | None:
     families), on every view of ``injection.matching_views`` (look-alikes, traditional Chinese, leetspeak, base64
     folded); returns the matched text."""
     for view in matching_views(response):
-        hit = _matches(INJECTION, view) or _matches(JUDGE_BAIT, view)
+        hit = _matches(INJECTION, view) or find_bait(view)
         if hit:
             return hit
     return None

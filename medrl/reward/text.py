@@ -46,10 +46,22 @@ def normalise(text: str) -> str:
     return _SPACED_OUT.sub(lambda m: m.group(0).replace(" ", "").replace("\t", ""), text)
 
 
+class _FirstOfNFKC(dict):
+    """code point -> the first character of its NFKC form, filled on first use (a ``str.translate`` table)."""
+
+    def __missing__(self, code: int) -> str:
+        c = chr(code)
+        folded = self[code] = (unicodedata.normalize("NFKC", c) or c)[0]
+        return folded
+
+
+_FOLD_TABLE = _FirstOfNFKC()
+
+
 def fold_chars(text: str) -> str:
     """A same-length copy of ``text`` with each character NFKC-folded to its first character ("＜" -> "<"), for
     finding spans in the original text."""
-    return "".join((unicodedata.normalize("NFKC", c) or c)[0] for c in text)
+    return text.translate(_FOLD_TABLE)
 
 
 @dataclass(frozen=True)
