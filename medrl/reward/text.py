@@ -39,6 +39,7 @@ def strip_invisible(text: str) -> str:
     return INVISIBLE.sub("", text)
 
 
+@lru_cache(maxsize=1024)  # each rule asks for the same answer's normalised text
 def normalise(text: str) -> str:
     """The text every rule reads: NFKC (full-width letters, digits and brackets become ASCII), invisible characters
     removed, and words spelled out letter by letter ("i g n o r e", "请 忽 略") joined again."""
@@ -179,7 +180,8 @@ def _content_runs(text: str) -> list[tuple[int, int, int]]:
 
     for m in _LIST_TOKEN.finditer(text):
         tok = m.group()
-        if has_cjk(tok[0]):
+        first = tok[0]
+        if "\u3400" <= first <= "\u9fff" or "\uf900" <= first <= "\ufaff":  # a CJK run (_CJK, without a regex)
             pos = m.start()
             for w in _jieba().lcut(tok):
                 if w in ZH_STOPWORDS or (len(w) == 1 and w in _ZH_PARTICLES):
