@@ -26,21 +26,6 @@ def node_key(monkeypatch):
     monkeypatch.setenv("DEEPSEEK_API_KEY", FAKE_KEY)
 
 
-@pytest.fixture()
-def prepared_run(tiny_model_dir, tmp_path, monkeypatch):
-    """``medrl prepare`` of the shipped samples (configs/local_tiny.yaml) into ``tmp_path/runs/job/data``."""
-    from medrl.config import load_config
-    from medrl.data.prepare import run_prepare
-    from medrl.runs import RunDir
-
-    monkeypatch.chdir(REPO)  # the config's sample paths are relative to the repository
-    cfg = load_config(REPO / "configs" / "local_tiny.yaml",
-                      [f"run.root={tmp_path}/runs", "run.name=job", f"model.path={tiny_model_dir}"])
-    run = RunDir.from_config(cfg)
-    assert run_prepare(cfg, run)["rl_prompts"] > 0
-    return run
-
-
 def test_ppo_job_on_a_real_ray_head(node_key, ray_head, prepared_run, tiny_model_dir, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from safetensors import safe_open
