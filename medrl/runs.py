@@ -6,6 +6,7 @@
       metrics.jsonl        one JSON object per logged step: {"stage", "step", "time", ...metrics}
       tb/<stage>/          TensorBoard events (run.report_to: tensorboard)
       trackers.json        W&B / MLflow run ids, so every stage logs into the same run (run.report_to: wandb, mlflow)
+      wandb/, mlflow.db, mlartifacts/   W&B's local files (unless $WANDB_DIR), MLflow's default local store
       data/                prepared data (train/dev/test/gold/redteam/rl_prompts .jsonl, rejects.jsonl, DATA_CARD.md)
       sft/                 SFT adapter + tokenizer; sft/checkpoints/
       ppo/                 RL adapter (+ value head); ppo/checkpoints/

@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHRINK = ["sft.max_steps=2", "sft.eval_steps=2", "sft.save_steps=2", "sft.logging_steps=1", "ppo.steps=2",
           "ppo.checkpoint.every=2", "ppo.generation.max_new_tokens=12", "ppo.rollout.num_cpus=0.5",
           "ppo.learner.num_cpus=0.5", "eval.limit=2", "eval.set_limits={}", "eval.pairwise.limit=2",
-          "eval.decoding.max_new_tokens=8", "run.report_to=[tensorboard,wandb,mlflow]"]
+          "eval.decoding.max_new_tokens=8", "eval.sets=[test]",
+          "run.report_to=[tensorboard,wandb,mlflow]"]
 
 
 def _submit(ray_head, runtime_env: Path, script: str, run, tiny_model_dir, *args: str) -> subprocess.CompletedProcess:
