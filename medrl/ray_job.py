@@ -21,11 +21,16 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor for the entrypoint: the job's runtime_env and metadata as JSON."""
 
 
+TRACKER_SECRETS = ("WANDB_API_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+"""Credentials of the ``run.report_to`` trackers, read by their libraries from the environment."""
+
+
 def secrets_in_job(cfg) -> list[str]:
-    """Names of secret environment variables (API keys) that the submitted runtime_env carries."""
+    """Names of secret environment variables (API keys, tracker credentials) that the submitted runtime_env
+    carries."""
     job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}")
     env_vars = (job.get("runtime_env") or {}).get("env_vars") or {}
-    return sorted(set(env_vars) & set(secret_env_names(cfg)))
+    return sorted(set(env_vars) & {*secret_env_names(cfg), *TRACKER_SECRETS})
 
 
 def stage_job(command: str, argv: list[str]) -> int:

@@ -99,3 +99,14 @@ def test_stage_jobs_share_one_tracker_run(ray_head, prepared_run, tiny_model_dir
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
     eval_acc = EventAccumulator(str(run.tb_dir("eval"))).Reload()
     assert "eval/rl/test/reward" in eval_acc.Tags()["scalars"]
+
+
+def test_stage_jobs_refuse_tracker_credentials_in_the_runtime_env(monkeypatch, capsys):
+    """The cluster stores and shows a job's runtime_env: a W&B key there stops the job before any work."""
+    from medrl.ray_job import JOB_CONFIG_ENV, stage_job
+
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"env_vars": {
+        "WANDB_PROJECT": "medrl", "WANDB_API_KEY": "wandb-secret-123"}}, "metadata": {}}))
+    assert stage_job("sft", ["run.report_to=[wandb]"]) == 2
+    err = capsys.readouterr().err
+    assert "ray_jobs/sft.py: error: the job's runtime_env sets WANDB_API_KEY" in err and "wandb-secret-123" not in err
