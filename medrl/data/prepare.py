@@ -53,8 +53,8 @@ def _load_source(spool: Spool, name: str) -> None:
         spool.add_batch(rows, [BENCHMARK if r.benchmark else POOL for r in rows])
 
     accepted, batch = 0, []
-    for row in tqdm(iter_rows(name, spec, files, cfg.data.max_row_bytes, tuple(cfg.data.canaries)), desc=f"prepare {name}", unit=" rows",
-                    disable=None, leave=False):
+    rows = iter_rows(name, spec, files, cfg.data.max_row_bytes, tuple(cfg.data.canaries))
+    for row in tqdm(rows, desc=f"prepare {name}", unit=" rows", disable=None, leave=False):
         stats.rows += 1
         if row.error is not None:
             stats.invalid += 1
