@@ -146,16 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+READ_ONLY = ("estimate-memory", "merge")
+"""Commands that only read a run (``judge --dry-run`` too): no run directory, no log file, no config record."""
+
+
 def _configured(args):
-    """Load the config, prepare the run dir, logging and the saved (redacted) config."""
+    """Load the config. A stage (a command that trains, evaluates or scores) gets its run directory and log file
+    there, and records the config it ran with (``RunDir.record_stage``, in the stage); a read-only command logs to
+    the console only and leaves the run directory as it is."""
     from medrl.config import load_config
     from medrl.runs import RunDir, setup_logging
 
     cfg = load_config(args.config, args.overrides)
-    run = RunDir.from_config(cfg).ensure()
-    setup_logging(run, secret_envs=secret_env_names(cfg))
-    run.save_config(cfg)
-    if cfg.model.build_tiny_if_missing and not Path(cfg.model.path).exists():
+    run = RunDir.from_config(cfg)
+    writes = args.command not in READ_ONLY and not getattr(args, "dry_run", False)
+    setup_logging(run.ensure() if writes else None, secret_envs=secret_env_names(cfg))
+    if writes and cfg.model.build_tiny_if_missing and not Path(cfg.model.path).exists():
         from medrl.models.tiny import build_tiny_model
 
         log.info("building the tiny Qwen3 model at %s", cfg.model.path)

@@ -117,7 +117,7 @@ def run_prepare(cfg: Config, run: RunDir, *, sources: list[str] | None = None, s
         raise UsageError("no data sources given (data.sources or --sources)")
     for name in names:
         resolve_spec(d, name)  # unknown names fail before any work
-    run.ensure()
+    run.record_stage(cfg, "prepare")
     out = run.data
     out.mkdir(parents=True, exist_ok=True)
     run.data_card.unlink(missing_ok=True)  # the card marks a finished stage; a failed run must not leave an old one

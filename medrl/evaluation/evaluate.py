@@ -266,6 +266,7 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
     log.info("eval: models %s on sets %s", ", ".join(chosen),
              ", ".join(f"{s} ({len(v)})" for s, v in eval_sets.items()))
     check_judge(cfg.reward)  # a bad key, model or cache stops here, before Ray and any generation
+    run.record_stage(cfg, "eval")
     started = init_ray(cfg.ray)
     try:
         with RewardPool(cfg.reward) as pool:  # built first: a missing API key fails before any generation

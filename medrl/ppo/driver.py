@@ -50,6 +50,7 @@ def run_ppo(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
 
     checkpoint = ckpt.find_resume(run.checkpoints("ppo"), resume)  # a bad --resume fails before anything starts
     check_run_inputs(cfg, run)
+    run.record_stage(cfg, "ppo")
     started = init_ray(cfg.ray)
     try:
         with PPOTrainer(cfg, run) as trainer:

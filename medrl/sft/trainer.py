@@ -215,6 +215,8 @@ def _gathered_if_zero3(trainer, params):
 def run_sft(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
     """The ``medrl sft`` / pipeline entry point: trains (in this process, or in ``sft.num_processes`` torchrun
     workers) and returns the adapter directory."""
+    if int(os.environ.get("RANK", "0")) == 0:  # under an external launcher every rank runs this
+        run.record_stage(cfg, "sft")
     # DeepSpeed always runs under a launcher (one rank is a world of one), so the parent process stays clean
     if (cfg.sft.num_processes > 1 or cfg.sft.deepspeed) and "LOCAL_RANK" not in os.environ:
         from medrl.sft.launch import launch_workers
