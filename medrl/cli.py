@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run STAGE (and every later stage) even if its output exists "
                         "(repeatable; 'all' for every stage)")
 
+    p = sub.add_parser("push", help="upload an adapter or merged model directory with its model card to the "
+                                    "Hugging Face Hub")
+    p.add_argument("directory", type=Path, help="e.g. runs/<name>/ppo/adapter, or a `medrl merge` output")
+    p.add_argument("--repo-id", required=True, help="hub repository, e.g. your-name/qwen3-1.7b-medrl")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token-env", default="HF_TOKEN",
+                   help="environment variable holding the hub token (never passed on the command line)")
+
     p = sub.add_parser("tiny-model", help="build a tiny random Qwen3 + BPE tokenizer for tests and CPU runs")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--seed", type=int, default=0)
@@ -254,6 +262,11 @@ def _dispatch(args) -> int:
 
     if cmd == "review":
         return _review(args)
+    if cmd == "push":
+        from medrl.models.push import push
+
+        print(push(args.directory, args.repo_id, private=args.private, token_env=args.token_env))
+        return 0
     if cmd == "config":
         from medrl import config_help
 

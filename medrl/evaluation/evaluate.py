@@ -23,6 +23,7 @@ from medrl.evaluation.extract import final_answer
 from medrl.evaluation.metrics import annotate, summarize
 from medrl.evaluation.pairwise import PairTask, PairwiseJudge, reward_verdict
 from medrl.jsonl import read_jsonl
+from medrl.models.card import refresh_cards
 from medrl.runs import RunDir
 
 log = logging.getLogger("medrl.eval")
@@ -292,7 +293,9 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
                     "generate_wall_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
                     "pairwise_s": round(t3 - t2, 2)},
     }
-    return save_eval(run, rows, pairwise, meta)
+    summary = save_eval(run, rows, pairwise, meta)
+    refresh_cards(cfg, run)  # the adapters' model cards gain the eval table
+    return summary
 
 
 def save_eval(run: RunDir, rows: list[dict], pairwise: dict[str, list[dict]], meta: dict) -> dict:

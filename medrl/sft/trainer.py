@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from medrl.config import Config, save_config
 from medrl.errors import UsageError
+from medrl.models.card import finish_adapter
 from medrl.models.loading import lora_config, load_causal_lm, load_tokenizer, pick_device, pick_dtype
 from medrl.runs import MetricsLogger, RunDir
 from medrl.sft.data import encode_example, length_stats, read_records
@@ -179,6 +180,7 @@ def train_sft(cfg: Config, run: RunDir, *, resume: str | None = None,
                 raise RuntimeError(f"LoRA weights differ across ranks after training (max |diff| {diff:g})")
         if trainer.is_world_process_zero():
             save_config(cfg, run.sft_adapter / "medrl_config.yaml")
+            finish_adapter(cfg, run, "sft", trainer.processing_class)
             log.info("SFT adapter written to %s", run.sft_adapter)
     finally:
         if metrics is not None:
