@@ -6,6 +6,7 @@ Each doc is the attribute docstring written under the field in ``medrl/*/config.
 """
 from __future__ import annotations
 
+import functools
 import re
 import textwrap
 import types
@@ -64,6 +65,12 @@ def _default(field: FieldInfo) -> Any:
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else to_jsonable_python(value)
 
 
+@functools.cache
+def _default_tree() -> dict:
+    """The defaults of the whole tree (read-only: never modify the returned dict)."""
+    return Config().to_dict(redact=True)
+
+
 def _flow(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10**6).strip().removesuffix(
         "\n...").removesuffix("...").strip()
@@ -105,7 +112,7 @@ def show(cfg: Config) -> str:
     """The resolved config (secrets redacted) as YAML that loads back to it, each field preceded by its doc and
     followed by ``# default`` or ``# default: VALUE``."""
     head = ["# medrl config: every field with its doc; `medrl config explain KEY` for one key"]
-    return "\n".join(head + _lines(Config, cfg.to_dict(redact=True), Config().to_dict(redact=True), 0)) + "\n"
+    return "\n".join(head + _lines(Config, cfg.to_dict(redact=True), _default_tree(), 0)) + "\n"
 
 
 # --------------------------------------------------------------------------- explain
@@ -128,7 +135,7 @@ def lookup(key: str) -> FieldHelp:
     if not all(parts):
         raise UsageError(f"config key '{key}' is not a dotted key such as ppo.kl.target")
     model: type[BaseModel] = Config
-    defaults: Any = Config().to_dict(redact=True)
+    defaults: Any = _default_tree()
     field = Config.model_fields[parts[0]] if parts[0] in Config.model_fields else None
     i = 0
     while i < len(parts):

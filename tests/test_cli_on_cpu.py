@@ -7,8 +7,8 @@ import pytest
 from medrl.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["prepare", "sft", "merge", "judge", "ppo", "estimate-memory", "eval", "report", "review", "demo", "pipeline", "tiny-model",
-            "download-model"]
+COMMANDS = ["prepare", "sft", "merge", "judge", "ppo", "estimate-memory", "eval", "config", "report", "review", "demo",
+            "pipeline", "push", "tiny-model", "download-model"]
 
 
 def _medrl(*args, cwd=REPO):
@@ -28,6 +28,21 @@ def test_help_for_every_subcommand():
         with pytest.raises(SystemExit) as e:
             parser.parse_args([cmd, "--help"])
         assert e.value.code == 0
+
+
+def test_version_and_field_help_in_help():
+    import medrl
+
+    r = _medrl("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"medrl {medrl.__version__}"
+    r = _medrl("sft", "--help")
+    assert r.returncode == 0
+    lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
+    assert "sft.learning_rate Peak learning rate of the LoRA weights." in lines
+    assert "model.lora.alpha LoRA scaling numerator: the adapter update is multiplied by `alpha / r`." in lines
+    r = _medrl("pipeline", "--help")  # the top-level sections
+    assert "ppo `medrl ppo`: the RL algorithm, rollout actors and learner ranks." in [
+        " ".join(line.split()) for line in r.stdout.splitlines()]
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path):
