@@ -149,20 +149,22 @@ class RunDir:
     def record_stage(self, cfg: Config, stage: str) -> list[str]:
         """Record the config ``stage`` runs with (``config.<stage>.yaml`` and ``config.yaml``, secrets redacted)
         and warn, in one line, when it differs from an earlier stage's record in a key of ``MATTERING_KEYS``.
-        Returns the differing keys, each as ``key (stage)``."""
+        Returns the differing keys, each as ``key (stage, ...)``."""
         if stage not in RECORDED_STAGES:
             raise ValueError(f"unknown stage {stage!r}")
         now = cfg.to_dict(redact=True)
         earlier = RECORDED_STAGES[:RECORDED_STAGES.index(stage)] if stage != "judge" else ()
-        drift = []
+        differs: dict[str, list[str]] = {}  # key -> the earlier stages it differs from
         for before in earlier:
             path = self.stage_config_path(before)
             if path.is_file():
                 then = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-                drift += [f"{key} ({before})" for key in config_changes(then, now, MATTERING_KEYS)]
+                for key in config_changes(then, now, MATTERING_KEYS):
+                    differs.setdefault(key, []).append(before)
+        drift = [f"{key} ({', '.join(stages)})" for key, stages in sorted(differs.items())]
         if drift:
-            log.warning("%s runs with a config that differs from earlier stages' records in: %s", stage,
-                        ", ".join(drift))
+            log.warning("%s runs with a config that differs from what earlier stages ran with, in: %s (records: "
+                        "%s)", stage, "; ".join(drift), self.root / "config.<stage>.yaml")
         save_config(cfg, self.stage_config_path(stage))
         self.save_config(cfg)
         return drift
