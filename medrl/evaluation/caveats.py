@@ -58,7 +58,7 @@ def _judge_caveats(run_root: Path, cfg: dict, summary: dict | None) -> list[str]
         used.append(("the RL reward", "reference:" if ppo_judge == "reference" else ppo_judge))
     elif not summary:
         provider = (((cfg.get("reward") or {}).get("judge")) or {}).get("provider")
-        used.append(("the configured judge", "reference:" if provider == "reference" else str(provider)))
+        used.append(("the configured reward", "reference:" if provider == "reference" else str(provider)))
     offline = [what for what, judge in used if judge.startswith("reference:")]
     none = [what for what, judge in used if judge == "none"]
     out = []
@@ -75,11 +75,16 @@ def _size_caveats(summary: dict | None) -> list[str]:
     if not summary:
         return []
     out = []
-    small = {s: n for s, n in (summary.get("sets") or {}).items() if n < MIN_SET_SIZE}
+    sizes: dict[str, int] = {}  # items per set: the most any model was scored on
+    for per_set in (summary.get("table") or {}).values():
+        for s, v in per_set.items():
+            sizes[s] = max(sizes.get(s, 0), int(v.get("n", 0)))
+    small = {s: n for s, n in sizes.items() if n < MIN_SET_SIZE}
     if small:
         smallest = max(1, min(small.values()))
         low, high = wilson_interval(smallest // 2, smallest)
-        out.append(f"Sets under {MIN_SET_SIZE} items ({', '.join(f'{s} {n}' for s, n in small.items())}): a "
+        listed = ", ".join(f"{s} {n}" for s, n in sorted(small.items(), key=lambda kv: (kv[1], kv[0])))
+        out.append(f"Sets under {MIN_SET_SIZE} items ({listed}): a "
                    f"difference between models there is within noise (on {smallest} items a "
                    f"{100 * (smallest // 2) / smallest:.0f}% rate has a 95% interval of {100 * low:.0f}-"
                    f"{100 * high:.0f}%).")
