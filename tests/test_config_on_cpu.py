@@ -189,8 +189,8 @@ def test_every_field_is_documented_and_explained(capsys):
         out = explain(key)
         assert out.startswith(f"{key}: ") and " ".join(out.split()).find(" ".join(doc_text(field).split())[:60]) > 0
     assert main(["config", "explain", "ppo.kl.target"]) == 0
-    assert capsys.readouterr().out == ("ppo.kl.target: float (> 0)\n  Target of the adaptive controller: mean per-token "
-                                       "KL (nats) of the batch.\n  default: 0.1\n")
+    assert capsys.readouterr().out == ("ppo.kl.target: float (> 0)\n  Target of the adaptive controller: mean "
+                                       "per-token KL (nats) of the batch.\n  default: 0.1\n")
     assert main(["config", "explain", "data.catalog.medqa.limit"]) == 0  # any entry name of a mapping
     assert capsys.readouterr().out.startswith("data.catalog.medqa.limit: int or null (>= 1)\n  Keep at most N")
 

@@ -230,8 +230,8 @@ def test_benchmark_only_sources_prepare_for_eval_only(tmp_path, capsys):
     assert all(summary[k] == 0 for k in ("train", "dev", "test", "gold"))
     assert len(_read(run, "mcq-sample")) == 4 and (run.data / "train.jsonl").read_text() == ""
     warnings = [w for w in _warnings(capsys.readouterr().err) if "prepare:" in w]
-    assert warnings == ["medrl.data: prepare: every record of mcq-sample is a benchmark item: preparing for evaluation only (the "
-                        "benchmark files, the red-team set; no train, dev, test or gold records)"]
+    assert warnings == ["medrl.data: prepare: every record of mcq-sample is a benchmark item: preparing for "
+                        "evaluation only (the benchmark files, the red-team set; no train, dev, test or gold records)"]
     assert "**Evaluation only: every source is a benchmark**" in run.data_card.read_text()
 
 

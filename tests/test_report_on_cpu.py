@@ -257,7 +257,8 @@ def test_research_notice_caveats_and_scales(run):
 
 def test_banner_names_the_offline_judge_and_a_tiny_model(tmp_path, tiny_model_dir):
     run = RunDir(tmp_path / "tiny-run").ensure()
-    cfg = Config.model_validate({"model": {"path": str(tiny_model_dir)}, "reward": {"judge": {"provider": "reference"}}})
+    cfg = Config.model_validate({"model": {"path": str(tiny_model_dir)},
+                                 "reward": {"judge": {"provider": "reference"}}})
     run.record_stage(cfg, "ppo")
     rows = _eval_rows()
     for r in rows:
