@@ -7,8 +7,8 @@ import pytest
 from medrl.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["prepare", "sft", "merge", "judge", "ppo", "estimate-memory", "eval", "config", "report", "review", "demo",
-            "pipeline", "push", "tiny-model", "download-model"]
+COMMANDS = ["prepare", "sft", "merge", "judge", "ppo", "estimate-memory", "eval", "config", "report", "review", "rubrics",
+            "demo", "pipeline", "push", "tiny-model", "download-model"]
 
 
 def _medrl(*args, cwd=REPO):
