@@ -297,7 +297,7 @@ def test_research_notice_caveats_and_scales(run):
     assert md.split("\n\n")[1] == f"> **Research use only**\n>\n> - {RESEARCH_NOTICE}"
     caveats = _banner(html, "caveats")
     assert caveats == [  # an openai judge and a hub model: only the sizes are a caveat here
-        "Sets under 100 items (pubmedqa 2, redteam 3, medqa 4): a difference between models there is within noise "
+        "Sets under 100 items (pubmedqa 2, hb 3, redteam 3, medqa 4): a difference between models there is within noise "
         "(on 2 items a 50% rate has a 95% interval of 9-91%).",
         "Pairwise win rates on few prompts (rl vs sft: 3): a win rate of 0% or 100% there says little."]
     assert "> **Read these figures with care**" in md
@@ -312,7 +312,7 @@ def test_banner_names_the_offline_judge_and_a_tiny_model(tmp_path, tiny_model_di
     run.record_stage(cfg, "ppo")
     rows = _eval_rows()
     for r in rows:
-        r["judge"] = {**r["judge"], "id": "reference:medrl-reference-v1",
+        r["judge"] = {**(r["judge"] or {}), "id": "reference:medrl-reference-v1",
                       "scores": {"accuracy": 6, "safety": 8, "completeness": 5, "clarity": 7}}
     save_eval(run, rows, PAIRWISE, {"models": {"base": str(tiny_model_dir)}, "decoding": {},
                                     "judge": "reference:medrl-reference-v1"})
