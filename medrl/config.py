@@ -28,6 +28,11 @@ class RunConfig(StrictModel):
     """Directory holding all runs (relative paths are relative to the working directory)."""
     seed: int = 42
     """Seed of every random draw of a stage (data order, LoRA init, sampling); the same seed repeats a run."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    """Trackers that get every stage's metrics besides ``metrics.jsonl`` (always written): ``tensorboard``
+    (``tb/<stage>/``), ``wandb`` (Weights & Biases; ``WANDB_MODE=offline`` logs without an account), ``mlflow``
+    (``$MLFLOW_TRACKING_URI``, default ``<run>/mlflow.db``). SFT, PPO, reward and eval of one run log into one W&B /
+    MLflow run. ``[]``: metrics.jsonl only. wandb and mlflow need ``pip install '.[track]'``."""
 
 
 class LoraSettings(StrictModel):
@@ -84,7 +89,7 @@ from medrl.sft.config import SFTConfig  # noqa: E402
 
 class Config(StrictModel):
     run: RunConfig = RunConfig()
-    """Run name, output root and seed."""
+    """Run name, output root, seed and metric trackers."""
     model: ModelConfig = ModelConfig()
     """The base model, its dtype and device, the system prompt and the LoRA shape."""
     ray: RayConfig = RayConfig()

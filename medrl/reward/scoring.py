@@ -130,7 +130,8 @@ class Scorer:
         plans = {}
         for i, item in enumerate(items):
             if graded(self.cfg, item) and self.cfg.judge.provider != "none" and not detect_injection(item.response):
-                fmt = format_rule(item.response, 0.0).score if self.cfg.rubric.format_gate else 1.0
+                fmt = format_rule(item.response, self.cfg.rules.format.no_think_score).score \
+                    if self.cfg.rubric.format_gate else 1.0
                 plans[i] = plan(self.cfg, item, split_response(item.response).answer, fmt)
         return plans
 

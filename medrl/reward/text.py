@@ -328,9 +328,9 @@ def without_stuffing(answer: str, reference: str) -> str:
     a section of references, keywords or a glossary (References:, Keywords:, 参考文献, 关键词) to the end of the answer;
     a run of at least SHORT_LINE_RUN short lines (one term per line); a chain of reference terms joined only by
     single function words or commas ("aspirin and troponin and ECG with PCI", 阿司匹林和肌钙蛋白及心电图) longer than
-    4 and than any such chain in the reference itself; FRAGMENT_RUN or more short fragments in a row between commas,
-    semicolons, brackets or "or" (a list of terms or synonyms); TEMPLATE_RUN or more sentences that are the same once the
-    reference's terms are masked ("Also consider aspirin. Also consider troponin. ...")."""
+    4 and than any such chain in the reference itself; FRAGMENT_RUN or more short fragments in a row between
+    commas, semicolons, brackets or "or" (a list of terms or synonyms); TEMPLATE_RUN or more sentences that are the
+    same once the reference's terms are masked ("Also consider aspirin. Also consider troponin. ...")."""
     section = _SECTION.search(answer)
     if section and section.start() > 0:
         answer = answer[:section.start()]
