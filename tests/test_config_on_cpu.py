@@ -42,13 +42,13 @@ def test_unknown_key_names_key_file_and_known_keys(tmp_path):
     p = _write(tmp_path, "run:\n  nmae: x\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert str(e.value) == f"{p}: unknown key 'run.nmae' (known keys in run: name, root, seed)"
+    assert str(e.value) == f"{p}: unknown key 'run.nmae' (known keys in run: name, root, seed, report_to)"
 
 
 def test_unknown_override_key():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["run.sed=3"])
-    assert str(e.value) == "override 'run.sed=3': unknown key 'run.sed' (known keys in run: name, root, seed)"
+    assert str(e.value) == "override 'run.sed=3': unknown key 'run.sed' (known keys in run: name, root, seed, report_to)"
 
 
 def test_wrong_type_names_expected_type(tmp_path):
