@@ -117,9 +117,9 @@ def test_unusable_run_root_binary_input_negative_limit_and_a_bad_section_exit_2(
     binary.write_bytes(b'{"prompt": "Fever?", "response": "Rest."}\n' + bytes(range(128, 256)) + b"\n")
     root = f"run.root={tmp_path}/runs"
     cases = [
-        (["estimate-memory", "run.root=/proc/medrl"],
+        (["prepare", "run.root=/proc/medrl"],  # a stage: estimate-memory reads only and makes no run directory
          "cannot create the run directory /proc/medrl/default (run.root / run.name): No such file or directory"),
-        (["estimate-memory", f"run.root={tmp_path}/afile/runs"],
+        (["prepare", f"run.root={tmp_path}/afile/runs"],
          f"cannot create the run directory {tmp_path}/afile/runs/default (run.root / run.name): {tmp_path}/afile is "
          f"a file, not a directory"),
         (["judge", "--input", str(binary), "--out", str(tmp_path / "o.jsonl"), root, "reward.judge.provider=none"],
