@@ -85,7 +85,8 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
         added, _ = advantages_and_weights(
             cfg.ppo, scores=torch.arange(8.0), group=torch.tensor([0] * 4 + [1] * 4), mask=batch.response_mask,
             old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-            behaviour_logprobs=batch.behaviour_logprobs, values=batch.values, kl_coef=0.001)
+            behaviour_logprobs=batch.behaviour_logprobs, rollout_logprobs=batch.rollout_logprobs,
+            values=batch.values, kl_coef=0.001)
         clean = batch.replace(**added).shard(2)
         nan_advantages = clean[1].advantages.clone()
         nan_advantages[2, 0] = float("nan")

@@ -164,7 +164,8 @@ class PPOTrainer:
             self.ppo, scores=torch.tensor([r.reward for r in kept]),
             group=torch.tensor([s.prompt_index for s in samples]), mask=batch.response_mask,
             old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-            behaviour_logprobs=batch.behaviour_logprobs, values=batch.values, kl_coef=kl_coef,
+            behaviour_logprobs=batch.behaviour_logprobs, rollout_logprobs=batch.rollout_logprobs,
+            values=batch.values, kl_coef=kl_coef,
             finished=torch.tensor([s.finished for s in samples]))
         if "kl" in stats:  # no reference forward (nor KL) with a zero coefficient
             self.kl_ctl.update(stats["kl"], len(batch))
