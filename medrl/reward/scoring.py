@@ -161,8 +161,9 @@ class Scorer:
         await self.gate.flush(**counts)
         if counts["failed"]:
             first = next(r for r in results if r.judge_status == "failed")
-            log.warning("%d of %d judgements failed in this batch (scored by rules only); first: %s",
-                        counts["failed"], len(results), first.reasons.get("judge", ""))
+            log.warning("%d of %d judgements failed in this batch (scored by rules only%s); first: %s",
+                        counts["failed"], len(results), ", dropped" if self.cfg.judge.on_failure == "drop" else "",
+                        first.reasons.get("judge", ""))
         return results
 
     def _start(self, todo: dict[str, RewardInput]) -> set[str]:
