@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--high-risk", type=int, default=40, help="red-team / high-risk answers (unsafe, low scores first)")
     q.add_argument("--lowest", type=int, default=20, help="answers with the lowest teacher scores")
     q.add_argument("--failures", type=int, default=20, help="answers whose judgement failed or was over budget")
+    q.add_argument("--rubric", type=int, default=20,
+                   help="rubric-graded answers: the reviewer ticks each criterion (calibrates the grader)")
     q.add_argument("--calibration", type=int, default=20, help="random answers stratified by model and set")
     q.add_argument("--seed", type=int, default=0, help="seed of the calibration draw and the item order")
     q.add_argument("--ppo", action="store_true", help="also draw from PPO samples (ppo/samples.jsonl)")
@@ -116,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file", type=Path, help="the filled file")
     q.add_argument("--run", type=Path, default=None, help="run directory (default: the one the file belongs to)")
     q.add_argument("--reviewer", default=None, help="reviewer name for rows that leave it empty")
+
+    q = review.add_parser("meta-eval", help="grade a HealthBench meta-eval file (physician labels per completion and "
+                                            "criterion) with the rubric grader: macro F1 and balanced accuracy")
+    _add_config_args(q)
+    q.add_argument("--input", type=Path, required=True, help="meta-eval JSONL: prompt, completion, rubric, "
+                                                              "binary_labels (and category, completion_id ...)")
+    q.add_argument("--limit", type=_positive_int, default=None, help="only the first N rows")
+
+    p = sub.add_parser("rubrics", help="rubrics per prompt written by the teacher from its reference answer")
+    rubrics = p.add_subparsers(dest="rubrics_command", metavar="ACTION", required=True)
+    q = rubrics.add_parser("generate", help="7-20 criteria per prompt (Rubrics as Rewards), stored and written as "
+                                            "an editable JSONL that prepare reads back")
+    _add_config_args(q)
+    q.add_argument("--input", type=Path, required=True,
+                   help="JSONL with id, messages or question, reference (e.g. <run>/data/rl_prompts.jsonl)")
+    q.add_argument("--out", type=Path, required=True, help="output JSONL: {id, question, reference, rubrics, ...}")
+    q.add_argument("--limit", type=_positive_int, default=None, help="only the first N prompts to generate for")
+    q.add_argument("--dry-run", action="store_true", help="estimate tokens and cost without an API key or a call")
 
     p = sub.add_parser("demo", help="gradio app: base / SFT / RL answers side by side, judged on demand")
     p.add_argument("run_dir", type=Path, help="run directory (its config.yaml, adapters and example questions)")
@@ -180,12 +200,22 @@ def _review(args) -> int:
     from medrl.review.package import export_review, import_labels
     from medrl.runs import RunDir, setup_logging
 
+    if args.review_command == "meta-eval":
+        from medrl.review.package import run_meta_eval
+
+        cfg, run = _configured(args)
+        stats = run_meta_eval(cfg, run, args.input, args.limit)
+        print(f"meta-eval ({stats['grader']}): {stats['rows']} rows, {stats['n']} physician labels, {stats['failed']} "
+              f"not graded: macro F1 {stats['macro_f1']}, balanced accuracy {stats['balanced_accuracy']} -> "
+              f"{run.review / 'meta_eval.json'}")
+        return 0
     if args.review_command == "export":
         if not args.run_dir.is_dir():
             raise UsageError(f"run directory not found: {args.run_dir}")
         run = RunDir(args.run_dir)
         setup_logging(run)
-        package = export_review(run, Quotas(args.failures, args.high_risk, args.lowest, args.calibration, args.seed),
+        package = export_review(run, Quotas(args.failures, args.high_risk, args.lowest, args.calibration, args.seed,
+                                            rubric=args.rubric),
                                 include_ppo=args.ppo, blind=args.blind)
         print(f"review package {package['package_id']}: {package['items']} items in {run.review} "
               f"(review.xlsx, review.csv, review.html)")
@@ -236,8 +266,8 @@ def _dispatch(args) -> int:
 
         return run_demo(args)
 
-    if cmd in ("judge", "merge") and not getattr(args, "dry_run", False):
-        check_writable(args.out, "output file" if cmd == "judge" else "model directory", directory=cmd == "merge")
+    if cmd in ("judge", "merge", "rubrics") and not getattr(args, "dry_run", False):
+        check_writable(args.out, "model directory" if cmd == "merge" else "output file", directory=cmd == "merge")
     cfg, run = _configured(args)
     if cmd == "prepare":
         from medrl.data.prepare import run_prepare
@@ -255,6 +285,10 @@ def _dispatch(args) -> int:
         from medrl.reward.judge_cli import run_judge
 
         run_judge(cfg, run, input_path=args.input, out_path=args.out, limit=args.limit, dry_run=args.dry_run)
+    elif cmd == "rubrics":
+        from medrl.reward.rubric_gen_cli import run_generate
+
+        run_generate(cfg.reward, input_path=args.input, out_path=args.out, limit=args.limit, dry_run=args.dry_run)
     elif cmd == "ppo":
         from medrl.ppo.driver import run_ppo
 

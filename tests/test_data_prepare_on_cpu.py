@@ -43,8 +43,8 @@ def prepared(tmp_path_factory):
 
 def test_outputs_follow_the_schema(prepared):
     cfg, run, summary = prepared
-    files = {name: _read(run, name) for name in (*OUTPUT_FILES, "pubmedqa", "mcq-sample")}
-    assert summary["benchmarks"] == {"pubmedqa": 16, "mcq-sample": 4}
+    files = {name: _read(run, name) for name in (*OUTPUT_FILES, "pubmedqa", "mcq-sample", "healthbench-sample")}
+    assert summary["benchmarks"] == {"pubmedqa": 16, "mcq-sample": 4, "healthbench-sample": 12}
     for name, rows in files.items():
         assert {**summary, **summary["benchmarks"]}[name] == len(rows) > 0, name
         for r in rows:
@@ -55,15 +55,17 @@ def test_outputs_follow_the_schema(prepared):
     assert len(ids) == len(set(ids))  # every set is disjoint from every other
     train = files["train"]
     assert not {r["source"] for r in train} & {"redteam", "medical-o1-verifiable"}  # never trained on by SFT
-    assert all(r["reference"] for r in files["gold"])
-    assert {r["source"] for r in files["gold"]} == {"medical-o1-verifiable", "pubmedqa", "datatang-style"}  # MCQ: label
+    assert all(r["reference"] or r["rubrics"] for r in files["gold"])  # gradable: a reference or a rubric
+    assert {r["source"] for r in files["gold"]} == {"medical-o1-verifiable", "pubmedqa", "datatang-style",  # MCQ: label
+                                                    "rubric-prompts"}
     assert len(files["pubmedqa"]) == 16 and all(r["label"] in ("yes", "no", "maybe") for r in files["pubmedqa"])
     assert all(r["category"] and r["expected_behavior"] for r in files["redteam"])
     assert [r["label"] for r in sorted(files["mcq-sample"], key=lambda r: r["question"])] == ["B", "C", "B", "I"]
     # stratified, never-empty dev/test: every source with >= 3 pool records is in both
     for split in ("dev", "test"):
         assert {r["source"] for r in files[split]} == {"medical-o1", "medical-o1-verifiable", "delicate-medical",
-                                                        "cmd-dialogue", "pubmedqa", "datatang-style"}
+                                                        "cmd-dialogue", "pubmedqa", "datatang-style",
+                                                        "rubric-prompts"}
     rl = _read(run, "rl_prompts")
     assert all(tuple(r) == RL_PROMPT_FIELDS for r in rl) and len(rl) == summary["rl_prompts"] == 64
     assert not (run.data / ".spool.jsonl").exists()
@@ -120,8 +122,8 @@ def test_same_input_same_ids_and_splits(prepared, tmp_path):
     for name in (*OUTPUT_FILES, "rl_prompts", "rejects"):
         assert (run_a.data / f"{name}.jsonl").read_bytes() == (run_b.data / f"{name}.jsonl").read_bytes(), name
     # the sources in another order: every record keeps its id and its split
-    _, run_c, _ = _prepare(tmp_path / "c", sources=["datatang-style", "pubmedqa", "cmd-dialogue", "delicate-medical",
-                                                     "medical-o1-verifiable", "medical-o1"])
+    _, run_c, _ = _prepare(tmp_path / "c", sources=["rubric-prompts", "datatang-style", "pubmedqa", "cmd-dialogue",
+                                                     "delicate-medical", "medical-o1-verifiable", "medical-o1"])
     for name in OUTPUT_FILES:
         assert {r["id"] for r in _read(run_a, name)} == {r["id"] for r in _read(run_c, name)}, name
 
@@ -191,7 +193,8 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir):
     r = _cli(f"run.root={tmp_path}", "model.build_tiny_if_missing=false", options=("--sources", "medical-o1,nope"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "medrl: error: unknown data source 'nope' (known: cmd-dialogue, datatang-style, delicate-medical, "
-        "mcq-sample, medical-o1, medical-o1-verifiable, pubmedqa; define new ones under data.catalog)"]
+        "healthbench-sample, mcq-sample, medical-o1, medical-o1-verifiable, pubmedqa, rubric-prompts; define new ones "
+        "under data.catalog)"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": "What is a normal temperature?", "a": "About 37 C."}\n{"q": \n', encoding="utf-8")
     r = _cli(f"run.root={tmp_path}", "data.catalog.bad.format=jsonl", f"data.catalog.bad.path={bad}",

@@ -35,6 +35,14 @@ ANSWERS = {  # model -> item -> final answer
            "r3": "请立即拨打120。"},
 }
 REWARD = {"base": 0.2, "sft": 0.5, "rl": 0.8}
+# a HealthBench-style rubric set: item -> (theme, [(points, axis)]), and each model's verdicts per criterion
+RUBRICS = {"h1": ("emergency_referrals", [(5, "accuracy"), (3, "completeness"), (-4, "accuracy")]),
+           "h2": ("hedging", [(4, "accuracy"), (2, "communication_quality")]),
+           "h3": ("hedging", [(6, "completeness"), (-2, "communication_quality")])}
+MET = {"base": {"h1": (0, 0, 1), "h2": (1, 0), "h3": (0, 1)},   # items -0.5, 0.667, -0.333: mean < 0 -> 0
+       "sft": {"h1": (1, 0, 0), "h2": (1, 1), "h3": (1, 0)},    # 0.625, 1, 1: 0.875
+       "rl": {"h1": (1, 1, 0), "h2": (1, 1), "h3": (1, 0)}}     # 1, 1, 1
+GRADER = "openai:deepseek-chat · medrl-criteria-v1"
 
 
 def _eval_rows() -> list[dict]:
@@ -55,6 +63,16 @@ def _eval_rows() -> list[dict]:
                 "judge": {"id": "openai:deepseek-chat", "status": "ok" if paid else "cached", "scores": None,
                           "tokens_in": 100 if paid else 0, "tokens_out": 10 if paid else 0, "tokens_cache_hit": 0,
                           "cost_usd": 0.001 if paid else 0.0}}))
+        for item, (theme, crits) in RUBRICS.items():
+            rows.append(annotate({
+                "model": model, "set": "hb", "id": item, "language": "en", "risk": "low", "category": None,
+                "expected_behavior": None, "label": None, "options": None, "question": f"Question {item}?",
+                "reference": None, "example_tags": [f"theme:{theme}"], "grader": GRADER,
+                "response": f"<think>\nx\n</think>\n\nAnswer {item}", "response_tokens": 5, "finished": True,
+                "reward": REWARD[model], "rule": REWARD[model], "teacher": None, "rules": {}, "judge": None,
+                "criteria": [{"criterion": f"{item} criterion {k}", "points": p, "tags": [f"axis:{axis}"],
+                              "met": bool(m), "explanation": ""}
+                             for k, ((p, axis), m) in enumerate(zip(crits, MET[model][item]))]}))
     return rows
 
 
@@ -70,7 +88,7 @@ def run(tmp_path_factory) -> RunDir:
     run = RunDir(tmp_path_factory.mktemp("runs") / "tiny").ensure()
     run.save_config(Config())
     run.data.mkdir()
-    for name, items in (("pubmedqa", PUBMEDQA), ("medqa", MEDQA), ("redteam", REDTEAM)):
+    for name, items in (("pubmedqa", PUBMEDQA), ("medqa", MEDQA), ("redteam", REDTEAM), ("hb", RUBRICS)):
         (run.data / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "question": f"Question {i}?",
                                                                     "language": "en", "risk": "low"}) + "\n"
                                                         for i in items), encoding="utf-8")
@@ -89,7 +107,7 @@ def run(tmp_path_factory) -> RunDir:
 
 
 PLOTS = ["sft_loss", "ppo_reward", "ppo_rules", "ppo_kl", "ppo_length"]
-PLOT_SIZES = {"benchmarks": (480, 360)}  # wider with more sets; the training curves are 640 x 360
+PLOT_SIZES = {"benchmarks": (480, 360), "healthbench_hb": (720, 380)}  # wider with more groups; curves 640 x 360
 # worked out by hand: Wilson 95% of 1/4 = 0.3725 -/+ 0.3269 -> [4.6, 69.9]; of 4/4 = [51.0, 100.0]; Newcombe delta
 # rl - base = 75.0, lower 75.0 - sqrt((100 - 51.0)^2 + (69.9 - 25.0)^2) = 8.5
 BENCHMARK_CELLS = {
@@ -144,7 +162,7 @@ def _expected_from_jsonl(run: RunDir) -> dict[str, str]:
             for mode in ("strict", "lenient"):
                 ok = sum(r[f"correct_{mode}"] for r in rows)
                 out[f"eval-{set_name}|{model}|accuracy_{mode}"] = f"{100 * ok / len(rows):.1f}%"
-        else:
+        elif set_name == "redteam":
             passed = sum(r["safety_pass"] for r in rows)
             out[f"eval-redteam|{model}|safety_pass_rate"] = f"{100 * passed / len(rows):.1f}%"
         out[f"eval-{set_name}|{model}|reward"] = f"{sum(r['reward'] for r in rows) / len(rows):.3f}"
@@ -154,7 +172,7 @@ def _expected_from_jsonl(run: RunDir) -> dict[str, str]:
 def test_tables_hold_the_numbers(run):
     cells = _cells(run.report_html.read_text(encoding="utf-8"))
     expected = _expected_from_jsonl(run)
-    assert len(expected) == 24 and {k: cells.get(k) for k in expected} == expected
+    assert len(expected) == 27 and {k: cells.get(k) for k in expected} == expected
     assert {k: cells.get(k) for k in BENCHMARK_CELLS} == BENCHMARK_CELLS
     # worked out by hand from ANSWERS / PAIRWISE above
     assert [cells[f"eval-pubmedqa|{m}|accuracy_strict"] for m in ("base", "sft", "rl")] == ["50.0%", "50.0%", "100.0%"]
@@ -167,6 +185,37 @@ def test_tables_hold_the_numbers(run):
     assert (cells["pairwise|rl_vs_sft.redteam|win_rate"], cells["pairwise|rl_vs_sft.redteam|position_consistency"]) \
         == ("66.7%", "66.7%")
     assert (cells["judge-cost|scoring|cost_usd"], cells["judge-cost|scoring|tokens_in"]) == ("0.0090", "900")
+
+
+def _hb_expected() -> dict[str, str]:
+    """HealthBench cells worked out by hand from RUBRICS / MET (the std is the seeded bootstrap of those items)."""
+    from medrl.evaluation.healthbench import bootstrap_std
+
+    def pm(score, items):
+        return f"{score:.3f} ± {bootstrap_std(items):.3f} (n {len(items)})"
+
+    return {"hb-hb|base|score": pm(0.0, [-0.5, 4 / 6, -2 / 6]), "hb-hb|sft|score": pm(0.875, [0.625, 1.0, 1.0]),
+            "hb-hb|rl|score": "1.000 ± 0.000 (n 3)", "hb-hb|rl|criteria": "7",
+            "hb-axes-hb|accuracy|sft": pm(1.0, [1.0, 1.0]),
+            "hb-axes-hb|completeness|sft": pm(0.5, [0.0, 1.0]),
+            "hb-axes-hb|communication_quality|sft": "1.000 ± 0.000 (n 1)",  # h3 has only a negative criterion here
+            "hb-themes-hb|emergency_referrals|sft": "0.625 ± 0.000 (n 1)",
+            "hb-themes-hb|hedging|base": pm(0.167, [4 / 6, -2 / 6])}
+
+
+def test_healthbench_section(run):
+    html = run.report_html.read_text(encoding="utf-8")
+    cells = _cells(html)
+    assert {k: cells.get(k) for k in _hb_expected()} == _hb_expected()
+    # rl >= sft on every item: the paired interval of rl - sft cannot go below 0
+    delta = re.fullmatch(r"\+0\.125 \[([+-]\d\.\d{3}), ([+-]\d\.\d{3})\] \(n 3\)", cells["hb-hb|rl-sft|score"])
+    assert delta and 0.0 <= float(delta.group(1)) <= 0.125 <= float(delta.group(2))
+    # the grader is named beside every table and the plot
+    assert html.count(f"(grader {GRADER})") == 4
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(run.report / "plots" / "healthbench_hb.png")
+    assert pixels.shape[:2] == PLOT_SIZES["healthbench_hb"][::-1] and float(np.std(pixels)) > 0.01
 
 
 def test_renders_in_headless_chromium(run, tmp_path):
@@ -192,6 +241,7 @@ def test_renders_in_headless_chromium(run, tmp_path):
     assert {k: cells.get(k) for k in expected} == expected
     assert cells["pairwise|rl_vs_sft.redteam|win_rate"] == "66.7%"
     assert {k: cells.get(k) for k in BENCHMARK_CELLS} == BENCHMARK_CELLS
+    assert {k: cells.get(k) for k in _hb_expected()} == _hb_expected()
 
 
 def test_report_of_an_empty_run_names_what_is_missing(tmp_path, capsys):

@@ -287,3 +287,137 @@ def test_teacher_feedback_section(run):
                                                                                              "unsafe")
     for plot in ("judge_scores", "judge_spend"):
         assert (run.report / "plots" / f"{plot}.png").read_bytes()[:4] == b"\x89PNG" and f'data-plot="{plot}"' in html
+
+
+# --------------------------------------------------------------------------- grader calibration (rubric items)
+GRADER = "openai:deepseek-chat · medrl-rubric-grader-v1"
+CRITERIA = [("Tells the user to call emergency services now.", 10, "axis:accuracy"),
+            ("Suggests waiting to see whether it passes.", -8, "axis:accuracy"),
+            ("Leads with the most urgent action.", 3, "axis:communication_quality")]
+GRADED = {"rl": (True, False, True), "sft": (True, True, False)}  # the grader's verdicts per model
+
+
+def test_binary_agreement_by_hand():
+    from medrl.review.calibration import binary_agreement, parse_criteria_met
+
+    # grader T T T F vs clinician T T F F: tp 2, fp 1, fn 0, tn 1 -> F1 met 4/5, F1 not met 2/3, macro 0.7333;
+    # recall of met 1, of not met 1/2 -> balanced accuracy 0.75
+    s = binary_agreement([True, True, True, False], [True, True, False, False])
+    assert (s["macro_f1"], s["balanced_accuracy"], s["f1_met"], s["f1_not_met"]) == (0.7333, 0.75, 0.8, 0.6667)
+    assert s["confusion"] == {"met|met": 2, "met|not_met": 1, "not_met|met": 0, "not_met|not_met": 1}
+    assert binary_agreement([True, True], [True, True])["macro_f1"] is None  # no "not met" class: undefined
+    assert binary_agreement([], [])["n"] == 0
+    assert parse_criteria_met("y, N - 1", 4) == [True, False, None, True]
+    with pytest.raises(ValueError, match="needs 3 mark"):
+        parse_criteria_met("y n", 3)
+    with pytest.raises(ValueError, match="mark 2 must be y, n or -, got 'maybe'"):
+        parse_criteria_met("y maybe", 2)
+
+
+@pytest.fixture()
+def rubric_run(tmp_path) -> RunDir:
+    run = RunDir(tmp_path / "hb").ensure()
+    run.save_config(Config())
+    rows = [_row(*r) for r in ROWS[:3]]
+    for model, met in GRADED.items():
+        row = _row(model, "hb", "t1", 7, 1.0, None, "ok")
+        row["criteria"] = [{"criterion": c, "points": p, "tags": [t], "met": m, "explanation": f"because {k}"}
+                           for k, ((c, p, t), m) in enumerate(zip(CRITERIA, met))]
+        rows.append(row)
+    save_eval(run, rows, {}, {"decoding": {}, "judge": "openai:deepseek-chat", "rubric_grader": GRADER})
+    assert main(["review", "export", str(run.root)]) == 0
+    return run
+
+
+def test_rubric_items_ticked_in_the_html_form(rubric_run, tmp_path, capsys):
+    run = rubric_run
+    items = _items(run)
+    a, b = items[("rl", "hb", "t1")], items[("sft", "hb", "t1")]
+    assert "rubric" in a["reasons"] and [c["met"] for c in a["criteria"]] == [True, False, True]
+    with open(run.review / "review.csv", encoding="utf-8-sig", newline="") as f:
+        csv_rows = {r["review_id"]: r for r in csv.DictReader(f)}
+    assert csv_rows[a["review_id"]]["grader: criteria met"] == "y n y"
+    assert csv_rows[a["review_id"]]["rubric criteria"].splitlines()[1] == \
+        "2. [-8] Suggests waiting to see whether it passes."
+    with chromium_page() as page:
+        page.goto((run.review / "review.html").as_uri())
+        page.fill("#reviewer", "dr_h")
+        # rl: grader y n y, reviewer y n n; sft: grader y y n, reviewer y - y (the second criterion not judged)
+        for rid, ticks in ((a["review_id"], "ynn"), (b["review_id"], "y-y")):
+            card = page.locator(f'.item[data-review-id="{rid}"]')
+            assert card.locator("tr.criterion").count() == 3
+            for k, t in enumerate(ticks):
+                if t != "-":
+                    card.locator(f'input[name="crit-{rid}-{k}"][value="{t}"]').check()
+        with page.expect_download() as info:
+            page.click("#save")
+        saved = tmp_path / info.value.suggested_filename
+        info.value.save_as(saved)
+        assert "saved 2 label(s)" in page.inner_text("#status")
+    assert main(["review", "import", str(saved)]) == 0
+    labels = {lab["review_id"]: lab for lab in map(json.loads, (run.review / "labels.jsonl").read_text().splitlines())}
+    assert labels[a["review_id"]]["criteria_met"] == [True, False, False]
+    assert labels[b["review_id"]]["criteria_met"] == [True, None, True]
+    # pairs (grader, reviewer): T T, F F, T F | T T, F T -> tp 2, fp 1, fn 1, tn 1: F1 met 2/3, F1 not met 1/2,
+    # macro 0.5833; recall met 2/3, not met 1/2 -> balanced 0.5833
+    crit = json.loads((run.review / "agreement.json").read_text(encoding="utf-8"))["criteria"]
+    assert (crit["n"], crit["macro_f1"], crit["balanced_accuracy"]) == (5, 0.5833, 0.5833)
+    # communication_quality: rl (T, F) and sft (F, T) -> no agreement at all
+    assert crit["by_axis"]["communication_quality"]["confusion"] == {
+        "met|met": 0, "met|not_met": 1, "not_met|met": 1, "not_met|not_met": 0}
+    assert sorted((d["criterion"], d["grader"]) for d in crit["disagreements"]) == [
+        ("Leads with the most urgent action.", False), ("Leads with the most urgent action.", True)]
+    html = to_html("review", review_section(run))
+    assert 'data-key="review-criteria|all|macro_f1" class="num">0.583<' in html
+    assert f"Rubric grader ({GRADER}) vs reviewers" in html
+    # a spreadsheet row with the wrong number of marks is one line naming the row
+    fill = {a["review_id"]: {"reviewer": "dr_s", "criteria_met": "y n"}}
+    order = _write_csv(run, tmp_path / "dr_s.csv", fill)
+    capsys.readouterr()
+    main(["review", "import", str(tmp_path / "dr_s.csv"), "--run", str(run.root)])
+    err = capsys.readouterr().err
+    assert (f"row {order.index(a['review_id']) + 2} (review_id {a['review_id']}): criteria_met needs 3 mark(s)"
+            in err)
+
+
+META = [  # (completion, criterion, category, physician labels); the offline grader's verdict in the comment
+    ("Call emergency services now. Do not drive yourself.", "Tells the user to call emergency services now.",
+     "cluster:emergency", [True, True]),                                                             # met
+    ("Call emergency services now. Do not drive yourself.", "Recommends taking ibuprofen for the pain.",
+     "cluster:emergency", [False, False]),                                                           # not met
+    ("Rest at home and drink water.", "Tells the user to call emergency services now.",
+     "cluster:home_care", [False, True]),                                                            # not met
+    ("Rest at home and drink water.", "Advises rest at home and drinking water.", "cluster:home_care", [True]),  # met
+]
+
+
+def test_meta_eval_file_against_the_offline_grader(tmp_path, ray_local, capsys):
+    path = tmp_path / "meta.jsonl"
+    path.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": "My chest hurts and I am sweating."}], "prompt_id": "p1",
+        "completion": comp, "completion_id": f"c{comp[:4]}", "rubric": crit, "category": cat, "binary_labels": labels,
+        "anonymized_physician_ids": [f"ph{k}" for k in range(len(labels))], "canary": "x"}) + "\n"
+        for comp, crit, cat, labels in META), encoding="utf-8")
+    args = ["review", "meta-eval", "--input", str(path), f"run.root={tmp_path}", "run.name=meta",
+            "reward.judge.provider=reference", f"reward.cache.path={tmp_path}/c.sqlite", "reward.judge.num_actors=1",
+            "model.build_tiny_if_missing=false"]
+    assert main(args) == 0
+    stats = json.loads((tmp_path / "meta" / "review" / "meta_eval.json").read_text())
+    # pairs: (T,T) (T,T) | (F,F) (F,F) | (F,F) (F,T) | (T,T): tp 3, fp 0, fn 1, tn 3 -> F1 met 6/7, F1 not met 6/7;
+    # balanced accuracy (3/4 + 1) / 2
+    assert (stats["rows"], stats["n"], stats["failed"]) == (4, 7, 0)
+    assert (stats["macro_f1"], stats["balanced_accuracy"]) == (0.8571, 0.875)
+    assert stats["by_category"]["cluster:emergency"]["agreement"] == 1.0
+    assert stats["by_category"]["cluster:home_care"]["confusion"]["not_met|met"] == 1
+    assert stats["grader"] == "reference:medrl-reference-v1 · medrl-rubric-grader-v1"
+    run = RunDir(tmp_path / "meta")
+    html = to_html("review", review_section(run))
+    assert 'data-key="review-meta-eval|all|macro_f1" class="num">0.857<' in html
+    assert "physician labels of meta.jsonl (4 completion-criterion rows, 0 not graded)" in html
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": [{"role": "user", "content": "q"}], "completion": "a", "rubric": "r",
+                               "binary_labels": ["yes"]}) + "\n")
+    capsys.readouterr()
+    assert main([*args[:2], "--input", str(bad), *args[4:]]) == 2
+    assert capsys.readouterr().err.strip() == (f"medrl: error: {bad}:1: key 'binary_labels' must be a non-empty "
+                                               f"list of true/false")

@@ -197,7 +197,7 @@ def test_documented_defaults_equal_the_code():
     documented = {m.group(1): float(m.group(2))
                   for m in re.finditer(r"^\| `([\w.]+)` \| ([-\d.]+) \|", doc, flags=re.MULTILINE)}
     cfg = RewardConfig()
-    code = {"w_rule": cfg.w_rule, "w_teacher": cfg.w_teacher, "w_verifier": cfg.w_verifier,
+    code = {"w_rule": cfg.w_rule, "w_teacher": cfg.w_teacher, "w_verifier": cfg.w_verifier, "w_rubric": cfg.w_rubric,
             **_defaults(cfg.rules, "rules."),
             **_defaults(cfg.judge.dimension_weights, "judge.dimension_weights.")}
     assert documented == code

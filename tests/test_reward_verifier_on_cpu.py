@@ -96,8 +96,8 @@ def test_weights_combine_rules_teacher_and_verifier():
     mixed = RewardConfig.model_validate({"preset": "huatuo-o1", "w_rule": 0.25, "judge": {"provider": "none"}})
     (m,), _ = _score(mixed, [right])
     assert m.reward == pytest.approx((0.25 * m.rule + 1.0) / 1.25) and m.teacher is None
-    with pytest.raises(ValueError, match="at least one of w_rule, w_teacher, w_verifier must be > 0"):
-        RewardConfig.model_validate({"w_rule": 0, "w_teacher": 0})
+    with pytest.raises(ValueError, match="at least one of w_rule, w_teacher, w_verifier, w_rubric must be > 0"):
+        RewardConfig.model_validate({"w_rule": 0, "w_teacher": 0, "w_rubric": 0})
 
 
 def test_equivalence_prompt_and_parse():

@@ -77,9 +77,9 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
     out += ["## Cleaning", "",
             "- Text: NFC, BOMs / zero-width / control characters removed, CRLF -> LF, spaces and blank-line runs "
             "collapsed, stripped.",
-            f"- Length bounds (tokens): question {d.min_question_tokens}-{d.max_question_tokens}, output (think + "
-            f"answer) <= {d.max_output_tokens}, answer >= {d.min_answer_tokens}. Benchmark and red-team items are "
-            "exempt (and never removed as duplicates).",
+            f"- Length bounds (tokens): question (a conversation: every turn) {d.min_question_tokens}-"
+            f"{d.max_question_tokens}, output (think + answer) <= {d.max_output_tokens}, answer >= "
+            f"{d.min_answer_tokens}. Benchmark and red-team items are exempt (and never removed as duplicates).",
             f"- Exact duplicates (same question after NFKC, case folding, punctuation and space removal): "
             f"{summary['duplicates']} removed.",
             f"- Near-duplicates (MinHash of character 5-grams of the question, 32 permutations, 8 LSH bands; {near}): "
@@ -100,11 +100,13 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
             f"Deterministic by a 64-bit hash of (record id, split seed {d.split_seed}), stratified by source: each "
             f"source with >= 3 records gives round({d.test_fraction} x n) (>= 1) of its lowest-hash records to test "
             f"and round({d.dev_fraction} x n) (>= 1) to dev, capped at {d.max_test} / {d.max_dev} in total.", "",
-            f"Gold ({summary['gold']} of at most {d.gold_size}): records with a reference (ground truth), taken "
-            "round-robin over sources in split-hash order before dev/test are drawn; they are never trained on by "
-            "SFT. Benchmarks (" + (", ".join(f"{k} {v}" for k, v in summary["benchmarks"].items()) or "none") + "): "
-            "sources with role benchmark, every item written to <name>.jsonl and held out of every other file; "
-            "PubMedQA's are the PQA-L items listed in test_ground_truth.json (question + abstract contexts, label "
+            f"Gold ({summary['gold']} of at most {d.gold_size}): records with a reference (ground truth) or a "
+            "rubric, taken round-robin over sources in split-hash order before dev/test are drawn; they are never "
+            "trained on by SFT. Benchmarks (" + (", ".join(f"{k} {v}" for k, v in summary["benchmarks"].items())
+                                                  or "none") + "): "
+            "sources with role benchmark, and rows with a canary (a HealthBench `canary` field or a string of "
+            "data.canaries) whatever their source's role, every item written to <name>.jsonl and held out of every "
+            "other file; PubMedQA's are the PQA-L items listed in test_ground_truth.json (question + abstract contexts, label "
             "yes/no/maybe, reference = long answer), its other PQA-L items are ordinary records.", ""]
 
     rt = sets["redteam"]

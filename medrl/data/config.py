@@ -20,12 +20,13 @@ from pydantic import Field
 from medrl.config_base import StrictModel
 
 SourceFormat = Literal["medical-o1", "medical-o1-verifiable", "delicate-medical", "cmd-dialogue", "pubmedqa",
-                       "huatuo-eval", "medllm-qa", "medreason", "jsonl", "json", "csv"]
+                       "huatuo-eval", "medllm-qa", "medreason", "healthbench", "jsonl", "json", "csv"]
 GENERIC_FORMATS = ("jsonl", "json", "csv")
-EVAL_LAYOUTS = ("huatuo-eval", "medllm-qa")
+EVAL_LAYOUTS = ("huatuo-eval", "medllm-qa", "healthbench")
 """Formats of published evaluation sets: their sources default to ``role: benchmark``."""
 RESERVED_SET_NAMES = ("train", "dev", "test", "gold", "redteam", "rl_prompts", "rejects")
-MAPPABLE_FIELDS = ("question", "answer", "think", "reference", "specialty", "options", "label", "id")
+MAPPABLE_FIELDS = ("question", "messages", "answer", "think", "reference", "specialty", "options", "label", "rubrics",
+                   "example_tags", "id")
 
 
 class SourceSpec(StrictModel):
@@ -45,10 +46,12 @@ class SourceSpec(StrictModel):
     """``medical-o1`` only: which of the four released files to use when ``files`` is not given."""
     fields: dict[str, str | list[str]] = {}
     """Generic formats: schema field -> raw key. A dotted key walks nested objects and indexes lists
-    (``answer.0``). Keys: question (required), answer, think, reference, specialty, options, label, id.
-    ``options`` is one key holding an object (``{A: .., B: ..}``) or a list, or a list of keys, one per option
-    (``options: [A, B, C, D]`` for CMMLU-style CSVs; lettered A, B, ... in that order). Needs ``answer``,
-    ``reference`` or ``options`` + ``label``."""
+    (``answer.0``). Keys: question or messages (one of them), answer, think, reference, specialty, options, label,
+    rubrics, example_tags, id. ``messages`` holds a list of ``{role, content}`` turns ending with a user turn (the
+    question is its last user turn); ``rubrics`` a list of ``{criterion, points, tags}``. ``options`` is one key
+    holding an object (``{A: .., B: ..}``) or a list, or a list of keys, one per option (``options: [A, B, C, D]``
+    for CMMLU-style CSVs; lettered A, B, ... in that order). Needs ``answer``, ``reference``, ``options`` + ``label``
+    or ``rubrics``."""
     label_index_base: Literal[0, 1] = 0
     """How a numeric MCQ label counts options: 0 (``0`` = A) or 1 (``1`` = A). Labels may also be letters (any
     case), a list of letters (multiple answers), or the text of the correct option."""
@@ -61,13 +64,21 @@ class SourceSpec(StrictModel):
     weight: float = Field(1.0, gt=0)
     """Share of ``data.train_size`` given to this source's train records (only used when train_size is set)."""
     role: Literal["sft", "rl", "benchmark"] | None = None
-    """None: ``benchmark`` for the evaluation layouts (``huatuo-eval``, ``medllm-qa``), else ``sft``. ``sft``: train records go to train.jsonl (and the RL pool). ``rl``: prompts with references only — never in
+    """None: ``benchmark`` for the evaluation layouts (``huatuo-eval``, ``medllm-qa``, ``healthbench``), else ``sft``. ``sft``: train records go to train.jsonl (and the RL pool). ``rl``: prompts with references only — never in
     train.jsonl, but eligible for rl_prompts, gold, dev and test (e.g. a MedQA *train* split for the verifier
     reward). ``benchmark``: an eval-only set written whole to ``data/<name>.jsonl`` (``eval.sets: [<name>]``):
     never in train/dev/test/gold/RL prompts, and train is decontaminated against it. (PubMedQA's format marks its
     benchmark by ``test_ground_truth.json``; its other rows join the training pool.)"""
     license: str = "unknown"
     """Shown in DATA_CARD.md."""
+    rubrics: str | None = None
+    """A rubrics JSONL (``{id, rubrics}`` per line, as ``medrl rubrics generate`` writes it, perhaps edited by a
+    clinician): each row's rubric is attached to this source's record with that id, replacing any rubric it had;
+    rows whose ``rubrics`` is null (generation failed) are passed over."""
+    generate_rubrics: bool = False
+    """Prepare asks the teacher (``reward.judge``, as ``medrl rubrics generate``: stored, never paid twice) for a
+    rubric for every record of this source that has a reference and no rubric, and writes them, editable, to
+    ``<run>/data/rubrics/<source>.jsonl`` (attach an edited copy with ``rubrics``)."""
 
 
 BUILTIN_SOURCES: dict[str, SourceSpec] = {
@@ -116,6 +127,10 @@ class DataConfig(StrictModel):
     """ModelScope download cache; default ``$MODELSCOPE_CACHE`` or ``~/.cache/modelscope``."""
     max_row_bytes: int = Field(1_000_000, ge=1024)
     """Raw rows larger than this are rejected before parsing."""
+    canaries: list[str] = []
+    """Canary strings of benchmark data (e.g. BIG-bench's GUID): a raw row containing one anywhere is eval-only,
+    whatever its source's role, like a row with a HealthBench ``canary`` field: written to ``data/<source>.jsonl``,
+    never to train, dev, test, gold or the RL prompts."""
 
     # ---- cleaning (token bounds use the tokenizer of ``model.path``; a char estimate when it cannot load)
     min_question_tokens: int = Field(3, ge=1)

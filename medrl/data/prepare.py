@@ -22,11 +22,12 @@ from medrl.config import Config
 from medrl.data.card import render_card
 from medrl.data.clean import Decontaminator, exact_duplicates, near_duplicates
 from medrl.data.redteam import REDTEAM_SOURCE, load_redteam
-from medrl.data.schema import rl_prompt_row
+from medrl.data.schema import conversation_text, rl_prompt_row
 from medrl.data.sources import Row, iter_rows, resolve_spec, source_files
 from medrl.data.splits import apply_train_size, assign_splits, rl_counts, select_gold, select_rl, split_hash
 from medrl.data.spool import BATCH, BENCHMARK, POOL, REDTEAM, Rejects, SourceStats, Spool
 from medrl.errors import UsageError
+from medrl.reward.rubric_gen_cli import attach_generated, read_rubric_file
 from medrl.runs import MetricsLogger, RunDir
 
 log = logging.getLogger("medrl.data")
@@ -42,14 +43,25 @@ def _load_source(spool: Spool, name: str) -> None:
     origin = spec.path or f"modelscope:{spec.modelscope}"
     stats = spool.stats[name] = SourceStats(origin=origin, license=spec.license, role=spec.role)
     spool.source_id(name)
+    attached = read_rubric_file(Path(spec.rubrics).expanduser()) if spec.rubrics else {}
+    generated = spool.path.parent / "rubrics" / f"{name}.jsonl"  # editable; read back with data.catalog.<>.rubrics
+    generated.unlink(missing_ok=True)
+
+    def add(rows: list[Row]) -> None:
+        if spec.generate_rubrics:
+            attach_generated(cfg.reward, [r.record for r in rows], generated)
+        spool.add_batch(rows, [BENCHMARK if r.benchmark else POOL for r in rows])
+
     accepted, batch = 0, []
-    for row in tqdm(iter_rows(name, spec, files, cfg.data.max_row_bytes), desc=f"prepare {name}", unit=" rows",
+    for row in tqdm(iter_rows(name, spec, files, cfg.data.max_row_bytes, tuple(cfg.data.canaries)), desc=f"prepare {name}", unit=" rows",
                     disable=None, leave=False):
         stats.rows += 1
         if row.error is not None:
             stats.invalid += 1
             spool.rejects.add(row.file, row.line, name, "parse", row.error, _summary(row.error))
             continue
+        if row.record["id"] in attached:
+            row.record["rubrics"] = attached[row.record["id"]]
         if not row.benchmark:
             if spec.limit is not None and accepted >= spec.limit:
                 stats.over_limit += 1
@@ -57,10 +69,10 @@ def _load_source(spool: Spool, name: str) -> None:
             accepted += 1
         batch.append(row)
         if len(batch) >= BATCH:
-            spool.add_batch(batch, [BENCHMARK if r.benchmark else POOL for r in batch])
+            add(batch)
             batch = []
     if batch:
-        spool.add_batch(batch, [BENCHMARK if r.benchmark else POOL for r in batch])
+        add(batch)
 
 
 def _summary(reason: str) -> str:
@@ -100,6 +112,11 @@ def _load_all(spool: Spool, names: list[str]) -> None:
             chosen = name
     if chosen is None:
         raise UsageError("priority mode: no source could be loaded (" + "; ".join(failures) + ")")
+
+
+def _train_text(rec: dict) -> str:
+    """What decontamination searches in a record: its whole conversation, reasoning and answer."""
+    return "\x00".join((conversation_text(rec), rec["think"], rec["answer"]))
 
 
 def _read_line(fh, offset: int) -> bytes:
@@ -170,7 +187,7 @@ def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, 
 
     h = split_hash(c["idkey"], d.split_seed)
     pool = np.flatnonzero(alive & (c["kind"] == POOL))
-    gold = select_gold(pool[c["has_ref"][pool] == 1], c["source"], h, d.gold_size)
+    gold = select_gold(pool[c["graded"][pool] > 0], c["source"], h, d.gold_size)
     pool = np.setdiff1d(pool, gold)
     train, dev, test = assign_splits(pool, c["source"], h, dev_fraction=d.dev_fraction,
                                      test_fraction=d.test_fraction, max_dev=d.max_dev, max_test=d.max_test)
@@ -197,7 +214,7 @@ def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, 
             for set_name in names:
                 for i in sets[set_name].tolist():
                     rec = json.loads(_read_line(sp, int(c["offset"][i])))
-                    decontam.add(f"{set_name}:{rec['id']}", rec["question"] + "\x00" + (rec["reference"] or ""))
+                    decontam.add(f"{set_name}:{rec['id']}", conversation_text(rec) + "\x00" + (rec["reference"] or ""))
             decontam.freeze(final)
 
         # benchmark and red-team items first: a dev/test/gold record copying one is dropped too (gold feeds RL)
@@ -205,7 +222,7 @@ def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, 
         for set_name in ("dev", "test", "gold"):
             idx = sets[set_name]
             recs = [json.loads(_read_line(sp, int(c["offset"][i]))) for i in idx.tolist()]
-            hits = decontam.find_many(["\x00".join((r["question"], r["think"], r["answer"])) for r in recs])
+            hits = decontam.find_many([_train_text(r) for r in recs])
             bad = [(int(i), f"shares a {d.decontam_chars}-character run with {hit}")
                    for i, hit in zip(idx.tolist(), hits) if hit is not None]
             contaminated += bad
@@ -223,7 +240,7 @@ def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, 
                 chunk = train[start:start + BATCH].tolist()
                 lines = [_read_line(sp, int(c["offset"][i])) for i in chunk]
                 recs = [json.loads(line) for line in lines]
-                hits = decontam.find_many(["\x00".join((r["question"], r["think"], r["answer"])) for r in recs])
+                hits = decontam.find_many([_train_text(r) for r in recs])
                 for i, line, rec, hit in zip(chunk, lines, recs, hits):
                     if hit is not None:
                         contaminated.append((i, f"shares a {d.decontam_chars}-character run with {hit}"))
@@ -276,7 +293,7 @@ def _write_rl_prompts(cfg: Config, run: RunDir, c: dict, h: np.ndarray, sp, redt
                      {k: v.size for k, v in pools.items()})
     chosen = []
     for pool_rank, (name, idx) in enumerate(pools.items()):
-        for i in select_rl(idx, want[name], c["risk"], c["has_ref"], h, mix.low_risk_floor).tolist():
+        for i in select_rl(idx, want[name], c["risk"], c["graded"], h, mix.low_risk_floor).tolist():
             chosen.append((int(c["risk"][i]), pool_rank, int(h[i]), i, name))
     chosen.sort()
     rows = []

@@ -38,6 +38,9 @@ FORMAT_FIELDS = {
     # MedReason-style JSONL: {question, options, answer_idx} or {id, question, options, label}
     "medreason": {"question": "question", "options": "options", "label": ("answer_idx", "label"),
                   "think": "reasoning", "id": "id"},
+    # HealthBench (openai/simple-evals): a conversation, physician-written criteria, item tags, maybe an ideal answer
+    "healthbench": {"messages": "prompt", "rubrics": "rubrics", "example_tags": "example_tags",
+                    "reference": "ideal_completions_data.ideal_completion", "id": "prompt_id"},
 }
 """Raw key of each schema field, per built-in format; a tuple lists alternatives (the first key present wins)."""
 PUBMEDQA_LABELS = ("yes", "no", "maybe")
@@ -71,11 +74,12 @@ def resolve_spec(data: DataConfig, name: str) -> SourceSpec:
     if spec.format in GENERIC_FORMATS:
         unknown = set(spec.fields) - set(MAPPABLE_FIELDS)
         mapped = set(spec.fields)
-        answered = {"answer", "reference"} & mapped or {"options", "label"} <= mapped
-        if "question" not in mapped or not answered or unknown:
+        answered = {"answer", "reference", "rubrics"} & mapped or {"options", "label"} <= mapped
+        if len({"question", "messages"} & mapped) != 1 or not answered or unknown:
             raise UsageError(
-                f"data source '{name}': data.catalog.{name}.fields must map question and answer, reference or "
-                f"options + label{' (unknown: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}; keys: "
+                f"data source '{name}': data.catalog.{name}.fields must map question or messages (one of them) and "
+                f"answer, reference, rubrics or options + label"
+                f"{' (unknown: ' + ', '.join(sorted(unknown)) + ')' if unknown else ''}; keys: "
                 f"{', '.join(MAPPABLE_FIELDS)}")
         scalar = [k for k, v in spec.fields.items() if isinstance(v, list) and k != "options"]
         if scalar:
@@ -221,6 +225,9 @@ def _fields(row: dict, spec: SourceSpec, mapping: dict[str, str]) -> dict:
             meta["metrics"] = row["metrics"]
     elif spec.format == "medllm-qa" and isinstance(row.get("points"), (int, float)):
         meta["points"] = row["points"]
+    elif spec.format == "healthbench" and isinstance(row.get("ideal_completions_data"), dict):
+        meta["ideal_completions_data"] = {k: v for k, v in row["ideal_completions_data"].items()
+                                          if k != "ideal_completion"}  # the ideal completion is the reference
     elif spec.format == "cmd-dialogue" and isinstance(row.get("title"), str):
         meta["title"] = row["title"].strip()
         if isinstance(fields["question"], str) and fields["question"].strip() in EMPTY_ASKS:
@@ -247,8 +254,22 @@ def _pubmedqa_test_ids(files: list[Path]) -> tuple[list[Path], set[str]]:
     return data, {str(k) for k in ids}
 
 
-def iter_rows(name: str, spec: SourceSpec, files: list[Path], max_row_bytes: int) -> Iterator[Row]:
-    """Every row of a source's files as a record or a reject reason (file and line attached)."""
+def canary_of(row: dict, canaries: tuple[str, ...]) -> str | None:
+    """What marks a raw row as benchmark data never to train on: its HealthBench ``canary`` field, or the first of
+    ``canaries`` (``data.canaries``) found anywhere in it."""
+    if isinstance(row.get("canary"), str) and row["canary"].strip():
+        return row["canary"].strip()
+    if canaries:
+        text = json.dumps(row, ensure_ascii=False)
+        return next((c for c in canaries if c in text), None)
+    return None
+
+
+def iter_rows(name: str, spec: SourceSpec, files: list[Path], max_row_bytes: int,
+              canaries: tuple[str, ...] = ()) -> Iterator[Row]:
+    """Every row of a source's files as a record or a reject reason (file and line attached). A row with a canary
+    (``canary_of``) is a benchmark row whatever the source's role (``meta.canary`` says which); a row with nothing
+    to train on (a rubric but no answer) is rejected unless the source's role is ``rl`` or ``benchmark``."""
     test_ids: set[str] = set()
     if spec.format == "pubmedqa":
         files, test_ids = _pubmedqa_test_ids(files)
@@ -276,9 +297,20 @@ def iter_rows(name: str, spec: SourceSpec, files: list[Path], max_row_bytes: int
                 else:
                     fields = _fields(value, spec, mapping)
                 record = build_record(name, fields, spec.language, names, spec.label_index_base)
+                canary = canary_of(value, canaries)
+                if canary is not None:
+                    if name in RESERVED_SET_NAMES:
+                        raise UsageError(f"{path}:{line}: a row with a canary is eval-only, written to "
+                                         f"data/{name}.jsonl, a reserved file name; rename the source '{name}'")
+                    record["meta"]["canary"], benchmark = canary, True
+                if not benchmark and spec.role == "sft" and not record["answer"]:
+                    raise RowError(f"no answer to train on (field '{names.get('answer', 'answer')}'): a row with "
+                                   f"only a rubric needs data.catalog.{name}.role rl or benchmark")
             except RowError as exc:
                 yield Row(str(path), line, None, str(exc))
                 continue
+            except UsageError:
+                raise
             except Exception as exc:  # never crash on a row; keep the reason and the traceback in the log
                 log.debug("unexpected error on %s:%d", path, line, exc_info=True)
                 yield Row(str(path), line, None, f"unexpected {type(exc).__name__}: {exc}")

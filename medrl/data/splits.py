@@ -91,18 +91,19 @@ def apply_train_size(train: np.ndarray, source: np.ndarray, h: np.ndarray, weigh
     return np.sort(np.concatenate(keep))
 
 
-def risk_first(idx: np.ndarray, risk: np.ndarray, has_ref: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """``idx`` ordered high risk first, then with a reference first, then by hash."""
-    return idx[np.lexsort((h[idx], 1 - has_ref[idx], risk[idx]))]
+def risk_first(idx: np.ndarray, risk: np.ndarray, graded: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """``idx`` ordered high risk first, then those with a rubric, then with a reference (``graded`` 2, 1, 0), then by
+    hash."""
+    return idx[np.lexsort((h[idx], -graded[idx].astype(np.int16), risk[idx]))]
 
 
-def select_rl(idx: np.ndarray, n: int, risk: np.ndarray, has_ref: np.ndarray, h: np.ndarray,
+def select_rl(idx: np.ndarray, n: int, risk: np.ndarray, graded: np.ndarray, h: np.ndarray,
               low_risk_floor: float, low_code: int = 2) -> np.ndarray:
     """``n`` prompts of ``idx``: round(n x low_risk_floor) low-risk ones (as many as there are), the rest high risk
     first (see ``risk_first``)."""
     low = idx[risk[idx] == low_code]
-    reserved = risk_first(low, risk, has_ref, h)[:min(low.size, int(round(n * low_risk_floor)))]
-    rest = risk_first(np.setdiff1d(idx, reserved), risk, has_ref, h)[:max(0, n - reserved.size)]
+    reserved = risk_first(low, risk, graded, h)[:min(low.size, int(round(n * low_risk_floor)))]
+    rest = risk_first(np.setdiff1d(idx, reserved), risk, graded, h)[:max(0, n - reserved.size)]
     return np.concatenate([rest, reserved])
 
 

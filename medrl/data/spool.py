@@ -13,11 +13,14 @@ import numpy as np
 
 from medrl.config import Config
 from medrl.data.clean import MinHasher, TokenCounter, key64, skeleton
+from medrl.data.schema import conversation_text
 from medrl.data.sources import Row
 from medrl.errors import UsageError
 
 RISK_CODE = {"high": 0, "medium": 1, "low": 2}
 POOL, BENCHMARK, REDTEAM = 0, 1, 2  # record kinds: training pool, benchmark item, red-team item
+GRADED_BY_REFERENCE, GRADED_BY_RUBRIC = 1, 2
+"""Column ``graded``: what a judge can grade a record's answer against (0: nothing)."""
 BATCH = 512
 NUM_PERM = 32
 
@@ -41,7 +44,7 @@ class Columns:
     def __init__(self):
         self.offset, self.qkey, self.idkey = array("Q"), array("Q"), array("Q")
         self.source, self.file, self.line, self.qtok, self.otok = (array("I") for _ in range(5))
-        self.kind, self.risk, self.lang, self.has_ref = (array("B") for _ in range(4))
+        self.kind, self.risk, self.lang, self.graded = (array("B") for _ in range(4))
         self.sig = array("H")  # NUM_PERM uint16 per record, row-major
 
     def numpy(self) -> dict[str, np.ndarray]:
@@ -100,7 +103,8 @@ class Spool:
     def add_batch(self, rows: list[Row], kinds: list[int]) -> None:
         d = self.cfg.data
         recs = [r.record for r in rows]
-        qtok = self.tokens.count([r["question"] for r in recs])
+        asked = [conversation_text(r) for r in recs]  # a conversation counts, dedupes and matches whole
+        qtok = self.tokens.count(asked)
         otok = self.tokens.count([r["output"] for r in recs])
         atok = self.tokens.count([r["answer"] for r in recs]) if d.min_answer_tokens > 1 else [1] * len(recs)
         keep = []
@@ -126,14 +130,14 @@ class Spool:
                 keep.append(i)
         if not keep:
             return
-        self.cols.sig.frombytes(self.minhash.signatures([skeleton(recs[i]["question"]) for i in keep]).tobytes())
+        self.cols.sig.frombytes(self.minhash.signatures([skeleton(asked[i]) for i in keep]).tobytes())
         c = self.cols
         for i in keep:
             row, rec = rows[i], recs[i]
             line = (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
             c.offset.append(self.fh.tell())
             self.fh.write(line)
-            c.qkey.append(key64(skeleton(rec["question"])))
+            c.qkey.append(key64(skeleton(asked[i])))
             c.idkey.append(int(rec["id"], 16))
             c.source.append(self.source_id(rec["source"]))
             c.file.append(self._file_ids.setdefault(row.file, len(self._file_ids)))
@@ -143,7 +147,8 @@ class Spool:
             c.kind.append(kinds[i])
             c.risk.append(RISK_CODE[rec["risk"]])
             c.lang.append(rec["language"] == "zh")
-            c.has_ref.append(rec["reference"] is not None)
+            c.graded.append(GRADED_BY_RUBRIC if rec["rubrics"] else GRADED_BY_REFERENCE if rec["reference"] is not None
+                            else 0)
 
     def close(self) -> None:
         self.fh.close()

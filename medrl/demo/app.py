@@ -2,7 +2,8 @@
 
 Answers stream into three panes (think blocks folded); "Judge it" scores the three answers with the run's
 configured teacher judge (cached, budgeted, rate limited); example questions come from the run's gold and red-team
-sets. Bound to 127.0.0.1 by default; ``--host`` elsewhere needs a password in ``--password-env``.
+sets (a conversation example shows its earlier turns above the question, and the models answer the whole
+conversation). Bound to 127.0.0.1 by default; ``--host`` elsewhere needs a password in ``--password-env``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ EXAMPLES_PER_SET = 6
 TITLES = {"base": "Base model", "sft": "SFT adapter", "rl": "RL adapter"}
 MISSING = {"sft": "no SFT adapter in this run (run `medrl sft`)", "rl": "no RL adapter in this run (run `medrl ppo`)"}
 CSS = """
-.medrl-think summary{color:#666;cursor:pointer}.medrl-think-text,.medrl-answer{white-space:pre-wrap}
+.medrl-think summary{color:#666;cursor:pointer}.medrl-turn-text{white-space:pre-wrap}
+.medrl-turns{border-left:3px solid #9cf;padding-left:.5em;margin-bottom:.5em}.medrl-think-text,.medrl-answer{white-space:pre-wrap}
 .medrl-think-text{color:#555;font-size:.9em;border-left:3px solid #ccc;padding-left:.5em}
 .medrl-response{max-height:36em;overflow-y:auto}
 .medrl-scores{overflow-x:auto;font-size:.85em}.medrl-scores table{border-collapse:collapse;width:100%}
@@ -47,9 +49,17 @@ def example_records(run) -> list[dict]:
     return out
 
 
+def turns_for(question: str, examples: dict[str, dict]) -> list[dict]:
+    """The conversation the models answer: an example's earlier turns then the question (a question typed in, or an
+    example without a conversation: the question alone)."""
+    from medrl.models.chat import conversation
+
+    return conversation(examples.get(question.strip()) or {}, question)
+
+
 def reward_input(question: str, response: str, name: str, examples: dict[str, dict]):
-    """What the judge sees: an example question brings its reference, risk and expected behaviour; a question
-    typed in gets its risk from the data stage's rules."""
+    """What the judge sees: an example question brings its reference, risk, expected behaviour, conversation and
+    rubric; a question typed in gets its risk from the data stage's rules."""
     from medrl.data.risk import classify_risk
     from medrl.reward.types import RewardInput
 
@@ -57,14 +67,16 @@ def reward_input(question: str, response: str, name: str, examples: dict[str, di
     if rec is not None:
         return RewardInput(id=f"demo/{name}/{rec['id']}", prompt=question, response=response,
                            reference=rec.get("reference"), risk=rec.get("risk") or "low",
-                           expected_behavior=rec.get("expected_behavior"), language=rec.get("language"))
+                           expected_behavior=rec.get("expected_behavior"), language=rec.get("language"),
+                           messages=tuple(turns_for(question, examples)) if rec.get("messages") else None,
+                           rubrics=tuple(rec["rubrics"]) if rec.get("rubrics") else None)
     return RewardInput(id=f"demo/{name}", prompt=question, response=response, risk=classify_risk(question)[0])
 
 
 def build_app(models, judge, examples: list[dict], max_new_tokens: int):
     import gradio as gr
 
-    from medrl.demo.engine import MODEL_NAMES, render_response, render_scores
+    from medrl.demo.engine import MODEL_NAMES, render_response, render_scores, render_turns
 
     by_question = {r["question"].strip(): r for r in examples}
 
@@ -75,8 +87,9 @@ def build_app(models, judge, examples: list[dict], max_new_tokens: int):
         if not question:
             yield *panes.values(), texts, *[""] * 3
             return
+        turns = turns_for(question, by_question)
         for name in models.available:
-            for text in models.stream(name, question, int(new_tokens), float(temperature)):
+            for text in models.stream(name, turns, int(new_tokens), float(temperature)):
                 texts[name] = text
                 panes[name] = render_response(text, done=False)
                 yield *panes.values(), texts, *[""] * 3
@@ -98,6 +111,7 @@ def build_app(models, judge, examples: list[dict], max_new_tokens: int):
     with gr.Blocks(title="medrl demo") as app:
         gr.Markdown("## medrl: base vs SFT vs RL\nOne base model in memory, the LoRA adapters switched per answer. "
                     f"Judge: `{judge.cfg.judge.judge_id}`.")
+        earlier = gr.HTML(elem_id="earlier-turns")
         question = gr.Textbox(label="Question", lines=3, elem_id="question")
         with gr.Row():
             tokens = gr.Slider(16, 4096, value=max_new_tokens, step=16, label="max new tokens")
@@ -116,6 +130,7 @@ def build_app(models, judge, examples: list[dict], max_new_tokens: int):
         if examples:
             gr.Examples([[r["question"]] for r in examples], inputs=[question],
                         label="Examples from the gold and red-team sets")
+        question.change(lambda q: render_turns(turns_for(q or "", by_question)[:-1]), [question], [earlier])
         ask.click(answer, [question, tokens, temperature], [*panes, texts, *scores])
         judge_btn.click(judge_it, [question, texts], scores)
     return app

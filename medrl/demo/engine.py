@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from medrl.models.chat import render_prompt
+from medrl.models.chat import Turns, render_prompt
 from medrl.models.generation import eos_ids
 from medrl.models.loading import load_causal_lm, load_tokenizer
 from medrl.reward.config import RewardConfig
@@ -55,14 +55,15 @@ class DemoModels:
         self.model.set_adapter(name)
         return contextlib.nullcontext()
 
-    def stream(self, name: str, question: str, max_new_tokens: int = 512, temperature: float = 0.0,
+    def stream(self, name: str, turns: Turns, max_new_tokens: int = 512, temperature: float = 0.0,
                seed: int = 0) -> Iterator[str]:
-        """The response of model ``name`` (base, sft, rl) so far, after every decoded piece."""
+        """The response of model ``name`` (base, sft, rl) to a question or a conversation so far, after every decoded
+        piece."""
         import torch
         from transformers import TextIteratorStreamer
 
         tok = self.tokenizer
-        prompt = render_prompt(tok, self.cfg.system_prompt, question)
+        prompt = render_prompt(tok, self.cfg.system_prompt, turns)
         device = next(self.model.parameters()).device
         enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(device)
         eos = sorted(eos_ids(self.model.generation_config, tok))
@@ -99,6 +100,15 @@ class DemoModels:
                 thread.join()
             if errors:
                 raise errors[0]
+
+
+def render_turns(turns: list[dict]) -> str:
+    """HTML of the turns before the question (an example conversation's earlier turns); empty for none."""
+    if not turns:
+        return ""
+    rows = "".join(f'<div class="medrl-turn" data-role="{html.escape(t["role"])}"><b>{html.escape(t["role"])}</b>: '
+                   f'<span class="medrl-turn-text">{html.escape(t["content"])}</span></div>' for t in turns)
+    return f'<div class="medrl-turns"><p><i>Conversation so far ({len(turns)} turns)</i></p>{rows}</div>'
 
 
 def render_response(text: str, done: bool) -> str:

@@ -86,7 +86,9 @@ class PairwiseSettings(StrictModel):
 class EvalConfig(StrictModel):
     sets: list[EvalSet] = ["test", "gold", "redteam", "pubmedqa"]
     """Eval sets, read from ``<run>/data/<set>.jsonl`` (written by ``medrl prepare``): test, gold, redteam and any
-    benchmark source by name (``pubmedqa``, ``medqa``, ``cmexam`` ... as named in ``data.catalog``)."""
+    benchmark source by name (``pubmedqa``, ``medqa``, ``cmexam`` ... as named in ``data.catalog``). Items that carry
+    ``rubrics`` (a HealthBench-layout source) are graded criterion by criterion and get HealthBench-style scores
+    (``docs/eval.md``)."""
     mcq_prompt: McqPrompt = McqPrompt()
     models: list[ModelName] = ["base", "sft", "rl"]
     """Models to compare: base = ``model.path``; sft = ``<run>/sft/adapter``; rl = ``<run>/ppo/adapter``. A model

@@ -23,13 +23,14 @@ from medrl.evaluation.extract import final_answer
 from medrl.evaluation.metrics import annotate, summarize
 from medrl.evaluation.pairwise import PairTask, PairwiseJudge, reward_verdict
 from medrl.jsonl import read_jsonl
+from medrl.models.chat import conversation
 from medrl.runs import RunDir
 
 log = logging.getLogger("medrl.eval")
 
 _FLIP = {"A": "B", "B": "A", "tie": "tie"}
 _ITEM_FIELDS = ("id", "language", "risk", "category", "expected_behavior", "label", "options", "question",
-                "reference")
+                "reference", "messages", "rubrics", "example_tags")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -98,8 +99,9 @@ def load_sets(cfg: Config, run: RunDir, sets: list[str] | None) -> tuple[dict[st
 
 
 # --------------------------------------------------------------------------- generation
-def generate_model(model_cfg, adapter: Path | None, questions: dict[str, list[str]], decoding: dict) -> dict:
-    """Load one model (base + optional adapter) and answer every question of every set with the shared decoding
+def generate_model(model_cfg, adapter: Path | None, conversations: dict[str, list[list[dict]]], decoding: dict
+                   ) -> dict:
+    """Load one model (base + optional adapter) and answer every conversation of every set with the shared decoding
     settings: ``{"outputs": {set: [{"response", "response_tokens", "finished"}]}, "seconds": wall time}``."""
     import torch
 
@@ -110,12 +112,12 @@ def generate_model(model_cfg, adapter: Path | None, questions: dict[str, list[st
     t0 = time.time()
     tok = load_tokenizer(model_cfg.path, model_cfg.cache_dir)
     model = load_policy(model_cfg, adapter).eval()
-    flat = [(s, i, render_prompt(tok, model_cfg.system_prompt, q)) for s, qs in questions.items()
-            for i, q in enumerate(qs)]
+    flat = [(s, i, render_prompt(tok, model_cfg.system_prompt, turns)) for s, convs in conversations.items()
+            for i, turns in enumerate(convs)]
     # longest prompts first: similar lengths share a batch (less padding); results are put back in place
     order = sorted(range(len(flat)), key=lambda k: -len(flat[k][2]))
     gens = generate(model, tok, [flat[k][2] for k in order], progress=True, **decoding)
-    out: dict[str, list] = {s: [None] * len(qs) for s, qs in questions.items()}
+    out: dict[str, list] = {s: [None] * len(convs) for s, convs in conversations.items()}
     for k, g in zip(order, gens):
         s, i, _ = flat[k]
         out[s][i] = {"response": g.text, "response_tokens": len(g.response_ids), "finished": g.finished}
@@ -127,31 +129,34 @@ def generate_model(model_cfg, adapter: Path | None, questions: dict[str, list[st
 
 
 def generate_all(cfg: Config, models: dict[str, Path | None], sets: dict[str, list[dict]]) -> dict[str, dict]:
-    questions = {s: [cfg.eval.mcq_prompt.render(it) for it in items] for s, items in sets.items()}
-    out = _generate(cfg, models, questions)
+    """Every model's answers to every item: a conversation item is answered after its whole conversation."""
+    prompts = {s: [cfg.eval.mcq_prompt.render(it) for it in items] for s, items in sets.items()}
+    conversations = {s: [conversation(it, text) for it, text in zip(items, prompts[s])] for s, items in sets.items()}
+    out = _generate(cfg, models, conversations)
     for gen in out.values():  # each row records the exact prompt (MCQ items: the template around the question)
-        for s, qs in questions.items():
-            for g, q in zip(gen["outputs"][s], qs):
-                g["prompt"] = q
+        for s, texts in prompts.items():
+            for g, text in zip(gen["outputs"][s], texts):
+                g["prompt"] = text
     return out
 
 
-def _generate(cfg: Config, models: dict[str, Path | None], questions: dict[str, list[str]]) -> dict[str, dict]:
+def _generate(cfg: Config, models: dict[str, Path | None], conversations: dict[str, list[list[dict]]]
+              ) -> dict[str, dict]:
     decoding = cfg.eval.decoding.model_dump()
     if cfg.eval.engine == "vllm":
         from medrl.evaluation.vllm_generate import generate_all_vllm
 
-        return generate_all_vllm(cfg, models, questions, decoding)
+        return generate_all_vllm(cfg, models, conversations, decoding)
     if not cfg.eval.use_ray:
         out = {}
         for name, adapter in models.items():
             log.info("generating with %s (%s)", name, adapter or cfg.model.path)
-            out[name] = generate_model(cfg.model, adapter, questions, decoding)
+            out[name] = generate_model(cfg.model, adapter, conversations, decoding)
         return out
     import ray
 
     task = ray.remote(generate_model).options(num_cpus=cfg.eval.actor_num_cpus, num_gpus=cfg.eval.actor_num_gpus)
-    refs = {name: task.remote(cfg.model, adapter, questions, decoding) for name, adapter in models.items()}
+    refs = {name: task.remote(cfg.model, adapter, conversations, decoding) for name, adapter in models.items()}
     log.info("generating with %s in %d Ray task(s)", ", ".join(models), len(refs))
     return dict(zip(refs, ray.get(list(refs.values()))))
 
@@ -159,16 +164,17 @@ def _generate(cfg: Config, models: dict[str, Path | None], questions: dict[str, 
 # --------------------------------------------------------------------------- scoring
 def _row(model: str, set_name: str, item: dict, gen: dict, result) -> dict:
     rules = {k: v for k, v in result.components.items()
-             if k not in ("rule", "teacher", "verifier") and not k.startswith("judge.")}
+             if k not in ("rule", "teacher", "verifier", "rubric") and not k.startswith("judge.")}
     scores = {k[len("judge."):]: v for k, v in result.components.items() if k.startswith("judge.")}
     row = {"model": model, "set": set_name, **{k: item.get(k) for k in _ITEM_FIELDS}, **gen,
            "reward": result.reward, "rule": result.rule, "teacher": result.teacher, "rules": rules,
-           "verifier": result.components.get("verifier"),
+           "verifier": result.components.get("verifier"), "rubric": result.components.get("rubric"),
            "judge": {"id": result.judge, "status": result.judge_status, "scores": scores or None,
                      "reason": result.reasons.get("judge", ""), "tokens_in": result.tokens_in,
                      "tokens_out": result.tokens_out, "tokens_cache_hit": result.tokens_cache_hit,
                      "cost_usd": result.cost_usd},
-           "flags": result.flags}
+           "flags": result.flags,
+           "criteria": result.criteria or None}  # rubric items: every criterion with its verdict and explanation
     return annotate(row)
 
 
@@ -185,7 +191,9 @@ def score_all(pool, sets: dict[str, list[dict]], generations: dict[str, dict]) -
                     id=f"{model}/{s}/{item['id']}", prompt=item["question"], response=g["response"],
                     reference=item.get("reference"), risk=item.get("risk") or "low",
                     expected_behavior=item.get("expected_behavior"), language=item.get("language"),
-                    label=item.get("label"), options=item.get("options")))
+                    label=item.get("label"), options=item.get("options"),
+                    messages=tuple(item["messages"]) if item.get("messages") else None,
+                    rubrics=tuple(item["rubrics"]) if item.get("rubrics") else None))
     results = pool.score(inputs)
     return [_row(m, s, item, g, res) for (m, s, item, g), res in zip(keys, results)]
 
@@ -244,6 +252,13 @@ def pairwise_rows(cfg: Config, rows: list[dict]) -> tuple[dict[str, list[dict]],
 
 
 # --------------------------------------------------------------------------- entry point
+def rubric_grader(cfg: Config) -> str | None:
+    """What grades rubric criteria (printed beside every HealthBench figure): the judge and the grader version."""
+    if cfg.reward.w_rubric <= 0 or cfg.reward.judge.provider == "none":
+        return None
+    return f"{cfg.reward.judge.judge_id} · {cfg.reward.rubric.grader_version}"
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -287,6 +302,7 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
         "skipped": skipped_models + skipped_sets + pair_notes,
         "decoding": cfg.eval.decoding.model_dump(),
         "judge": cfg.reward.judge.judge_id,
+        "rubric_grader": rubric_grader(cfg),
         "timings": {"generate_s": {m: g["seconds"] for m, g in generations.items()},
                     "generate_wall_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
                     "pairwise_s": round(t3 - t2, 2)},
@@ -309,7 +325,7 @@ def save_eval(run: RunDir, rows: list[dict], pairwise: dict[str, list[dict]], me
     for name, prows in pairwise.items():
         _write_jsonl(run.eval / f"pairwise.{name}.jsonl", prows)
     summary = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **meta,
-               **summarize(rows, pairwise)}
+               **summarize(rows, pairwise, meta.get("rubric_grader"))}
     tmp = run.eval_summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     tmp.replace(run.eval_summary)

@@ -21,6 +21,7 @@ from statistics import fmean
 
 from medrl.evaluation.extract import (classify_behavior, extract_choice, extract_yes_no_maybe, has_think_format,
                                       safety_pass)
+from medrl.evaluation.healthbench import healthbench_summary
 
 YES_NO_MAYBE = ("yes", "no", "maybe")
 
@@ -175,8 +176,10 @@ def judge_usage(judges: list[dict]) -> dict:
             **usage}
 
 
-def summarize(rows: list[dict], pairwise: dict[str, list[dict]] | None = None) -> dict:
-    """Per model and set metrics, red-team safety by category per model, and pairwise win rates per set.
+def summarize(rows: list[dict], pairwise: dict[str, list[dict]] | None = None, grader: str | None = None) -> dict:
+    """Per model and set metrics, red-team safety by category per model, pairwise win rates per set, and the
+    HealthBench-style scores of rubric sets (``medrl.evaluation.healthbench``; ``grader`` names the rubric grader
+    of rows that do not name it).
 
     ``rows``: annotated eval rows of any models and sets; ``pairwise``: ``{"rl_vs_sft": [pairwise rows]}``."""
     by_model_set: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
@@ -194,4 +197,5 @@ def summarize(rows: list[dict], pairwise: dict[str, list[dict]] | None = None) -
     cost = {"scoring": judge_usage([r["judge"] for r in rows if r.get("judge")]),
             "pairwise": judge_usage([r["judge"] for prows in (pairwise or {}).values() for r in prows
                                      if r.get("judge")])}
-    return {"table": table, "safety": {m: c for m, c in safety.items() if c}, "pairwise": pairs, "cost": cost}
+    return {"table": table, "safety": {m: c for m, c in safety.items() if c}, "pairwise": pairs, "cost": cost,
+            "healthbench": healthbench_summary(rows, grader)}

@@ -31,7 +31,7 @@ from medrl.ppo.groups import ActorGroups
 from medrl.ppo.kl_controller import make_kl_controller
 from medrl.ppo.learner import num_minibatches
 from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
-from medrl.ppo.prompts import load_prompts, micro_batches, prompts_at, reward_input
+from medrl.ppo.prompts import load_prompts, micro_batches, prompt_turns, prompts_at, reward_input
 from medrl.ppo.step_log import StepRecord, append_samples
 from medrl.ppo.sync_check import abort_threshold, check_weight_sync, logprob_gaps
 from medrl.reward.rate_report import RateWaitMeter
@@ -216,7 +216,7 @@ class PPOTrainer:
         records = prompts_at(self.prompts, position, self.ppo.prompts_per_step, self.cfg.run.seed)
         adapter_ref, version = self._resumed_behaviour or (self.adapter_ref, self.version)
         self._resumed_behaviour = None
-        texts = [render_prompt(self.tokenizer, self.cfg.model.system_prompt, r["prompt"]) for r in records]
+        texts = [render_prompt(self.tokenizer, self.cfg.model.system_prompt, prompt_turns(r)) for r in records]
         chunks, seeds = micro_batches(texts, self.ppo.rollout.batch_size, self.cfg.run.seed, step_no)
         pending = self.groups.rollout.generate(chunks, self.ppo.samples_per_prompt, seeds, adapter_ref, version)
         return Rollout(step_no, records, position + len(records), version, adapter_ref, pending, time.perf_counter())

@@ -5,7 +5,9 @@
   (``1 - sum(w * observed) / sum(w * expected)``, ``w = (i - j)^2``);
 * reviewers' safe/unsafe against the rule verdict: a 2 x 2 confusion table, the agreement rate and Cohen's kappa;
 * reviewer vs reviewer on the items both labelled: the same statistics per dimension and for the verdict;
-* the items where judge and reviewer disagree most (largest gap on any dimension).
+* the items where judge and reviewer disagree most (largest gap on any dimension);
+* the rubric grader's criterion verdicts vs the reviewers' ticks (``calibration.criteria_agreement``: macro F1 as
+  HealthBench's meta-evaluation, and balanced accuracy).
 
 A statistic that is undefined (fewer than two pairs, no variance, chance agreement of 1) is None.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 from itertools import combinations
 from statistics import fmean
 
+from medrl.review.calibration import criteria_agreement
 from medrl.review.labels import VERDICTS
 from medrl.reward.rubric import DIMENSIONS
 
@@ -133,4 +136,4 @@ def agreement(items: dict[str, dict], labels: list[dict], top: int = 10) -> dict
     return {"labels": len(labels), "reviewers": sorted(by_reviewer), "items_labelled": len({lab["review_id"]
                                                                                          for lab in labels}),
             "judge_vs_reviewer": judge, "verdict_vs_rules": rules, "reviewer_vs_reviewer": between,
-            "disagreements": gaps[:top]}
+            "disagreements": gaps[:top], "criteria": criteria_agreement(items, labels, top)}

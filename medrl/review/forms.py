@@ -15,8 +15,9 @@ from medrl.errors import UsageError
 from medrl.reward.rubric import DIMENSIONS
 
 LABELS_FORMAT = "medrl-review-labels/1"
-LABEL_COLUMNS = ("reviewer", *DIMENSIONS, "verdict", "comment")
-"""What the reviewer fills in: scores 0-10 per dimension, ``safe`` or ``unsafe``, a free comment."""
+LABEL_COLUMNS = ("reviewer", *DIMENSIONS, "verdict", "criteria_met", "comment")
+"""What the reviewer fills in: scores 0-10 per dimension, ``safe`` or ``unsafe``, for a rubric item one mark per
+criterion (``y`` met, ``n`` not met, ``-`` not judged, in the order of the ``rubric criteria`` column), a comment."""
 MAX_CELL = 32000  # Excel refuses cells over 32,767 characters
 
 
@@ -24,18 +25,33 @@ def item_columns(blind: bool) -> list[tuple[str, str]]:
     """(key, header) of the read-only columns; ``blind`` leaves out the judge's scores and reason and the rule
     verdict, so the reviewer's labels are not anchored on them."""
     cols = [("review_id", "review_id"), ("risk", "risk"), ("question", "question"), ("answer", "answer"),
-            ("think", "reasoning (think block)"), ("reference", "reference")]
+            ("think", "reasoning (think block)"), ("reference", "reference"), ("criteria", "rubric criteria")]
     if not blind:
         cols += [(f"judge_{d}", f"judge {d}") for d in DIMENSIONS]
-        cols += [("judge_reason", "judge reason"), ("rule_flags", "rule flags"), ("rule_verdict", "rule verdict")]
+        cols += [("judge_reason", "judge reason"), ("rule_flags", "rule flags"), ("rule_verdict", "rule verdict"),
+                 ("criteria_grader", "grader: criteria met")]
     return cols
 
 
+def question_text(item: dict) -> str:
+    """The question as the reviewer reads it: after a conversation's earlier turns (``[user] ...``,
+    ``[assistant] ...``) when the item has them."""
+    earlier = (item.get("messages") or [])[:-1]
+    question = item.get("question") or ""
+    if not earlier:
+        return question
+    return "\n\n".join(f"[{t['role']}] {t['content']}" for t in [*earlier, {"role": "user", "content": question}])
+
+
 def _cells(item: dict) -> dict[str, str]:
-    out = {k: item.get(k) for k in ("review_id", "risk", "question", "answer", "think", "reference", "judge_reason",
+    out = {k: item.get(k) for k in ("review_id", "risk", "answer", "think", "reference", "judge_reason",
                                     "rule_verdict")}
+    out["question"] = question_text(item)
     out.update({f"judge_{d}": (item.get("judge_scores") or {}).get(d) for d in DIMENSIONS})
     out["rule_flags"] = ", ".join(item.get("rule_flags") or [])
+    criteria = item.get("criteria") or []
+    out["criteria"] = "\n".join(f"{k}. [{c['points']:+g}] {c['criterion']}" for k, c in enumerate(criteria, 1))
+    out["criteria_grader"] = " ".join("-" if c["met"] is None else "y" if c["met"] else "n" for c in criteria)
     return {k: "" if v is None else str(v)[:MAX_CELL] for k, v in out.items()}
 
 
@@ -79,7 +95,7 @@ def write_xlsx(path: Path, items: list[dict], blind: bool) -> Path:
     for c in ws[1]:
         c.font = Font(bold=True)
     widths = {"question": 50, "answer": 60, "reasoning (think block)": 60, "reference": 40, "judge reason": 40,
-              "comment": 40}
+              "rubric criteria": 50, "comment": 40}
     for i, h in enumerate(headers, 1):
         letter = get_column_letter(i)
         ws.column_dimensions[letter].width = widths.get(h, 12)
@@ -114,6 +130,8 @@ INSTRUCTIONS = (
     "reviewer: your name or initials (the same on every row).",
     "accuracy, safety, completeness, clarity: an integer from 0 (worst) to 10 (best), as in the judge's rubric.",
     "verdict: safe or unsafe (would this answer put a patient at risk?). comment: anything worth saying.",
+    "criteria_met (rubric items only): one mark per rubric criterion, in order, separated by spaces: y (the response "
+    "meets it; for a negative criterion: shows that bad behaviour), n (does not), - (not judged). E.g. 'y n - y'.",
     "The reasoning column is folded: click + above the column letters to unfold it.",
     "Then run: medrl review import THIS_FILE",
 )
@@ -122,6 +140,8 @@ INSTRUCTIONS = (
 def write_html(path: Path, items: list[dict], package: dict, blind: bool) -> Path:
     columns = {c for c, _ in item_columns(blind)}
     shown = [{k: v for k, v in {**_cells(it), "rule_flags": it.get("rule_flags") or []}.items() if k in columns}
+             | {"criteria_list": [{"criterion": c["criterion"], "points": c["points"],
+                                   "met": None if blind else c["met"]} for c in it.get("criteria") or []]}
              for it in items]
     data = {"package_id": package["package_id"], "run_dir": package["run_dir"], "blind": blind,
             "dimensions": list(DIMENSIONS), "format": LABELS_FORMAT, "items": shown}

@@ -1,6 +1,6 @@
 """Review items and their selection (pure: no I/O beyond the rows given, no Ray, no model).
 
-A review item is one answer a clinician looks at: the question, the final answer (the ``<think>`` block kept apart,
+A review item is one answer a clinician looks at: the question (and the conversation before it), the final answer (the ``<think>`` block kept apart,
 shown folded), the reference when known, the judge's four scores (0-10) and reason, and the rule flags and verdict.
 Items come from eval rows (``<run>/eval/<model>.<set>.jsonl``) and optionally PPO samples (``ppo/samples.jsonl``
 joined with ``data/rl_prompts.jsonl``).
@@ -12,6 +12,8 @@ other reason that applies to it):
 ``high_risk``      red-team items and high-risk questions; rule-unsafe answers first, then the lowest teacher scores,
                    taken in turn from each model (and PPO) so every model is reviewed
 ``lowest_judge``   the lowest teacher scores among the remaining judged answers
+``rubric``         answers graded against a rubric (every criterion has a grader verdict), in turn from each model:
+                   the reviewer ticks each criterion met / not met, which calibrates the grader
 ``calibration``    a seeded random share of the rest, stratified by (model, set), so agreement is not measured on
                    hard cases alone
 
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from medrl.reward.rubric import DIMENSIONS
 from medrl.reward.text import split_response
 
-REASONS = ("judge_failed", "high_risk", "lowest_judge", "calibration")
+REASONS = ("judge_failed", "high_risk", "lowest_judge", "rubric", "calibration")
 FAILED_STATUSES = ("failed", "over_budget")
 
 
@@ -38,6 +40,7 @@ class Quotas:
     lowest_judge: int = 20
     calibration: int = 20
     seed: int = 0
+    rubric: int = 20
 
 
 def review_id(source: str, model: str, set_name: str, item_id: str, response: str) -> str:
@@ -61,17 +64,20 @@ def rule_verdict(safety_score: float | None) -> str | None:
 
 def _item(source: str, model: str, set_name: str, rec: dict, response: str, *, step: int | None,
           judge_status: str | None, judge_scores: dict | None, judge_reason: str, teacher: float | None,
-          reward: float | None, flags: list[str], safety: float | None) -> dict:
+          reward: float | None, flags: list[str], safety: float | None, criteria: list[dict] | None = None) -> dict:
     parts = split_response(response)
     return {
         "review_id": review_id(source, model, set_name, rec.get("id", ""), response),
         "source": source, "model": model, "set": set_name, "item_id": rec.get("id"), "step": step,
-        "question": rec.get("question") or rec.get("prompt") or "", "answer": parts.answer,
+        "question": rec.get("question") or rec.get("prompt") or "", "messages": rec.get("messages"),
+        "answer": parts.answer,
         "think": parts.think or "", "reference": rec.get("reference"), "risk": rec.get("risk") or "low",
         "category": rec.get("category"), "expected_behavior": rec.get("expected_behavior"),
         "language": rec.get("language"), "judge_status": judge_status, "judge_scores": _scores_0_10(judge_scores),
         "judge_reason": judge_reason or "", "teacher": teacher, "reward": reward, "rule_flags": list(flags),
         "rule_verdict": rule_verdict(safety), "reasons": [],
+        "criteria": [{k: c.get(k) for k in ("criterion", "points", "tags", "met", "explanation")}
+                     for c in criteria] if criteria else None,
     }
 
 
@@ -83,7 +89,7 @@ def items_from_eval(rows: list[dict]) -> list[dict]:
         out.append(_item("eval", r["model"], r["set"], r, r["response"], step=None, judge_status=judge.get("status"),
                          judge_scores=judge.get("scores"), judge_reason=judge.get("reason", ""),
                          teacher=r.get("teacher"), reward=r.get("reward"), flags=r.get("flags") or [],
-                         safety=(r.get("rules") or {}).get("safety")))
+                         safety=(r.get("rules") or {}).get("safety"), criteria=r.get("criteria")))
     return out
 
 
@@ -129,7 +135,8 @@ def qualifies(it: dict) -> dict[str, bool]:
     """Which of the hard-case reasons an item meets (calibration is given at selection)."""
     return {"judge_failed": it["judge_status"] in FAILED_STATUSES,
             "high_risk": it["set"] == "redteam" or it["risk"] == "high",
-            "lowest_judge": it["teacher"] is not None}
+            "lowest_judge": it["teacher"] is not None,
+            "rubric": bool(it.get("criteria")) and all(c["met"] is not None for c in it["criteria"])}
 
 
 def select(items: list[dict], quotas: Quotas) -> list[dict]:
@@ -158,6 +165,7 @@ def select(items: list[dict], quotas: Quotas) -> list[dict]:
     take(_round_robin(_by_model(risky)), quotas.high_risk)
     judged = sorted((it for it in unique if meets[it["review_id"]]["lowest_judge"]), key=_teacher_key)
     lowest = {it["review_id"] for it in judged[:take(judged, quotas.lowest_judge)]}
+    take(_round_robin(_by_model([it for it in unique if meets[it["review_id"]]["rubric"]])), quotas.rubric)
     rest = [it for it in unique if it["review_id"] not in chosen]
     strata: dict[str, list[dict]] = {}
     for it in rest:

@@ -1,8 +1,9 @@
 """Reviewer labels: validation of filled rows (pure) and the run's label store ``review/labels.jsonl``.
 
 A label is one reviewer's verdict on one item: ``review_id, reviewer, accuracy, safety, completeness, clarity``
-(integers 0-10, each may be blank), ``verdict`` (``safe``/``unsafe`` or blank), ``comment``. A row whose label fields
-are all blank is skipped. A bad row is reported with its place in the file and the reason, and the good rows are
+(integers 0-10, each may be blank), ``verdict`` (``safe``/``unsafe`` or blank), ``criteria_met`` (rubric items: one
+mark per criterion, ``y`` / ``n`` / ``-``, stored as a list of true / false / null), ``comment``. A row whose label
+fields are all blank is skipped. A bad row is reported with its place in the file and the reason, and the good rows are
 kept. Several reviewers may label the same items; importing again replaces that reviewer's earlier label of the
 same item.
 """
@@ -13,6 +14,7 @@ import re
 from pathlib import Path
 
 from medrl.jsonl import read_jsonl
+from medrl.review.calibration import parse_criteria_met
 from medrl.reward.rubric import DIMENSIONS
 
 VERDICTS = ("safe", "unsafe")
@@ -27,18 +29,19 @@ def _score(value: str, name: str) -> int | None:
     return int(float(value))
 
 
-def validate_rows(rows: list[tuple[str, dict]], known: set[str], reviewer: str | None = None,
+def validate_rows(rows: list[tuple[str, dict]], known: dict[str, int], reviewer: str | None = None,
                   source: str = "") -> tuple[list[dict], list[str], int]:
-    """(labels, error lines, blank rows skipped). ``known``: review ids of the package; ``reviewer`` fills rows
-    without a reviewer name (``--reviewer``, or the name saved in the HTML form's file). Within one file a later
-    row for the same (reviewer, item) wins, with an error line naming the earlier row."""
+    """(labels, error lines, blank rows skipped). ``known``: review id -> number of rubric criteria of the item (0:
+    none); ``reviewer`` fills rows without a reviewer name (``--reviewer``, or the name saved in the HTML form's
+    file). Within one file a later row for the same (reviewer, item) wins, with an error line naming the earlier
+    row."""
     labels: dict[tuple[str, str], dict] = {}
     where_of: dict[tuple[str, str], str] = {}
     errors: list[str] = []
     blank = 0
     for where, row in rows:
         rid = row.get("review_id", "")
-        fields = [row.get(k, "") for k in (*DIMENSIONS, "verdict", "comment")]
+        fields = [row.get(k, "") for k in (*DIMENSIONS, "verdict", "criteria_met", "comment")]
         if not any(fields):
             blank += 1
             continue
@@ -58,6 +61,10 @@ def validate_rows(rows: list[tuple[str, dict]], known: set[str], reviewer: str |
             if verdict not in ("", *VERDICTS):
                 raise ValueError(f"verdict must be safe or unsafe, got {row.get('verdict')!r}")
             label["verdict"] = verdict or None
+            ticks = row.get("criteria_met", "")
+            if ticks and not known[rid]:
+                raise ValueError("criteria_met is filled but this item has no rubric criteria")
+            label["criteria_met"] = parse_criteria_met(ticks, known[rid]) if ticks else None
             label["comment"] = row.get("comment", "")
             label["source"] = source
         except ValueError as exc:

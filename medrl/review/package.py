@@ -18,6 +18,7 @@ from medrl.errors import UsageError
 from medrl.evaluation.feedback import load_eval_rows, load_ppo_samples
 from medrl.jsonl import read_jsonl
 from medrl.review.agreement import agreement
+from medrl.review.calibration import meta_eval_agreement, read_meta_eval
 from medrl.review.forms import now_iso, read_label_rows, write_csv, write_html, write_xlsx
 from medrl.review.items import Quotas, items_from_eval, items_from_ppo, select
 from medrl.review.labels import merge_labels, read_labels, validate_rows
@@ -26,6 +27,7 @@ from medrl.runs import RunDir
 log = logging.getLogger("medrl.review")
 
 ITEMS, PACKAGE, LABELS, AGREEMENT = "items.jsonl", "package.json", "labels.jsonl", "agreement.json"
+META_EVAL = "meta_eval.json"
 
 
 def export_review(run: RunDir, quotas: Quotas, *, include_ppo: bool = False, blind: bool = False) -> dict:
@@ -49,7 +51,8 @@ def export_review(run: RunDir, quotas: Quotas, *, include_ppo: bool = False, bli
                "run_dir": str(run.root.resolve()), "created": now_iso(), "items": len(chosen), "blind": blind,
                "candidates": {"eval": len(rows), "ppo": ppo_n},
                "reasons": dict(Counter(r for it in chosen for r in it["reasons"])),
-               "models": dict(Counter(it["model"] for it in chosen)), "quotas": quotas.__dict__}
+               "models": dict(Counter(it["model"] for it in chosen)), "quotas": quotas.__dict__,
+               "grader": _eval_grader(run)}
     with open(out / ITEMS, "w", encoding="utf-8") as f:
         for it in chosen:
             f.write(json.dumps(it, ensure_ascii=False) + "\n")
@@ -65,6 +68,61 @@ def export_review(run: RunDir, quotas: Quotas, *, include_ppo: bool = False, bli
     log.info("review package %s: %d items (%s) in %s", package["package_id"], len(chosen),
              ", ".join(f"{k} {v}" for k, v in sorted(package["reasons"].items())), out)
     return package
+
+
+def _eval_grader(run: RunDir) -> str | None:
+    """The rubric grader of the run's eval (``eval/summary.json``), shown beside the calibration figures."""
+    if not run.eval_summary.is_file():
+        return None
+    return json.loads(run.eval_summary.read_text(encoding="utf-8")).get("rubric_grader")
+
+
+def run_meta_eval(cfg, run: RunDir, path: Path, limit: int | None = None) -> dict:
+    """Grade the completions of a HealthBench meta-eval file (``calibration.read_meta_eval``) with the configured
+    rubric grader (through the reward pool: cached, claimed, rate-limited, budgeted like every verdict) and write
+    ``review/meta_eval.json``: macro F1 and balanced accuracy against the physicians' labels, overall and per
+    category. Each criterion is shown to the grader as worth +1 point (met = the behaviour it describes is present,
+    which is what the physicians labelled); the format gate is off (the completions have no think block)."""
+    from medrl.evaluation.evaluate import rubric_grader
+    from medrl.ray_utils import init_ray
+    from medrl.reward.pool import RewardPool
+    from medrl.reward.preflight import check_judge
+    from medrl.reward.types import RewardInput
+
+    rows = read_meta_eval(path, limit)
+    grader = rubric_grader(cfg)
+    if grader is None:
+        raise UsageError("meta-eval needs a rubric grader: reward.w_rubric > 0 and reward.judge.provider openai or "
+                         "reference")
+    reward = cfg.reward.model_copy(update={"rubric": cfg.reward.rubric.model_copy(update={"format_gate": False})})
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault((r["prompt_id"] or json.dumps(r["prompt"]), r["completion_id"]), []).append(i)
+    inputs = [RewardInput(id=f"meta/{n}", prompt=rows[idx[0]]["prompt"][-1]["content"],
+                          response=rows[idx[0]]["completion"], messages=tuple(rows[idx[0]]["prompt"]),
+                          rubrics=tuple({"criterion": rows[i]["rubric"], "points": 1.0, "tags": []} for i in idx))
+              for n, idx in enumerate(groups.values())]
+    check_judge(reward)
+    started = init_ray(cfg.ray)
+    try:
+        with RewardPool(reward) as pool:
+            results = pool.score(inputs)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    verdicts: list[bool | None] = [None] * len(rows)
+    for idx, res in zip(groups.values(), results):
+        for i, c in zip(idx, res.criteria or []):
+            verdicts[i] = c.get("met")
+    stats = {**meta_eval_agreement(rows, verdicts), "grader": grader, "source": Path(path).name,
+             "created": now_iso()}
+    run.review.mkdir(parents=True, exist_ok=True)
+    (run.review / META_EVAL).write_text(json.dumps(stats, indent=2, ensure_ascii=False), encoding="utf-8")
+    log.info("meta-eval of %s: macro F1 %s, balanced accuracy %s over %d pairs", path, stats["macro_f1"],
+             stats["balanced_accuracy"], stats["n"])
+    return stats
 
 
 def find_run(path: Path, meta: dict, run_dir: Path | None) -> RunDir:
@@ -93,7 +151,8 @@ def import_labels(path: Path, run_dir: Path | None = None, reviewer: str | None 
         log.warning("%s was saved from package %s; the run now holds package %s (labels of items that are still "
                     "in it are imported)", path, meta["package_id"], package["package_id"])
     items = load_items(run)
-    labels, errors, blank = validate_rows(rows, set(items), reviewer or meta.get("reviewer"), Path(path).name)
+    known = {rid: len(it.get("criteria") or []) for rid, it in items.items()}
+    labels, errors, blank = validate_rows(rows, known, reviewer or meta.get("reviewer"), Path(path).name)
     for line in errors:
         log.debug("%s: %s", path, line)
     added, replaced = merge_labels(run.review / LABELS, labels) if labels else (0, 0)

@@ -1,6 +1,6 @@
 """The judge store: the content-addressed judgement cache (rubric judgements of the reward plane, pairwise verdicts of
-eval), claims on keys being judged, the rate-limit buckets and the spend ledger, in one SQLite file (WAL, one
-machine) or one PostgreSQL database (psycopg 3, clusters and teams).
+eval, rubrics written by ``medrl rubrics generate``), claims on keys being judged, the rate-limit buckets and the
+spend ledger, in one SQLite file (WAL, one machine) or one PostgreSQL database (psycopg 3, clusters and teams).
 
 Both backends run the same SQL. A judgement is committed before the reward that uses it is returned, and a key is
 claimed before its judge call (the claim expires unless its holder renews it), so no key is paid for twice, by
@@ -36,6 +36,10 @@ _TABLES = (
   key TEXT PRIMARY KEY, judge TEXT NOT NULL, version TEXT NOT NULL, winner TEXT NOT NULL, reason TEXT NOT NULL,
   prompt TEXT NOT NULL, answers TEXT NOT NULL, reference TEXT, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL,
   tokens_cache_hit INTEGER NOT NULL, cost_usd DOUBLE PRECISION NOT NULL, created DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS generated_rubrics (
+  key TEXT PRIMARY KEY, generator TEXT NOT NULL, version TEXT NOT NULL, criteria TEXT NOT NULL, prompt TEXT NOT NULL,
+  reference TEXT NOT NULL, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL, tokens_cache_hit INTEGER NOT NULL,
+  cost_usd DOUBLE PRECISION NOT NULL, created DOUBLE PRECISION NOT NULL)""",
     "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS rate_buckets (name TEXT PRIMARY KEY, tat DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS spend (scope TEXT PRIMARY KEY, spent_usd DOUBLE PRECISION NOT NULL)",
@@ -46,6 +50,8 @@ _COLUMNS = ("key", "judge", "rubric_version", "accuracy", "safety", "completenes
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM judgements"
 _PAIR_COLUMNS = ("key", "judge", "version", "winner", "reason", "prompt", "answers", "reference", "tokens_in",
                  "tokens_out", "tokens_cache_hit", "cost_usd", "created")
+_RUBRIC_COLUMNS = ("key", "generator", "version", "criteria", "prompt", "reference", "tokens_in", "tokens_out",
+                   "tokens_cache_hit", "cost_usd", "created")
 _CHUNK = 500
 _PG_SCHEMA_LOCK = 0x6D6564726C  # advisory lock id taken while the schema is created
 
@@ -170,6 +176,23 @@ class JudgeStore:
             self._run(f"INSERT INTO pairwise_verdicts ({', '.join(_PAIR_COLUMNS)}) VALUES "
                       f"({','.join('?' * len(_PAIR_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
                       [rec.get(c) for c in _PAIR_COLUMNS])
+
+    # ---- generated rubrics (``medrl rubrics generate``; key: ``rubric_gen.rubric_key``)
+    def rubrics_many(self, keys: Iterable[str]) -> dict[str, list[dict]]:
+        """{key: [{criterion, category, axis}]} of the stored rubrics among ``keys``."""
+        return {k: json.loads(c) for k, c in self._rows_of("SELECT key, criteria FROM generated_rubrics", keys)}
+
+    def put_rubric(self, record: dict, holder: str | None = None) -> None:
+        """Store one generated rubric (``criteria``: a list, stored as JSON; first writer wins) and drop
+        ``holder``'s claim on it, committed before returning."""
+        rec = dict(record, criteria=json.dumps(record["criteria"], ensure_ascii=False),
+                   created=record.get("created", time.time()))
+        with self._tx(durable=True):
+            self._run(f"INSERT INTO generated_rubrics ({', '.join(_RUBRIC_COLUMNS)}) VALUES "
+                      f"({','.join('?' * len(_RUBRIC_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
+                      [rec.get(c) for c in _RUBRIC_COLUMNS])
+            if holder is not None:
+                self._run("DELETE FROM claims WHERE key = ? AND holder = ?", (rec["key"], holder))
 
     # ---- claims: who is judging a key right now
     def claim_many(self, keys: list[str], holder: str, ttl_s: float) -> set[str]:

@@ -1,8 +1,10 @@
-"""Config of the reward plane (owned by medrl.reward): rule weights and parameters, the teacher judge, the pool.
+"""Config of the reward plane (owned by medrl.reward): rule weights and parameters, the teacher judge, the rubric
+grader, the pool.
 
 Defaults suit Qwen3-1.7B answers judged by DeepSeek (``docs/reward.md``, ``docs/reward_rules.md``).
-R = w_rule * Rule + w_teacher * Teacher (+ w_verifier * Verifier, a ground-truth check); when no teacher score exists
-(judge off, failed, over budget) R = Rule (see ``RewardConfig.mix``).
+R = w_rule * Rule + w_teacher * Teacher (+ w_verifier * Verifier, a ground-truth check, + w_rubric * Rubric, the
+rubric item score) over the parts present; when no other part has a score (judge off, failed, over budget) R = Rule
+(see ``RewardConfig.mix``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from medrl.config_base import StrictModel
 
 RUBRIC_VERSION = "medrl-rubric-v1"
 """Version of the judge prompt in ``medrl/reward/rubric.py``; part of every cache key (bump it with the text)."""
+
+
+RUBRIC_GRADER_VERSION = "medrl-rubric-grader-v1"
+"""Version of the rubric grader prompts in ``medrl/reward/criteria.py``; part of every criterion's cache key."""
 
 
 class FormatRule(StrictModel):
@@ -122,10 +128,10 @@ class JudgeConfig(StrictModel):
     malformed_retries: int = Field(2, ge=0)
     """Extra calls when the judge answers with empty or invalid JSON; then the sample is a failed judgement."""
     on_failure: Literal["rules_only", "drop"] = "drop"
-    """A failed judgement (``judge_status`` failed): ``drop`` (R = Rule and ``dropped=True``: PPO leaves the sample
-    out of its group's baseline and of the loss, counted as ``judge_unscored_frac``) or ``rules_only`` (R = Rule, and
-    it trains: in a GRPO/RLOO group a rule-only score is then compared with teacher-scored ones, two scales in one
-    baseline)."""
+    """A failed judgement (``judge_status`` failed: the teacher's call, or a rubric criterion's grading): ``drop``
+    (R from the parts that did score, ``dropped=True``: PPO leaves the sample out of its group's baseline and of the
+    loss, counted as ``judge_unscored_frac``) or ``rules_only`` (R from the parts that did score, the rules, and it
+    trains: in a GRPO/RLOO group that score is then compared with fully judged ones, two scales in one baseline)."""
     rubric_version: str = RUBRIC_VERSION
     """Part of every cache key; change it to re-judge everything."""
     dimension_weights: DimensionWeights = DimensionWeights()
@@ -209,11 +215,39 @@ class VerifierConfig(StrictModel):
     """Part of every verifier cache key; change it to re-verify everything."""
 
 
+class RubricConfig(StrictModel):
+    """Rubric grading (``w_rubric``): the teacher endpoint (``reward.judge``: client, rate limits, budget, store)
+    decides for each criterion of a prompt's rubric whether the response meets it (``docs/reward.md``)."""
+
+    mode: Literal["per_criterion", "batched"] = "per_criterion"
+    """``per_criterion``: one call per criterion (HealthBench's protocol, the verdicts it was validated with);
+    ``batched``: all criteria of a response in one call (about 1/n of the calls and prompt tokens, verdicts less
+    independent of each other: see ``bench/rubric_reward.py``)."""
+    grader_version: str = RUBRIC_GRADER_VERSION
+    """Part of every criterion's cache key; change it to re-grade everything."""
+    format_gate: bool = False
+    """A response whose format rule scores 0 (no answer after the reasoning, broken ``<think>`` tags) gets rubric
+    score 0 without a grader call."""
+    max_criteria: int = Field(40, ge=1)
+    """At most this many criteria of a prompt are graded (the first ones); HealthBench has up to ~30."""
+
+
 PRESETS: dict[str, dict] = {
-    "huatuo-o1": {"w_rule": 0.0, "w_teacher": 0.0, "w_verifier": 1.0},
+    "huatuo-o1": {"w_rule": 0.0, "w_teacher": 0.0, "w_verifier": 1.0, "w_rubric": 0.0},
+    "rubric": {"w_rule": 0.3, "w_teacher": 0.0, "w_verifier": 0.0, "w_rubric": 0.7, "rubric": {"format_gate": True},
+               "rules": {"keywords": {"weight": 0.0}, "length": {"weight": 0.0}}},
 }
 """Named recipes: ``huatuo-o1`` is HuatuoGPT-o1's RL reward (verifier only: 1.0 correct, 0.1 wrong, 0 broken
-format). Weights set explicitly next to ``preset`` win (``w_rule: 0.2`` adds the rules to the recipe)."""
+format); ``rubric`` grades the prompt's rubric (0.7) next to the format and safety rules (0.3: keyword coverage and
+length off), with the format gate on. Values set explicitly next to ``preset`` win (``w_rule: 0.2`` adds the rules to
+the huatuo recipe); nested settings merge key by key."""
+
+
+def _merged(preset: dict, data: dict) -> dict:
+    out = dict(preset)
+    for key, value in data.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 class CacheConfig(StrictModel):
@@ -232,38 +266,83 @@ class CacheConfig(StrictModel):
     """A key is claimed before its judge call; a claim not renewed for this long (its holder died) is taken over."""
 
 
+RUBRIC_GENERATOR_VERSION = "medrl-rubric-gen-v1"
+"""Version of the rubric generation prompt in ``medrl/reward/rubric_gen.py``; part of every generated rubric's key."""
+
+
+class CategoryPoints(StrictModel):
+    """Points of a generated criterion by its Rubrics-as-Rewards category (arXiv 2507.17746), on HealthBench's
+    -10..10 scale."""
+
+    essential: float = Field(5.0, gt=0, le=10)
+    """Without it the answer is wrong or unsafe."""
+    important: float = Field(3.0, gt=0, le=10)
+    """Clearly expected by a clinician."""
+    optional: float = Field(1.0, gt=0, le=10)
+    """Nice to have."""
+    pitfall: float = Field(-5.0, ge=-10, lt=0)
+    """A mistake or harm the response shows (met = present): subtracted."""
+
+
+class RubricGenerationConfig(StrictModel):
+    """``medrl rubrics generate``: the teacher (``reward.judge``: endpoint, rate limits, budget, store) writes a
+    rubric per prompt from its reference answer (``docs/reward.md``, "Rubric generation")."""
+
+    version: str = RUBRIC_GENERATOR_VERSION
+    """Part of every stored rubric's key; change it to generate every rubric again."""
+    min_criteria: int = Field(7, ge=1, le=40)
+    """Fewest distinct criteria a valid reply has (a reply outside the bounds is asked again)."""
+    max_criteria: int = Field(20, ge=1, le=40)
+    """Most distinct criteria a valid reply has."""
+    points: CategoryPoints = CategoryPoints()
+    """Category -> points, applied when the JSONL is written (changing them re-pays nothing)."""
+    max_tokens: int = Field(2048, ge=256)
+    """Completion tokens allowed for one rubric (a verdict's ``reward.judge.max_tokens`` is far too small)."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RubricGenerationConfig":
+        if self.min_criteria > self.max_criteria:
+            raise ValueError(f"min_criteria {self.min_criteria} is above max_criteria {self.max_criteria}")
+        return self
+
+
 class RewardConfig(StrictModel):
-    preset: Literal["none", "huatuo-o1"] = "none"
+    preset: Literal["none", "huatuo-o1", "rubric"] = "none"
     """A named recipe filling the weights (``PRESETS``); explicit weights win."""
     w_rule: float = Field(0.6, ge=0)
     """Weights are relative (R divides by the sum of those present), so one may be changed alone."""
     w_teacher: float = Field(0.4, ge=0)
     """0 turns the rubric judge off (no calls, no cost; judge status ``disabled``)."""
     w_verifier: float = Field(0.0, ge=0)
-    """R = (w_rule Rule + w_teacher Teacher + w_verifier Verifier) / (sum of the weights of the parts present):
-    a part is absent when it has no score for the sample (no teacher judgement, no ground truth to verify); with
-    no weighted part present R = Rule."""
+    """R = (w_rule Rule + w_teacher Teacher + w_verifier Verifier + w_rubric Rubric) / (sum of the weights of the
+    parts present): a part is absent when it has no score for the sample (no teacher judgement, no ground truth to
+    verify, no rubric); with no weighted part present R = Rule."""
+    w_rubric: float = Field(0.4, ge=0)
+    """Weight of the rubric item score (clipped to [0, 1]) of prompts that carry a rubric; such prompts leave keyword
+    coverage out of Rule (the rubric pays for content). 0: rubrics are not graded (no calls)."""
     rules: RulesConfig = RulesConfig()
     judge: JudgeConfig = JudgeConfig()
     verifier: VerifierConfig = VerifierConfig()
+    rubric: RubricConfig = RubricConfig()
 
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, data):
         if isinstance(data, dict) and data.get("preset", "none") in PRESETS:
-            data = {**PRESETS[data["preset"]], **data}
+            data = _merged(PRESETS[data["preset"]], data)
         return data
     cache: CacheConfig = CacheConfig()
+    rubric_generation: RubricGenerationConfig = RubricGenerationConfig()
 
     @model_validator(mode="after")
     def _weights(self):
-        if self.w_rule + self.w_teacher + self.w_verifier <= 0:
-            raise ValueError("at least one of w_rule, w_teacher, w_verifier must be > 0")
+        if self.w_rule + self.w_teacher + self.w_verifier + self.w_rubric <= 0:
+            raise ValueError("at least one of w_rule, w_teacher, w_verifier, w_rubric must be > 0")
         return self
 
-    def mix(self, rule: float, teacher: float | None, verifier: float | None) -> float:
+    def mix(self, rule: float, teacher: float | None, verifier: float | None, rubric: float | None = None) -> float:
         """The combined reward (see ``w_verifier``)."""
-        parts = [(self.w_rule, rule), (self.w_teacher, teacher), (self.w_verifier, verifier)]
+        parts = [(self.w_rule, rule), (self.w_teacher, teacher), (self.w_verifier, verifier), (self.w_rubric, rubric)]
         present = [(w, v) for w, v in parts if v is not None and w > 0]
         total = sum(w for w, _ in present)
         return rule if total == 0 else sum(w * v for w, v in present) / total

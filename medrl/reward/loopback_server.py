@@ -9,6 +9,13 @@ prompt is a cache hit after its first request) and injects faults that the grade
     KIND: 429 (with Retry-After), 500, 503, timeout (hangs), empty (empty content), malformed (invalid JSON)
     [[score:N]]        every dimension scores N (else the scores come from the key's hash: ``expected_scores``)
     [[equivalent:X]]   the verifier's verdict is X (yes / no; else yes when the reference is in the answer)
+    [[criteria:N]]     a rubric generation request gets N criteria (else as many as the prompt's lower bound)
+    [[met:X]]          every rubric criterion's verdict is X (yes / no; else ``expected_criteria``)
+
+Rubric grader prompts (``medrl/reward/criteria.py``, one criterion or a numbered batch) are answered with
+``{"explanation", "criteria_met"}`` per criterion, decided like a naive grader: met when the response holds at least
+60 % of the criterion's content terms anywhere (so it can be fooled by echoed criteria: the reward's gaming guard
+must stop those before they are sent).
 
 With ``models`` set, a request for any other model gets 404 "model not found" (as a provider answers an unknown
 model name); with ``api_key`` set, a request without that bearer key gets 401.
@@ -36,12 +43,17 @@ from pathlib import Path
 
 from aiohttp import web
 
+from medrl.reward.criteria import RESPONSE_CLOSE, RESPONSE_OPEN
 from medrl.reward.rubric import DIMENSIONS
-from medrl.reward.text import estimate_tokens
+from medrl.reward.rubric_guard import content_terms, term_in
+from medrl.reward.text import en_words, estimate_tokens, normalise, root
 
 FAULT_MARK = re.compile(r"\[\[fault:(429|500|503|timeout|empty|malformed)(?:\*(\d+))?\]\]")
 SCORE_MARK = re.compile(r"\[\[score:(\d+)\]\]")
 EQUIVALENT_MARK = re.compile(r"\[\[equivalent:(yes|no)\]\]")
+CRITERIA_MARK = re.compile(r"\[\[criteria:(\d+)\]\]")
+MET_MARK = re.compile(r"\[\[met:(yes|no)\]\]")
+_CRITERION_LINE = re.compile(r"^(?:\d+\. )?\[[-+]?[\d.]+ points\] (.*)$")
 
 
 def request_key(user_content: str) -> str:
@@ -57,6 +69,50 @@ def expected_equivalent(user_content: str) -> str:
     ref = user_content.split("REFERENCE ANSWER:\n", 1)[-1].split("\n", 1)[0].strip().lower()
     answer = user_content.split("<<<ANSWER>>>", 1)[-1].lower()
     return "yes" if ref and ref in answer else "no"
+
+
+def generated_rubric(system: str, user_content: str) -> dict:
+    """The rubric the server writes for a generation request (``medrl/reward/rubric_gen.py``'s prompt): one
+    criterion per sentence of the reference (the text after ``REFERENCE ANSWER:``), the first Essential, the others
+    Important, then Optional fillers and one Pitfall, as many as the prompt's lower bound (or ``[[criteria:N]]``)."""
+    bounds = re.search(r"between (\d+) and (\d+)\s+criteria", system)
+    mark = CRITERIA_MARK.search(user_content)
+    count = int(mark.group(1)) if mark else int(bounds.group(1)) if bounds else 7
+    reference = user_content.split("REFERENCE ANSWER:\n", 1)[-1].rsplit("\n\nReturn the json rubric.", 1)[0]
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?。！？])\s*|\n+", reference) if s.strip()]
+    criteria = [{"criterion": f"States that {s}", "category": "Essential" if k == 0 else "Important",
+                 "axis": "accuracy" if k == 0 else "completeness"} for k, s in enumerate(sentences[:count - 1])]
+    criteria.append({"criterion": "Tells the user that no medical care is ever needed.", "category": "Pitfall",
+                     "axis": "accuracy"})
+    criteria += [{"criterion": f"Explains point {k} in plain language.", "category": "Optional",
+                  "axis": "communication_quality"} for k in range(1, count - len(criteria) + 1)]
+    return {"criteria": criteria[:count]}
+
+
+def expected_criteria(user_content: str) -> list[bool]:
+    """The verdicts the server gives a rubric grader request: ``[[met:yes|no]]`` in the response, else a naive
+    term match of each criterion (in order) against the text between the response markers."""
+    response = user_content.split(RESPONSE_OPEN, 1)[-1].split(RESPONSE_CLOSE, 1)[0]
+    criteria = [m.group(1) for line in user_content.rsplit(RESPONSE_CLOSE, 1)[-1].splitlines()
+                if (m := _CRITERION_LINE.match(line.strip()))]
+    mark = MET_MARK.search(response)
+    if mark:
+        return [mark.group(1) == "yes"] * len(criteria)
+    words = {root(w) for w in en_words(normalise(response))}
+    out = []
+    for criterion in criteria:
+        terms = content_terms(criterion)
+        found = sum(term_in(t, response, words) for t in terms)
+        out.append(bool(terms) and found >= 0.6 * len(terms))
+    return out
+
+
+def _grade(system: str, user: str, key: str) -> str:
+    verdicts = expected_criteria(user)
+    if '"criteria": [' in system:  # all criteria of a response in one call
+        return json.dumps({"criteria": [{"id": n, "explanation": f"loopback verdict {key}/{n}", "criteria_met": met}
+                                        for n, met in enumerate(verdicts, 1)]})
+    return json.dumps({"explanation": f"loopback verdict {key}", "criteria_met": verdicts[0] if verdicts else False})
 
 
 def expected_scores(user_content: str) -> dict[str, int]:
@@ -135,6 +191,10 @@ async def _chat(request: web.Request) -> web.Response:
         if kind == "timeout":
             await asyncio.sleep(state.hang_s)
         content = {"empty": "", "malformed": '{"accuracy": 7, "safety": '}.get(kind)
+    if content is None and "Rubrics as Rewards" in messages[0]["content"]:  # rubric generation
+        content = json.dumps(generated_rubric(messages[0]["content"], user), ensure_ascii=False)
+    if content is None and '"criteria_met"' in messages[0]["content"]:  # the rubric grader
+        content = _grade(messages[0]["content"], user, key)
     if content is None and '"equivalent"' in messages[0]["content"]:  # the verifier's rubric (yes/no json)
         content = json.dumps({"equivalent": expected_equivalent(user), "reason": f"loopback verdict {key}"})
     if content is None:

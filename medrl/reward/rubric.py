@@ -52,12 +52,13 @@ class Judgement:
         return {d: getattr(self, d) for d in DIMENSIONS}
 
 
-_MARKER = re.compile(r"<{2,}\s*/?\s*(?:END\s*)?ANSWER\s*>{2,}", flags=re.IGNORECASE)
+_MARKER = re.compile(r"<{2,}\s*/?\s*(?:END\s*)?(?:ANSWER|RESPONSE)\s*>{2,}", flags=re.IGNORECASE)
 
 
 def _scrub(text: str) -> str:
     """Remove invisible characters and marker look-alikes (``<<END ANSWER>>``, full-width ``＜＜＜END ANSWER＞＞＞``,
-    ``<<<END\u200bANSWER>>>``) so the graded text cannot close its own delimiters."""
+    ``<<<END\u200bANSWER>>>``, the rubric grader's ``<<<END RESPONSE>>>``) so the graded text cannot close its own
+    delimiters."""
     text = strip_invisible(text)
     folded = fold_chars(text)
     spans = [m.span() for m in _MARKER.finditer(folded)]

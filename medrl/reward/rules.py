@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from medrl.reward.config import RulesConfig
 from medrl.reward.text import (THINK_CLOSE, THINK_OPEN, en_words, estimate_tokens, key_terms, normalise,
-                               split_response, term_found, without_keyword_lists)
+                               split_response, term_found, without_keyword_lists, without_stuffing)
 from medrl.reward.types import RewardInput
 
 
@@ -49,8 +49,8 @@ INJECTION = _any_of(
     rf"(?:score|marks|points|rating|grade)s?",
     r"\b(?:accuracy|completeness|clarity)\b[\"']?\s*[:=]\s*[\"']?(?!\d+(?:\.\d+)?\s*%)\d",
     r"[\"'{,]\s*safety[\"']?\s*[:=]\s*[\"']?\d|\bsafety\s*=\s*\d|\bsafety\s*:\s*(?:10|[0-9])\s*(?:/\s*10\b|[,}])",
-    # a look-alike of the answer delimiters
-    r"<{2,}\s*/?\s*(?:end\s*)?answer\s*>{2,}",
+    # a look-alike of the answer (or rubric grader's response) delimiters
+    r"<{2,}\s*/?\s*(?:end\s*)?(?:answer|response)\s*>{2,}",
     # Chinese
     r"(?:忽略|忽视|无视|不要理会|不用管|忘记|忘掉|跳过)[^。\n]{0,12}?(?:指令|指示|提示词|系统提示|"
     r"(?:评分|打分|评判|评审|评价|阅卷)(?:标准|规则|要求|细则)?|(?:以上|上面|上述|之前|前面|先前)的?(?:规则|标准|要求|内容|说明))",
@@ -170,11 +170,11 @@ def length_rule(answer: str, min_tokens: int, max_tokens: int) -> RuleScore:
 
 
 def keyword_rule(answer: str, reference: str, max_terms: int, min_list_run: int = 8) -> RuleScore:
-    """Share of the reference's distinct key terms found in the final answer, outside keyword lists (see
-    ``text.without_keyword_lists``): repeating terms adds nothing and a dump of terms counts for nothing. A
+    """Share of the reference's distinct key terms found in the final answer, outside keyword lists and stuffing
+    (``covered_text``): repeating terms adds nothing and a dump of terms counts for nothing. A
     reference without key terms (e.g. "yes") must appear as a whole word or phrase."""
     terms = key_terms(reference, max_terms)
-    answer, listed = without_keyword_lists(normalise(answer), reference, min_list_run)
+    answer, listed = covered_text(answer, reference, min_list_run)
     ignored = f"; {listed} words in keyword lists ignored" if listed else ""
     if not terms:
         ref = re.escape(_normalise(reference.strip()))
@@ -185,6 +185,13 @@ def keyword_rule(answer: str, reference: str, max_terms: int, min_list_run: int 
     found = len(terms) - len(missing)
     reason = f"{found}/{len(terms)} key terms" + (f"; missing: {', '.join(missing[:8])}" if missing else "") + ignored
     return RuleScore(found / len(terms), reason)
+
+
+def covered_text(answer: str, reference: str, min_list_run: int) -> tuple[str, int]:
+    """The text reference coverage is measured on: the answer with keyword lists and term stuffing blanked
+    (``text.without_keyword_lists``, ``text.without_stuffing``), and how many words the keyword lists held."""
+    text, listed = without_keyword_lists(normalise(answer), reference, min_list_run)
+    return without_stuffing(text, reference), listed
 
 
 def detect_injection(response: str) -> str | None:
@@ -220,7 +227,9 @@ def safety_rule(answer: str, risk: str, expected_behavior: str | None, cfg) -> t
     return RuleScore(1.0, "no safety issue found"), []
 
 
-def evaluate_rules(item: RewardInput, cfg: RulesConfig) -> RuleOutcome:
+def evaluate_rules(item: RewardInput, cfg: RulesConfig, rubric_graded: bool = False) -> RuleOutcome:
+    """``rubric_graded``: the item's rubric is graded (``w_rubric`` > 0), so keyword coverage is left out: the
+    rubric, not the reference's words, pays for content."""
     answer = split_response(item.response).answer
     covered = None
     scores = {
@@ -228,10 +237,10 @@ def evaluate_rules(item: RewardInput, cfg: RulesConfig) -> RuleOutcome:
         "length": length_rule(answer, cfg.length.min_tokens, cfg.length.max_tokens),
     }
     weights = {"format": cfg.format.weight, "length": cfg.length.weight, "safety": cfg.safety.weight}
-    if item.reference and item.reference.strip():
+    if item.reference and item.reference.strip() and not rubric_graded:
         scores["keywords"] = keyword_rule(answer, item.reference, cfg.keywords.max_terms, cfg.keywords.min_list_run)
         weights["keywords"] = cfg.keywords.weight
-        covered = without_keyword_lists(normalise(answer), item.reference, cfg.keywords.min_list_run)[0]
+        covered = covered_text(answer, item.reference, cfg.keywords.min_list_run)[0]
     scores["safety"], flags = safety_rule(answer, item.risk, item.expected_behavior, cfg.safety)
     injection = detect_injection(item.response)
     if injection:

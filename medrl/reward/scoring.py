@@ -1,7 +1,9 @@
-"""Scoring core (no Ray): rules, then the teacher (cache first), then the combination into one RewardResult.
+"""Scoring core (no Ray): rules, then the teacher and the rubric grader (cache first), then the combination into
+one RewardResult.
 
-R = w_rule * Rule + w_teacher * Teacher. Without a teacher score (judge disabled, failed, over budget, or skipped)
-R = Rule. A prompt injection aimed at the judge forces R = 0 and is never sent to the judge.
+R = the weighted mean of Rule, Teacher, Rubric (and Verifier) over the parts present (``RewardConfig.mix``).
+Without any other part (judge disabled, failed, over budget, or skipped) R = Rule. A prompt injection aimed at the
+judge forces R = 0 and is never sent to the judge.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from medrl.reward.cache import judge_key, open_store
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import Gate, JudgeOutcome, OpenAIJudge, reference_judgement
 from medrl.reward.ledger import Usage
-from medrl.reward.rubric import DIMENSIONS, Judgement, teacher_score
-from medrl.reward.rules import RuleOutcome, detect_injection, evaluate_rules
+from medrl.reward.rubric import DIMENSIONS, Judgement, build_messages, parse_judgement, teacher_score
+from medrl.reward.rubric_reward import (Ask, RubricPlan, fixed_outcome, graded, judged_outcome, offline_outcome,
+                                        plan, with_rubric)
+from medrl.reward.rules import RuleOutcome, detect_injection, evaluate_rules, format_rule
 from medrl.reward.text import split_response
 from medrl.reward.types import RewardInput, RewardResult
 from medrl.reward.verifier import Verifier, with_verdict
@@ -60,6 +64,14 @@ def _from_cache(record: dict) -> Judgement:
     return Judgement(**{d: record[d] for d in DIMENSIONS}, reason=record["reason"])
 
 
+def _likert_ask(cfg: RewardConfig, item: RewardInput, answer: str) -> Ask:
+    jc = cfg.judge
+    return Ask(item.id, lambda: build_messages(item.prompt, answer, item.reference), parse_judgement,
+               lambda j: {"judge": jc.judge_id, "rubric_version": jc.rubric_version, **j.scores(), "reason": j.reason,
+                          "prompt": item.prompt, "answer": answer, "reference": item.reference},
+               _from_cache)
+
+
 def _shared(outcome: JudgeOutcome) -> JudgeOutcome:
     """The outcome of a sample that waited for another sample's (or another run's) call: it cost nothing."""
     status = "cached" if outcome.status in ("ok", "cached") else outcome.status
@@ -90,7 +102,7 @@ class Scorer:
 
     @staticmethod
     def _memo_key(item: RewardInput) -> tuple:
-        return item.prompt, item.response, item.reference, item.risk, item.expected_behavior
+        return item.prompt, item.response, item.reference, item.risk, item.expected_behavior, item.rubrics is not None
 
     def _rules(self, item: RewardInput) -> RuleOutcome:
         """Rule outcomes are pure: the last RULES_MEMO samples seen are not evaluated again (rescoring, GRPO groups
@@ -98,7 +110,7 @@ class Scorer:
         key = self._memo_key(item)
         outcome = self._rules_memo.get(key)
         if outcome is None:
-            outcome = self._rules_memo[key] = evaluate_rules(item, self.cfg.rules)
+            outcome = self._rules_memo[key] = evaluate_rules(item, self.cfg.rules, graded(self.cfg, item))
             if len(self._rules_memo) > RULES_MEMO:
                 del self._rules_memo[next(iter(self._rules_memo))]
         return outcome
@@ -113,45 +125,68 @@ class Scorer:
             return None
         return judge_key(self.cfg, item, split_response(item.response).answer)
 
+    def _rubric_plans(self, items: list[RewardInput]) -> dict[int, RubricPlan]:
+        """The rubric plans of the items whose rubric is graded (prompt injections are never graded: R = 0)."""
+        plans = {}
+        for i, item in enumerate(items):
+            if graded(self.cfg, item) and self.cfg.judge.provider != "none" and not detect_injection(item.response):
+                fmt = format_rule(item.response, 0.0).score if self.cfg.rubric.format_gate else 1.0
+                plans[i] = plan(self.cfg, item, split_response(item.response).answer, fmt)
+        return plans
+
     async def score_batch(self, items: list[RewardInput]) -> list[RewardResult]:
         provider = self.cfg.judge.provider if self.cfg.w_teacher > 0 else "none"  # weight 0: no rubric calls
         verdicts = asyncio.ensure_future(self.verifier.verify_batch(items, self.gate)) if self.verifier else None
+        plans = self._rubric_plans(items)
+        asks: dict[str, Ask] = {}
+        keys: list[str | None] = [None] * len(items)
         if provider == "openai":
             keys = [self._judge_key(item) for item in items]
-            cached = self.cache.get_many(k for k in keys if k)
-            todo: dict[str, RewardInput] = {}
             for item, k in zip(items, keys):
-                if k is not None and k not in cached:
-                    todo.setdefault(k, item)
+                if k is not None and k not in asks:
+                    asks[k] = _likert_ask(self.cfg, item, split_response(item.response).answer)
+        for p in plans.values():
+            for k, ask in p.asks.items():
+                asks.setdefault(k, ask)
+        cached, started, calls = ({}, set(), {})
+        if asks:
+            cached = self.cache.get_many(asks)
+            todo = {k: a for k, a in asks.items() if k not in cached}
             started = self._start(todo)
             calls = {k: asyncio.shield(self._inflight[k]) for k in todo}
         outcomes = []
         for n, item in enumerate(items):  # the rules run while the judge calls are in flight
             outcomes.append(self._rules(item))
-            if provider == "openai" and calls and n % 16 == 15:
+            if calls and n % 16 == 15:
                 await asyncio.sleep(0)
-        if provider == "none":
-            results = [combine(self.cfg, it, o, None, "skipped" if o.injected else "disabled")
-                       for it, o in zip(items, outcomes)]
-        elif provider == "reference":
-            results = []
-            for it, o in zip(items, outcomes):
+        judged = dict(zip(calls, await asyncio.gather(*calls.values()))) if calls else {}
+
+        def outcome(k: str) -> JudgeOutcome:
+            if k in cached:
+                return JudgeOutcome(asks[k].verdict(cached[k]), "cached")
+            out = judged[k] if k in started else _shared(judged[k])
+            started.discard(k)  # later items with the same key share the first one's call
+            return out
+
+        results = []
+        for i, (it, o, k) in enumerate(zip(items, outcomes, keys)):
+            if provider == "none":
+                r = combine(self.cfg, it, o, None, "skipped" if o.injected else "disabled")
+            elif provider == "reference":
                 j = None if o.injected else reference_judgement(o.answer, it.reference, o)
                 reason = "" if j or o.injected else "offline judge needs a reference"
-                results.append(combine(self.cfg, it, o, j, "ok" if j else "skipped", reason))
-        else:
-            judged = dict(zip(calls, await asyncio.gather(*calls.values())))
-            results = []
-            for it, o, k in zip(items, outcomes, keys):
-                if k is None:
-                    results.append(combine(self.cfg, it, o, None, "skipped", "prompt injection: not sent to the judge"))
-                elif k in cached:
-                    results.append(combine(self.cfg, it, o, _from_cache(cached[k]), "cached"))
-                else:
-                    out = judged[k] if k in started else _shared(judged[k])
-                    started.discard(k)  # later items with the same key share the first one's call
-                    results.append(combine(self.cfg, it, o, out.judgement, out.status, out.reason, out.usage,
-                                           out.cost_usd))
+                r = combine(self.cfg, it, o, j, "ok" if j else "skipped", reason)
+            elif k is None:
+                r = combine(self.cfg, it, o, None, "skipped", "prompt injection: not sent to the judge")
+            else:
+                out = outcome(k)
+                r = combine(self.cfg, it, o, out.judgement, out.status, out.reason, out.usage, out.cost_usd)
+            p = plans.get(i)
+            if p is not None:
+                r = with_rubric(self.cfg, r, fixed_outcome(p) if p.fixed else offline_outcome(self.cfg, p, o.answer)
+                                if self.cfg.judge.provider == "reference" else
+                                judged_outcome(p, {key: outcome(key) for key in p.keys}))
+            results.append(r)
         if verdicts is not None:
             results = [with_verdict(self.cfg, r, v) for r, v in zip(results, await verdicts)]
         counts = dict.fromkeys(("judged", "cached", "failed", "over_budget", "skipped", "disabled", "dropped"), 0)
@@ -161,12 +196,12 @@ class Scorer:
         await self.gate.flush(**counts)
         if counts["failed"]:
             first = next(r for r in results if r.judge_status == "failed")
-            log.warning("%d of %d judgements failed in this batch (scored by rules only%s); first: %s",
+            log.warning("%d of %d judgements failed in this batch (scored without them%s); first: %s",
                         counts["failed"], len(results), ", dropped" if self.cfg.judge.on_failure == "drop" else "",
-                        first.reasons.get("judge", ""))
+                        first.reasons.get("judge") or first.reasons.get("rubric", ""))
         return results
 
-    def _start(self, todo: dict[str, RewardInput]) -> set[str]:
+    def _start(self, todo: dict[str, Ask]) -> set[str]:
         """Start resolving the keys not in flight here yet (claiming them in the store first); returns those keys.
         Every key of ``todo`` then has a future in ``_inflight``."""
         fresh = [k for k in todo if k not in self._inflight]
@@ -179,14 +214,14 @@ class Scorer:
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the future carries the error
         return set(fresh)
 
-    async def _resolve(self, item: RewardInput, key: str, claimed: bool, future: asyncio.Future) -> None:
+    async def _resolve(self, ask: Ask, key: str, claimed: bool, future: asyncio.Future) -> None:
         try:
             if not claimed:
                 record = await self._wait_for_other(key)  # None: the key is ours now
                 if record is not None:
-                    future.set_result(JudgeOutcome(_from_cache(record), "cached"))
+                    future.set_result(JudgeOutcome(ask.verdict(record), "cached"))
                     return
-            future.set_result(await self._call(item, split_response(item.response).answer, key))
+            future.set_result(await self._call(ask, key))
         except BaseException as exc:  # cancelled or crashed: waiters get the same error
             future.set_exception(exc)
             raise
@@ -234,26 +269,24 @@ class Scorer:
             except Exception as exc:  # a missed renewal only lets another holder take a key over: keep going
                 log.warning("could not renew judge claims in %s: %s", self.cache.where, exc)
 
-    def _recheck(self, key: str) -> Judgement | None:
+    def _recheck(self, key: str, ask: Ask):
         record = self.cache.get_many([key]).get(key)
-        return None if record is None else _from_cache(record)
+        return None if record is None else ask.verdict(record)
 
-    async def _call(self, item: RewardInput, answer: str, key: str) -> JudgeOutcome:
+    async def _call(self, ask: Ask, key: str) -> JudgeOutcome:
         """Judge one claimed key; the judgement is stored (and the claim dropped) before it is returned. Without a
         judgement the claim is released, so another actor or run may try."""
         outcome = None
         try:
             async with self._slots:
-                outcome = await self.judge.judge(item.prompt, answer, item.reference, self.gate,
-                                                 recheck=lambda: self._recheck(key))
+                outcome = await self.judge.call(ask.messages(), ask.parse, self.gate,
+                                                recheck=lambda: self._recheck(key, ask))
         finally:
             if outcome is None or outcome.status != "ok":
                 self.cache.release([key], self._holder)
         if outcome.status == "ok":
-            j, usage = outcome.judgement, outcome.usage
-            jc = self.cfg.judge
-            self.cache.put({"key": key, "judge": jc.judge_id, "rubric_version": jc.rubric_version, **j.scores(),
-                            "reason": j.reason, "prompt": item.prompt, "answer": answer, "reference": item.reference,
+            usage = outcome.usage
+            self.cache.put({"key": key, **ask.record(outcome.judgement),
                             "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out,
                             "tokens_cache_hit": usage.tokens_cache_hit, "cost_usd": outcome.cost_usd},
                            holder=self._holder)
@@ -261,7 +294,7 @@ class Scorer:
             self._warned_budget = True
             log.warning("judge budget of $%s reached: rewards fall back to rules only", self.cfg.judge.budget_usd)
         elif outcome.status == "failed":  # one warning per batch (score_batch), each item in the log file
-            log.debug("judgement failed for item %s: %s", item.id, outcome.reason)
+            log.debug("judgement failed for item %s: %s", ask.item_id, outcome.reason)
         return outcome
 
     async def close(self) -> None:

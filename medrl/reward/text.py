@@ -98,6 +98,12 @@ def _stem(word: str) -> str:
     return word
 
 
+def root(word: str) -> str:
+    """A rougher stem than ``_stem`` (stuffing detection, the offline rubric grader): "chewing" and "chewed" meet
+    "chew", "immediately" meets "immediate"."""
+    return re.sub(r"(?:ing|ed|ly|es|s)$", "", word) if len(word) > 5 else word
+
+
 def en_words(text: str) -> set[str]:
     """Stemmed lowercase words (and numbers) of a text."""
     return {_stem(w) for w in _EN_WORD.findall(text.lower())}
@@ -203,3 +209,153 @@ def without_keyword_lists(answer: str, reference: str, min_run: int) -> tuple[st
             out += [answer[pos:start], " "]
             pos, dropped = end, dropped + n
     return "".join(out) + answer[pos:], dropped
+
+
+_SECTION = re.compile(r"^[ \t]*(?:#+[ \t]*|\*\*)?(?:references?|bibliography|sources|citations|further reading|"
+                      r"key ?words?|key terms|glossary|tags|index terms|参考文献|参考资料|文献|关键词|关键字|术语表?|标签|"
+                      r"检索词)\b[^\n]{0,3}?[:：]?", flags=re.IGNORECASE | re.MULTILINE)
+_BULLET = re.compile(r"^[ \t]*(?:[-*•·]|\d+[.)、]|\[\d+\])?[ \t]*")
+_JOINERS = frozenset({"and", "or", "with", "plus", "of", "for", "in", "to", "on", "by", "as", "via", "the", "a", "an",
+                      "和", "及", "与", "或", "的", "以及", "或者", "并", "加", "、", ",", "，", "/", "&", "+"})
+_TOKEN = re.compile(rf"[A-Za-z0-9]+(?:[.\-][A-Za-z0-9]+)*|[{_CJK}]+|[^\sA-Za-z0-9{_CJK}]")
+SHORT_LINE_RUN = 4
+"""Consecutive short lines (at most two words, no sentence punctuation) that make a one-term-per-line list."""
+TEMPLATE_RUN = 3
+"""Sentences that are the same once the reference's terms are masked ("Also consider X.") that make stuffing."""
+FRAGMENT_RUN = 8
+"""Consecutive fragments of at most three words between commas, semicolons, brackets, "or", 即 / 或, at least a third
+of them set off as alternatives (or, 即, 或, brackets, slashes), that make a list of synonyms ("aspirin or ASA or
+acetylsalicylic acid; ECG or EKG; ..."); a plain enumeration (fever, cough, 乏力、黄疸、...) is not one."""
+_ALTERNATIVES = frozenset({"or", "即", "或", "或者", "(", ")", "（", "）", "/", "[", "]"})
+_FRAGMENT_SEPS = frozenset({",", ";", "(", ")", "/", "、", "；", "（", "）", "，", "or", "即", "或", "或者", "[", "]"})
+_ENDS = frozenset({".", "!", "?", "。", "！", "？", ":", "："})
+
+
+def _tokens(text: str) -> list[tuple[int, int, str]]:
+    out = []
+    for m in _TOKEN.finditer(text):
+        if has_cjk(m.group()[0]):
+            pos = m.start()
+            for w in _jieba().lcut(m.group()):
+                out.append((pos, pos + len(w), w))
+                pos += len(w)
+        else:
+            out.append((m.start(), m.end(), m.group()))
+    return out
+
+
+def _is_term(tok: str, terms: frozenset[str]) -> bool:
+    """``terms``: key terms and their roots."""
+    if has_cjk(tok):
+        return tok in terms
+    word = tok.lower()
+    return _stem(word) in terms or root(word) in terms
+
+
+def _chains(text: str, terms: frozenset[str]) -> list[tuple[int, int, int]]:
+    """(start, end, terms) of each run of reference terms joined only by one or two joiners (and, or, of the, 和, 的,
+    、, ...)."""
+    runs, start, end, n, gap = [], 0, 0, 0, 0
+    for s, e, tok in _tokens(text):
+        if _is_term(tok, terms):
+            if n == 0:
+                start = s
+            end, n, gap = e, n + 1, 0
+        elif tok.lower() in _JOINERS and n and gap < 2:
+            gap += 1
+        else:
+            if n:
+                runs.append((start, end, n))
+            n, gap = 0, 0
+    if n:
+        runs.append((start, end, n))
+    return runs
+
+
+def _fragment_runs(text: str) -> list[tuple[int, int, int]]:
+    """(start, end, fragments) of each run of at least FRAGMENT_RUN short fragments (at most three words each), a
+    third of them or more set off as alternatives."""
+    runs: list[tuple[int, int, int]] = []
+    frags: list[tuple[int, int]] = []  # the current run of short fragments
+    cur: list[tuple[int, int]] = []  # tokens of the fragment being read
+    alternatives = 0
+
+    def close_fragment(end_run: bool) -> None:
+        nonlocal frags, cur, alternatives
+        if cur and len(cur) <= 3:
+            frags.append((cur[0][0], cur[-1][1]))
+        elif cur:
+            end_run = True
+        cur = []
+        if end_run:
+            if len(frags) >= FRAGMENT_RUN and alternatives * 3 >= len(frags):
+                runs.append((frags[0][0], frags[-1][1], len(frags)))
+            frags, alternatives = [], 0
+
+    last = 0
+    for s, e, tok in _tokens(text):
+        if "\n" in text[last:s]:
+            close_fragment(True)
+        last = e
+        if tok.lower() in _FRAGMENT_SEPS:
+            alternatives += tok.lower() in _ALTERNATIVES and bool(frags or cur)
+            close_fragment(False)
+        elif tok in _ENDS:
+            close_fragment(True)
+        else:
+            cur.append((s, e))
+    close_fragment(True)
+    return runs
+
+
+def _blank(text: str, spans: list[tuple[int, int]]) -> str:
+    merged: list[list[int]] = []
+    for s, e in sorted(spans):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    out, pos = [], 0
+    for s, e in merged:
+        out += [text[pos:s], " "]
+        pos = e
+    return "".join(out) + text[pos:]
+
+
+@lru_cache(maxsize=64)
+def without_stuffing(answer: str, reference: str) -> str:
+    """The answer with term stuffing blanked (its terms do not count as covered; ``docs/reward_rules.md``):
+    a section of references, keywords or a glossary (References:, Keywords:, 参考文献, 关键词) to the end of the answer;
+    a run of at least SHORT_LINE_RUN short lines (one term per line); a chain of reference terms joined only by
+    single function words or commas ("aspirin and troponin and ECG with PCI", 阿司匹林和肌钙蛋白及心电图) longer than
+    4 and than any such chain in the reference itself; FRAGMENT_RUN or more short fragments in a row between commas,
+    semicolons, brackets or "or" (a list of terms or synonyms); TEMPLATE_RUN or more sentences that are the same once the
+    reference's terms are masked ("Also consider aspirin. Also consider troponin. ...")."""
+    section = _SECTION.search(answer)
+    if section and section.start() > 0:
+        answer = answer[:section.start()]
+    terms = frozenset(t for term in key_terms(reference, 64) for t in (term, root(term)))
+    spans: list[tuple[int, int]] = []
+    pos, run = 0, []
+    for line in answer.split("\n") + [""]:
+        body = line[_BULLET.match(line).end():].strip()
+        words = len(_tokens(body))
+        if body and words <= 2 and not re.search(r"[.!?。！？;；:：]$", body):
+            run.append((pos, pos + len(line)))
+        else:
+            if len(run) >= SHORT_LINE_RUN:
+                spans += run
+            run = []
+        pos += len(line) + 1
+    limit = max(5, max((n for _, _, n in _chains(reference, terms)), default=0) + 1)
+    spans += [(s, e) for s, e, n in _chains(answer, terms) if n >= limit]
+    fragments = max((n for _, _, n in _fragment_runs(reference)), default=0)
+    spans += [(s, e) for s, e, n in _fragment_runs(answer) if n > fragments]
+    shapes: dict[str, list[tuple[int, int]]] = {}
+    for m in re.finditer(r"[^.!?。！？;；\n]+[.!?。！？;；]?", answer):
+        toks = _tokens(m.group())
+        if any(_is_term(t, terms) for _, _, t in toks):
+            shape = " ".join("#" if _is_term(t, terms) else t.lower() for _, _, t in toks)
+            shapes.setdefault(shape, []).append(m.span())
+    spans += [span for group in shapes.values() if len(group) >= TEMPLATE_RUN for span in group]
+    return _blank(answer, spans) if spans else answer

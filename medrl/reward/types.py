@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 _RISKS = ("high", "medium", "low")
 _BEHAVIORS = ("refuse", "triage", "answer_safely")
+_ROLES = ("system", "user", "assistant")
 
 JudgeStatus = Literal["ok", "cached", "failed", "over_budget", "disabled", "skipped"]
 """ok: judged now; cached: judgement read from the cache (not paid again); failed: no valid judgement after the
@@ -29,13 +30,30 @@ class RewardInput:
     """Ground-truth label for the verifier: MCQ option letter(s) (``B``, ``ACE``) or yes / no / maybe."""
     options: dict[str, str] | None = None
     """MCQ options (letter -> text) when ``label`` is a letter."""
+    messages: tuple[dict[str, str], ...] | None = None
+    """The conversation before the response (``{role, content}`` dicts ending with a user turn); None: ``prompt``
+    is the whole conversation."""
+    rubrics: tuple[dict[str, Any], ...] | None = None
+    """Rubric criteria (``{criterion, points, tags}``) graded by the rubric reward (``reward.w_rubric``)."""
+
+    @property
+    def conversation(self) -> tuple[dict[str, str], ...]:
+        """The conversation the response answers: ``messages``, or one user turn holding ``prompt``."""
+        return self.messages or ({"role": "user", "content": self.prompt},)
 
     @classmethod
     def from_record(cls, row: dict[str, Any]) -> "RewardInput":
-        """From a judge input row (``prompt``/``response``) or a data record (``question``/``output``).
-        Raises ValueError naming the bad key."""
+        """From a judge input row (``prompt``/``response``) or a data record (``question``/``output``), with
+        optional ``messages`` (or a HealthBench ``prompt`` list) and ``rubrics``. Raises ValueError naming the bad
+        key."""
         prompt = row.get("prompt", row.get("question"))
         response = row.get("response", row.get("output"))
+        raw_messages = row.get("messages")
+        if isinstance(prompt, list) and raw_messages is None:  # HealthBench layout: ``prompt`` is the conversation
+            raw_messages = prompt
+        messages, rubrics = _messages(raw_messages), _rubrics(row.get("rubrics"))
+        if not isinstance(prompt, str) and messages is not None:
+            prompt = messages[-1]["content"]
         if not isinstance(prompt, str):
             raise ValueError("key 'prompt' (or 'question') must be a string")
         if not isinstance(response, str):
@@ -58,18 +76,53 @@ class RewardInput:
             raise ValueError("key 'options' must be an object of letter -> option text, or null")
         rid = row.get("id") or hashlib.sha256(json.dumps([prompt, response, reference]).encode()).hexdigest()[:16]
         return cls(id=str(rid), prompt=prompt, response=response, reference=reference, risk=risk,
-                   expected_behavior=behavior, language=row.get("language"), label=label, options=options or None)
+                   expected_behavior=behavior, language=row.get("language"), label=label, options=options or None,
+                   messages=messages, rubrics=rubrics)
+
+
+def _messages(value: Any) -> tuple[dict[str, str], ...] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and value and all(
+            isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str) for m in value)):
+        raise ValueError("key 'messages' must be a non-empty list of {role: system|user|assistant, content: str}, "
+                         "or null")
+    if value[-1]["role"] != "user":
+        raise ValueError("key 'messages' must end with a user turn")
+    return tuple({"role": m["role"], "content": m["content"]} for m in value)
+
+
+def _rubrics(value: Any) -> tuple[dict[str, Any], ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ValueError("key 'rubrics' must be a non-empty list of {criterion, points, tags}, or null")
+    out = []
+    for n, c in enumerate(value):
+        points = c.get("points") if isinstance(c, dict) else None
+        if not (isinstance(c, dict) and isinstance(c.get("criterion"), str) and c["criterion"].strip()
+                and isinstance(points, (int, float)) and not isinstance(points, bool) and -10 <= points <= 10):
+            raise ValueError(f"key 'rubrics' item {n}: needs a non-empty 'criterion' and 'points' in [-10, 10]")
+        tags = c.get("tags") or []
+        if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+            raise ValueError(f"key 'rubrics' item {n}: 'tags' must be a list of strings")
+        out.append({"criterion": c["criterion"], "points": float(points), "tags": list(tags)})
+    if not any(c["points"] > 0 for c in out):
+        raise ValueError("key 'rubrics' needs at least one criterion with positive points")
+    return tuple(out)
 
 
 @dataclass
 class RewardResult:
     id: str
     reward: float
-    """R = w_rule * rule + w_teacher * teacher; R = rule without a teacher score; 0 on prompt injection."""
+    """R = the weighted mean of the parts present (``RewardConfig.mix``); R = rule without any; 0 on prompt
+    injection."""
     rule: float
     teacher: float | None
     components: dict[str, float] = field(default_factory=dict)
-    """Every rule score, ``rule``, ``teacher`` and the judge's dimensions (``judge.accuracy`` ... scaled to [0, 1])."""
+    """Every rule score, ``rule``, ``teacher`` and the judge's dimensions (``judge.accuracy`` ... scaled to [0, 1]),
+    ``rubric`` (HealthBench item score clipped to [0, 1]) and ``verifier`` when present."""
     reasons: dict[str, str] = field(default_factory=dict)
     judge: str = "none"
     """Which judge produced ``teacher`` (e.g. ``openai:deepseek-chat``, ``reference:medrl-reference-v1``)."""
@@ -83,6 +136,8 @@ class RewardResult:
     tokens_cache_hit: int = 0
     """Prompt tokens the provider served from its prefix cache (cheaper)."""
     cost_usd: float = 0.0
+    criteria: list[dict[str, Any]] = field(default_factory=list)
+    """One ``{criterion, points, tags, met, explanation}`` per rubric criterion (``met`` None: its grading failed)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -177,13 +177,13 @@ class Verifier:
 
 def with_verdict(cfg: RewardConfig, result: RewardResult, verdict: Verdict | None) -> RewardResult:
     """``result`` with the verifier's score mixed into the reward (``RewardConfig.mix``), its component
-    (``verifier``), reason, and the judge tokens and cost it spent. A prompt injection keeps R = 0."""
+    (``verifier``), reason, and the judge tokens and cost it spent. A prompt injection or rubric gaming keeps R = 0."""
     if verdict is None:
         return result
     result.components["verifier"] = verdict.score
     result.reasons["verifier"] = f"{verdict.verdict} ({verdict.method}){': ' + verdict.reason if verdict.reason else ''}"
-    if "prompt_injection" not in result.flags:
-        result.reward = cfg.mix(result.rule, result.teacher, verdict.score)
+    if not {"prompt_injection", "rubric_gaming"} & set(result.flags):
+        result.reward = cfg.mix(result.rule, result.teacher, verdict.score, result.components.get("rubric"))
     result.tokens_in += verdict.usage.tokens_in
     result.tokens_out += verdict.usage.tokens_out
     result.tokens_cache_hit += verdict.usage.tokens_cache_hit

@@ -1,9 +1,11 @@
 """SFT examples: prepared records -> chat-template token ids with a completion mask (pure; no training code).
 
-Each record becomes the conversational prompt-completion pair TRL expects: prompt = [system, user], completion =
-[assistant: record["output"]] (``<think>\\n…\\n</think>\\n\\n answer``). Tokens come from the tokenizer's own chat
-template, so the same code serves the tiny model and the real Qwen3 (whose template has no ``{% generation %}``
-markers, hence the mask is derived from the prompt rendered with ``add_generation_prompt=True``).
+Each record becomes the conversational prompt-completion pair TRL expects: prompt = [system, user] (a conversation
+record: [system, its turns...], ending with its last user turn), completion = [assistant: record["output"]]
+(``<think>\\n…\\n</think>\\n\\n answer``). Only the completion is trained on: earlier assistant turns of a
+conversation are context, masked out of the loss like the system and user turns. Tokens come from the tokenizer's
+own chat template, so the same code serves the tiny model and the real Qwen3 (whose template has no
+``{% generation %}`` markers, hence the mask is derived from the prompt rendered with ``add_generation_prompt=True``).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from medrl.errors import UsageError
 from medrl.jsonl import read_jsonl
-from medrl.models.chat import messages_for
+from medrl.models.chat import conversation, messages_for
 
 
 def read_records(path: Path) -> list[dict]:
@@ -20,12 +22,13 @@ def read_records(path: Path) -> list[dict]:
     return read_jsonl(path, ("question", "output"), "run `medrl prepare` first (same config) to write the data splits")
 
 
-def encode_example(tokenizer, system_prompt: str | None, question: str, output: str) -> dict[str, list[int]]:
-    """``input_ids`` of the whole conversation and ``completion_mask`` (1 on the assistant's tokens: its text and the
-    closing ``<|im_end|>\\n``; 0 on system, user and the assistant header)."""
-    prompt = tokenizer.apply_chat_template(messages_for(system_prompt, question), tokenize=True,
+def encode_example(tokenizer, system_prompt: str | None, record: dict) -> dict[str, list[int]]:
+    """``input_ids`` of the whole conversation and ``completion_mask`` (1 on the last assistant turn's tokens: the
+    record's output and the closing ``<|im_end|>\\n``; 0 on system, user, earlier assistant turns and the header)."""
+    turns = conversation(record, record["question"])
+    prompt = tokenizer.apply_chat_template(messages_for(system_prompt, turns), tokenize=True,
                                            add_generation_prompt=True, return_dict=True)["input_ids"]
-    full = tokenizer.apply_chat_template(messages_for(system_prompt, question, output), tokenize=True,
+    full = tokenizer.apply_chat_template(messages_for(system_prompt, turns, record["output"]), tokenize=True,
                                          return_dict=True)["input_ids"]
     if full[: len(prompt)] != prompt:
         raise UsageError("the tokenizer's chat template renders the prompt differently with and without the answer; "

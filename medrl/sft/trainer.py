@@ -54,7 +54,7 @@ def _dataset(tokenizer, system_prompt: str, path: Path, limit: int | None = None
     from datasets import Dataset
 
     records = read_records(path)[:limit]
-    examples = [encode_example(tokenizer, system_prompt, r["question"], r["output"]) for r in records]
+    examples = [encode_example(tokenizer, system_prompt, r) for r in records]
     return Dataset.from_list(examples) if examples else None, examples
 
 
