@@ -4,12 +4,13 @@ engine scores with the learner's code: rho ~ 1) and with an emulated mismatch.
 
 The mismatch: the rollout engines sample and score at ``--engine-temperature`` (default 1.3) while the learner scores
 the same tokens at 1.0, so pi_engine != pi_learner on every token, as a bf16 vLLM engine differs from the learner
-(here much more: a mean |log rho| of ~0.3 instead of ~1e-3). The engine is swapped in here, never in production code;
+(here more: ``rollout_kl`` ~1e-2 to 4e-2, rho up to ~2.7). The engine is swapped in here, never in production code;
 ``ppo.logprob_gap_abort`` is raised so the weight-sync check lets the run go on. Prints one line per run: the mean
 reward of the first and last 4 steps, the curve, and the rollout metrics (``rollout_kl``, ``rollout_is_mean`` /
 ``_max``, clipped / masked fraction).
 
-    .venv/bin/python bench/rollout_correction.py                    # 5 runs x 20 steps, ~6 min on 2 idle cores
+    .venv/bin/python bench/rollout_correction.py                    # 5 runs x 20 steps
+    .venv/bin/python bench/rollout_correction.py --steps 12         # the figures in docs/ppo.md
     .venv/bin/python bench/rollout_correction.py --steps 10 --only mismatch
 """
 from __future__ import annotations
