@@ -131,7 +131,8 @@ def test_two_ranks_with_unequal_token_counts_update_as_one_rank(tiny_model_dir, 
 
     gen = torch.Generator().manual_seed(3)
     samples = [Sample(i // 2, i % 2, torch.randint(10, 500, (5,), generator=gen).tolist(),
-                      torch.randint(10, 500, (n,), generator=gen).tolist(), "", True) for i, n in enumerate((8, 1, 1, 1))]
+                      torch.randint(10, 500, (n,), generator=gen).tolist(), "", True)
+               for i, n in enumerate((8, 1, 1, 1))]
     batch = Batch.pack(samples, 0)
     rows = batch.shard_rows(2)
     assert [r.tolist() for r in rows] == [[0, 3], [1, 2]]
