@@ -1,10 +1,14 @@
 """The run directory: the one place in code that owns output paths, logs and metrics.
 
     runs/<name>/
-      config.yaml          resolved config, secrets redacted (rewritten by every stage that runs)
+      config.<stage>.yaml  the resolved config (secrets redacted) each stage that trains or evaluates ran with
+                           (prepare, sft, ppo, eval, judge); commands that only read never write here
+      config.yaml          a copy of the newest of them (the run's current config, read by ``demo`` and ``report``)
       logs/medrl.log       full log, tracebacks of unexpected errors included
       metrics.jsonl        one JSON object per logged step: {"stage", "step", "time", ...metrics}
-      tb/<stage>/          TensorBoard events
+      tb/<stage>/          TensorBoard events (run.report_to: tensorboard)
+      trackers.json        W&B / MLflow run ids, so every stage logs into the same run (run.report_to: wandb, mlflow)
+      wandb/, mlflow.db, mlartifacts/   W&B's local files (unless $WANDB_DIR), MLflow's default local store
       data/                prepared data (train/dev/test/gold/redteam/rl_prompts .jsonl, rejects.jsonl, DATA_CARD.md)
       sft/                 SFT adapter + tokenizer; sft/checkpoints/
       ppo/                 RL adapter (+ value head); ppo/checkpoints/
@@ -23,18 +27,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from medrl.config import Config, save_config
+from medrl.errors import UsageError
+from medrl.trackers import TABLE_MAX_ROWS, open_sinks
 
 STAGES = ("prepare", "sft", "ppo", "eval", "report")
+RECORDED_STAGES = ("prepare", "sft", "ppo", "eval", "judge")
+"""Stages that record the config they ran with; the first four build on each other, in this order."""
+MATTERING_KEYS = ("model.path", "model.system_prompt", "model.lora", "data")
+"""Config keys (and sections) whose change between stages makes a later stage build on mismatched work."""
+
+log = logging.getLogger("medrl.runs")
 
 
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """Trackers the stages' ``MetricsLogger`` writes to besides metrics.jsonl (``run.report_to``)."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RunDir":
-        return cls(Path(cfg.run.root) / cfg.run.name)
+        return cls(Path(cfg.run.root) / cfg.run.name, tuple(cfg.run.report_to))
 
     # ---- paths (directories are created on demand by ``ensure``)
     @property
@@ -124,13 +140,65 @@ class RunDir:
         return self.root / stage / "checkpoints"
 
     def ensure(self) -> "RunDir":
-        for d in (self.root, self.logs):
-            d.mkdir(parents=True, exist_ok=True)
+        """Create the run directory and its logs folder; one line naming the path (run.root) when that fails."""
+        try:
+            for d in (self.root, self.logs):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            blocking = next((p for p in self.root.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocking} is a file, not a directory" if blocking else (exc.strerror or str(exc))
+            raise UsageError(f"cannot create the run directory {self.root} (run.root / run.name): {why}") from None
         return self
+
+    def stage_config_path(self, stage: str) -> Path:
+        """The config ``stage`` last ran with."""
+        return self.root / f"config.{stage}.yaml"
 
     def save_config(self, cfg: Config) -> Path:
         self.ensure()
         return save_config(cfg, self.config_path)
+
+    def record_stage(self, cfg: Config, stage: str) -> list[str]:
+        """Record the config ``stage`` runs with (``config.<stage>.yaml`` and ``config.yaml``, secrets redacted)
+        and warn, in one line, when it differs from an earlier stage's record in a key of ``MATTERING_KEYS``.
+        Returns the differing keys, each as ``key (stage, ...)``."""
+        if stage not in RECORDED_STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        now = cfg.to_dict(redact=True)
+        earlier = RECORDED_STAGES[:RECORDED_STAGES.index(stage)] if stage != "judge" else ()
+        differs: dict[str, list[str]] = {}  # key -> the earlier stages it differs from
+        for before in earlier:
+            path = self.stage_config_path(before)
+            if path.is_file():
+                then = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+                for key in config_changes(then, now, MATTERING_KEYS):
+                    differs.setdefault(key, []).append(before)
+        drift = [f"{key} ({', '.join(stages)})" for key, stages in sorted(differs.items())]
+        if drift:
+            log.warning("%s runs with a config that differs from what earlier stages ran with, in: %s (records: "
+                        "%s)", stage, "; ".join(drift), self.root / "config.<stage>.yaml")
+        save_config(cfg, self.stage_config_path(stage))
+        self.save_config(cfg)
+        return drift
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: tree}
+
+
+def config_changes(before: dict, after: dict, keys: tuple[str, ...]) -> list[str]:
+    """Dotted leaf keys under any of ``keys`` whose values differ between two config trees."""
+    def under(tree: dict) -> dict[str, Any]:
+        flat = _flat(tree, "")
+        return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+
+    a, b = under(before), under(after)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 # --------------------------------------------------------------------------- logging
@@ -176,30 +244,23 @@ def setup_logging(run: RunDir | None, secret_envs: list[str] | None = None, leve
 
 # --------------------------------------------------------------------------- metrics
 class MetricsLogger:
-    """Appends ``{"stage", "step", "time", **metrics}`` to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends ``{"stage", "step", "time", **metrics}`` to ``metrics.jsonl`` and sends the scalars, sample tables
+    and hparams to the run's trackers (``run.report_to``: TensorBoard, W&B, MLflow; see ``medrl.trackers``).
+    ``trackers=False``: metrics.jsonl only."""
 
-    def __init__(self, run: RunDir, stage: str, tensorboard: bool = True):
+    def __init__(self, run: RunDir, stage: str, trackers: bool = True):
         run.ensure()
         self.stage = stage
         self.path = run.metrics_path
-        self._tb_dir = run.tb_dir(stage) if tensorboard else None
-        self._writer = self._open_writer()
-
-    def _open_writer(self, purge_step: int | None = None):
-        if self._tb_dir is None:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(log_dir=str(self._tb_dir), purge_step=purge_step)
+        self._sinks = open_sinks(run.report_to, run.root, stage, run.tb_dir(stage)) if trackers else []
 
     def rewind(self, step: int) -> int:
         """A resume from the checkpoint of ``step``: rows this stage logged after it (steps the interrupted run did
         past its last checkpoint) are removed from metrics.jsonl, and TensorBoard hides its events after it, so the
         run shows one history. Returns the rows removed."""
         removed = rewind_jsonl(self.path, step, self.stage)
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = self._open_writer(purge_step=step + 1)
+        for sink in self._sinks:
+            sink.rewind(step)
         return removed
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -207,16 +268,25 @@ class MetricsLogger:
         row.update({k: _plain(v) for k, v in metrics.items()})
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if self._writer is not None:
-            for k, v in row.items():
-                if k not in ("stage", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._writer.add_scalar(f"{self.stage}/{k}", v, step)
+        scalars = {f"{self.stage}/{k}": v for k, v in row.items() if k not in ("stage", "step", "time")
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for sink in self._sinks:
+            sink.scalars(int(step), scalars)
+
+    def log_table(self, name: str, step: int, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table of this step (PPO: its samples) to the trackers, its first ``TABLE_MAX_ROWS`` rows."""
+        for sink in self._sinks:
+            sink.table(f"{self.stage}/{name}", int(step), columns, rows[:TABLE_MAX_ROWS])
+
+    def log_hparams(self, config: dict[str, Any]) -> None:
+        """The stage's resolved config (secrets redacted) as the trackers' hparams / config / params."""
+        for sink in self._sinks:
+            sink.hparams(config)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
-            self._writer = None
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close()
 
     def __enter__(self) -> "MetricsLogger":
         return self

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+from pathlib import Path
 import shutil
 import subprocess
 
@@ -93,10 +94,10 @@ def run(tmp_path_factory) -> RunDir:
                                                                     "language": "en", "risk": "low"}) + "\n"
                                                         for i in items), encoding="utf-8")
     run.data_card.write_text("# Data card\n\nsplit sizes: tiny\n", encoding="utf-8")
-    with MetricsLogger(run, "sft", tensorboard=False) as m:
+    with MetricsLogger(run, "sft", trackers=False) as m:
         for step, loss in enumerate([2.0, 1.6, 1.3, 1.1], 1):
             m.log(step, {"train_loss": loss, **({"eval_loss": loss + 0.1} if step % 2 == 0 else {})})
-    with MetricsLogger(run, "ppo", tensorboard=False) as m:
+    with MetricsLogger(run, "ppo", trackers=False) as m:
         for step in range(1, 4):
             m.log(step, {"reward_mean": 0.3 + 0.1 * step, "reward/rule": 0.5, "reward/teacher": 0.2 * step,
                          "reward/format": 1.0, "reward/safety": 0.5, "kl": 0.01 * step, "kl_coef": 0.05,
@@ -262,15 +263,15 @@ def test_a_resume_leaves_one_history(tmp_path):
 
     run = RunDir(tmp_path / "r").ensure()
     samples = run.root / "samples.jsonl"
-    with MetricsLogger(run, "sft", tensorboard=False) as m:
+    with MetricsLogger(run, "sft", trackers=False) as m:
         m.log(9, {"loss": 1.0})
-    with MetricsLogger(run, "ppo", tensorboard=False) as m:
+    with MetricsLogger(run, "ppo", trackers=False) as m:
         for step in (1, 2, 3, 4):
             m.log(step, {"reward": step / 10})
     samples.write_text("".join(f'{{"step": {s}, "id": "p{s}"}}\n' for s in (1, 2, 3, 4)))
     with open(run.metrics_path, "a") as f:
         f.write('{"stage": "ppo", "step": 5, "rew')  # killed mid-write
-    with MetricsLogger(run, "ppo", tensorboard=False) as m:  # resumed from the checkpoint of step 2
+    with MetricsLogger(run, "ppo", trackers=False) as m:  # resumed from the checkpoint of step 2
         assert m.rewind(2) == 3
         assert rewind_jsonl(samples, 2) == 2
         for step in (3, 4, 5, 6):
@@ -278,3 +279,62 @@ def test_a_resume_leaves_one_history(tmp_path):
     assert [r["step"] for r in read_metrics(run, "ppo")] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in read_metrics(run, "sft")] == [9]
     assert [json.loads(line)["step"] for line in samples.read_text().splitlines()] == [1, 2]
+
+
+def _banner(html: str, banner_id: str) -> list[str]:
+    """The items of a banner of the report, as text."""
+    match = re.search(rf'<div class="banner" id="{banner_id}" role="note"><b>[^<]*</b><ul>(.*?)</ul></div>', html)
+    return [] if match is None else [re.sub("<[^>]+>", "", li) for li in re.findall(r"<li>(.*?)</li>", match.group(1))]
+
+
+def test_research_notice_caveats_and_scales(run):
+    from medrl import RESEARCH_NOTICE
+
+    html = run.report_html.read_text(encoding="utf-8")
+    md = (run.report / "report.md").read_text(encoding="utf-8")
+    assert _banner(html, "notice") == [RESEARCH_NOTICE.replace("'", "&#x27;")]
+    assert html.index('id="notice"') < html.index("<h2>Run</h2>")  # at the head of the report
+    assert md.split("\n\n")[1] == f"> **Research use only**\n>\n> - {RESEARCH_NOTICE}"
+    caveats = _banner(html, "caveats")
+    assert caveats == [  # an openai judge and a hub model: only the sizes are a caveat here
+        "Sets under 100 items (pubmedqa 2, hb 3, redteam 3, medqa 4): a difference between models there is within noise "
+        "(on 2 items a 50% rate has a 95% interval of 9-91%).",
+        "Pairwise win rates on few prompts (rl vs sft: 3): a win rate of 0% or 100% there says little."]
+    assert "> **Read these figures with care**" in md
+    for header in ("reward (0-1)", "rule (0-1)", "teacher (0-1)"):
+        assert f"<th>{header}</th>" in html
+
+
+def test_banner_names_the_offline_judge_and_a_tiny_model(tmp_path, tiny_model_dir):
+    run = RunDir(tmp_path / "tiny-run").ensure()
+    cfg = Config.model_validate({"model": {"path": str(tiny_model_dir)},
+                                 "reward": {"judge": {"provider": "reference"}}})
+    run.record_stage(cfg, "ppo")
+    rows = _eval_rows()
+    for r in rows:
+        r["judge"] = {**(r["judge"] or {}), "id": "reference:medrl-reference-v1",
+                      "scores": {"accuracy": 6, "safety": 8, "completeness": 5, "clarity": 7}}
+    save_eval(run, rows, PAIRWISE, {"models": {"base": str(tiny_model_dir)}, "decoding": {},
+                                    "judge": "reference:medrl-reference-v1"})
+    html = build_report(run).read_text(encoding="utf-8")
+    assert _banner(html, "caveats")[:2] == [
+        f"The base model {tiny_model_dir} is a tiny randomly initialised model (hidden size 64, 2 layers): its "
+        "answers are noise, and every figure below tests the pipeline, not medicine.",
+        "The judge behind eval scores and pairwise verdicts and the RL reward is the offline reference judge: a "
+        "deterministic comparison with the reference answer, not a language model. Teacher scores and win rates "
+        "are not a model&#x27;s judgement of quality or safety."]
+    assert "<th>judge accuracy (0-10)</th>" in html and "<th>teacher (0-1)</th>" in html
+    assert 'data-key="eval-redteam|rl|judge.accuracy" class="num">6.000<' in html
+
+
+def test_no_caveat_for_a_real_judge_model_and_sets():
+    from medrl.evaluation.caveats import caveats
+
+    summary = {"table": {"base": {"test": {"n": 200}}, "rl": {"test": {"n": 200}, "redteam": {"n": 120}}},
+               "judge": "openai:deepseek-chat",
+               "pairwise": {"rl_vs_sft": {"test": {"n": 150}, "all": {"n": 150}}}}
+    assert caveats(Path("/nonexistent-run"), {"model": {"path": "Qwen/Qwen3-1.7B"}}, summary) == []
+    assert caveats(Path("/nonexistent-run"), {"reward": {"judge": {"provider": "reference"}}}, None) == [
+        "The judge behind the configured reward is the offline reference judge: a deterministic comparison with the "
+        "reference answer, not a language model. Teacher scores and win rates are not a model's judgement of "
+        "quality or safety."]

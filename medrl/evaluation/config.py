@@ -6,7 +6,7 @@ differences in the eval table come from the weights alone.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -31,8 +31,11 @@ class McqPrompt(StrictModel):
     with its lettered options, then a request for the letter after the reasoning. ``{question}`` is replaced."""
 
     enabled: bool = True
+    """False: multiple-choice items are put as the bare question (no options request, no answer format)."""
     en: str = MCQ_TEMPLATE_EN
+    """Template for English items; ``{question}`` holds the question with its lettered options."""
     zh: str = MCQ_TEMPLATE_ZH
+    """Template for Chinese items; ``{question}`` holds the question with its lettered options."""
 
     @model_validator(mode="after")
     def _has_question(self) -> "McqPrompt":
@@ -57,6 +60,7 @@ class DecodingSettings(StrictModel):
     temperature: float = Field(0.0, ge=0)
     """0 = greedy (deterministic, the default for comparisons); > 0 samples with ``top_p``."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling when ``temperature`` > 0 (ignored by greedy decoding)."""
     batch_size: int = Field(8, ge=1)
     """Prompts per ``generate`` call (left padded)."""
     seed: int = 1234
@@ -68,11 +72,12 @@ class PairwiseSettings(StrictModel):
     shown first and once with b shown first; the two verdicts are averaged, which cancels position bias."""
 
     enabled: bool = True
+    """False: no pairwise judging (no judge calls for it)."""
     pairs: list[tuple[ModelName, ModelName]] = [("rl", "sft"), ("sft", "base")]
     """(challenger, baseline) pairs; a pair is skipped when either model was not evaluated."""
     sets: list[EvalSet] = ["test", "gold", "redteam"]
     """Sets judged pairwise (benchmarks are scored by accuracy instead)."""
-    limit: int | None = 100
+    limit: int | None = Field(100, ge=1)
     """At most this many prompts per set and pair (the first ones of the evaluated items); None = all."""
 
     @model_validator(mode="after")
@@ -90,19 +95,22 @@ class EvalConfig(StrictModel):
     ``rubrics`` (a HealthBench-layout source) are graded criterion by criterion and get HealthBench-style scores
     (``docs/eval.md``)."""
     mcq_prompt: McqPrompt = McqPrompt()
+    """How multiple-choice items are put to the models."""
     models: list[ModelName] = ["base", "sft", "rl"]
     """Models to compare: base = ``model.path``; sft = ``<run>/sft/adapter``; rl = ``<run>/ppo/adapter``. A model
     whose adapter does not exist yet is skipped with a warning (``medrl eval --models`` makes it an error)."""
-    limit: int | None = 200
+    limit: int | None = Field(200, ge=1)
     """Items per test / gold / red-team / dev set; None = all. A limited set takes items in turn from each red-team category (or data source),
     the first ones of each in file order (deterministic), so every category is covered."""
-    benchmark_limit: int | None = None
+    benchmark_limit: int | None = Field(None, ge=1)
     """Items per benchmark set (any set but test, gold, redteam, dev); None = every item, as published figures use."""
-    set_limits: dict[EvalSet, int | None] = {"redteam": None}
+    set_limits: dict[EvalSet, Annotated[int, Field(ge=1)] | None] = {"redteam": None}
     """Per-set overrides of ``limit`` / ``benchmark_limit`` (default: the whole red-team set, it is small and
     matters most)."""
     decoding: DecodingSettings = DecodingSettings()
+    """Decoding shared by every evaluated model."""
     pairwise: PairwiseSettings = PairwiseSettings()
+    """Head-to-head judging of model pairs."""
     engine: EngineName = "hf"
     """``hf``: transformers ``generate`` (one model loaded at a time, or one Ray actor per model with ``use_ray``).
     ``vllm``: one vLLM engine in a Ray actor holds the base model once and answers for every model, each adapter

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medrl.config import Config
+from medrl.models.card import finish_adapter
 from medrl.models.chat import render_prompt
 from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
 from medrl.ppo import checkpoint as ckpt
@@ -32,7 +33,7 @@ from medrl.ppo.kl_controller import make_kl_controller
 from medrl.ppo.learner import num_minibatches
 from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
 from medrl.ppo.prompts import load_prompts, micro_batches, prompt_turns, prompts_at, reward_input
-from medrl.ppo.step_log import StepRecord, append_samples
+from medrl.ppo.step_log import SAMPLE_TABLE_COLUMNS, StepRecord, append_samples
 from medrl.ppo.sync_check import abort_threshold, check_weight_sync, logprob_gaps
 from medrl.reward.rate_report import RateWaitMeter
 from medrl.reward.types import RewardResult
@@ -50,6 +51,7 @@ def run_ppo(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
 
     checkpoint = ckpt.find_resume(run.checkpoints("ppo"), resume)  # a bad --resume fails before anything starts
     check_run_inputs(cfg, run)
+    run.record_stage(cfg, "ppo")
     started = init_ray(cfg.ray)
     try:
         with PPOTrainer(cfg, run) as trainer:
@@ -77,6 +79,7 @@ class PPOTrainer:
         self._ahead: Rollout | None = None  # async_rollout: the next step's rollout, already running
         self._resumed_behaviour: tuple | None = None  # (adapter ref, version) the first rollout after a resume uses
         self.metrics = MetricsLogger(run, "ppo")
+        self.metrics.log_hparams(cfg.to_dict())
         self._rate_meter = RateWaitMeter(cfg.reward.judge)  # judge_rate_wait_s: what reward.judge.rpm/tpm cost
         self.gap_abort = abort_threshold(self.ppo, pick_dtype(cfg.model.dtype, pick_device(cfg.model.device)))
         rc = self.ppo.rollout  # vLLM on a GPU, synchronous: the engines sleep while the learner works
@@ -206,7 +209,9 @@ class PPOTrainer:
                         100 * row["judge_unscored_frac"], self.ppo.unscored_warn_frac)
         self.metrics.log(self.step_no, row)
         if self.ppo.log_samples:
-            append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)
+            rows = append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)
+            self.metrics.log_table("samples", self.step_no, SAMPLE_TABLE_COLUMNS,
+                                   [[r[c] for c in SAMPLE_TABLE_COLUMNS] for r in rows])
         return row
 
     # ------------------------------------------------------------------ rollout micro-batches
@@ -286,6 +291,7 @@ class PPOTrainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.groups.learner.save(str(tmp.resolve()), False)
         ckpt.install_final(tmp, self.run.ppo_adapter)
+        finish_adapter(self.cfg, self.run, "ppo", self.tokenizer)
         log.info("PPO adapter written to %s", self.run.ppo_adapter)
         return self.run.ppo_adapter
 

@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from medrl.config import Config, save_config
 from medrl.errors import UsageError
+from medrl.models.card import finish_adapter
 from medrl.models.loading import lora_config, load_causal_lm, load_tokenizer, pick_device, pick_dtype
 from medrl.runs import MetricsLogger, RunDir
 from medrl.sft.data import encode_example, length_stats, read_records
@@ -120,7 +121,8 @@ def training_args(cfg: Config, run: RunDir, has_eval: bool):
         deepspeed=s.deepspeed, accelerator_config=accelerator_config,
         use_cpu=device == "cpu" and not s.deepspeed,
         ddp_backend="gloo" if device == "cpu" and "LOCAL_RANK" in os.environ else None,
-        seed=cfg.run.seed, data_seed=cfg.run.seed, report_to="none", dataloader_num_workers=0,
+        seed=cfg.run.seed, data_seed=cfg.run.seed, dataloader_num_workers=0,
+        report_to="none",  # MetricsCallback sends the logs to run.report_to: one writer per tracker for all stages
     )
 
 
@@ -146,6 +148,8 @@ def train_sft(cfg: Config, run: RunDir, *, resume: str | None = None,
     model = load_causal_lm(cfg.model.path, dtype=str(dtype).removeprefix("torch."), device="cpu",
                            cache_dir=cfg.model.cache_dir)
     metrics = MetricsLogger(run, "sft") if args.process_index == 0 else None
+    if metrics is not None:
+        metrics.log_hparams(cfg.to_dict())
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora_config(cfg.model.lora),
                          callbacks=[MetricsCallback(metrics), *callbacks])
@@ -179,6 +183,7 @@ def train_sft(cfg: Config, run: RunDir, *, resume: str | None = None,
                 raise RuntimeError(f"LoRA weights differ across ranks after training (max |diff| {diff:g})")
         if trainer.is_world_process_zero():
             save_config(cfg, run.sft_adapter / "medrl_config.yaml")
+            finish_adapter(cfg, run, "sft", trainer.processing_class)
             log.info("SFT adapter written to %s", run.sft_adapter)
     finally:
         if metrics is not None:
@@ -215,6 +220,8 @@ def _gathered_if_zero3(trainer, params):
 def run_sft(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
     """The ``medrl sft`` / pipeline entry point: trains (in this process, or in ``sft.num_processes`` torchrun
     workers) and returns the adapter directory."""
+    if int(os.environ.get("RANK", "0")) == 0:  # under an external launcher every rank runs this
+        run.record_stage(cfg, "sft")
     # DeepSpeed always runs under a launcher (one rank is a world of one), so the parent process stays clean
     if (cfg.sft.num_processes > 1 or cfg.sft.deepspeed) and "LOCAL_RANK" not in os.environ:
         from medrl.sft.launch import launch_workers
