@@ -205,7 +205,12 @@ def test_prepare_writes_conversations_and_rubrics_through(prepared):
     records = {r["id"]: r for n in ("train", "dev", "test", "gold") for r in _read(run.data / f"{n}.jsonl")}
     rl = _read(run.data / "rl_prompts.jsonl")
     assert all(tuple(r) == RL_PROMPT_FIELDS for r in rl)
-    rubric_rows = [r for r in rl if r["rubrics"]]
+    generated = [r for r in rl if r["rubrics"] and r["source"] == "medical-o1-verifiable"]  # generate_rubrics: true
+    lead = {"en": "The response states: ", "zh": "回答指出："}
+    assert {r["language"] for r in generated} == {"en", "zh"} and all(r["messages"] is None and r["rubrics"] == [{
+        "criterion": lead[r["language"]] + r["reference"], "points": 5.0,
+        "tags": ["axis:accuracy", "category:essential"]}] for r in generated)  # one-sentence references
+    rubric_rows = [r for r in rl if r["rubrics"] and r not in generated]
     assert len(rubric_rows) >= 8 and any(len(r["messages"]) > 1 for r in rubric_rows)
     for row in rubric_rows:
         assert row["prompt"] == row["messages"][-1]["content"] and row["source"] == "rubric-prompts"

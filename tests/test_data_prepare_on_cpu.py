@@ -11,7 +11,7 @@ from medrl.data.prepare import OUTPUT_FILES, run_prepare
 from medrl.data.schema import RECORD_FIELDS, RL_PROMPT_FIELDS, format_output
 from medrl.errors import UsageError
 from medrl.runs import RunDir, read_metrics
-from local_prepare import prepare_local_tiny
+from local_prepare import prepare_local_tiny as _prepare
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
@@ -24,7 +24,7 @@ def _read(run: RunDir, name: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    return prepare_local_tiny(tmp_path_factory.mktemp("prep") / "runs")
+    return _prepare(tmp_path_factory.mktemp("prep") / "runs")
 
 
 def test_outputs_follow_the_schema(prepared):
@@ -104,11 +104,11 @@ def test_data_card_numbers(prepared):
 
 def test_same_input_same_ids_and_splits(prepared, tmp_path):
     _, run_a, _ = prepared
-    _, run_b, _ = prepare_local_tiny(tmp_path / "b")
+    _, run_b, _ = _prepare(tmp_path / "b")
     for name in (*OUTPUT_FILES, "rl_prompts", "rejects"):
         assert (run_a.data / f"{name}.jsonl").read_bytes() == (run_b.data / f"{name}.jsonl").read_bytes(), name
     # the sources in another order: every record keeps its id and its split
-    _, run_c, _ = prepare_local_tiny(tmp_path / "c", sources=["rubric-prompts", "datatang-style", "pubmedqa", "cmd-dialogue",
+    _, run_c, _ = _prepare(tmp_path / "c", sources=["rubric-prompts", "datatang-style", "pubmedqa", "cmd-dialogue",
                                                      "delicate-medical", "medical-o1-verifiable", "medical-o1"])
     for name in OUTPUT_FILES:
         assert {r["id"] for r in _read(run_a, name)} == {r["id"] for r in _read(run_c, name)}, name
@@ -128,7 +128,7 @@ def test_decontamination_against_the_benchmark(tmp_path):
         "Is it safe to donate blood twice a year?")]
     path = tmp_path / "contam.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    _, run, summary = prepare_local_tiny(
+    _, run, summary = _prepare(
         tmp_path / "runs", "data.sources=[pubmedqa,contam]", "data.catalog.contam.format=jsonl",
         f"data.catalog.contam.path={path}", "data.catalog.contam.fields={question: q, answer: a}",
         "data.dev_fraction=0", "data.test_fraction=0", "data.gold_size=0")
@@ -142,7 +142,7 @@ def test_decontamination_against_the_benchmark(tmp_path):
 
 
 def test_train_size_shared_by_weight(tmp_path):
-    _, run, summary = prepare_local_tiny(tmp_path / "runs", "data.sources=[medical-o1,delicate-medical]", "data.train_size=20",
+    _, run, summary = _prepare(tmp_path / "runs", "data.sources=[medical-o1,delicate-medical]", "data.train_size=20",
                                "data.catalog.medical-o1.weight=3")
     assert Counter(r["source"] for r in _read(run, "train")) == {"medical-o1": 15, "delicate-medical": 5}
     # train candidates: 61 - 5 test - 5 dev = 51 of medical-o1, 33 - 3 - 3 = 27 of delicate-medical
@@ -152,14 +152,14 @@ def test_train_size_shared_by_weight(tmp_path):
 def test_priority_mode_takes_the_first_source_that_loads(tmp_path):
     ghost = ["data.catalog.ghost.format=jsonl", f"data.catalog.ghost.path={tmp_path}/missing.jsonl",
              "data.catalog.ghost.fields={question: q, answer: a}"]
-    _, run, summary = prepare_local_tiny(tmp_path / "runs", "data.mode=priority", *ghost,
+    _, run, summary = _prepare(tmp_path / "runs", "data.mode=priority", *ghost,
                                "data.sources=[ghost,delicate-medical,medical-o1]")
     assert {r["source"] for r in _read(run, "train")} == {"delicate-medical"}
     assert "not found" in summary["sources"]["ghost"]["skipped"]
     assert summary["sources"]["medical-o1"]["skipped"] == "priority mode: 'delicate-medical' loaded first"
     assert "skipped: priority mode" in run.data_card.read_text()
     with pytest.raises(UsageError, match="^priority mode: no source could be loaded \\(ghost: data source 'ghost'"):
-        prepare_local_tiny(tmp_path / "r2", "data.mode=priority", *ghost, "data.sources=[ghost]")
+        _prepare(tmp_path / "r2", "data.mode=priority", *ghost, "data.sources=[ghost]")
 
 
 def _cli(*overrides, options=()):
@@ -191,7 +191,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_dir):
 
 
 def test_real_pubmedqa_and_dialogue(shared_data, tmp_path):
-    _, run, summary = prepare_local_tiny(
+    _, run, summary = _prepare(
         tmp_path / "runs", "data.sources=[cmd-dialogue,pubmedqa]", "data.gold_size=50",
         f"data.catalog.cmd-dialogue.path={shared_data / 'chinese-medical-dialogue'}",
         f"data.catalog.pubmedqa.path={shared_data / 'pubmedqa'}", "data.catalog.pubmedqa.files=null")
