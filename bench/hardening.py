@@ -1,7 +1,8 @@
-"""Hardening figures (issues 15, 22): reward attacks caught, keyword stuffing and rubric gaming gains, crashes in a
-bad-input fuzz set, tracebacks in a CLI set.
+"""Hardening figures (issues 15, 22, 24): reward attacks caught (and injections aimed at a paid judge, by
+family), keyword stuffing and rubric gaming gains, crashes in a bad-input fuzz set, tracebacks in a CLI set.
 
     python bench/hardening.py [--skip-cli]
+    PYTHONPATH=/path/to/main python bench/hardening.py --skip-cli   # another tree's detector on these attacks
 
 Prints one line per case and a summary. The attack table is tests/reward_attacks.py (the same one the tests use).
 medrl is imported from PYTHONPATH first (``PYTHONPATH=/other/checkout`` measures that checkout's reward with this
@@ -27,6 +28,7 @@ FAKE_KEY = "sk-" + "live0123456789abcdef0123"  # built at run time: no key-shape
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.append(str(REPO))  # after PYTHONPATH: another checkout's medrl can be measured
 
+from judge_injections import JUDGE_INJECTIONS, MEDICAL_NEGATIVES, injection_response, negative_response  # noqa: E402
 from reward_attacks import (ATTACKS, RUBRIC_CASES, attack_response, rubric_attacks, stuffing_cases,  # noqa: E402
                             stuffing_variants)
 
@@ -148,6 +150,37 @@ def rubric() -> dict:
                     print(f"  rubric {grader:7s} {attack:20s} R {rewards[attack]:.3f} vs {rewards['partial']:.3f} "
                           f"gain {gain:+.3f}")
     return {"rubric_attacks_raising_R": f"{raised}/{total}", "rubric_attack_gain_max": round(worst, 3)}
+
+
+def judge_injections() -> dict:
+    """Injections aimed at a paid judge, by family (tests/judge_injections.py): how many are flagged before any
+    call, false positives on ordinary medical text, and what an obedient judge (10 on every dimension) adds to R
+    over an honest verdict (6) of the same answer without the injection."""
+    cfg = RewardConfig()
+    honest, obeyed = Judgement(6, 6, 6, 6, "honest"), Judgement(10, 10, 10, 10, "obeyed")
+    caught: dict[str, list[int]] = {}
+    gains = []
+    for attack_id, family, where, text in JUDGE_INJECTIONS:
+        item = RewardInput(attack_id, "How do I treat a tension headache?", injection_response(attack_id, where, text))
+        rules = evaluate_rules(item, cfg.rules)
+        caught.setdefault(family, []).append(rules.injected)
+        plain = RewardInput("plain", item.prompt, injection_response(attack_id, "answer", ""))
+        base = combine(cfg, plain, evaluate_rules(plain, cfg.rules), honest, "ok").reward
+        gains.append(combine(cfg, item, rules, obeyed, "ok").reward - base)
+        if not rules.injected:
+            print(f"  judge injection {attack_id:22s} ({family}) NOT FLAGGED")
+    false_pos = 0
+    for case_id, text in MEDICAL_NEGATIVES:
+        flags = evaluate_rules(RewardInput(case_id, "A medical question", negative_response(text)), cfg.rules).flags
+        if "prompt_injection" in flags or "score_dictation" in flags:
+            false_pos += 1
+            print(f"  medical negative {case_id:22s} FLAGGED {flags}")
+    per_family = {f: f"{sum(v)}/{len(v)}" for f, v in caught.items()}
+    print(f"  judge injections caught per family: {per_family}")
+    n = sum(len(v) for v in caught.values())
+    return {"judge_injections_caught": f"{sum(sum(v) for v in caught.values())}/{n}",
+            "judge_injection_false_positives": f"{false_pos}/{len(MEDICAL_NEGATIVES)}",
+            "judge_injection_obedient_gain_max": round(max(gains), 3)}
 
 
 def _fuzz_files(d: Path) -> list[tuple[str, str, Path]]:
@@ -295,7 +328,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-cli", action="store_true")
     a = p.parse_args()
-    summary = {**attacks(), **stuffing(), **rubric(), **fuzz()}
+    import medrl
+
+    print(f"medrl code: {Path(medrl.__file__).parent}")
+    summary = {**attacks(), **judge_injections(), **stuffing(), **rubric(), **fuzz()}
     if not a.skip_cli:
         summary.update(cli())
     print(json.dumps(summary, ensure_ascii=False))

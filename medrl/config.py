@@ -27,6 +27,11 @@ class RunConfig(StrictModel):
     root: str = "runs"
     """Directory holding all runs (relative paths are relative to the working directory)."""
     seed: int = 42
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    """Trackers that get every stage's metrics besides ``metrics.jsonl`` (always written): ``tensorboard``
+    (``tb/<stage>/``), ``wandb`` (Weights & Biases; ``WANDB_MODE=offline`` logs without an account), ``mlflow``
+    (``$MLFLOW_TRACKING_URI``, default ``<run>/mlflow.db``). SFT, PPO, reward and eval of one run log into one W&B /
+    MLflow run. ``[]``: metrics.jsonl only. wandb and mlflow need ``pip install '.[track]'``."""
 
 
 class LoraSettings(StrictModel):
@@ -286,7 +291,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     applied = []
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value, f"override '{_shown(text)}'")
+        # a section an earlier override replaced by a value (``run=5 run.root=x``) is that override's fault
+        blamed = next((t for k, t in reversed(applied) if key.startswith(k + ".")), text)
+        _set_dotted(tree, key, value, f"override '{_shown(blamed)}'")
         applied.append((key, text))
     return validate_tree(tree, source, applied)
 

@@ -148,7 +148,7 @@ def run_prepare(cfg: Config, run: RunDir, *, sources: list[str] | None = None, s
         spool.close()
         rejects.close()
         spool.path.unlink(missing_ok=True)
-    with MetricsLogger(run, "prepare", tensorboard=False) as metrics:
+    with MetricsLogger(run, "prepare", trackers=False) as metrics:
         metrics.log(0, {**{k: v for k, v in summary.items() if isinstance(v, int)},
                         **{f"benchmark/{k}": v for k, v in summary["benchmarks"].items()}})
     log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int)))

@@ -24,7 +24,8 @@ from medrl.evaluation.metrics import annotate, summarize
 from medrl.evaluation.pairwise import PairTask, PairwiseJudge, reward_verdict
 from medrl.jsonl import read_jsonl
 from medrl.models.chat import conversation
-from medrl.runs import RunDir
+from medrl.runs import MetricsLogger, RunDir
+from medrl.trackers import flatten
 
 log = logging.getLogger("medrl.eval")
 
@@ -307,7 +308,18 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
                     "generate_wall_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
                     "pairwise_s": round(t3 - t2, 2)},
     }
-    return save_eval(run, rows, pairwise, meta)
+    summary = save_eval(run, rows, pairwise, meta)
+    with MetricsLogger(run, "eval") as metrics:
+        metrics.log_hparams(cfg.to_dict())
+        metrics.log(0, eval_scalars(summary))
+    return summary
+
+
+def eval_scalars(summary: dict) -> dict[str, float]:
+    """The summary's figures as tracker scalars: ``<model>/<set>/<metric>`` (judge dimensions and rules one level
+    deeper) and ``<pair>/<set>/<figure>`` for the pairwise win rates."""
+    flat = flatten({**summary["table"], **summary["pairwise"]}, sep="/")
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def save_eval(run: RunDir, rows: list[dict], pairwise: dict[str, list[dict]], meta: dict) -> dict:
