@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medrl.config import Config
+from medrl.models.card import finish_adapter
 from medrl.models.chat import render_prompt
 from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
 from medrl.ppo import checkpoint as ckpt
@@ -50,6 +51,7 @@ def run_ppo(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
 
     checkpoint = ckpt.find_resume(run.checkpoints("ppo"), resume)  # a bad --resume fails before anything starts
     check_run_inputs(cfg, run)
+    run.record_stage(cfg, "ppo")
     started = init_ray(cfg.ray)
     try:
         with PPOTrainer(cfg, run) as trainer:
@@ -149,7 +151,8 @@ class PPOTrainer:
         gap, gap_mean = logprob_gaps(batch.rollout_logprobs, batch.behaviour_logprobs, batch.response_mask)
         check_weight_sync(self.step_no, rollout.version, gap, gap_mean, self.ppo.logprob_gap_tolerance, self.gap_abort)
         if all(r.dropped for r in results):
-            raise RuntimeError(f"step {self.step_no}: every sample was dropped by the reward plane")
+            raise RuntimeError(f"step {self.step_no}: every sample's judgement failed (reward.judge.on_failure=drop "
+                               f"leaves them unscored): is the judge reachable? (rules_only trains on the rules)")
         keep, stats = rows_to_learn([r.dropped for r in results], torch.tensor([r.reward for r in results]),
                                     torch.tensor([s.prompt_index for s in rollout.samples]), self.ppo,
                                     self.ppo.learner.ranks)
@@ -165,7 +168,8 @@ class PPOTrainer:
             self.ppo, scores=torch.tensor([r.reward for r in kept]),
             group=torch.tensor([s.prompt_index for s in samples]), mask=batch.response_mask,
             old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-            behaviour_logprobs=batch.behaviour_logprobs, values=batch.values, kl_coef=kl_coef,
+            behaviour_logprobs=batch.behaviour_logprobs, rollout_logprobs=batch.rollout_logprobs,
+            values=batch.values, kl_coef=kl_coef,
             finished=torch.tensor([s.finished for s in samples]))
         if "kl" in stats:  # no reference forward (nor KL) with a zero coefficient
             self.kl_ctl.update(stats["kl"], len(batch))
@@ -199,6 +203,10 @@ class PPOTrainer:
             log.warning("step %d: %s: update skipped", self.step_no, why)
         wait = self._rate_meter.step(self.groups.reward_stats(), rec.row["time_reward_wait_s"])
         row = rec.finish(results, keep, data_position=self.data_position, judge_rate_wait_s=wait)
+        if row["judge_unscored_frac"] > self.ppo.unscored_warn_frac:
+            log.warning("step %d: %.0f%% of the samples were left unscored (judgement failed): out of their groups' "
+                        "baselines and the loss (ppo.unscored_warn_frac %.2f)", self.step_no,
+                        100 * row["judge_unscored_frac"], self.ppo.unscored_warn_frac)
         self.metrics.log(self.step_no, row)
         if self.ppo.log_samples:
             rows = append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)
@@ -283,6 +291,7 @@ class PPOTrainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.groups.learner.save(str(tmp.resolve()), False)
         ckpt.install_final(tmp, self.run.ppo_adapter)
+        finish_adapter(self.cfg, self.run, "ppo", self.tokenizer)
         log.info("PPO adapter written to %s", self.run.ppo_adapter)
         return self.run.ppo_adapter
 

@@ -198,8 +198,9 @@ class Scorer:
         await self.gate.flush(**counts)
         if counts["failed"]:
             first = next(r for r in results if r.judge_status == "failed")
-            log.warning("%d of %d judgements failed in this batch (scored without them); first: %s",
-                        counts["failed"], len(results), first.reasons.get("judge") or first.reasons.get("rubric", ""))
+            log.warning("%d of %d judgements failed in this batch (scored without them%s); first: %s",
+                        counts["failed"], len(results), ", dropped" if self.cfg.judge.on_failure == "drop" else "",
+                        first.reasons.get("judge") or first.reasons.get("rubric", ""))
         return results
 
     def _start(self, todo: dict[str, Ask]) -> set[str]:
