@@ -2,20 +2,18 @@
 trained on, prepare writing the fields through, and the one chat rendering used by SFT, RL prompts and eval."""
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from medrl.config import load_config
 from medrl.data.config import DataConfig, SourceSpec
-from medrl.data.prepare import run_prepare
 from medrl.data.schema import RECORD_FIELDS, RL_PROMPT_FIELDS, build_record, record_id
 from medrl.data.sources import iter_rows, resolve_spec, source_files
 from medrl.errors import UsageError
 from medrl.models.chat import conversation, messages_for, render_prompt
 from medrl.ppo.prompts import prompt_turns, reward_input
-from medrl.runs import RunDir
+from local_prepare import prepare_local_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 HB = REPO / "data" / "samples" / "healthbench" / "healthbench_sample.jsonl"
@@ -98,16 +96,9 @@ def test_bad_messages_and_rubrics_are_rejects_with_file_line_and_key(tmp_path):
         assert row.record is None and row.error.startswith(why), (row.error, why)
     assert rows[-1].error is None and rows[-1].record["rubrics"][0]["points"] == 5.0
     # --strict: the first bad row stops prepare with file:line: reason
-    cfg = load_config(REPO / "configs" / "local_tiny.yaml", [
-        f"run.root={tmp_path / 'runs'}", f"model.path={tmp_path}/no-model", "model.build_tiny_if_missing=false",
-        "data.sources=[medical-o1,hb]", "data.catalog.hb.format=healthbench", f"data.catalog.hb.path={path}"])
-    old = os.getcwd()
-    os.chdir(REPO)
-    try:
-        with pytest.raises(UsageError) as e:
-            run_prepare(cfg, RunDir.from_config(cfg), strict=True)
-    finally:
-        os.chdir(old)
+    with pytest.raises(UsageError) as e:
+        prepare_local_tiny(tmp_path / "runs", "data.sources=[medical-o1,hb]", "data.catalog.hb.format=healthbench",
+                           f"data.catalog.hb.path={path}", strict=True)
     assert str(e.value).startswith(f"{path}:1: {BAD_ROWS[0][1]}")
 
 
@@ -182,19 +173,10 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("conv")
     leaky = root / "leaky.jsonl"
     leaky.write_text("".join(json.dumps(r) + "\n" for r in LEAKY), encoding="utf-8")
-    cfg = load_config(REPO / "configs" / "local_tiny.yaml", [
-        f"run.root={root / 'runs'}", f"model.path={root}/no-model", "model.build_tiny_if_missing=false",
-        "data.sources=[medical-o1,medical-o1-verifiable,healthbench-sample,rubric-prompts,leaky]",
+    return prepare_local_tiny(
+        root / "runs", "data.sources=[medical-o1,medical-o1-verifiable,healthbench-sample,rubric-prompts,leaky]",
         "data.catalog.leaky.format=jsonl", f"data.catalog.leaky.path={leaky}",
-        "data.catalog.leaky.fields={messages: messages, answer: answer}", f"data.canaries=[{CANARY}]"])
-    run = RunDir.from_config(cfg)
-    old = os.getcwd()
-    os.chdir(REPO)
-    try:
-        summary = run_prepare(cfg, run)
-    finally:
-        os.chdir(old)
-    return cfg, run, summary
+        "data.catalog.leaky.fields={messages: messages, answer: answer}", f"data.canaries=[{CANARY}]")
 
 
 def test_canary_rows_are_never_trained_on(prepared):
@@ -223,7 +205,14 @@ def test_prepare_writes_conversations_and_rubrics_through(prepared):
     records = {r["id"]: r for n in ("train", "dev", "test", "gold") for r in _read(run.data / f"{n}.jsonl")}
     rl = _read(run.data / "rl_prompts.jsonl")
     assert all(tuple(r) == RL_PROMPT_FIELDS for r in rl)
-    rubric_rows = [r for r in rl if r["rubrics"]]
+    generated = [r for r in rl if r["rubrics"] and r["source"] == "medical-o1-verifiable"]  # generate_rubrics: true
+    lead = {"en": "The response states: ", "zh": "回答指出："}
+    assert {r["language"] for r in generated} == {"en", "zh"}
+    for r in generated:  # the offline rubric: a reference sentence (short here) per criterion, Essential first
+        assert r["messages"] is None and r["rubrics"][0]["tags"] == ["axis:accuracy", "category:essential"]
+        assert all(c["criterion"].startswith(lead[r["language"]]) and c["points"] > 0
+                   and c["criterion"][len(lead[r["language"]]):] in r["reference"] for c in r["rubrics"])
+    rubric_rows = [r for r in rl if r["rubrics"] and r not in generated]
     assert len(rubric_rows) >= 8 and any(len(r["messages"]) > 1 for r in rubric_rows)
     for row in rubric_rows:
         assert row["prompt"] == row["messages"][-1]["content"] and row["source"] == "rubric-prompts"
@@ -247,17 +236,9 @@ def test_length_bounds_and_duplicates_read_the_whole_conversation(tmp_path):
               "content": "Yes?"}, {"role": "user", "content": "What should I do about my cough?"}], "answer": "Rest."}]
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cfg = load_config(REPO / "configs" / "local_tiny.yaml", [
-        f"run.root={tmp_path / 'runs'}", f"model.path={tmp_path}/no-model", "model.build_tiny_if_missing=false",
-        "data.sources=[medical-o1,c]", "data.catalog.c.format=jsonl", f"data.catalog.c.path={path}",
-        "data.catalog.c.fields={messages: messages, answer: answer}", "data.max_question_tokens=200"])
-    run = RunDir.from_config(cfg)
-    old = os.getcwd()
-    os.chdir(REPO)
-    try:
-        summary = run_prepare(cfg, run)
-    finally:
-        os.chdir(old)
+    _, run, summary = prepare_local_tiny(
+        tmp_path / "runs", "data.sources=[medical-o1,c]", "data.catalog.c.format=jsonl", f"data.catalog.c.path={path}",
+        "data.catalog.c.fields={messages: messages, answer: answer}", "data.max_question_tokens=200")
     rejects = [r for r in _read(run.data / "rejects.jsonl") if r["source"] == "c"]
     assert [(r["line"], r["stage"]) for r in rejects] == [(1, "length")]  # 300 words of history count
     assert summary["duplicates"] == 0  # the same last question after different histories is not a duplicate

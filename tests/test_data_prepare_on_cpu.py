@@ -1,6 +1,5 @@
 """``run_prepare`` / ``medrl prepare`` end to end on the shipped samples."""
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -8,28 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from medrl.config import load_config
 from medrl.data.prepare import OUTPUT_FILES, run_prepare
 from medrl.data.schema import RECORD_FIELDS, RL_PROMPT_FIELDS, format_output
 from medrl.errors import UsageError
 from medrl.runs import RunDir, read_metrics, setup_logging
+from local_prepare import prepare_local_tiny as _prepare
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 RISK_ORDER = {"high": 0, "medium": 1, "low": 2}
-
-
-def _prepare(root: Path, *overrides: str, sources=None, strict=False):
-    cfg = load_config(REPO / "configs" / "local_tiny.yaml",
-                      [f"run.root={root}", f"model.path={root}/no-model", "model.build_tiny_if_missing=false",
-                       *overrides])
-    run = RunDir.from_config(cfg)
-    old = os.getcwd()
-    os.chdir(REPO)  # the config's sample paths are relative to the repository
-    try:
-        return cfg, run, run_prepare(cfg, run, sources=sources, strict=strict)
-    finally:
-        os.chdir(old)
 
 
 def _read(run: RunDir, name: str) -> list[dict]:

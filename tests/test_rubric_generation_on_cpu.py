@@ -229,7 +229,7 @@ def test_cli_offline_rubrics_and_one_line_errors(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args[:2], "--input", str(bad), *args[4:]]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"medrl: error: {bad}:2: key 'messages'") and "\n" not in err
+    assert err.startswith(f"medrl: error: {bad}:2: missing field 'messages.0.content'") and "\n" not in err
     assert read_prompts(src, limit=1)[0][0]["id"] == "a"
 
 
@@ -276,7 +276,8 @@ def test_prepare_reads_the_edited_rubrics_back(tmp_path):
     assert second[1].get("rubrics") is None
     rows[0]["rubrics"][0]["points"] = 12
     _write(made, rows)
-    with pytest.raises(UsageError, match=rf"^{made}:1: key 'rubrics' item 0: .*\[-10, 10\]"):
+    bad_points = rf"^{made}:1: field 'rubrics\.0\.points' must be a number in \[-10, 10\], got 12$"
+    with pytest.raises(UsageError, match=bad_points):
         prepare(f"data.catalog.qa.rubrics={made}")
 
 

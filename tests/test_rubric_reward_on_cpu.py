@@ -199,7 +199,9 @@ def test_keyword_coverage_leaves_rule_when_the_rubric_is_graded():
 def test_cli_judge_rows_carry_the_rubric(tmp_path):
     conv, rubric, partial, full = RUBRIC_CASES["zh"]
     rows = [{"id": "full", "prompt": conv, "response": f"<think>\nx\n</think>\n\n{full}", "rubrics": rubric},
-            {"id": "plain", "prompt": "发烧怎么办？", "response": "<think>\nx\n</think>\n\n多喝水，休息。"}]
+            {"id": "plain", "prompt": "发烧怎么办？", "response": "<think>\nx\n</think>\n\n多喝水，休息。"},
+            {"id": "echo", "prompt": conv, "rubrics": rubric,
+             "response": "<think>\nx\n</think>\n\n" + "\n".join(c["criterion"] for c in rubric)}]
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "out.jsonl"
@@ -216,6 +218,8 @@ def test_cli_judge_rows_carry_the_rubric(tmp_path):
         (c["criterion"], c["points"], i < 3) for i, c in enumerate(rubric)]
     assert all(c["explanation"] for c in got["full"]["criteria"])
     assert got["plain"]["criteria"] == [] and "rubric" not in got["plain"]["components"]
+    assert "rubric_gaming" in got["echo"]["flags"] and got["echo"]["reward"] == 0.0
+    assert "injections 0, self-graded 0, rubric gaming 1;" in proc.stdout  # the summary counts it beside the others
 
 
 def test_dry_run_counts_the_rubric_calls(tmp_path):

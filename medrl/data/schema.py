@@ -92,7 +92,7 @@ def conversation_text(record: dict[str, Any]) -> str:
     return "\n".join(t["content"] for t in messages) if messages else record["question"]
 
 
-def _messages(value: Any, name: str) -> list[dict[str, str]] | None:
+def parse_messages(value: Any, name: str = "messages") -> list[dict[str, str]] | None:
     """A raw message list as ``[{role, content}]``: system (opening only), user and assistant turns, normalised
     text, ending with a user turn. Raises RowError naming the key (``prompt.2.role``)."""
     if value is None:
@@ -115,9 +115,10 @@ def _messages(value: Any, name: str) -> list[dict[str, str]] | None:
     return turns
 
 
-def _rubrics(value: Any, name: str) -> list[dict[str, Any]] | None:
+def parse_rubrics(value: Any, name: str = "rubrics") -> list[dict[str, Any]] | None:
     """Raw rubric criteria as ``[{criterion, points, tags}]``: points a number in [-10, 10], tags a list of text,
-    at least one positive criterion (the item score divides by the positive points). Raises RowError."""
+    at least one positive criterion (the item score divides by the positive points). Raises RowError. The one
+    validation of rubrics: records, reward inputs and rubric files read back (``data.catalog.<source>.rubrics``)."""
     if value is None:
         return None
     if not isinstance(value, list) or not value:
@@ -220,8 +221,8 @@ def build_record(source: str, raw: dict[str, Any], language: str = "auto",
     def field(key: str, required: bool) -> str:
         return text_value(raw.get(key), names.get(key, key), required=required)
 
-    messages = _messages(raw.get("messages"), names.get("messages", "messages"))
-    rubrics = _rubrics(raw.get("rubrics"), names.get("rubrics", "rubrics"))
+    messages = parse_messages(raw.get("messages"), names.get("messages", "messages"))
+    rubrics = parse_rubrics(raw.get("rubrics"), names.get("rubrics", "rubrics"))
     example_tags = _tags(raw.get("example_tags"), names.get("example_tags", "example_tags")) or None
     if messages is None and "messages" in names:  # a source that maps its conversation needs one on every row
         raise RowError(f"missing field '{names['messages']}'")

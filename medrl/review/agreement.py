@@ -16,7 +16,7 @@ from __future__ import annotations
 from itertools import combinations
 from statistics import fmean
 
-from medrl.review.calibration import criteria_agreement
+from medrl.review.calibration import criteria_agreement, rounded
 from medrl.review.labels import VERDICTS
 from medrl.reward.rubric import DIMENSIONS
 
@@ -76,21 +76,17 @@ def quadratic_kappa(a: list[int], b: list[int]) -> float | None:
     return cohen_kappa(a, b, list(SCALE), weight=lambda i, j: float((i - j) ** 2))
 
 
-def _r(v: float | None) -> float | None:
-    return None if v is None else round(v, 4)
-
-
 def score_agreement(a: list[int], b: list[int]) -> dict:
-    return {"n": len(a), "spearman": _r(spearman(a, b)), "kappa_quadratic": _r(quadratic_kappa(a, b)),
-            "mean_a": _r(fmean(a)) if a else None, "mean_b": _r(fmean(b)) if b else None,
-            "mean_abs_diff": _r(fmean(abs(x - y) for x, y in zip(a, b))) if a else None}
+    return {"n": len(a), "spearman": rounded(spearman(a, b)), "kappa_quadratic": rounded(quadratic_kappa(a, b)),
+            "mean_a": rounded(fmean(a)) if a else None, "mean_b": rounded(fmean(b)) if b else None,
+            "mean_abs_diff": rounded(fmean(abs(x - y) for x, y in zip(a, b))) if a else None}
 
 
 def verdict_agreement(a: list[str], b: list[str]) -> dict:
     confusion = {f"{x}|{y}": sum(1 for p, q in zip(a, b) if (p, q) == (x, y)) for x in VERDICTS for y in VERDICTS}
     return {"n": len(a), "confusion": confusion,
-            "agreement": _r(sum(p == q for p, q in zip(a, b)) / len(a)) if a else None,
-            "kappa": _r(cohen_kappa(a, b, VERDICTS))}
+            "agreement": rounded(sum(p == q for p, q in zip(a, b)) / len(a)) if a else None,
+            "kappa": rounded(cohen_kappa(a, b, VERDICTS))}
 
 
 def agreement(items: dict[str, dict], labels: list[dict], top: int = 10) -> dict:

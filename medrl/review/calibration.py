@@ -31,7 +31,8 @@ def _f1(tp: int, fp: int, fn: int) -> float | None:
     return None if 2 * tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
-def _r(v: float | None) -> float | None:
+def rounded(v: float | None) -> float | None:
+    """A figure as the review tables show it: 4 decimals (None stays None)."""
     return None if v is None else round(v, 4)
 
 
@@ -47,8 +48,8 @@ def binary_agreement(grader: list[bool], truth: list[bool]) -> dict:
     tpr = tp / (tp + fn) if tp + fn else None
     tnr = tn / (tn + fp) if tn + fp else None
     balanced = None if tpr is None or tnr is None else (tpr + tnr) / 2
-    return {"n": len(truth), "macro_f1": _r(macro), "balanced_accuracy": _r(balanced), "f1_met": _r(f1_met),
-            "f1_not_met": _r(f1_not), "agreement": _r((tp + tn) / len(truth)) if truth else None,
+    return {"n": len(truth), "macro_f1": rounded(macro), "balanced_accuracy": rounded(balanced),
+            "f1_met": rounded(f1_met), "f1_not_met": rounded(f1_not), "agreement": rounded((tp + tn) / len(truth)) if truth else None,
             "confusion": {"met|met": tp, "met|not_met": fp, "not_met|met": fn, "not_met|not_met": tn}}
 
 

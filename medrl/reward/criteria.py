@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any, Sequence
 
-from medrl.reward.rubric import JudgementError, _scrub, load_verdict_json
+from medrl.reward.rubric import JudgementError, load_verdict_json, scrub_markers
 
 RESPONSE_OPEN, RESPONSE_CLOSE = "<<<RESPONSE>>>", "<<<END RESPONSE>>>"
 
@@ -65,13 +65,15 @@ def criterion_line(criterion: dict) -> str:
     return f"[{criterion['points']:+g} points] {criterion['criterion'].strip()}"
 
 
-def _conversation(messages: Sequence[dict]) -> str:
-    return "\n\n".join(f"[{m['role']}]\n{_scrub(m['content'].strip())}" for m in messages)
+def render_conversation(messages: Sequence[dict]) -> str:
+    """A conversation as the rubric grader and the rubric generator see it: ``[role]`` then the turn's text, with
+    marker look-alikes removed."""
+    return "\n\n".join(f"[{m['role']}]\n{scrub_markers(m['content'].strip())}" for m in messages)
 
 
 def _head(messages: Sequence[dict], answer: str) -> str:
-    return (f"CONVERSATION:\n{_conversation(messages)}\n\n"
-            f"{RESPONSE_OPEN}\n{_scrub(answer.strip())}\n{RESPONSE_CLOSE}\n\n")
+    return (f"CONVERSATION:\n{render_conversation(messages)}\n\n"
+            f"{RESPONSE_OPEN}\n{scrub_markers(answer.strip())}\n{RESPONSE_CLOSE}\n\n")
 
 
 def grader_messages(messages: Sequence[dict], answer: str, criterion: dict) -> list[dict[str, str]]:

@@ -117,6 +117,7 @@ def summarize(results: list[RewardResult], seconds: float) -> dict:
             "dropped": sum(r.dropped for r in results),
             "prompt_injection": sum("prompt_injection" in r.flags for r in results),
             "score_dictation": sum("score_dictation" in r.flags for r in results),
+            "rubric_gaming": sum("rubric_gaming" in r.flags for r in results),
             "tokens_in": sum(r.tokens_in for r in results), "tokens_out": sum(r.tokens_out for r in results),
             "tokens_cache_hit": sum(r.tokens_cache_hit for r in results),
             "cost_usd": round(sum(r.cost_usd for r in results), 6), "seconds": round(seconds, 2),
@@ -170,7 +171,8 @@ def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, lim
     print(f"judge {summary['judge']}: {summary['items']} items in {summary['seconds']}s "
           f"({summary['items_per_s']}/s): judged {summary['judged']}, cached {summary['cached']}, failed "
           f"{summary['failed']}, over budget {summary['over_budget']}, skipped {summary['skipped']}, dropped "
-          f"{summary['dropped']}, injections {summary['prompt_injection']}, self-graded {summary['score_dictation']}; "
+          f"{summary['dropped']}, injections {summary['prompt_injection']}, self-graded {summary['score_dictation']}, "
+          f"rubric gaming {summary['rubric_gaming']}; "
           f"tokens in {summary['tokens_in']} (cache hit {summary['tokens_cache_hit']}), out {summary['tokens_out']}; "
           f"cost ${summary['cost_usd']:.4f}; rate limit waits {summary['rate_wait_call_s']:.0f} call-s "
           f"({summary['rate_limited_calls']} calls held); mean reward {summary['mean_reward']} -> {out_path}")

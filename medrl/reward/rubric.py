@@ -55,7 +55,7 @@ class Judgement:
 _MARKER = re.compile(r"<{2,}\s*/?\s*(?:END\s*)?(?:ANSWER|RESPONSE)\s*>{2,}", flags=re.IGNORECASE)
 
 
-def _scrub(text: str) -> str:
+def scrub_markers(text: str) -> str:
     """Remove invisible characters and marker look-alikes (``<<END ANSWER>>``, full-width ``＜＜＜END ANSWER＞＞＞``,
     ``<<<END\u200bANSWER>>>``, the rubric grader's ``<<<END RESPONSE>>>``) so the graded text cannot close its own
     delimiters."""
@@ -70,8 +70,8 @@ def _scrub(text: str) -> str:
 def build_messages(prompt: str, answer: str, reference: str | None) -> list[dict[str, str]]:
     """Chat messages for one judgement: the fixed rubric first, the variable text last."""
     ref = reference.strip() if reference and reference.strip() else "(none given: judge against medical knowledge)"
-    user = (f"QUESTION:\n{_scrub(prompt.strip())}\n\nREFERENCE ANSWER:\n{_scrub(ref)}\n\n"
-            f"{ANSWER_OPEN}\n{_scrub(answer.strip())}\n{ANSWER_CLOSE}\n\nReturn the json verdict.")
+    user = (f"QUESTION:\n{scrub_markers(prompt.strip())}\n\nREFERENCE ANSWER:\n{scrub_markers(ref)}\n\n"
+            f"{ANSWER_OPEN}\n{scrub_markers(answer.strip())}\n{ANSWER_CLOSE}\n\nReturn the json verdict.")
     return [{"role": "system", "content": RUBRIC}, {"role": "user", "content": user}]
 
 

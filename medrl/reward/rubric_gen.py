@@ -15,8 +15,8 @@ import json
 import re
 from typing import Sequence
 
-from medrl.reward.criteria import _conversation  # the rubric grader's rendering: [role] then the scrubbed text
-from medrl.reward.rubric import JudgementError, _scrub, load_verdict_json
+from medrl.reward.criteria import render_conversation
+from medrl.reward.rubric import JudgementError, load_verdict_json, scrub_markers
 from medrl.reward.text import key_terms
 
 CATEGORIES = ("essential", "important", "optional", "pitfall")
@@ -50,7 +50,8 @@ def system_prompt(low: int, high: int) -> str:
 
 def generation_messages(messages: Sequence[dict], reference: str, low: int, high: int) -> list[dict[str, str]]:
     """Fixed instructions first (provider prefix cache), then the conversation and the reference."""
-    user = (f"CONVERSATION:\n{_conversation(messages)}\n\nREFERENCE ANSWER:\n{_scrub(reference.strip())}\n\n"
+    user = (f"CONVERSATION:\n{render_conversation(messages)}\n\n"
+            f"REFERENCE ANSWER:\n{scrub_markers(reference.strip())}\n\n"
             f"Return the json rubric.")
     return [{"role": "system", "content": system_prompt(low, high)}, {"role": "user", "content": user}]
 

@@ -19,6 +19,7 @@ import logging
 import os
 from pathlib import Path
 
+from medrl.data.schema import parse_rubrics
 from medrl.errors import UsageError
 from medrl.jsonl import iter_jsonl
 from medrl.reward.cache import open_store
@@ -77,10 +78,9 @@ def read_rubric_file(path: Path) -> dict[str, list[dict]]:
         if row.get("rubrics") is None:
             continue
         try:
-            rubric = RewardInput.from_record({"prompt": "", "response": "", "rubrics": row["rubrics"]}).rubrics
+            out[row["id"]] = parse_rubrics(row["rubrics"])
         except ValueError as exc:
             raise UsageError(f"{path}:{lineno}: {exc}") from None
-        out[row["id"]] = [dict(c) for c in rubric]
     return out
 
 

@@ -6,9 +6,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from medrl.data.schema import parse_messages, parse_rubrics
+
 _RISKS = ("high", "medium", "low")
 _BEHAVIORS = ("refuse", "triage", "answer_safely")
-_ROLES = ("system", "user", "assistant")
 
 JudgeStatus = Literal["ok", "cached", "failed", "over_budget", "disabled", "skipped"]
 """ok: judged now; cached: judgement read from the cache (not paid again); failed: no valid judgement after the
@@ -48,10 +49,10 @@ class RewardInput:
         key."""
         prompt = row.get("prompt", row.get("question"))
         response = row.get("response", row.get("output"))
-        raw_messages = row.get("messages")
-        if isinstance(prompt, list) and raw_messages is None:  # HealthBench layout: ``prompt`` is the conversation
-            raw_messages = prompt
-        messages, rubrics = _messages(raw_messages), _rubrics(row.get("rubrics"))
+        messages_key = "prompt" if isinstance(prompt, list) and row.get("messages") is None else "messages"
+        raw_messages = prompt if messages_key == "prompt" else row.get("messages")  # HealthBench: prompt = turns
+        messages = parse_messages(raw_messages, messages_key)
+        rubrics = parse_rubrics(row.get("rubrics"))
         if not isinstance(prompt, str) and messages is not None:
             prompt = messages[-1]["content"]
         if not isinstance(prompt, str):
@@ -77,39 +78,7 @@ class RewardInput:
         rid = row.get("id") or hashlib.sha256(json.dumps([prompt, response, reference]).encode()).hexdigest()[:16]
         return cls(id=str(rid), prompt=prompt, response=response, reference=reference, risk=risk,
                    expected_behavior=behavior, language=row.get("language"), label=label, options=options or None,
-                   messages=messages, rubrics=rubrics)
-
-
-def _messages(value: Any) -> tuple[dict[str, str], ...] | None:
-    if value is None:
-        return None
-    if not (isinstance(value, list) and value and all(
-            isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str) for m in value)):
-        raise ValueError("key 'messages' must be a non-empty list of {role: system|user|assistant, content: str}, "
-                         "or null")
-    if value[-1]["role"] != "user":
-        raise ValueError("key 'messages' must end with a user turn")
-    return tuple({"role": m["role"], "content": m["content"]} for m in value)
-
-
-def _rubrics(value: Any) -> tuple[dict[str, Any], ...] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value:
-        raise ValueError("key 'rubrics' must be a non-empty list of {criterion, points, tags}, or null")
-    out = []
-    for n, c in enumerate(value):
-        points = c.get("points") if isinstance(c, dict) else None
-        if not (isinstance(c, dict) and isinstance(c.get("criterion"), str) and c["criterion"].strip()
-                and isinstance(points, (int, float)) and not isinstance(points, bool) and -10 <= points <= 10):
-            raise ValueError(f"key 'rubrics' item {n}: needs a non-empty 'criterion' and 'points' in [-10, 10]")
-        tags = c.get("tags") or []
-        if not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
-            raise ValueError(f"key 'rubrics' item {n}: 'tags' must be a list of strings")
-        out.append({"criterion": c["criterion"], "points": float(points), "tags": list(tags)})
-    if not any(c["points"] > 0 for c in out):
-        raise ValueError("key 'rubrics' needs at least one criterion with positive points")
-    return tuple(out)
+                   messages=tuple(messages) if messages else None, rubrics=tuple(rubrics) if rubrics else None)
 
 
 @dataclass

@@ -21,7 +21,8 @@ from medrl.reward.cache import JudgeStore, cache_key
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import Gate, OpenAIJudge
 from medrl.reward.ledger import Usage
-from medrl.reward.rubric import ANSWER_CLOSE, ANSWER_OPEN, JudgementError, _scrub, load_verdict_json
+from medrl.reward.rubric import (ANSWER_CLOSE, ANSWER_OPEN, JudgementError, load_verdict_json,
+                                 scrub_markers)
 from medrl.reward.rules import detect_injection, format_rule
 from medrl.reward.text import en_words, key_terms, split_response, term_found
 from medrl.reward.types import RewardInput, RewardResult
@@ -67,8 +68,9 @@ def parse_equivalence(content: str | None) -> tuple[bool, str]:
 
 
 def build_verifier_messages(prompt: str, answer: str, reference: str) -> list[dict[str, str]]:
-    user = (f"QUESTION:\n{_scrub(prompt.strip())}\n\nREFERENCE ANSWER:\n{_scrub(reference.strip())}\n\n"
-            f"{ANSWER_OPEN}\n{_scrub(answer.strip())}\n{ANSWER_CLOSE}\n\nReturn the json verdict.")
+    user = (f"QUESTION:\n{scrub_markers(prompt.strip())}\n\n"
+            f"REFERENCE ANSWER:\n{scrub_markers(reference.strip())}\n\n"
+            f"{ANSWER_OPEN}\n{scrub_markers(answer.strip())}\n{ANSWER_CLOSE}\n\nReturn the json verdict.")
     return [{"role": "system", "content": VERIFIER_RUBRIC}, {"role": "user", "content": user}]
 
 
