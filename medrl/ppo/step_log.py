@@ -68,4 +68,5 @@ def append_samples(path: Path, step_no: int, records: list[dict], samples: list[
             f.write(json.dumps({"step": step_no, "id": records[s.prompt_index]["id"], "sample": s.sample_index,
                                 "response": s.text, "reward": r.reward, "components": r.components,
                                 "judge_status": r.judge_status, "judge_reason": r.reasons.get("judge", ""),
-                                "flags": r.flags, "dropped": r.dropped}, ensure_ascii=False) + "\n")
+                                "flags": r.flags, "dropped": r.dropped,
+                                **({"dialogue": s.dialogue} if s.dialogue else {})}, ensure_ascii=False) + "\n")

@@ -163,6 +163,12 @@ class RewardPool:
         else:  # no calls, no spending, no cache: say only what is used
             log.info("reward pool: judge %s, %d actor(s)", jc.judge_id, jc.num_actors)
 
+    def patient_access(self) -> dict:
+        """What an LLM patient in another actor needs to share this pool's endpoint, ledger and store (secrets as
+        ``SecretStr``; ``medrl.consult``)."""
+        return {"coordinator": self._coordinator_name, "api_key": self._api_key, "store_url": self._db_url,
+                "cache": self.cfg.cache}
+
     def _new_actor(self):
         jc = self.cfg.judge
         return JudgeActor.options(num_cpus=jc.actor_num_cpus, max_restarts=jc.actor_max_restarts,
