@@ -9,6 +9,7 @@ from pydantic import SecretStr
 from medrl.consult.cases import Case
 from medrl.consult.config import ConsultConfig
 from medrl.consult.dialogue import Dialogue, run_dialogues
+from medrl.consult.patient import LLMPatient
 from medrl.consult.protocol import opening_turns
 from medrl.models.chat import render_prompt
 from medrl.ppo.batch import Sample
@@ -35,6 +36,23 @@ class PatientSpec:
         if self.provider == "scripted":
             return "scripted-v1"
         return f"openai:{self.judge.model}|{self.prompt_version}|t={self.judge.temperature:g}"
+
+
+def llm_patient(spec: PatientSpec, gate) -> LLMPatient:
+    """The LLM patient of ``spec`` over the judge client, under ``gate`` (rate limits, budget, usage), with the
+    judge store as its reply cache (call inside the event loop that will run its calls)."""
+    from medrl.reward.cache import open_store
+    from medrl.reward.judge import OpenAIJudge
+
+    judge = OpenAIJudge(spec.judge, spec.api_key.get_secret_value() if spec.api_key else "")
+    store = open_store(spec.cache, url=spec.store_url.get_secret_value() if spec.store_url else None)
+
+    async def call(messages, parse):
+        outcome = await judge.call(messages, parse, gate)
+        await gate.flush()  # the usage reaches the ledger at once: rollouts have no end-of-batch flush
+        return outcome
+
+    return LLMPatient(spec.simulator, store, call, spec.leak_retries, close=judge.close)
 
 
 def patient_judge_config(consult: ConsultConfig, reward: RewardConfig) -> JudgeConfig:

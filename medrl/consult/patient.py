@@ -38,7 +38,9 @@ NOTHING = {"en": "Nothing I know of, doctor.", "zh": "这个我不清楚。"}
 
 
 def leaks(reply: str, case: Case) -> bool:
-    """True when ``reply`` holds the target: its whole text, or every one of its key terms."""
+    """True when ``reply`` holds the target: its whole text, or at least half of its key terms (two at least, when
+    it has two or more: "myocardial infarction" leaks "Acute inferior myocardial infarction", "artery" alone does
+    not leak "Right coronary artery")."""
     target = case.target_text.strip()
     if not target:
         return False
@@ -46,7 +48,8 @@ def leaks(reply: str, case: Case) -> bool:
         return True
     terms = key_terms(target, 16)
     words = en_words(reply)
-    return bool(terms) and all(term_found(t, reply, words) for t in terms)
+    found = sum(term_found(t, reply, words) for t in terms)
+    return bool(terms) and found >= max(min(2, len(terms)), len(terms) / 2)
 
 
 def _sentences(text: str) -> list[str]:
@@ -95,6 +98,10 @@ Reply with json only: {"reply": "<what the patient says>"}"""
 """The LLM patient's system prompt (``consult.patient.prompt_version`` names its version in the cache key)."""
 
 
+RETRY_NOTE = "(Your previous reply named the diagnosis: never do that.)"
+"""Added to the patient call asked again after a leak."""
+
+
 def patient_messages(case: Case, dialogue: list[tuple[str, str | None]], retry: int = 0) -> list[dict[str, str]]:
     """The patient call: the fixed system prompt, then the case and the dialogue so far (doctor / patient lines)."""
     facts = "\n".join(f"{f}: {case.profile[f]}" for f in PROFILE_FIELDS if case.profile.get(f))
@@ -103,7 +110,7 @@ def patient_messages(case: Case, dialogue: list[tuple[str, str | None]], retry: 
         lines.append(f"Doctor: {question}")
         if answer is not None:
             lines.append(f"Patient: {answer}")
-    note = "\n(Your previous reply named the diagnosis: never do that.)" * (retry > 0)
+    note = f"\n{RETRY_NOTE}" * (retry > 0)
     user = f"<<<CASE>>>\nlanguage: {case.language}\n{facts}\n<<<END CASE>>>\n\n" + "\n".join(lines) + note
     return [{"role": "system", "content": PATIENT_PROMPT}, {"role": "user", "content": user}]
 
@@ -128,8 +135,16 @@ class LLMPatient:
     looked up in the store first (key ``reply_key``) and stored once asked, so a resumed run replays the same
     dialogue and pays nothing twice. ``call(messages, parse)`` is the bound judge call (gate included)."""
 
-    def __init__(self, simulator: str, store, call: Callable, leak_retries: int):
+    def __init__(self, simulator: str, store, call: Callable, leak_retries: int, close: Callable | None = None):
         self.version, self.store, self._call, self.leak_retries = simulator, store, call, leak_retries
+        self._close = close
+
+    async def close(self) -> None:
+        """Close the client (``close``) and the store."""
+        if self._close is not None:
+            await self._close()
+        if self.store is not None:
+            self.store.close()
 
     async def reply(self, case: Case, dialogue: list[tuple[str, str | None]]) -> PatientReply:
         key = reply_key(self.version, case, dialogue)

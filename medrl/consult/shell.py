@@ -9,31 +9,22 @@ import time
 import ray
 
 from medrl.consult.cases import Case
-from medrl.consult.engine import ConsultSpec, PatientSpec, play
-from medrl.consult.patient import LLMPatient, ScriptedPatient
+from medrl.consult.engine import ConsultSpec, PatientSpec, llm_patient, play
+from medrl.consult.patient import ScriptedPatient
 from medrl.ppo.rollout import RolloutWorker
 
 
 def make_patient(spec: PatientSpec):
-    """The patient of ``spec`` (call inside the event loop that will run its calls)."""
+    """The patient of ``spec`` (call inside the event loop that will run its calls): an LLM patient takes its
+    permits from the reward pool's coordinator."""
     if spec.provider == "scripted":
         return ScriptedPatient()
-    from medrl.reward.cache import open_store
-    from medrl.reward.judge import OpenAIJudge
     from medrl.reward.ledger import LeasedGate
 
     coordinator = ray.get_actor(spec.coordinator)
     gate = LeasedGate(coordinator.lease.remote, coordinator.settle.remote, coordinator.add.remote, lease_size=8,
                       flush_every=8)
-    judge = OpenAIJudge(spec.judge, spec.api_key.get_secret_value() if spec.api_key else "")
-    store = open_store(spec.cache, url=spec.store_url.get_secret_value() if spec.store_url else None)
-
-    async def call(messages, parse):
-        outcome = await judge.call(messages, parse, gate)
-        await gate.flush()
-        return outcome
-
-    return LLMPatient(spec.simulator, store, call, spec.leak_retries)
+    return llm_patient(spec, gate)
 
 
 class ConsultingWorker(RolloutWorker):
