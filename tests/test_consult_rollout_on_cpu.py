@@ -103,3 +103,28 @@ def test_consultation_ppo_through_ray_and_exact_resume(tiny_model_dir, tmp_path,
     b = load_file(run2.ppo_adapter / "adapter_model.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_consultation_eval_and_report_section(tiny_model_dir, tmp_path):
+    from medrl.consult.evaluate import consultation_section, correct, evaluate_model, write_dialogues
+
+    cfg, _ = ppo_config(tmp_path, tiny_model_dir, "eval")
+    cases = load_cases(CASES)[:2] + load_cases("data/samples/consultation/osce_sample.jsonl")[:1]
+    spec = ConsultSpec(2, 10, 0.0, 1.0, "sys", PatientSpec("scripted", 1))
+    out = evaluate_model(cfg.model, None, cases, spec, 16)
+    m, dialogues = out["metrics"], out["dialogues"]
+    assert m["n"] == 3 and len(dialogues) == 3
+    assert m["accuracy_interviewed"] == sum(d["correct"] for d in dialogues) / 3
+    assert m["mean_turns"] == sum(d["policy_turns"] for d in dialogues) / 3 and 1 <= m["mean_turns"] <= 2
+    assert m["leak_rate"] == 0.0 and m["patient_calls_per_dialogue"] == 0.0  # scripted: nothing paid
+    # greedy: the same eval twice gives the same dialogues
+    again = evaluate_model(cfg.model, None, cases, spec, 16)["dialogues"]
+    assert [d["turns"] for d in again] == [d["turns"] for d in dialogues]
+    # what counts as correct
+    mi, osce = cases[0], cases[2]
+    assert correct(mi, "<think>x</think>FINAL ANSWER: A") and not correct(mi, "FINAL ANSWER: B")
+    assert correct(osce, "FINAL ANSWER: acute myeloid leukemia") and not correct(osce, "acute myeloid leukemia?")
+    write_dialogues(tmp_path, "base", dialogues)
+    blocks = consultation_section(tmp_path, {"consultation": {"base": m}})
+    assert blocks[1].rows[0][1]["n"] == "3" and len(blocks) == 5  # heading, table, note, 2 dialogues
+    assert blocks[3].text.startswith("doctor: ")
