@@ -111,8 +111,9 @@ def run_consult_eval(cfg, models: dict[str, Path | None]) -> dict[str, dict]:
 
 
 def write_dialogues(eval_dir: Path, model: str, dialogues: list[dict]) -> None:
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    with open(eval_dir / f"consultation.{model}.jsonl", "w", encoding="utf-8") as f:
+    """``<eval>/consultation/<model>.jsonl``: one row per case (both modes, the dialogue)."""
+    (eval_dir / "consultation").mkdir(parents=True, exist_ok=True)
+    with open(eval_dir / "consultation" / f"{model}.jsonl", "w", encoding="utf-8") as f:
         for d in dialogues:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
 
@@ -133,7 +134,7 @@ def consultation_section(eval_dir: Path, summary: dict, shown: int = 2) -> list[
         "The same cases, answered greedily: once with every fact in one message, once by interviewing a patient who "
         "only answers what is asked (docs/consultation.md). Rubric scores of dialogues are not graded in the eval.")]
     for m in per_model:
-        path = eval_dir / f"consultation.{m}.jsonl"
+        path = eval_dir / "consultation" / f"{m}.jsonl"
         if not path.is_file():
             continue
         for line in path.read_text(encoding="utf-8").splitlines()[:shown]:

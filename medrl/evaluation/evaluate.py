@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -314,11 +315,11 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
                     "pairwise_s": round(t3 - t2, 2)},
     }
     summary = save_eval(run, rows, pairwise, meta)
-    if consultation:
+    shutil.rmtree(run.eval / "consultation", ignore_errors=True)  # the dialogues of this eval only
+    for model, result in consultation.items():
         from medrl.consult.evaluate import write_dialogues
 
-        for model, result in consultation.items():
-            write_dialogues(run.eval, model, result["dialogues"])
+        write_dialogues(run.eval, model, result["dialogues"])
     return summary
 
 
