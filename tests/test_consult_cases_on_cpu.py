@@ -198,3 +198,24 @@ def test_llm_patient_loopback_cache_and_leak_retry(tmp_path):
         assert [r.text for r in again[:2]] == [r.text for r in first[:2]]
         assert sum(server.stats()["served"].values()) == served + 2  # only the leaking reply is asked again
         assert reply_key(spec.simulator, mi, [(qs[0], None)]) != reply_key("scripted-v1", mi, [(qs[0], None)])
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_patient_reply_table_both_backends(backend, tmp_path, request, monkeypatch):
+    from medrl.reward.cache import open_store
+    from medrl.reward.config import CacheConfig
+
+    if backend == "postgres":
+        monkeypatch.setenv("MEDRL_TEST_PG_URL", request.getfixturevalue("postgres").url)
+        cache = CacheConfig(backend="postgres", url_env="MEDRL_TEST_PG_URL")
+    else:
+        cache = CacheConfig(path=str(tmp_path / "store.sqlite"))
+    store = open_store(cache)
+    row = {"key": "patient:abc", "simulator": "openai:m|patient-v1|t=0.3", "reply": "三天了。", "tokens_in": 10,
+           "tokens_out": 3, "tokens_cache_hit": 4, "cost_usd": 0.001}
+    store.put_patient_reply(row)
+    store.put_patient_reply({**row, "reply": "a later writer"})  # first writer wins: a replay sees the first reply
+    got = open_store(cache).patient_replies_many(["patient:abc", "patient:missing"])
+    assert list(got) == ["patient:abc"] and got["patient:abc"]["reply"] == "三天了。"
+    assert got["patient:abc"]["tokens_cache_hit"] == 4 and store.count() == 0  # not in the judgement table
+    store.close()
