@@ -128,3 +128,39 @@ def test_consultation_eval_and_report_section(tiny_model_dir, tmp_path):
     blocks = consultation_section(tmp_path, {"consultation": {"base": m}})
     assert blocks[1].rows[0][1]["n"] == "3" and len(blocks) == 5  # heading, table, note, 2 dialogues
     assert blocks[3].text.startswith("doctor: ")
+
+
+@pytest.mark.slow
+def test_llm_patient_in_rollout_actors_replays_from_the_store(tiny_model_dir, tmp_path, ray_local, monkeypatch):
+    """The LLM patient inside the rollout actor (the reward pool's ledger, the judge store): a second run of the
+    same step replays every dialogue from the store without a patient call."""
+    from medrl.ppo.driver import PPOTrainer
+    from medrl.reward.cache import open_store
+    from medrl.reward.loopback_server import LoopbackJudge
+
+    monkeypatch.setenv("MEDRL_TEST_JUDGE_KEY", "sk-test")
+    with LoopbackJudge(latency_s=0.05) as server:
+        overrides = ("ppo.steps=1", "ppo.prompts_per_step=2", "ppo.samples_per_prompt=2", f"consult.cases=[{CASES}]",
+                     "consult.cases_per_step=2", "consult.max_turns=2", "consult.turn_tokens=8",
+                     "reward.w_verifier=1", "reward.w_teacher=0", "reward.w_rubric=0",
+                     "reward.verifier.open_ended=match", "consult.patient.provider=openai",
+                     "reward.judge.provider=openai", f"reward.judge.base_url={server.base_url}",
+                     "reward.judge.api_key_env=MEDRL_TEST_JUDGE_KEY", "reward.judge.max_retries=0",
+                     f"reward.cache.path={tmp_path / 'shared.sqlite'}")
+        dialogues = []
+        for name in ("first", "again"):
+            cfg, run = ppo_config(tmp_path, tiny_model_dir, name, *overrides)
+            with PPOTrainer(cfg, run) as tr:
+                tr.step()
+                requests = tr.groups.reward_stats()["requests"]
+            rows = [json.loads(x) for x in run.ppo_samples.read_text().splitlines()]
+            dialogues.append(([r["dialogue"] for r in rows if "dialogue" in r], requests))
+    (first, first_requests), (again, again_requests) = dialogues
+    asked = sum(d["patient_calls"] for d in first)
+    assert len(first) == 4 and asked == sum(d["policy_turns"] - 1 for d in first) > 0  # no leak, no retry
+    assert first_requests == asked and again_requests == 0  # the patient's calls are the ledger's only calls
+    assert sum(d["patient_calls"] for d in again) == 0 and sum(d["patient_cached"] for d in again) == asked
+    assert [d["turns"] for d in again] == [d["turns"] for d in first]
+    store = open_store(cfg.reward.cache)
+    assert store._run("SELECT COUNT(*) FROM patient_replies").fetchone()[0] == asked
+    store.close()
