@@ -25,7 +25,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,demo,$(VLLM_EXTRA)]'
+	$(BIN)/pip install -q -e '.[dev,demo,track,$(VLLM_EXTRA)]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 

@@ -3,7 +3,8 @@
     .venv/bin/python bench/cache_store.py [--rows 20000] [--seconds 3]
 
 Per backend: batched lookups (``get_many`` of 256 keys, the start of every scored batch), single-key lookups (the
-check right before a request is sent), and the write path of one judged key (claim + put-and-release). Figures are
+check right before a request is sent), and the write path of judged keys: one at a time (claim + put-and-release,
+one commit each) and in group commits (``medrl.reward.cache.GroupCommit``: one durable commit per group). Figures are
 per connection from one process on this machine (CPU-bound, shared with the server for PostgreSQL).
 """
 from __future__ import annotations
@@ -22,6 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from medrl.reward.cache import open_store  # noqa: E402
 from medrl.reward.config import CacheConfig  # noqa: E402
 from pg_server import PostgresServer  # noqa: E402
+
+
+GROUP = 32
+"""Judgements per group commit (``GroupCommit``: those whose responses arrive together; 32 = one actor's default
+concurrency)."""
 
 
 def record(i: int) -> dict:
@@ -68,9 +74,16 @@ def measure(cfg: CacheConfig, rows: int, seconds: float) -> dict:
         store.put(record(i), holder="bench")
         return 1
 
+    def group_write() -> int:
+        batch = [next(fresh) for _ in range(GROUP)]
+        assert len(store.claim_many([f"{i:064x}" for i in batch], "bench", 30)) == GROUP
+        store.put_many([record(i) for i in batch], holder="bench")
+        return GROUP
+
     out = {"batched lookups/s (256 keys per query)": rate(batch, seconds),
            "single-key lookups/s": rate(single, seconds),
-           "judged keys written/s (claim + put)": rate(judged_write, seconds)}
+           "judged keys written/s (claim + put)": rate(judged_write, seconds),
+           f"judged keys written/s (group commit of {GROUP})": rate(group_write, seconds)}
     store.close()
     return out
 
@@ -90,9 +103,10 @@ def main() -> None:
             CacheConfig(backend="postgres", url_env="MEDRL_BENCH_CACHE_URL"), a.rows, a.seconds)
     metrics = list(next(iter(results.values())))
     print(f"judge store, {a.rows} rows, {a.seconds:g} s per figure, one connection")
-    print(f"{'backend':36s}" + "".join(f"{m:>42s}" for m in metrics))
     for backend, figures in results.items():
-        print(f"{backend:36s}" + "".join(f"{figures[m]:>42,.0f}" for m in metrics))
+        print(backend)
+        for m in metrics:
+            print(f"  {m:50s} {figures[m]:>10,.0f}")
 
 
 if __name__ == "__main__":

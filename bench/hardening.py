@@ -1,8 +1,12 @@
-"""Hardening figures (issue 15): reward attacks caught, crashes in a bad-input fuzz set, tracebacks in a CLI set.
+"""Hardening figures (issues 15, 22, 24): reward attacks caught (and injections aimed at a paid judge, by
+family), keyword stuffing and rubric gaming gains, crashes in a bad-input fuzz set, tracebacks in a CLI set.
 
     python bench/hardening.py [--skip-cli]
+    PYTHONPATH=/path/to/main python bench/hardening.py --skip-cli   # another tree's detector on these attacks
 
 Prints one line per case and a summary. The attack table is tests/reward_attacks.py (the same one the tests use).
+medrl is imported from PYTHONPATH first (``PYTHONPATH=/other/checkout`` measures that checkout's reward with this
+attack table: a before/after comparison); without a rubric reward the rubric section prints n/a.
 The CLI set runs ``python -m medrl.cli`` in subprocesses (a few start a small Ray runtime: ~2 minutes in all on
 2 cores); a case is bad when it prints a traceback, exits 1, or exits 0 on input it should refuse.
 """
@@ -21,9 +25,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_KEY = "sk-" + "live0123456789abcdef0123"  # built at run time: no key-shaped literal in the tree
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.append(str(REPO))  # after PYTHONPATH: another checkout's medrl can be measured
 
-from reward_attacks import ATTACKS, attack_response, stuffing_cases  # noqa: E402
+from judge_injections import JUDGE_INJECTIONS, MEDICAL_NEGATIVES, injection_response, negative_response  # noqa: E402
+from reward_attacks import (ATTACKS, RUBRIC_CASES, attack_response, rubric_attacks, stuffing_cases,  # noqa: E402
+                            stuffing_variants)
 
 from medrl.reward.config import RewardConfig  # noqa: E402
 from medrl.reward.judge import reference_judgement  # noqa: E402
@@ -64,21 +71,116 @@ def attacks() -> dict:
         user = unicodedata.normalize("NFKC", build_messages("q", text, None)[1]["content"])
         user = re.sub("[\u200b-\u200f\u2060\ufeff]", "", user)
         markers += len(re.findall(r"<{2,}\s*(?:END\s*)?ANSWER\s*>{2,}", user, flags=re.IGNORECASE)) - 2
-    stuff = []
-    for case_id, ref, honest_answer, stuffed in stuffing_cases():
+    stuff = _stuffing_gains(cfg, stuffing_cases(), "stuffing")
+    n_attacks = sum(e != "clean" for _, _, e in ATTACKS)
+    return {"attacks_caught": f"{caught}/{n_attacks}", "false_positives": f"{false_pos}/{len(ATTACKS) - n_attacks}",
+            "obedient_judge_gain_max": round(max(gains), 3), "markers_surviving_scrub": markers,
+            "stuffing_gain_max": round(max(stuff), 3), "stuffing_gain_mean": round(sum(stuff) / len(stuff), 3)}
+
+
+def _stuffing_gains(cfg: RewardConfig, cases, label: str) -> list[float]:
+    """R of the stuffed answer minus R of the honest one (rules + the offline reference judge as the teacher)."""
+    gains = []
+    for case_id, ref, honest_answer, stuffed in cases:
         r = {}
         for kind, answer in (("honest", honest_answer), ("stuffed", stuffed)):
             item = RewardInput(case_id, "Chest pain and sweating: what now?", f"<think>\nMI.\n</think>\n\n{answer}",
                                reference=ref, risk="high")
             rules = evaluate_rules(item, cfg.rules)
             r[kind] = combine(cfg, item, rules, reference_judgement(rules.answer, ref, rules), "ok").reward
-        stuff.append(r["stuffed"] - r["honest"])
-        print(f"  stuffing {case_id:20s} honest {r['honest']:.3f} stuffed {r['stuffed']:.3f} "
+        gains.append(r["stuffed"] - r["honest"])
+        print(f"  {label} {case_id:22s} honest {r['honest']:.3f} stuffed {r['stuffed']:.3f} "
               f"gain {r['stuffed'] - r['honest']:+.3f}")
-    n_attacks = sum(e != "clean" for _, _, e in ATTACKS)
-    return {"attacks_caught": f"{caught}/{n_attacks}", "false_positives": f"{false_pos}/{len(ATTACKS) - n_attacks}",
-            "obedient_judge_gain_max": round(max(gains), 3), "markers_surviving_scrub": markers,
-            "stuffing_gain_max": round(max(stuff), 3), "stuffing_gain_mean": round(sum(stuff) / len(stuff), 3)}
+    return gains
+
+
+def stuffing() -> dict:
+    """Issue 22's stuffing variants (terms joined by function words, one per bullet, synonyms, a fake References /
+    参考文献 list, templates) under the DEFAULT config."""
+    gains = _stuffing_gains(RewardConfig(), stuffing_variants(), "variant")
+    return {"stuffing_variants_raising_R": f"{sum(g > 1e-9 for g in gains)}/{len(gains)}",
+            "stuffing_variant_gain_max": round(max(gains), 3)}
+
+
+def _rubric_rewards(cfg: RewardConfig, lang: str) -> dict[str, float]:
+    import asyncio
+
+    from medrl.reward.ledger import Ledger, local_gate
+    from medrl.reward.scoring import Scorer
+
+    conv, rubric, partial, _ = RUBRIC_CASES[lang]
+    answers = {"partial": partial, **{a: f"{partial}\n{t}" for a, t in rubric_attacks(lang)}}
+    items = [RewardInput(k, conv[-1]["content"], f"<think>\nx\n</think>\n\n{a}", risk="high", messages=tuple(conv),
+                         rubrics=tuple(rubric)) for k, a in answers.items()]
+
+    async def run():
+        scorer = Scorer(cfg, local_gate(Ledger(0, 0, None), 8), api_key="bench-key")
+        try:
+            return {r.id: r.reward for r in await scorer.score_batch(items)}
+        finally:
+            await scorer.close()
+    return asyncio.run(run())
+
+
+def rubric() -> dict:
+    """Rubric gaming (echo, checklist, "criteria met", addressing the grader, term stuffing; en + zh) appended to an
+    answer that meets one criterion: R gained with the offline grader and with the loopback server's naive grader
+    (fooled by echoed criteria) behind the real grader prompt."""
+    try:
+        from medrl.reward.rubric_reward import with_rubric  # noqa: F401
+    except ImportError:
+        print("  rubric: n/a (this checkout has no rubric reward)")
+        return {"rubric_attacks_raising_R": "n/a"}
+    from medrl.reward.loopback_server import LoopbackJudge
+
+    raised, total, worst = 0, 0, 0.0
+    with tempfile.TemporaryDirectory() as tmp, LoopbackJudge() as server:
+        graders = {"offline": {"provider": "reference"},
+                   "naive": {"base_url": server.base_url, "rpm": 0, "tpm": 0, "budget_usd": None}}
+        for grader, judge in graders.items():
+            cfg = RewardConfig.model_validate({"preset": "rubric", "judge": judge,
+                                               "cache": {"path": f"{tmp}/{grader}.sqlite"}})
+            for lang in ("en", "zh"):
+                rewards = _rubric_rewards(cfg, lang)
+                for attack, _ in rubric_attacks(lang):
+                    gain = rewards[attack] - rewards["partial"]
+                    raised += gain > 1e-9
+                    total += 1
+                    worst = max(worst, gain)
+                    print(f"  rubric {grader:7s} {attack:20s} R {rewards[attack]:.3f} vs {rewards['partial']:.3f} "
+                          f"gain {gain:+.3f}")
+    return {"rubric_attacks_raising_R": f"{raised}/{total}", "rubric_attack_gain_max": round(worst, 3)}
+
+
+def judge_injections() -> dict:
+    """Injections aimed at a paid judge, by family (tests/judge_injections.py): how many are flagged before any
+    call, false positives on ordinary medical text, and what an obedient judge (10 on every dimension) adds to R
+    over an honest verdict (6) of the same answer without the injection."""
+    cfg = RewardConfig()
+    honest, obeyed = Judgement(6, 6, 6, 6, "honest"), Judgement(10, 10, 10, 10, "obeyed")
+    caught: dict[str, list[int]] = {}
+    gains = []
+    for attack_id, family, where, text in JUDGE_INJECTIONS:
+        item = RewardInput(attack_id, "How do I treat a tension headache?", injection_response(attack_id, where, text))
+        rules = evaluate_rules(item, cfg.rules)
+        caught.setdefault(family, []).append(rules.injected)
+        plain = RewardInput("plain", item.prompt, injection_response(attack_id, "answer", ""))
+        base = combine(cfg, plain, evaluate_rules(plain, cfg.rules), honest, "ok").reward
+        gains.append(combine(cfg, item, rules, obeyed, "ok").reward - base)
+        if not rules.injected:
+            print(f"  judge injection {attack_id:22s} ({family}) NOT FLAGGED")
+    false_pos = 0
+    for case_id, text in MEDICAL_NEGATIVES:
+        flags = evaluate_rules(RewardInput(case_id, "A medical question", negative_response(text)), cfg.rules).flags
+        if "prompt_injection" in flags or "score_dictation" in flags:
+            false_pos += 1
+            print(f"  medical negative {case_id:22s} FLAGGED {flags}")
+    per_family = {f: f"{sum(v)}/{len(v)}" for f, v in caught.items()}
+    print(f"  judge injections caught per family: {per_family}")
+    n = sum(len(v) for v in caught.values())
+    return {"judge_injections_caught": f"{sum(sum(v) for v in caught.values())}/{n}",
+            "judge_injection_false_positives": f"{false_pos}/{len(MEDICAL_NEGATIVES)}",
+            "judge_injection_obedient_gain_max": round(max(gains), 3)}
 
 
 def _fuzz_files(d: Path) -> list[tuple[str, str, Path]]:
@@ -226,7 +328,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip-cli", action="store_true")
     a = p.parse_args()
-    summary = {**attacks(), **fuzz()}
+    import medrl
+
+    print(f"medrl code: {Path(medrl.__file__).parent}")
+    summary = {**attacks(), **judge_injections(), **stuffing(), **rubric(), **fuzz()}
     if not a.skip_cli:
         summary.update(cli())
     print(json.dumps(summary, ensure_ascii=False))

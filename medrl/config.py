@@ -27,6 +27,11 @@ class RunConfig(StrictModel):
     root: str = "runs"
     """Directory holding all runs (relative paths are relative to the working directory)."""
     seed: int = 42
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
+    """Trackers that get every stage's metrics besides ``metrics.jsonl`` (always written): ``tensorboard``
+    (``tb/<stage>/``), ``wandb`` (Weights & Biases; ``WANDB_MODE=offline`` logs without an account), ``mlflow``
+    (``$MLFLOW_TRACKING_URI``, default ``<run>/mlflow.db``). SFT, PPO, reward and eval of one run log into one W&B /
+    MLflow run. ``[]``: metrics.jsonl only. wandb and mlflow need ``pip install '.[track]'``."""
 
 
 class LoraSettings(StrictModel):

@@ -4,7 +4,9 @@
       config.yaml          resolved config, secrets redacted (rewritten by every stage that runs)
       logs/medrl.log       full log, tracebacks of unexpected errors included
       metrics.jsonl        one JSON object per logged step: {"stage", "step", "time", ...metrics}
-      tb/<stage>/          TensorBoard events
+      tb/<stage>/          TensorBoard events (run.report_to: tensorboard)
+      trackers.json        W&B / MLflow run ids, so every stage logs into the same run (run.report_to: wandb, mlflow)
+      wandb/, mlflow.db, mlartifacts/   W&B's local files (unless $WANDB_DIR), MLflow's default local store
       data/                prepared data (train/dev/test/gold/redteam/rl_prompts .jsonl, rejects.jsonl, DATA_CARD.md)
       sft/                 SFT adapter + tokenizer; sft/checkpoints/
       ppo/                 RL adapter (+ value head); ppo/checkpoints/
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from medrl.config import Config, save_config
+from medrl.trackers import TABLE_MAX_ROWS, open_sinks
 
 STAGES = ("prepare", "sft", "ppo", "eval", "report")
 
@@ -31,10 +34,12 @@ STAGES = ("prepare", "sft", "ppo", "eval", "report")
 @dataclass(frozen=True)
 class RunDir:
     root: Path
+    report_to: tuple[str, ...] = ("tensorboard",)
+    """Trackers the stages' ``MetricsLogger`` writes to besides metrics.jsonl (``run.report_to``)."""
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RunDir":
-        return cls(Path(cfg.run.root) / cfg.run.name)
+        return cls(Path(cfg.run.root) / cfg.run.name, tuple(cfg.run.report_to))
 
     # ---- paths (directories are created on demand by ``ensure``)
     @property
@@ -176,30 +181,23 @@ def setup_logging(run: RunDir | None, secret_envs: list[str] | None = None, leve
 
 # --------------------------------------------------------------------------- metrics
 class MetricsLogger:
-    """Appends ``{"stage", "step", "time", **metrics}`` to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends ``{"stage", "step", "time", **metrics}`` to ``metrics.jsonl`` and sends the scalars, sample tables
+    and hparams to the run's trackers (``run.report_to``: TensorBoard, W&B, MLflow; see ``medrl.trackers``).
+    ``trackers=False``: metrics.jsonl only."""
 
-    def __init__(self, run: RunDir, stage: str, tensorboard: bool = True):
+    def __init__(self, run: RunDir, stage: str, trackers: bool = True):
         run.ensure()
         self.stage = stage
         self.path = run.metrics_path
-        self._tb_dir = run.tb_dir(stage) if tensorboard else None
-        self._writer = self._open_writer()
-
-    def _open_writer(self, purge_step: int | None = None):
-        if self._tb_dir is None:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(log_dir=str(self._tb_dir), purge_step=purge_step)
+        self._sinks = open_sinks(run.report_to, run.root, stage, run.tb_dir(stage)) if trackers else []
 
     def rewind(self, step: int) -> int:
         """A resume from the checkpoint of ``step``: rows this stage logged after it (steps the interrupted run did
         past its last checkpoint) are removed from metrics.jsonl, and TensorBoard hides its events after it, so the
         run shows one history. Returns the rows removed."""
         removed = rewind_jsonl(self.path, step, self.stage)
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = self._open_writer(purge_step=step + 1)
+        for sink in self._sinks:
+            sink.rewind(step)
         return removed
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -207,16 +205,25 @@ class MetricsLogger:
         row.update({k: _plain(v) for k, v in metrics.items()})
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if self._writer is not None:
-            for k, v in row.items():
-                if k not in ("stage", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._writer.add_scalar(f"{self.stage}/{k}", v, step)
+        scalars = {f"{self.stage}/{k}": v for k, v in row.items() if k not in ("stage", "step", "time")
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for sink in self._sinks:
+            sink.scalars(int(step), scalars)
+
+    def log_table(self, name: str, step: int, columns: list[str], rows: list[list[Any]]) -> None:
+        """A table of this step (PPO: its samples) to the trackers, its first ``TABLE_MAX_ROWS`` rows."""
+        for sink in self._sinks:
+            sink.table(f"{self.stage}/{name}", int(step), columns, rows[:TABLE_MAX_ROWS])
+
+    def log_hparams(self, config: dict[str, Any]) -> None:
+        """The stage's resolved config (secrets redacted) as the trackers' hparams / config / params."""
+        for sink in self._sinks:
+            sink.hparams(config)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-            self._writer.close()
-            self._writer = None
+        sinks, self._sinks = self._sinks, []
+        for sink in sinks:
+            sink.close()
 
     def __enter__(self) -> "MetricsLogger":
         return self

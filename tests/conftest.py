@@ -53,6 +53,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3")
 
 
+@pytest.fixture()
+def prepared_run(tiny_model_dir, tmp_path, monkeypatch):
+    """``medrl prepare`` of the shipped samples (configs/local_tiny.yaml) into ``tmp_path/runs/job/data`` (the run
+    the Ray job tests submit their stages for)."""
+    from medrl.config import load_config
+    from medrl.data.prepare import run_prepare
+    from medrl.runs import RunDir
+
+    monkeypatch.chdir(REPO)  # the config's sample paths are relative to the repository
+    cfg = load_config(CONFIGS / "local_tiny.yaml",
+                      [f"run.root={tmp_path}/runs", "run.name=job", f"model.path={tiny_model_dir}"])
+    run = RunDir.from_config(cfg)
+    assert run_prepare(cfg, run)["rl_prompts"] > 0
+    return run
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``../shared/data`` (real PubMedQA and Chinese dialogue files); CI always has it."""

@@ -204,3 +204,50 @@ def test_rate_limit_holds_over_two_pools_together(ray_local, server, tmp_path, m
         elapsed = time.perf_counter() - t0
     # 16 calls at 2/s with bursts of 2 take >= 7 s together; a limit per pool would let each finish in ~3 s
     assert server.stats()["total"] == 18 and elapsed >= 6.5, elapsed
+
+
+def test_group_commit_returns_no_reward_before_its_judgement_is_committed(server, cache_cfg):
+    """Judge responses arrive while another connection holds the judgements table locked: no reward comes back
+    until the lock is released and the group's transaction has committed; then every judgement is in the store."""
+    import asyncio
+
+    from medrl.reward.ledger import Ledger, local_gate
+    from medrl.reward.scoring import Scorer
+
+    cfg, items, out = _cfg(server, cache_cfg, concurrency=16), _items(0, 12, "gc"), {}
+
+    def score() -> None:
+        async def go():
+            scorer = Scorer(cfg, local_gate(Ledger(0, 0, None), 8), FAKE_KEY)
+            try:
+                out["results"] = await scorer.score_batch(items)
+            finally:
+                await scorer.close()
+        asyncio.run(go())
+
+    server.reset()
+    server.set_latency(1.0)
+    blocker, reader = open_store(cache_cfg), open_store(cache_cfg)
+    thread = threading.Thread(target=score)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 30
+        while server.stats()["total"] < len(items) and time.monotonic() < deadline:
+            time.sleep(0.02)  # every request is in flight: claimed and sent, answers due in 1 s
+        assert server.stats()["total"] == len(items)
+        if cache_cfg.backend == "postgres":
+            blocker._db.execute("BEGIN")
+            blocker._db.execute("LOCK TABLE judgements IN EXCLUSIVE MODE")  # readers pass, writers wait
+        else:
+            blocker._db.execute("BEGIN IMMEDIATE")  # the one SQLite writer: the group commit waits
+        time.sleep(2.5)  # the answers have arrived; their commit waits for the lock
+        assert "results" not in out and thread.is_alive() and reader.count() == 0
+        blocker._db.execute("COMMIT")
+        thread.join(30)
+        assert [r.judge_status for r in out["results"]] == ["ok"] * len(items)
+        assert reader.count() == len(items) and server.stats()["total"] == len(items)
+    finally:
+        server.set_latency(0.2)
+        blocker.close()
+        reader.close()
+        thread.join(30)

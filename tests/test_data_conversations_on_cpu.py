@@ -65,14 +65,19 @@ BAD_ROWS = [
      "field 'prompt' must end with a user turn (the last turn is assistant)"),
     ({"prompt": [{"role": "doctor", "content": "hi"}]}, "field 'prompt.0.role' must be one of system, user, assistant"),
     ({"prompt": [{"role": "user"}]}, "missing field 'prompt.0.content'"),
-    ({"prompt": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]},
+    ({"prompt": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                 {"role": "user", "content": "c"}]},
      "field 'prompt.1.role': a system turn may only open the conversation"),
     ({"prompt": []}, "field 'prompt' must be a non-empty list"),
+    ({"prompt": None}, "missing field 'prompt'"),
     ({"prompt": "just text"}, "field 'prompt' must be a non-empty list"),
-    ({"rubrics": [{"criterion": "x", "points": 12, "tags": []}]}, "field 'rubrics.0.points' must be a number in [-10, 10], got 12"),
-    ({"rubrics": [{"criterion": "x", "points": "5", "tags": []}]}, "field 'rubrics.0.points' must be a number in [-10, 10], got '5'"),
+    ({"rubrics": [{"criterion": "x", "points": 12, "tags": []}]},
+     "field 'rubrics.0.points' must be a number in [-10, 10], got 12"),
+    ({"rubrics": [{"criterion": "x", "points": "5", "tags": []}]},
+     "field 'rubrics.0.points' must be a number in [-10, 10], got '5'"),
     ({"rubrics": [{"criterion": "x", "points": True}]}, "field 'rubrics.0.points' must be a number"),
-    ({"rubrics": [{"criterion": "x", "points": -3, "tags": []}]}, "field 'rubrics' has no criterion with positive points"),
+    ({"rubrics": [{"criterion": "x", "points": -3, "tags": []}]},
+     "field 'rubrics' has no criterion with positive points"),
     ({"rubrics": [{"criterion": " ", "points": 3}]}, "empty field 'rubrics.0.criterion'"),
     ({"rubrics": [{"criterion": "x", "points": 3, "tags": "axis:accuracy"}]}, "field 'rubrics.0.tags' must be a list"),
     ({"rubrics": []}, "field 'rubrics' must be a non-empty list"),
@@ -148,19 +153,21 @@ def test_record_ids_change_only_for_conversations():
     # risk reads every user turn, not only the last one
     risky = build_record("s", {"messages": [{"role": "user", "content": "I have crushing chest pain."},
                                             {"role": "assistant", "content": "When?"},
-                                            {"role": "user", "content": "An hour ago. What now?"}], "answer": "Call 120."})
+                                            {"role": "user", "content": "An hour ago. What now?"}],
+                               "answer": "Call 120."})
     assert risky["risk"] == "high"
 
 
 # ------------------------------------------------------------------------------------------ prepare end to end
 LEAKY = [  # a role sft source: two rows carry a HealthBench canary field, two the configured canary string
-    {"messages": [{"role": "user", "content": "What helps a tension headache?"}], "answer": "Rest, fluids, paracetamol."},
+    {"messages": [{"role": "user", "content": "What helps a tension headache?"}], "answer": "Rest and fluids."},
     {"messages": [{"role": "user", "content": "How long does a cold last?"}], "answer": "About 7 to 10 days."},
     {"messages": [{"role": "user", "content": "Is a resting pulse of 72 normal?"}], "answer": "Yes, 60-100 is normal."},
-    {"messages": [{"role": "user", "content": "Can I exercise with a mild cold?"}], "answer": "Light exercise is fine."},
+    {"messages": [{"role": "user", "content": "Can I exercise with a mild cold?"}], "answer": "Light exercise is ok."},
     {"messages": [{"role": "user", "content": "What is a healthy BMI range?"}], "answer": "18.5 to 24.9.",
      "canary": "healthbench:0b0e-test"},
-    {"messages": [{"role": "user", "content": "How much sleep do adults need?"}, {"role": "assistant", "content": "Why?"},
+    {"messages": [{"role": "user", "content": "How much sleep do adults need?"},
+                  {"role": "assistant", "content": "Why?"},
                   {"role": "user", "content": "I sleep five hours. Is that enough?"}],
      "answer": "Adults need 7 to 9 hours.", "canary": "healthbench:0b0f-test"},
     {"messages": [{"role": "user", "content": "What is normal blood sugar fasting?"}],
@@ -288,7 +295,8 @@ def test_sft_trains_on_the_last_assistant_turn_only(tiny_model_dir):
     from medrl.sft.data import encode_example
 
     tok = load_tokenizer(str(tiny_model_dir))
-    rec = build_record("s", {"messages": TURNS, "think": "No red flags.", "answer": "Usually not; see a GP at 3 weeks."})
+    rec = build_record("s", {"messages": TURNS, "think": "No red flags.",
+                             "answer": "Usually not; see a GP at 3 weeks."})
     ex = encode_example(tok, SYSTEM, rec)
     ids, mask = ex["input_ids"], ex["completion_mask"]
     assert len(ids) == len(mask)

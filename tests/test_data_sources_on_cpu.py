@@ -127,7 +127,8 @@ def test_real_dialogue_csv_encoding(shared_data):
 def test_unknown_source_and_missing_path(tmp_path):
     with pytest.raises(UsageError, match="unknown data source 'nope' \\(known: cmd-dialogue, delicate-medical"):
         resolve_spec(DataConfig(), "nope")
-    with pytest.raises(UsageError, match="must map question or messages \\(one of them\\) and answer, reference, rubrics or options \\+ label"):
+    with pytest.raises(UsageError, match="must map question or messages \\(one of them\\) and answer, reference, "
+                                         "rubrics or options \\+ label"):
         resolve_spec(DataConfig(catalog={"x": SourceSpec(format="jsonl", fields={"question": "q"})}), "x")
     data = DataConfig(catalog={"delicate-medical": SourceSpec(path=str(tmp_path / "none"))})
     with pytest.raises(UsageError, match="not found \\(set data.catalog.delicate-medical.path"):

@@ -122,6 +122,9 @@ def test_outputs_per_model_and_set(evaluated):
         # the verifier reward ran in the reward pool's actors: MCQ by letter, short references by the matcher
         assert all(r["verifier"] in (0.0, 0.1, 1.0) for r in medqa)
         assert [r["verifier"] is None for r in read_jsonl(run.eval / f"{model}.redteam.jsonl")] == [True] * 3
+        hb = read_jsonl(run.eval / f"{model}.hb.jsonl")[0]  # a conversation item keeps its turns and rubric
+        assert hb["messages"] == SETS["hb"][0]["messages"] and hb["rubrics"] == SETS["hb"][0]["rubrics"]
+        assert hb["prompt"] == SETS["hb"][0]["question"] and hb["example_tags"] == ["theme:emergency_referrals"]
         test_rows = read_jsonl(run.eval / f"{model}.test.jsonl")
         assert test_rows[0]["prompt"] == SETS["test"][0]["question"] and "verifier" not in test_rows[0]["rules"]
     # the rubric set: every criterion graded (offline grader) and kept with its verdict; HealthBench figures per model

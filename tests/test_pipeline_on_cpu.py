@@ -34,7 +34,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
         assert (run / stage / "adapter" / "adapter_model.safetensors").is_file()
     summary = json.loads((run / "eval" / "summary.json").read_text())
     assert list(summary["models"]) == ["base", "sft", "rl"] and summary["skipped"] == []
-    assert set(summary["sets"]) == {"test", "gold", "redteam", "pubmedqa", "mcq-sample"}
+    assert set(summary["sets"]) == {"test", "gold", "redteam", "pubmedqa", "mcq-sample", "healthbench-sample"}
     assert summary["judge"].startswith("reference:") and "rl_vs_sft" in summary["pairwise"]
     assert (run / "report" / "report.html").stat().st_size > 10_000
     metrics = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]

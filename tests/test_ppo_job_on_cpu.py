@@ -3,7 +3,6 @@ run of the tiny model on prepared data, judged by the loopback OpenAI-compatible
 nodes' environment and appears nowhere: not in the job's entrypoint, metadata or runtime_env, nor in any file."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -25,21 +24,6 @@ FAKE_KEY = "sk-medrl-ppo-job-" + uuid.uuid4().hex[:12]
 def node_key(monkeypatch):
     """Set before ``ray_head`` starts, so the head's processes (and the job) inherit it, as on a real cluster."""
     monkeypatch.setenv("DEEPSEEK_API_KEY", FAKE_KEY)
-
-
-@pytest.fixture()
-def prepared_run(tiny_model_dir, tmp_path, monkeypatch):
-    """``medrl prepare`` of the shipped samples (configs/local_tiny.yaml) into ``tmp_path/runs/job/data``."""
-    from medrl.config import load_config
-    from medrl.data.prepare import run_prepare
-    from medrl.runs import RunDir
-
-    monkeypatch.chdir(REPO)  # the config's sample paths are relative to the repository
-    cfg = load_config(REPO / "configs" / "local_tiny.yaml",
-                      [f"run.root={tmp_path}/runs", "run.name=job", f"model.path={tiny_model_dir}"])
-    run = RunDir.from_config(cfg)
-    assert run_prepare(cfg, run)["rl_prompts"] > 0
-    return run
 
 
 def test_ppo_job_on_a_real_ray_head(node_key, ray_head, prepared_run, tiny_model_dir, tmp_path):
@@ -94,11 +78,10 @@ def test_ppo_job_on_a_real_ray_head(node_key, ray_head, prepared_run, tiny_model
 
 def test_job_refuses_a_key_in_its_runtime_env(monkeypatch, capsys):
     """A key put into the submitted runtime_env (which the cluster stores) stops the job before any work."""
-    spec = importlib.util.spec_from_file_location("medrl_ppo_job", REPO / "ray_jobs" / "ppo.py")
-    ppo_job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ppo_job)
-    monkeypatch.setenv(ppo_job.JOB_CONFIG_ENV, json.dumps({"runtime_env": {"env_vars": {
+    from medrl.ray_job import JOB_CONFIG_ENV, stage_job
+
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"env_vars": {
         "HF_HUB_OFFLINE": "1", "MY_JUDGE_KEY": "sk-xyz"}}, "metadata": {}}))
-    assert ppo_job.job_main(["reward.judge.api_key_env=MY_JUDGE_KEY"]) == 2
+    assert stage_job("ppo", ["reward.judge.api_key_env=MY_JUDGE_KEY"]) == 2
     err = capsys.readouterr().err
-    assert "runtime_env sets MY_JUDGE_KEY" in err and "sk-xyz" not in err
+    assert "ray_jobs/ppo.py: error: the job's runtime_env sets MY_JUDGE_KEY" in err and "sk-xyz" not in err

@@ -93,10 +93,10 @@ def run(tmp_path_factory) -> RunDir:
                                                                     "language": "en", "risk": "low"}) + "\n"
                                                         for i in items), encoding="utf-8")
     run.data_card.write_text("# Data card\n\nsplit sizes: tiny\n", encoding="utf-8")
-    with MetricsLogger(run, "sft", tensorboard=False) as m:
+    with MetricsLogger(run, "sft", trackers=False) as m:
         for step, loss in enumerate([2.0, 1.6, 1.3, 1.1], 1):
             m.log(step, {"train_loss": loss, **({"eval_loss": loss + 0.1} if step % 2 == 0 else {})})
-    with MetricsLogger(run, "ppo", tensorboard=False) as m:
+    with MetricsLogger(run, "ppo", trackers=False) as m:
         for step in range(1, 4):
             m.log(step, {"reward_mean": 0.3 + 0.1 * step, "reward/rule": 0.5, "reward/teacher": 0.2 * step,
                          "reward/format": 1.0, "reward/safety": 0.5, "kl": 0.01 * step, "kl_coef": 0.05,
@@ -262,15 +262,15 @@ def test_a_resume_leaves_one_history(tmp_path):
 
     run = RunDir(tmp_path / "r").ensure()
     samples = run.root / "samples.jsonl"
-    with MetricsLogger(run, "sft", tensorboard=False) as m:
+    with MetricsLogger(run, "sft", trackers=False) as m:
         m.log(9, {"loss": 1.0})
-    with MetricsLogger(run, "ppo", tensorboard=False) as m:
+    with MetricsLogger(run, "ppo", trackers=False) as m:
         for step in (1, 2, 3, 4):
             m.log(step, {"reward": step / 10})
     samples.write_text("".join(f'{{"step": {s}, "id": "p{s}"}}\n' for s in (1, 2, 3, 4)))
     with open(run.metrics_path, "a") as f:
         f.write('{"stage": "ppo", "step": 5, "rew')  # killed mid-write
-    with MetricsLogger(run, "ppo", tensorboard=False) as m:  # resumed from the checkpoint of step 2
+    with MetricsLogger(run, "ppo", trackers=False) as m:  # resumed from the checkpoint of step 2
         assert m.rewind(2) == 3
         assert rewind_jsonl(samples, 2) == 2
         for step in (3, 4, 5, 6):

@@ -251,7 +251,7 @@ def test_teacher_feedback_section(run):
                        [Sample(k, 0, [], [], f"<think>t</think>{step}", True) for k in range(2)],
                        [RewardResult("x", 0.1, 0.1, c.get("teacher"), c, {"judge": why} if why else {},
                                      judge_status=st, flags=flags) for st, c, why, flags in results])
-    with MetricsLogger(run, "ppo", tensorboard=False) as m:
+    with MetricsLogger(run, "ppo", trackers=False) as m:
         m.log(1, {"judge_cost_usd": 0.002, "reward_mean": 0.1})
         m.log(2, {"judge_cost_usd": 0.001, "reward_mean": 0.2})
     build_report(run)

@@ -216,3 +216,19 @@ def test_cli_judge_rows_carry_the_rubric(tmp_path):
         (c["criterion"], c["points"], i < 3) for i, c in enumerate(rubric)]
     assert all(c["explanation"] for c in got["full"]["criteria"])
     assert got["plain"]["criteria"] == [] and "rubric" not in got["plain"]["components"]
+
+
+def test_dry_run_counts_the_rubric_calls(tmp_path):
+    from medrl.reward.judge_cli import estimate_cost
+
+    batch = _items("en", {"a": RUBRIC_CASES["en"][3], "b": RUBRIC_CASES["en"][2], "b2": RUBRIC_CASES["en"][2],
+                          "echo": " ".join(c["criterion"] for c in RUBRIC_CASES["en"][1])})
+    cache = {"path": str(tmp_path / "c.sqlite")}
+    per = estimate_cost(RewardConfig.model_validate({"preset": "rubric", "cache": cache}), batch)
+    assert per["to_judge"] == 2 * 4 and per["duplicates"] == 4  # b2 repeats b; the echo is never sent
+    assert per["tokens_in_cache_hit_expected"] > 0 and per["cost_usd_typical"] > 0
+    batched = estimate_cost(RewardConfig.model_validate({"preset": "rubric", "rubric": {"mode": "batched"},
+                                                         "cache": cache}), batch)
+    assert batched["to_judge"] == 2 and batched["tokens_in"] < per["tokens_in"] / 2
+    both = estimate_cost(RewardConfig.model_validate({"cache": cache}), batch)  # Likert judge + rubric
+    assert both["to_judge"] == 3 + 8  # the echo still gets its Likert judgement

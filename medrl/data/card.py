@@ -106,8 +106,8 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
                                                   or "none") + "): "
             "sources with role benchmark, and rows with a canary (a HealthBench `canary` field or a string of "
             "data.canaries) whatever their source's role, every item written to <name>.jsonl and held out of every "
-            "other file; PubMedQA's are the PQA-L items listed in test_ground_truth.json (question + abstract contexts, label "
-            "yes/no/maybe, reference = long answer), its other PQA-L items are ordinary records.", ""]
+            "other file; PubMedQA's are the PQA-L items listed in test_ground_truth.json (question + abstract "
+            "contexts, label yes/no/maybe, reference = long answer), its other PQA-L items are ordinary records.", ""]
 
     rt = sets["redteam"]
     rt_rows = []

@@ -64,11 +64,13 @@ class SourceSpec(StrictModel):
     weight: float = Field(1.0, gt=0)
     """Share of ``data.train_size`` given to this source's train records (only used when train_size is set)."""
     role: Literal["sft", "rl", "benchmark"] | None = None
-    """None: ``benchmark`` for the evaluation layouts (``huatuo-eval``, ``medllm-qa``, ``healthbench``), else ``sft``. ``sft``: train records go to train.jsonl (and the RL pool). ``rl``: prompts with references only — never in
-    train.jsonl, but eligible for rl_prompts, gold, dev and test (e.g. a MedQA *train* split for the verifier
-    reward). ``benchmark``: an eval-only set written whole to ``data/<name>.jsonl`` (``eval.sets: [<name>]``):
-    never in train/dev/test/gold/RL prompts, and train is decontaminated against it. (PubMedQA's format marks its
-    benchmark by ``test_ground_truth.json``; its other rows join the training pool.)"""
+    """None: ``benchmark`` for the evaluation layouts (``huatuo-eval``, ``medllm-qa``, ``healthbench``), else
+    ``sft``. ``sft``: train records go to train.jsonl (and the RL pool). ``rl``: prompts with references (or
+    rubrics) only — never in train.jsonl, but eligible for rl_prompts, gold, dev and test (e.g. a MedQA *train*
+    split for the verifier reward). ``benchmark``: an eval-only set written whole to ``data/<name>.jsonl``
+    (``eval.sets: [<name>]``): never in train/dev/test/gold/RL prompts, and train is decontaminated against it.
+    (PubMedQA's format marks its benchmark by ``test_ground_truth.json``; its other rows join the training pool.)
+    Rows with a canary are benchmark rows whatever the role (``data.canaries``)."""
     license: str = "unknown"
     """Shown in DATA_CARD.md."""
     rubrics: str | None = None

@@ -53,8 +53,8 @@ def _load_source(spool: Spool, name: str) -> None:
         spool.add_batch(rows, [BENCHMARK if r.benchmark else POOL for r in rows])
 
     accepted, batch = 0, []
-    for row in tqdm(iter_rows(name, spec, files, cfg.data.max_row_bytes, tuple(cfg.data.canaries)), desc=f"prepare {name}", unit=" rows",
-                    disable=None, leave=False):
+    rows = iter_rows(name, spec, files, cfg.data.max_row_bytes, tuple(cfg.data.canaries))
+    for row in tqdm(rows, desc=f"prepare {name}", unit=" rows", disable=None, leave=False):
         stats.rows += 1
         if row.error is not None:
             stats.invalid += 1
@@ -148,7 +148,7 @@ def run_prepare(cfg: Config, run: RunDir, *, sources: list[str] | None = None, s
         spool.close()
         rejects.close()
         spool.path.unlink(missing_ok=True)
-    with MetricsLogger(run, "prepare", tensorboard=False) as metrics:
+    with MetricsLogger(run, "prepare", trackers=False) as metrics:
         metrics.log(0, {**{k: v for k, v in summary.items() if isinstance(v, int)},
                         **{f"benchmark/{k}": v for k, v in summary["benchmarks"].items()}})
     log.info("prepare: %s", ", ".join(f"{k}={v}" for k, v in summary.items() if isinstance(v, int)))

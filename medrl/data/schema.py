@@ -223,6 +223,8 @@ def build_record(source: str, raw: dict[str, Any], language: str = "auto",
     messages = _messages(raw.get("messages"), names.get("messages", "messages"))
     rubrics = _rubrics(raw.get("rubrics"), names.get("rubrics", "rubrics"))
     example_tags = _tags(raw.get("example_tags"), names.get("example_tags", "example_tags")) or None
+    if messages is None and "messages" in names:  # a source that maps its conversation needs one on every row
+        raise RowError(f"missing field '{names['messages']}'")
     question = messages[-1]["content"] if messages else field("question", True)
     reference = field("reference", False) or None
     options = _options(raw.get("options"), names.get("options", "options"))

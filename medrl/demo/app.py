@@ -20,8 +20,8 @@ EXAMPLES_PER_SET = 6
 TITLES = {"base": "Base model", "sft": "SFT adapter", "rl": "RL adapter"}
 MISSING = {"sft": "no SFT adapter in this run (run `medrl sft`)", "rl": "no RL adapter in this run (run `medrl ppo`)"}
 CSS = """
-.medrl-think summary{color:#666;cursor:pointer}.medrl-turn-text{white-space:pre-wrap}
-.medrl-turns{border-left:3px solid #9cf;padding-left:.5em;margin-bottom:.5em}.medrl-think-text,.medrl-answer{white-space:pre-wrap}
+.medrl-think summary{color:#666;cursor:pointer}.medrl-think-text,.medrl-answer{white-space:pre-wrap}
+.medrl-turns{border-left:3px solid #9cf;padding-left:.5em;margin-bottom:.5em}.medrl-turn-text{white-space:pre-wrap}
 .medrl-think-text{color:#555;font-size:.9em;border-left:3px solid #ccc;padding-left:.5em}
 .medrl-response{max-height:36em;overflow-y:auto}
 .medrl-scores{overflow-x:auto;font-size:.85em}.medrl-scores table{border-collapse:collapse;width:100%}

@@ -25,7 +25,8 @@ from medrl.evaluation.metrics import annotate, summarize
 from medrl.evaluation.pairwise import PairTask, PairwiseJudge, reward_verdict
 from medrl.jsonl import read_jsonl
 from medrl.models.chat import conversation
-from medrl.runs import RunDir
+from medrl.runs import MetricsLogger, RunDir
+from medrl.trackers import flatten
 
 log = logging.getLogger("medrl.eval")
 
@@ -320,7 +321,17 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
         from medrl.consult.evaluate import write_dialogues
 
         write_dialogues(run.eval, model, result["dialogues"])
+    with MetricsLogger(run, "eval") as metrics:
+        metrics.log_hparams(cfg.to_dict())
+        metrics.log(0, eval_scalars(summary))
     return summary
+
+
+def eval_scalars(summary: dict) -> dict[str, float]:
+    """The summary's figures as tracker scalars: ``<model>/<set>/<metric>`` (judge dimensions and rules one level
+    deeper) and ``<pair>/<set>/<figure>`` for the pairwise win rates."""
+    flat = flatten({**summary["table"], **summary["pairwise"]}, sep="/")
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def save_eval(run: RunDir, rows: list[dict], pairwise: dict[str, list[dict]], meta: dict) -> dict:

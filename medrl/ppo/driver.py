@@ -33,7 +33,7 @@ from medrl.ppo.kl_controller import make_kl_controller
 from medrl.ppo.learner import num_minibatches
 from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
 from medrl.ppo.prompts import load_prompts, micro_batches, prompt_turns, prompts_at, reward_input
-from medrl.ppo.step_log import StepRecord, append_samples
+from medrl.ppo.step_log import SAMPLE_TABLE_COLUMNS, StepRecord, append_samples
 from medrl.ppo.sync_check import abort_threshold, check_weight_sync, logprob_gaps
 from medrl.reward.rate_report import RateWaitMeter
 from medrl.reward.types import RewardResult
@@ -78,6 +78,7 @@ class PPOTrainer:
         self._ahead: Rollout | None = None  # async_rollout: the next step's rollout, already running
         self._resumed_behaviour: tuple | None = None  # (adapter ref, version) the first rollout after a resume uses
         self.metrics = MetricsLogger(run, "ppo")
+        self.metrics.log_hparams(cfg.to_dict())
         self._rate_meter = RateWaitMeter(cfg.reward.judge)  # judge_rate_wait_s: what reward.judge.rpm/tpm cost
         self.gap_abort = abort_threshold(self.ppo, pick_dtype(cfg.model.dtype, pick_device(cfg.model.device)))
         rc = self.ppo.rollout  # vLLM on a GPU, synchronous: the engines sleep while the learner works
@@ -207,7 +208,9 @@ class PPOTrainer:
         row = rec.finish(results, keep, data_position=self.data_position, judge_rate_wait_s=wait)
         self.metrics.log(self.step_no, row)
         if self.ppo.log_samples:
-            append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)
+            rows = append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)
+            self.metrics.log_table("samples", self.step_no, SAMPLE_TABLE_COLUMNS,
+                                   [[r[c] for c in SAMPLE_TABLE_COLUMNS] for r in rows])
         return row
 
     # ------------------------------------------------------------------ rollout micro-batches

@@ -348,6 +348,9 @@ def run_estimate_memory(cfg) -> dict:
     for key, label in ROWS:
         if key in parts:
             print(f"  {label:<28}{parts[key] / GiB:9.2f} GiB")
+    if s.cuda and s.rollout_engine == "vllm" and not s.colocated_rollouts:  # the engine has a GPU of its own
+        result["rollout_gpu_gib"] = round(vllm_engine_bytes(shape, s) / GiB, 3)
+        print(f"  {'rollout engine, own GPU':<28}{result['rollout_gpu_gib']:9.2f} GiB")
     print(f"  peak with checkpointing on / off: {on['gpu_peak'] / GiB:.2f} / {off['gpu_peak'] / GiB:.2f} GiB")
     print("  fits with >= %d%% headroom: %s" % (100 * HEADROOM, ", ".join(
         f"{c} GiB {'yes' if fits[str(c)] else 'NO'}" for c in CARDS_GIB)))

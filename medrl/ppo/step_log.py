@@ -58,15 +58,20 @@ def reward_metrics(kept: list[RewardResult], results: list[RewardResult]) -> dic
     return out
 
 
+SAMPLE_TABLE_COLUMNS = ["id", "sample", "reward", "judge_status", "flags", "response"]
+"""The columns of the per-step sample table sent to the trackers (``samples.jsonl`` keeps every field)."""
+
+
 def append_samples(path: Path, step_no: int, records: list[dict], samples: list[Sample],
-                   results: list[RewardResult]) -> None:
+                   results: list[RewardResult]) -> list[dict]:
     """One ``samples.jsonl`` row per scored sample: step, prompt id, sample index, response, reward, components,
-    judge status and reason, rule flags, dropped."""
+    judge status and reason, rule flags, dropped (and a consultation's ``dialogue``). Returns the rows written."""
+    rows = [{"step": step_no, "id": records[s.prompt_index]["id"], "sample": s.sample_index, "response": s.text,
+             "reward": r.reward, "components": r.components, "judge_status": r.judge_status,
+             "judge_reason": r.reasons.get("judge", ""), "flags": r.flags, "dropped": r.dropped,
+             **({"dialogue": s.dialogue} if s.dialogue else {})}  # a consultation's turns (docs/consultation.md)
+            for s, r in zip(samples, results)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        for s, r in zip(samples, results):
-            f.write(json.dumps({"step": step_no, "id": records[s.prompt_index]["id"], "sample": s.sample_index,
-                                "response": s.text, "reward": r.reward, "components": r.components,
-                                "judge_status": r.judge_status, "judge_reason": r.reasons.get("judge", ""),
-                                "flags": r.flags, "dropped": r.dropped,
-                                **({"dialogue": s.dialogue} if s.dialogue else {})}, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return rows

@@ -1,7 +1,8 @@
 """Review items and their selection (pure: no I/O beyond the rows given, no Ray, no model).
 
-A review item is one answer a clinician looks at: the question (and the conversation before it), the final answer (the ``<think>`` block kept apart,
-shown folded), the reference when known, the judge's four scores (0-10) and reason, and the rule flags and verdict.
+A review item is one answer a clinician looks at: the question (and the conversation before it), the final answer
+(the ``<think>`` block kept apart, shown folded), the reference when known, the judge's four scores (0-10) and
+reason, and the rule flags and verdict.
 Items come from eval rows (``<run>/eval/<model>.<set>.jsonl``) and optionally PPO samples (``ppo/samples.jsonl``
 joined with ``data/rl_prompts.jsonl``).
 

@@ -5,6 +5,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 from medrl.config import Config
 from medrl.errors import UsageError
@@ -14,8 +15,9 @@ from medrl.reward.config import RewardConfig
 from medrl.reward.ledger import Usage, call_cost
 from medrl.reward.preflight import check_judge
 from medrl.reward.rate_report import warn_if_rate_limit_binds
-from medrl.reward.rubric import RUBRIC, build_messages
-from medrl.reward.rules import detect_injection
+from medrl.reward.rubric import build_messages
+from medrl.reward.rubric_reward import graded, plan
+from medrl.reward.rules import detect_injection, format_rule
 from medrl.reward.text import estimate_tokens, split_response
 from medrl.reward.types import RewardInput, RewardResult
 from medrl.runs import RunDir
@@ -55,33 +57,42 @@ def _token_counter(cfg: RewardConfig):
 
 
 def estimate_cost(cfg: RewardConfig, items: list[RewardInput]) -> dict:
-    """What judging ``items`` would cost, without calling the judge: cached and duplicate samples are free, the
-    rubric prefix is billed at the cache-hit price after the first call (DeepSeek prefix cache)."""
+    """What judging ``items`` would cost, without calling the judge: the Likert judgements (``w_teacher`` > 0) and
+    the rubric criterion verdicts (``w_rubric`` > 0, prompts with a rubric); cached and duplicate calls are free,
+    each fixed system prompt is billed at the cache-hit price after its first call (DeepSeek prefix cache)."""
     jc = cfg.judge
     count, counter = _token_counter(cfg)
     out = {"items": len(items), "judge": jc.judge_id, "token_counter": counter, "budget_usd": jc.budget_usd}
     if jc.provider != "openai":
         return {**out, "to_judge": 0, "cost_usd_typical": 0.0, "cost_usd_max": 0.0}
-    pending: dict[str, RewardInput] = {}
-    injected = 0
+    calls: dict[str, Callable[[], list[dict]]] = {}
+    injected = asked = 0
     for item in items:
         if detect_injection(item.response):
             injected += 1
             continue
-        pending.setdefault(judge_key(cfg, item, split_response(item.response).answer), item)
+        answer = split_response(item.response).answer
+        if cfg.w_teacher > 0:
+            asked += 1
+            calls.setdefault(judge_key(cfg, item, answer), lambda it=item, a=answer: build_messages(
+                it.prompt, a, it.reference))
+        if graded(cfg, item):
+            p = plan(cfg, item, answer, format_rule(item.response, cfg.rules.format.no_think_score).score)
+            asked += len(p.asks)
+            for key, ask in p.asks.items():
+                calls.setdefault(key, ask.messages)
     cache = open_store(cfg.cache, readonly=True)
-    cached = cache.get_many(pending)
+    cached = cache.get_many(calls)
     cache.close()
-    todo = [item for key, item in pending.items() if key not in cached]
-    rubric = count(RUBRIC)
-    user = sum(count(build_messages(it.prompt, split_response(it.response).answer, it.reference)[1]["content"])
-               for it in todo)
-    tokens_in = rubric * len(todo) + user
-    hit = rubric * max(0, len(todo) - 1)
+    todo = [build() for key, build in calls.items() if key not in cached]
+    systems = [count(m[0]["content"]) for m in todo]
+    tokens_in = sum(systems) + sum(count(m[1]["content"]) for m in todo)
+    first = {m[0]["content"]: n for m, n in zip(todo, systems)}  # one full-price system prompt each
+    hit = sum(systems) - sum(first.values())
     price = jc.prices[jc.model]
     typical = call_cost(Usage(tokens_in, TYPICAL_OUTPUT_TOKENS * len(todo), hit), price)
     worst = call_cost(Usage(tokens_in, jc.max_tokens * len(todo), 0), price)
-    return {**out, "cached": len(cached), "duplicates": len(items) - injected - len(pending),
+    return {**out, "cached": len(cached), "duplicates": asked - len(calls),
             "prompt_injection": injected, "to_judge": len(todo), "tokens_in": tokens_in,
             "tokens_in_cache_hit_expected": hit, "tokens_out_typical": TYPICAL_OUTPUT_TOKENS * len(todo),
             "tokens_out_max": jc.max_tokens * len(todo), "cost_usd_typical": round(typical, 6),

@@ -162,6 +162,11 @@ class RewardPool:
                      "none" if jc.budget_usd is None else f"${jc.budget_usd:g} ({jc.budget_scope})", where)
         else:  # no calls, no spending, no cache: say only what is used
             log.info("reward pool: judge %s, %d actor(s)", jc.judge_id, jc.num_actors)
+        nodes = sum(1 for n in ray.nodes() if n["Alive"])
+        if jc.provider == "openai" and cfg.cache.backend == "sqlite" and nodes > 1:
+            log.warning("reward.cache.backend=sqlite on a %d-node cluster: judge actors on another node open %s on "
+                        "that node's own disk, where judgements, rate limits and budget are not shared with the "
+                        "head; use reward.cache.backend=postgres (docs/cluster.md)", nodes, cache_path)
 
     def patient_access(self) -> dict:
         """What an LLM patient in another actor needs to share this pool's endpoint, ledger and store (secrets as

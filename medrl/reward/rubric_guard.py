@@ -6,25 +6,28 @@ rubric meta-language: "the response mentions ...", "该回答提到 ..."), a che
 treated as a prompt injection: R = 0 and it is never sent to the grader (flag ``rubric_gaming``).
 
 ``offline_criteria`` is the grader of ``judge.provider: reference`` (deterministic, no API): a criterion is met when
-one sentence of the graded answer (keyword lists and stuffing blanked: ``rubric_reward.graded_answer``) holds at least ``OFFLINE_SHARE`` of the criterion's content terms (its key terms less
-rubric verbs such as "mentions", "advises", 提到, 建议); one sentence counts for at most ``SENTENCE_CREDIT``
-criteria, so a sentence stuffed with every criterion's terms meets at most two. Negative criteria use the same test
-("met" = the bad behaviour's terms are said), which cannot tell "take antibiotics" from "antibiotics will not help":
-the offline grader is for make run and CI, not for training a real model.
+one sentence of the graded answer (keyword lists and stuffing blanked: ``rubric_reward.graded_answer``) holds at
+least ``OFFLINE_SHARE`` of the criterion's content terms (its key terms less rubric verbs such as "mentions",
+"advises", 提到, 建议); one sentence counts for at most ``SENTENCE_CREDIT`` criteria, so a sentence stuffed with
+every criterion's terms meets at most two. Negative criteria use the same test ("met" = the bad behaviour's terms are
+said), which cannot tell "take antibiotics" from "antibiotics will not help": the offline grader is for make run and
+CI, not for training a real model.
 """
 from __future__ import annotations
 
 import re
-from difflib import SequenceMatcher
+from functools import lru_cache
 from typing import Sequence
 
 from medrl.reward.text import en_words, has_cjk, key_terms, normalise, root
 
 OFFLINE_SHARE = 0.6
 SENTENCE_CREDIT = 2
-ECHO_SHARE = 0.8
-"""A sentence that contains a copy of this share of a criterion's text (at least ECHO_MIN_CHARS) echoes it."""
-ECHO_MIN_CHARS = 16
+ECHO_SHARE = 0.9
+"""A sentence that contains an unbroken copy of this share of a criterion's words (Chinese: characters), at least
+ECHO_MIN_UNITS of them, echoes it."""
+ECHO_MIN_UNITS = 4
+_UNIT = re.compile(r"[a-z0-9]+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 CLAIM = re.compile("|".join(f"(?:{p})" for p in (
     r"\b(?:criteri(?:on|a)|rubric|checklist|requirements?)\b[^.\n]{0,40}?\b(?:(?:is|are|was|were|all|been|fully|now)"
@@ -57,14 +60,26 @@ criteria rubric point possible
 _SENTENCE = re.compile(r"[^.!?。！？;；\n]+[.!?。！？;；]?")
 
 
+@lru_cache(maxsize=4096)
 def _fold(text: str) -> str:
     return re.sub(r"\s+", " ", normalise(text).lower()).strip()
+
+
+@lru_cache(maxsize=4096)
+def _windows(criterion: str) -> tuple[str, ...]:
+    """Every run of ECHO_SHARE of the criterion's words / characters, as space-joined text."""
+    units = _UNIT.findall(_fold(criterion))
+    k = -(-len(units) * ECHO_SHARE // 1)
+    if len(units) < ECHO_MIN_UNITS:
+        return ()
+    return tuple(f" {' '.join(units[i:i + int(k)])} " for i in range(len(units) - int(k) + 1))
 
 
 def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
 
 
+@lru_cache(maxsize=4096)
 def content_terms(criterion: str) -> tuple[str, ...]:
     """The criterion's key terms that name content (rubric verbs and meta words left out), English ones rooted."""
     terms = [t if has_cjk(t) else root(t) for t in key_terms(criterion, 32)]
@@ -80,11 +95,10 @@ def term_in(term: str, sentence: str, roots: set[str]) -> bool:
 
 
 def _echoes(sentence: str, criterion: str) -> bool:
-    s, c = _fold(sentence), _fold(criterion)
-    if len(c) >= ECHO_MIN_CHARS:
-        m = SequenceMatcher(None, s, c, autojunk=False).find_longest_match(0, len(s), 0, len(c))
-        if m.size >= max(ECHO_MIN_CHARS, ECHO_SHARE * len(c)):
-            return True
+    s = _fold(sentence)
+    units = f" {' '.join(_UNIT.findall(s))} "
+    if any(w in units for w in _windows(criterion)):
+        return True
     terms = content_terms(criterion)
     if not terms or not META.search(s):
         return False

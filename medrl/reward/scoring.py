@@ -11,7 +11,7 @@ import asyncio
 import logging
 import uuid
 
-from medrl.reward.cache import judge_key, open_store
+from medrl.reward.cache import GroupCommit, judge_key, open_store
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import Gate, JudgeOutcome, OpenAIJudge, reference_judgement
 from medrl.reward.ledger import Usage
@@ -93,6 +93,7 @@ class Scorer:
         self._slots = asyncio.Semaphore(cfg.judge.concurrency)
         self._inflight: dict[str, asyncio.Future] = {}
         self._holder = uuid.uuid4().hex  # this scorer's name on its claims
+        self._commits = GroupCommit(self.cache, self._holder) if self.cache is not None else None
         self._waiting: dict[str, asyncio.Future] = {}  # keys claimed by others -> resolved when judged or ours
         self._poller: asyncio.Task | None = None
         self._renewer: asyncio.Task | None = None
@@ -130,7 +131,8 @@ class Scorer:
         plans = {}
         for i, item in enumerate(items):
             if graded(self.cfg, item) and self.cfg.judge.provider != "none" and not detect_injection(item.response):
-                fmt = format_rule(item.response, 0.0).score if self.cfg.rubric.format_gate else 1.0
+                fmt = format_rule(item.response, self.cfg.rules.format.no_think_score).score \
+                    if self.cfg.rubric.format_gate else 1.0
                 plans[i] = plan(self.cfg, item, split_response(item.response).answer, fmt)
         return plans
 
@@ -273,8 +275,9 @@ class Scorer:
         return None if record is None else ask.verdict(record)
 
     async def _call(self, ask: Ask, key: str) -> JudgeOutcome:
-        """Judge one claimed key; the judgement is stored (and the claim dropped) before it is returned. Without a
-        judgement the claim is released, so another actor or run may try."""
+        """Judge one claimed key; the judgement is stored (and the claim dropped) before it is returned, in a group
+        commit with the judgements that arrived with it. Without a judgement the claim is released, so another actor
+        or run may try."""
         outcome = None
         try:
             async with self._slots:
@@ -285,10 +288,9 @@ class Scorer:
                 self.cache.release([key], self._holder)
         if outcome.status == "ok":
             usage = outcome.usage
-            self.cache.put({"key": key, **ask.record(outcome.judgement),
-                            "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out,
-                            "tokens_cache_hit": usage.tokens_cache_hit, "cost_usd": outcome.cost_usd},
-                           holder=self._holder)
+            await self._commits.put({"key": key, **ask.record(outcome.judgement),
+                                     "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out,
+                                     "tokens_cache_hit": usage.tokens_cache_hit, "cost_usd": outcome.cost_usd})
         elif outcome.status == "over_budget" and not self._warned_budget:
             self._warned_budget = True
             log.warning("judge budget of $%s reached: rewards fall back to rules only", self.cfg.judge.budget_usd)

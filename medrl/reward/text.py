@@ -39,6 +39,7 @@ def strip_invisible(text: str) -> str:
     return INVISIBLE.sub("", text)
 
 
+@lru_cache(maxsize=1024)  # each rule asks for the same answer's normalised text
 def normalise(text: str) -> str:
     """The text every rule reads: NFKC (full-width letters, digits and brackets become ASCII), invisible characters
     removed, and words spelled out letter by letter ("i g n o r e", "请 忽 略") joined again."""
@@ -46,10 +47,22 @@ def normalise(text: str) -> str:
     return _SPACED_OUT.sub(lambda m: m.group(0).replace(" ", "").replace("\t", ""), text)
 
 
+class _FirstOfNFKC(dict):
+    """code point -> the first character of its NFKC form, filled on first use (a ``str.translate`` table)."""
+
+    def __missing__(self, code: int) -> str:
+        c = chr(code)
+        folded = self[code] = (unicodedata.normalize("NFKC", c) or c)[0]
+        return folded
+
+
+_FOLD_TABLE = _FirstOfNFKC()
+
+
 def fold_chars(text: str) -> str:
     """A same-length copy of ``text`` with each character NFKC-folded to its first character ("＜" -> "<"), for
     finding spans in the original text."""
-    return "".join((unicodedata.normalize("NFKC", c) or c)[0] for c in text)
+    return text.translate(_FOLD_TABLE)
 
 
 @dataclass(frozen=True)
@@ -173,7 +186,8 @@ def _content_runs(text: str) -> list[tuple[int, int, int]]:
 
     for m in _LIST_TOKEN.finditer(text):
         tok = m.group()
-        if has_cjk(tok[0]):
+        first = tok[0]
+        if "\u3400" <= first <= "\u9fff" or "\uf900" <= first <= "\ufaff":  # a CJK run (_CJK, without a regex)
             pos = m.start()
             for w in _jieba().lcut(tok):
                 if w in ZH_STOPWORDS or (len(w) == 1 and w in _ZH_PARTICLES):
@@ -328,9 +342,9 @@ def without_stuffing(answer: str, reference: str) -> str:
     a section of references, keywords or a glossary (References:, Keywords:, 参考文献, 关键词) to the end of the answer;
     a run of at least SHORT_LINE_RUN short lines (one term per line); a chain of reference terms joined only by
     single function words or commas ("aspirin and troponin and ECG with PCI", 阿司匹林和肌钙蛋白及心电图) longer than
-    4 and than any such chain in the reference itself; FRAGMENT_RUN or more short fragments in a row between commas,
-    semicolons, brackets or "or" (a list of terms or synonyms); TEMPLATE_RUN or more sentences that are the same once the
-    reference's terms are masked ("Also consider aspirin. Also consider troponin. ...")."""
+    4 and than any such chain in the reference itself; FRAGMENT_RUN or more short fragments in a row between
+    commas, semicolons, brackets or "or" (a list of terms or synonyms); TEMPLATE_RUN or more sentences that are the
+    same once the reference's terms are masked ("Also consider aspirin. Also consider troponin. ...")."""
     section = _SECTION.search(answer)
     if section and section.start() > 0:
         answer = answer[:section.start()]

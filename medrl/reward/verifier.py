@@ -177,7 +177,8 @@ class Verifier:
 
 def with_verdict(cfg: RewardConfig, result: RewardResult, verdict: Verdict | None) -> RewardResult:
     """``result`` with the verifier's score mixed into the reward (``RewardConfig.mix``), its component
-    (``verifier``), reason, and the judge tokens and cost it spent. A prompt injection or rubric gaming keeps R = 0."""
+    (``verifier``), reason, and the judge tokens and cost it spent. A prompt injection or rubric gaming keeps
+    R = 0."""
     if verdict is None:
         return result
     result.components["verifier"] = verdict.score

@@ -120,7 +120,8 @@ def training_args(cfg: Config, run: RunDir, has_eval: bool):
         deepspeed=s.deepspeed, accelerator_config=accelerator_config,
         use_cpu=device == "cpu" and not s.deepspeed,
         ddp_backend="gloo" if device == "cpu" and "LOCAL_RANK" in os.environ else None,
-        seed=cfg.run.seed, data_seed=cfg.run.seed, report_to="none", dataloader_num_workers=0,
+        seed=cfg.run.seed, data_seed=cfg.run.seed, dataloader_num_workers=0,
+        report_to="none",  # MetricsCallback sends the logs to run.report_to: one writer per tracker for all stages
     )
 
 
@@ -146,6 +147,8 @@ def train_sft(cfg: Config, run: RunDir, *, resume: str | None = None,
     model = load_causal_lm(cfg.model.path, dtype=str(dtype).removeprefix("torch."), device="cpu",
                            cache_dir=cfg.model.cache_dir)
     metrics = MetricsLogger(run, "sft") if args.process_index == 0 else None
+    if metrics is not None:
+        metrics.log_hparams(cfg.to_dict())
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora_config(cfg.model.lora),
                          callbacks=[MetricsCallback(metrics), *callbacks])
