@@ -315,7 +315,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     applied = []
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value, f"override '{_shown(text)}'")
+        # a section an earlier override replaced by a value (``run=5 run.root=x``) is that override's fault
+        blamed = next((t for k, t in reversed(applied) if key.startswith(k + ".")), text)
+        _set_dotted(tree, key, value, f"override '{_shown(blamed)}'")
         applied.append((key, text))
     return validate_tree(tree, source, applied)
 

@@ -18,8 +18,13 @@ def iter_jsonl(path: Path, required: tuple[str, ...] = (), missing_hint: str = "
         raise UsageError(f"{path} is a directory, expected a JSONL file" + (f" ({missing_hint})" if missing_hint else ""))
     if not path.is_file():
         raise UsageError(f"{path} not found" + (f": {missing_hint}" if missing_hint else ""))
-    with open(path, encoding="utf-8-sig") as f:  # a BOM from a spreadsheet export is not an error
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:  # a BOM from a spreadsheet export is not an error
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                 f"{exc.start + 1}): is this a JSONL file?") from None
             if not line.strip():
                 continue
             try:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from medrl.config import RayConfig
 
@@ -15,7 +17,8 @@ these variables win)."""
 
 def init_ray(cfg: RayConfig, runtime_env: dict | None = None):
     """Connect to ``cfg.address`` or start a private local runtime (``address="local"`` never attaches to another
-    cluster running on the same machine). Returns whether this call started Ray (the caller then shuts it down)."""
+    cluster running on the same machine), watched by ``medrl.ray_reaper`` so that it never outlives this process
+    (a driver killed by SIGKILL included). Returns whether this call started Ray (the caller then shuts it down)."""
     import ray
 
     if ray.is_initialized():
@@ -28,6 +31,8 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None):
     if cfg.address:
         ray.init(address=cfg.address, runtime_env=runtime_env, log_to_driver=True)
     else:
+        subprocess.Popen([sys.executable, "-m", "medrl.ray_reaper", str(os.getpid())], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
                  runtime_env=runtime_env, log_to_driver=True, _node_ip_address="127.0.0.1")
     return True

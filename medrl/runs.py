@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from medrl.config import Config, save_config
+from medrl.errors import UsageError
 from medrl.trackers import TABLE_MAX_ROWS, open_sinks
 
 STAGES = ("prepare", "sft", "ppo", "eval", "report")
@@ -129,8 +130,14 @@ class RunDir:
         return self.root / stage / "checkpoints"
 
     def ensure(self) -> "RunDir":
-        for d in (self.root, self.logs):
-            d.mkdir(parents=True, exist_ok=True)
+        """Create the run directory and its logs folder; one line naming the path (run.root) when that fails."""
+        try:
+            for d in (self.root, self.logs):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            blocking = next((p for p in self.root.parents if p.exists() and not p.is_dir()), None)
+            why = f"{blocking} is a file, not a directory" if blocking else (exc.strerror or str(exc))
+            raise UsageError(f"cannot create the run directory {self.root} (run.root / run.name): {why}") from None
         return self
 
     def save_config(self, cfg: Config) -> Path:

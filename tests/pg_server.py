@@ -64,10 +64,16 @@ class PostgresServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
+        self._start()
+        return self
+
+    def _start(self) -> None:
+        """Start the server on ``self.dir``'s data directory and ``self.port``; return once it accepts connections."""
+        bindir, owner = pg_bin(), self._as_owner()
         opts = ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"] if self.fast else []
-        self._log = open(self.dir / "server.log", "wb")
+        self._log = open(self.dir / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [str(bindir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(self.port),
+            [str(bindir / "postgres"), "-D", str(self.dir / "data"), "-h", "127.0.0.1", "-p", str(self.port),
              "-k", str(self.dir), "-c", "max_connections=100", "-c", "shared_buffers=32MB", *opts],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True, **owner)
         deadline = time.time() + 60
@@ -77,22 +83,32 @@ class PostgresServer:
             ready = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
                                    capture_output=True)
             if ready.returncode == 0:
-                return self
+                return
             time.sleep(0.2)
         self.__exit__()
         raise RuntimeError("postgres did not become ready in 60 s")
 
+    def _stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown: clients are disconnected, committed data kept
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
+        self._log.close()
+
+    def restart(self, down_s: float) -> None:
+        """Stop the server (fast shutdown: every client loses its connection), keep it down ``down_s`` seconds and
+        start it again on the same port and data (a store outage)."""
+        self._stop()
+        time.sleep(down_s)
+        self._start()
+
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGINT)  # fast shutdown
-                try:
-                    self.proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait()
-            self.proc = None
-            self._log.close()
+            self._stop()
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None

@@ -7,8 +7,8 @@ import pytest
 from medrl.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["prepare", "sft", "merge", "judge", "ppo", "estimate-memory", "eval", "report", "review", "demo", "pipeline", "tiny-model",
-            "download-model"]
+COMMANDS = ["prepare", "sft", "merge", "judge", "ppo", "estimate-memory", "eval", "report", "review", "rubrics", "demo",
+            "pipeline", "tiny-model", "download-model"]
 
 
 def _medrl(*args, cwd=REPO):
@@ -90,3 +90,31 @@ def test_bad_arguments_fail_at_once_with_one_line(tmp_path, capsys, monkeypatch)
         assert rc == 2 and message in err.strip().splitlines()[-1], (args, err)
         assert "Traceback" not in err and not ray.is_initialized()
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_unusable_run_root_binary_input_negative_limit_and_a_bad_section_exit_2(tmp_path, capsys, monkeypatch):
+    """No traceback: each case is one line naming the path, file:line or the override that is wrong."""
+    from medrl.cli import main
+
+    monkeypatch.chdir(REPO)
+    (tmp_path / "afile").write_text("x")
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b'{"prompt": "Fever?", "response": "Rest."}\n' + bytes(range(128, 256)) + b"\n")
+    root = f"run.root={tmp_path}/runs"
+    cases = [
+        (["estimate-memory", "run.root=/proc/medrl"],
+         "cannot create the run directory /proc/medrl/default (run.root / run.name): No such file or directory"),
+        (["estimate-memory", f"run.root={tmp_path}/afile/runs"],
+         f"cannot create the run directory {tmp_path}/afile/runs/default (run.root / run.name): {tmp_path}/afile is "
+         f"a file, not a directory"),
+        (["judge", "--input", str(binary), "--out", str(tmp_path / "o.jsonl"), root, "reward.judge.provider=none"],
+         f"{binary}:2: not UTF-8 text (byte 0x80 at column 1)"),
+        (["estimate-memory", "eval.limit=-1", root], "override 'eval.limit=-1': key 'eval.limit' is out of range"),
+        (["estimate-memory", "eval.set_limits.gold=-3", root], "override 'eval.set_limits.gold=-3'"),
+        (["estimate-memory", "run=5", root], "override 'run=5': cannot set 'run.root': 'run' is not a mapping"),
+    ]
+    for args, message in cases:
+        rc = main(args)
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err.strip().splitlines()[-1], (args, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err

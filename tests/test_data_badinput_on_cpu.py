@@ -189,3 +189,34 @@ def test_an_unclosed_quote_after_unicode_line_separators_restarts_at_the_right_l
     rows = list(read_csv(path, 10**6))
     assert [(line, row and row["question"], bool(err)) for line, row, err in rows] == [
         (2, "q0", False), (3, None, True), (4, "q2", False), (5, "q3", False)]
+
+
+def test_non_finite_json_numbers_are_rejects_with_their_line(tmp_path):
+    good = json.dumps(GOOD[0])
+    lines = [good, '{"question": "Dose?", "answer": NaN}', '{"question": "Dose?", "answer": Infinity}',
+             '{"question": "Dose?", "answer": -Infinity}', '{"question": "Dose?", "answer": 1e999}',
+             '{"question": "Dose?", "answer": 2.5e3}']
+    path = tmp_path / "nf.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows = _rows(path)
+    assert [(r.line, r.error) for r in rows] == [
+        (1, None), (2, "non-finite number NaN (not valid JSON)"), (3, "non-finite number Infinity (not valid JSON)"),
+        (4, "non-finite number -Infinity (not valid JSON)"), (5, "number 1e999 is too large for a float"),
+        (6, None)]
+    assert rows[5].record["answer"] == "2500.0"
+    array = tmp_path / "nf.json"  # in an array: the row is rejected, the rows after it are kept
+    array.write_text("[\n" + ",\n".join(lines) + "\n]\n", encoding="utf-8")
+    assert [(r.line, r.error is None) for r in _rows(array, "json")] == [
+        (2, True), (3, False), (4, False), (5, False), (6, False), (7, True)]
+
+
+def test_csv_duplicate_column_and_nul_rows_are_rejects(tmp_path):
+    dup = tmp_path / "dup.csv"
+    dup.write_text("question,answer,answer\nFever?,Rest.,Paracetamol.\n", encoding="utf-8")
+    assert list(read_csv(dup, 10_000)) == [
+        (1, None, "duplicate column 'answer' in the header (columns 2 and 3): the file is skipped")]
+    nul = tmp_path / "nul.csv"
+    nul.write_bytes(b"question,answer\nFever?,Rest.\n\x00\x00\x00,\x00\x00\nCough?,Fl\x00uids.\n\n")
+    assert list(read_csv(nul, 10_000)) == [(2, {"question": "Fever?", "answer": "Rest."}, None),
+                                          (3, None, "row holds only NUL bytes"),
+                                          (4, {"question": "Cough?", "answer": "Fluids."}, None)]

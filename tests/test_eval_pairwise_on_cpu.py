@@ -4,6 +4,7 @@ import asyncio
 import json
 import re
 import threading
+from collections import Counter
 
 import pytest
 from aiohttp import web
@@ -11,8 +12,9 @@ from aiohttp import web
 from medrl.config import load_config
 from medrl.evaluation.evaluate import pairwise_rows
 from medrl.evaluation.metrics import summarize
-from medrl.evaluation.pairwise import PairTask, build_pairwise_messages, parse_verdict
+from medrl.evaluation.pairwise import PairTask, PairwiseJudge, build_pairwise_messages, parse_verdict
 from medrl.reward.cache import open_store
+from medrl.reward.config import CacheConfig, RewardConfig
 from medrl.reward.preflight import JudgeSetupError
 from medrl.reward.rubric import JudgementError
 
@@ -23,10 +25,13 @@ ANSWER = re.compile(r"<<<ANSWER (A|B)>>>\n(.*?)\n<<<END ANSWER \1>>>", re.DOTALL
 class PairJudgeServer:
     """Prefers the answer holding "[[good]]" (tie when both or neither do); "[[biased]]" anywhere makes it always pick
     the answer shown first; "[[malformed]]" gets invalid JSON; another key than ``KEY`` gets HTTP 401. Counts
-    requests; usage 100 in / 10 out per call."""
+    requests, in all and per request (its last user message); answers after ``latency_s``; usage 100 in / 10 out
+    per call."""
 
-    def __init__(self):
+    def __init__(self, latency_s: float = 0.0):
         self.requests = 0
+        self.per_request: Counter = Counter()
+        self.latency_s = latency_s
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -36,6 +41,8 @@ class PairJudgeServer:
             return web.json_response({"error": {"message": "Authentication Fails", "type": "auth"}}, status=401)
         body = await request.json()
         user = body["messages"][-1]["content"]
+        self.per_request[user] += 1
+        await asyncio.sleep(self.latency_s)
         answers = dict(ANSWER.findall(user))
         if "[[malformed]]" in user:
             content = '{"winner": '
@@ -117,7 +124,8 @@ eval:
     assert notes == [] and list(pairs) == ["rl_vs_sft"]
     got = {r["id"]: (r["verdict_ab"], r["verdict_ba"]) for r in pairs["rl_vs_sft"]}
     assert got == {"q1": ("A", "B"), "q2": ("B", "A"), "q3": ("tie", "tie"), "q4": ("A", "A"), "q5": (None, None)}
-    assert server.requests == 4 * 2 + 2 * 2  # q5: one call + one malformed retry, in each order
+    # q3 shows one answer on both sides: one key, asked once; q5: one call + one malformed retry, in each order
+    assert server.requests == 3 * 2 + 1 + 2 * 2
     q5 = next(r for r in pairs["rl_vs_sft"] if r["id"] == "q5")
     assert q5["judge"]["status"] == "failed" and "malformed JSON" in q5["reason_ab"]
     q1 = next(r for r in pairs["rl_vs_sft"] if r["id"] == "q1")
@@ -129,7 +137,7 @@ eval:
                  "position_consistency": 0.75}
 
     again, _ = pairwise_rows(cfg, rows)  # every successful verdict comes from the cache
-    assert server.requests == 12 + 4  # only q5 (never cached) is asked again
+    assert server.requests == 11 + 4  # only q5 (never cached) is asked again
     assert {r["id"]: (r["verdict_ab"], r["verdict_ba"]) for r in again["rl_vs_sft"]} == got
     assert {r["judge"]["status"] for r in again["rl_vs_sft"] if r["id"] != "q5"} == {"cached"}
     assert KEY not in json.dumps(again)
@@ -182,3 +190,50 @@ def test_parse_verdict(content, expected):
 def test_parse_verdict_rejects(content, message):
     with pytest.raises(JudgementError, match=message):
         parse_verdict(content)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_two_evals_at_once_pay_each_verdict_once(backend, tmp_path, monkeypatch, request):
+    """Two pairwise runs over the same pairs at the same time, on one store: each verdict is requested once (claims),
+    the other run waits for it; a pair shown twice in one run (the same answer on both sides) is asked once."""
+    monkeypatch.setenv("MEDRL_TEST_JUDGE_KEY", KEY)
+    if backend == "postgres":
+        pg = request.getfixturevalue("postgres")
+        monkeypatch.setenv("MEDRL_TEST_PAIRWISE_DB", pg.url)
+        cache = CacheConfig(backend="postgres", url_env="MEDRL_TEST_PAIRWISE_DB")
+        store = open_store(cache)
+        store._run("TRUNCATE pairwise_verdicts, claims")
+        store.close()
+    else:
+        cache = CacheConfig(path=str(tmp_path / "c.db"))
+    tasks = [PairTask(f"Question {i}?", "ref", f"Answer {i}. [[good]]", f"Other {i}.") for i in range(12)]
+    tasks += [PairTask(t.prompt, t.reference, t.second, t.first) for t in tasks]  # both orders
+    tasks.append(PairTask("Same?", None, "Same answer.", "Same answer."))
+    tasks.append(tasks[-1])
+    with PairJudgeServer(latency_s=0.3) as server:
+        judge = RewardConfig.model_validate({"judge": {
+            "provider": "openai", "base_url": f"http://127.0.0.1:{server.port}/v1", "model": "loopback",
+            "prices": {"loopback": {"input": 1.0, "input_cache_hit": 0.1, "output": 2.0}}, "max_retries": 0,
+            "api_key_env": "MEDRL_TEST_JUDGE_KEY", "concurrency": 4, "rpm": 0, "tpm": 0}}).judge
+        out: list = [None, None]
+
+        def run(i: int) -> None:
+            out[i] = PairwiseJudge(judge, cache).judge_all(tasks)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert len(server.per_request) == 25 and set(server.per_request.values()) == {1}, server.per_request
+    a, b = out
+    assert [v.winner for v in a] == [v.winner for v in b] == ["A"] * 12 + ["B"] * 12 + ["tie", "tie"]
+    paid = [v for v in a + b if v.status == "ok"]
+    assert len(paid) == 25 and {v.status for v in a + b} == {"ok", "cached"}
+    assert sum(v.cost_usd for v in a + b) == pytest.approx(25 * 120 / 1e6)
+    store = open_store(cache)
+    try:
+        assert store._run("SELECT COUNT(*) FROM claims").fetchone()[0] == 0
+        assert store._run("SELECT COUNT(*) FROM pairwise_verdicts").fetchone()[0] == 25
+    finally:
+        store.close()

@@ -159,3 +159,64 @@ def test_failed_judgements_warn_once_per_batch(server, tmp_path, caplog):
     assert warnings == ["12 of 12 judgements failed in this batch (scored without them); first: HTTP 500 (client "
                         "retries: 0): Error code: 500 - server busy"]
     assert sum("judgement failed for item" in r.getMessage() for r in caplog.records) == 12  # in the log file
+
+
+def _closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: connections are refused
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_probe_stops_when_the_judge_cannot_be_reached(server):
+    """Refused, DNS and TLS failures at the pre-start check are fatal (one line naming the URL, never the key)."""
+    cases = [(_closed_port_url(), "connection refused"),
+             ("http://medrl-judge.invalid/v1", "DNS lookup failed"),  # .invalid never resolves (RFC 6761)
+             (server.base_url.replace("http://", "https://"), "TLS handshake failed (WRONG_VERSION_NUMBER)")]
+    for url, what in cases:
+        with pytest.raises(JudgeSetupError) as e:
+            probe_judge(_judge_cfg(server, base_url=url), KEY)
+        assert str(e.value).startswith(f"the judge at {url} cannot be reached: {what}"), str(e.value)
+        assert KEY not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_mid_run_failure_reasons_say_what_happened(server):
+    async def reason(url: str, answer: str = "Rest and fluids.") -> str:
+        judge = OpenAIJudge(_judge_cfg(server, base_url=url, timeout_s=1.5, malformed_retries=0), KEY)
+        try:
+            out = await judge.judge("Fever?", answer, None, local_gate(Ledger(0, 0, None), lease_size=4))
+        finally:
+            await judge.close()
+        assert out.status == "failed"
+        return out.reason
+
+    async def all_reasons():
+        return await asyncio.gather(reason(_closed_port_url()), reason(server.base_url, "x [[fault:timeout]]"),
+                                    reason(server.base_url, "x [[fault:503]]"),
+                                    reason(server.base_url, "x [[fault:malformed]]"))
+
+    refused, timeout, busy, malformed = asyncio.run(all_reasons())
+    assert refused == "connection refused (client retries: 0)"
+    assert timeout == "timeout (client retries: 0)"
+    assert busy.startswith("HTTP 503 (client retries: 0)")
+    assert malformed.startswith("malformed JSON")
+
+
+def test_cli_judge_with_an_unreachable_judge_exits_2_before_ray(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from medrl.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "1", "prompt": "Fever?", "response": "Rest."}) + "\n")
+    monkeypatch.setenv("DEEPSEEK_API_KEY", KEY)
+    monkeypatch.chdir(REPO)
+    url = _closed_port_url()
+    rc = main(["judge", "--config", "configs/local_tiny.yaml", "--input", str(src), "--out", str(tmp_path / "o.jsonl"),
+               f"run.root={tmp_path}/runs", "reward.judge.provider=openai", f"reward.judge.base_url={url}",
+               f"reward.cache.path={tmp_path}/c.sqlite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"medrl: error: the judge at {url} cannot be reached: connection refused: check "
+                               "reward.judge.base_url"], err
+    assert not ray.is_initialized() and not (tmp_path / "o.jsonl").exists()

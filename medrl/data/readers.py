@@ -17,7 +17,25 @@ from medrl.errors import UsageError
 RawRow = tuple[int, Any, "str | None"]
 TOO_DEEP = "JSON nested too deeply to read (arrays/objects over ~1,000 levels deep)"
 _BOM = b"\xef\xbb\xbf"
-_DECODER = json.JSONDecoder()
+
+
+class NonFiniteNumber(ValueError):
+    """A JSON number that is not finite (``NaN``, ``Infinity``, or too large for a float, like ``1e999``)."""
+
+
+def _no_constant(name: str):
+    raise NonFiniteNumber(f"non-finite number {name} (not valid JSON)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise NonFiniteNumber(f"number {text[:40]} is too large for a float")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
+"""Rows never hold NaN or infinities: such a number makes its row a reject (it would become the text "nan")."""
 _WS = " \t\r\n"
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # huge cells are rejected by size below, never by the csv module
 
@@ -58,9 +76,11 @@ def read_jsonl(path: Path, max_row_bytes: int) -> Iterator[RawRow]:
                 yield line_no, None, f"undecodable bytes (not UTF-8) at byte {exc.start}"
                 continue
             try:
-                yield line_no, json.loads(text), None
+                yield line_no, _DECODER.decode(text), None
             except json.JSONDecodeError as exc:
                 yield line_no, None, f"malformed JSON: {exc.msg} at column {exc.colno}"
+            except NonFiniteNumber as exc:
+                yield line_no, None, str(exc)
             except RecursionError:
                 yield line_no, None, TOO_DEEP
     if rows == 0:
@@ -165,6 +185,8 @@ def _read_value(text: str, pos: int, lines: _Lines, max_row_bytes: int, key: Any
         value, pos = _DECODER.raw_decode(text, pos)
     except RecursionError:
         return (lines.at(start), None, TOO_DEEP), _skip_value(text, start)
+    except NonFiniteNumber as exc:
+        return (lines.at(start), None, str(exc)), _skip_value(text, start)
     if keyed and isinstance(value, dict):
         value = {**value, "_key": key}
     return _row(value, lines.at(start), len(text[start:pos].encode("utf-8", "surrogateescape")), max_row_bytes), pos
@@ -224,20 +246,27 @@ def decode_csv(data: bytes, encoding: str) -> tuple[str, str]:
 
 
 def read_csv(path: Path, max_row_bytes: int, encoding: str = "auto") -> Iterator[RawRow]:
-    """CSV with a header row; each row is a dict keyed by the header. NUL bytes are dropped. A quote that never
-    closes (the csv module reads every later line into one field) rejects only its own line, with that reason, and
-    the lines it swallowed are read again as rows."""
+    """CSV with a header row; each row is a dict keyed by the header. NUL bytes are dropped (a row of nothing else is
+    a reject). A header naming a column twice rejects the file. A quote that never closes (the csv module reads
+    every later line into one field) rejects only its own line, with that reason, and the lines it swallowed are
+    read again as rows."""
     text, used = decode_csv(read_bytes(path), encoding)
-    text = text.replace("\x00", "")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        header = [h.strip() for h in next(reader)]
+        header = [h.replace("\x00", "").strip() for h in next(reader)]
     except StopIteration:
         yield 0, None, "empty file (no rows)"
         return
     except csv.Error as exc:
         yield 1, None, f"malformed CSV header: {exc}"
         return
+    first: dict[str, int] = {}
+    for i, name in enumerate(header, 1):
+        if name and name in first:
+            yield reader.line_num, None, (f"duplicate column '{name}' in the header (columns {first[name]} and {i}): "
+                                          "the file is skipped")
+            return
+        first.setdefault(name, i)
     rows, offset, last = 0, 0, reader.line_num
     physical: list[str] | None = None
     while True:
@@ -252,7 +281,12 @@ def read_csv(path: Path, max_row_bytes: int, encoding: str = "auto") -> Iterator
             continue
         end = offset + reader.line_num
         last = reader.line_num
+        had_nul = any("\x00" in c for c in cells)
+        cells = [c.replace("\x00", "") for c in cells] if had_nul else cells
         if not any(c.strip() for c in cells):
+            if had_nul:
+                rows += 1
+                yield start, None, "row holds only NUL bytes"
             continue
         rows += 1
         size = sum(len(c.encode("utf-8", "surrogateescape")) for c in cells)

@@ -6,7 +6,7 @@ differences in the eval table come from the weights alone.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -72,7 +72,7 @@ class PairwiseSettings(StrictModel):
     """(challenger, baseline) pairs; a pair is skipped when either model was not evaluated."""
     sets: list[EvalSet] = ["test", "gold", "redteam"]
     """Sets judged pairwise (benchmarks are scored by accuracy instead)."""
-    limit: int | None = 100
+    limit: int | None = Field(100, ge=1)
     """At most this many prompts per set and pair (the first ones of the evaluated items); None = all."""
 
     @model_validator(mode="after")
@@ -93,12 +93,12 @@ class EvalConfig(StrictModel):
     models: list[ModelName] = ["base", "sft", "rl"]
     """Models to compare: base = ``model.path``; sft = ``<run>/sft/adapter``; rl = ``<run>/ppo/adapter``. A model
     whose adapter does not exist yet is skipped with a warning (``medrl eval --models`` makes it an error)."""
-    limit: int | None = 200
+    limit: int | None = Field(200, ge=1)
     """Items per test / gold / red-team / dev set; None = all. A limited set takes items in turn from each red-team category (or data source),
     the first ones of each in file order (deterministic), so every category is covered."""
-    benchmark_limit: int | None = None
+    benchmark_limit: int | None = Field(None, ge=1)
     """Items per benchmark set (any set but test, gold, redteam, dev); None = every item, as published figures use."""
-    set_limits: dict[EvalSet, int | None] = {"redteam": None}
+    set_limits: dict[EvalSet, Annotated[int, Field(ge=1)] | None] = {"redteam": None}
     """Per-set overrides of ``limit`` / ``benchmark_limit`` (default: the whole red-team set, it is small and
     matters most)."""
     decoding: DecodingSettings = DecodingSettings()

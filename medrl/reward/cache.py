@@ -5,24 +5,31 @@ spend ledger, in one SQLite file (WAL, one machine) or one PostgreSQL database (
 Both backends run the same SQL. A judgement is committed before the reward that uses it is returned, and a key is
 claimed before its judge call (the claim expires unless its holder renews it), so no key is paid for twice, by
 concurrent actors, processes and runs, or across restarts. Only valid judgements are stored: a failure is retried.
-The PostgreSQL connection string is read from the environment variable ``reward.cache.url_env`` and never kept.
+The PostgreSQL connection string is read from the environment variable ``reward.cache.url_env`` and never written
+anywhere. A PostgreSQL connection lost mid-run (a server restart) is reopened with backoff and the operation run
+again (every operation is idempotent: insert-if-absent, re-claims by the same holder); past
+``reward.cache.outage_s`` the store raises ``StoreDownError``, one line that stops the run.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from medrl.errors import UsageError
 from medrl.reward.config import CacheConfig, RewardConfig
 from medrl.reward.ledger import RateBucket, lease_buckets
 from medrl.reward.types import RewardInput
+
+log = logging.getLogger("medrl.reward")
 
 SCHEMA_VERSION = 1
 """Version of the tables below, recorded in ``medrl_schema``; a store written by a newer medrl is refused."""
@@ -60,6 +67,12 @@ _RUBRIC_COLUMNS = ("key", "generator", "version", "criteria", "prompt", "referen
 _PATIENT_COLUMNS = ("key", "simulator", "reply", "tokens_in", "tokens_out", "tokens_cache_hit", "cost_usd", "created")
 _CHUNK = 500
 _PG_SCHEMA_LOCK = 0x6D6564726C  # advisory lock id taken while the schema is created
+_BACKOFF_S = (0.1, 5.0)
+"""First and longest wait between reconnection attempts to a lost PostgreSQL server (doubling in between)."""
+
+
+class StoreDownError(UsageError):
+    """The judge store stayed unreachable past ``reward.cache.outage_s``: the run stops (never a per-sample failure)."""
 
 
 def cache_key(judge: str, rubric_version: str, prompt: str, answer: str, reference: str | None) -> str:
@@ -79,13 +92,63 @@ def _chunks(keys: list[str]):
         yield keys[start:start + _CHUNK]
 
 
+def _reconnecting(method):
+    """PostgreSQL: when ``method`` loses its connection, reconnect (``JudgeStore._reconnect``) and run it again."""
+
+    @functools.wraps(method)
+    def run(self: "JudgeStore", *args, **kwargs):
+        if not self._pg:
+            return method(self, *args, **kwargs)
+        import psycopg
+
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except psycopg.OperationalError as exc:
+                if self._db is None or not (self._db.broken or self._db.closed):
+                    raise  # the server answered with an error: not an outage
+                self._reconnect(exc)
+
+    return run
+
+
 class JudgeStore:
     """One connection per process/actor (autocommit; multi-statement changes in explicit transactions). Use
-    ``open_store``. ``where`` names the store in messages (the file, or the URL's variable name: never the URL)."""
+    ``open_store``. ``where`` names the store in messages (the file, or the URL's variable name: never the URL).
+    ``connect`` (PostgreSQL) opens a new connection, used after the old one is lost, for up to ``outage_s``."""
 
-    def __init__(self, db, backend: str, where: str):
+    def __init__(self, db, backend: str, where: str, connect: Callable[[], object] | None = None,
+                 outage_s: float = 0.0):
         self._db, self.backend, self.where = db, backend, where
         self._pg = backend == "postgres"
+        self._connect, self._outage_s = connect, outage_s
+        self._down_since: float | None = None  # time.monotonic() of the first operation that found the store down
+
+    def _reconnect(self, lost: Exception) -> None:
+        """Open a new connection with bounded backoff; StoreDownError once the store has been down ``outage_s``
+        (counted from the first lost operation: later ones then fail after one attempt)."""
+        import psycopg
+
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("%s: connection lost (%s): reconnecting for up to %g s (reward.cache.outage_s)", self.where,
+                        str(lost).strip().splitlines()[0], self._outage_s)
+        wait, error = _BACKOFF_S[0], lost
+        while True:
+            try:
+                self._db = self._connect()
+                log.warning("%s: reconnected after %.1f s", self.where, time.monotonic() - self._down_since)
+                self._down_since = None
+                return
+            except psycopg.OperationalError as exc:
+                error = exc
+            left = self._outage_s - (time.monotonic() - self._down_since)
+            if left <= 0:
+                reason = str(error).strip().splitlines()[0]
+                raise StoreDownError(f"{self.where}: unreachable for {self._outage_s:g} s (reward.cache.outage_s): "
+                                     f"{reason}") from None
+            time.sleep(min(wait, left))
+            wait = min(2 * wait, _BACKOFF_S[1])
 
     # ---- plumbing
     def _sql(self, query: str) -> str:
@@ -131,6 +194,7 @@ class JudgeStore:
                 raise UsageError(f"{self.where}: judge store has schema version {row[0]}, this medrl knows "
                                  f"{SCHEMA_VERSION} (upgrade medrl)")
 
+    @_reconnecting
     def _rows_of(self, select: str, keys: Iterable[str]) -> list[tuple]:
         """The rows of ``select`` (its first column is ``key``) whose key is among ``keys``, in chunks."""
         if self._db is None:
@@ -147,6 +211,7 @@ class JudgeStore:
         """Store one judgement (``put_many`` of one)."""
         self.put_many([record], holder)
 
+    @_reconnecting
     def put_many(self, records: list[dict], holder: str | None = None) -> None:
         """Store judgements (first writer wins) and drop ``holder``'s claims on them, in one transaction committed
         before returning (one WAL flush for the lot: ``GroupCommit``)."""
@@ -158,6 +223,7 @@ class JudgeStore:
             if holder is not None:
                 self._run_many("DELETE FROM claims WHERE key = ? AND holder = ?", [(r[0], holder) for r in rows])
 
+    @_reconnecting
     def count(self) -> int:
         return 0 if self._db is None else self._run("SELECT COUNT(*) FROM judgements").fetchone()[0]
 
@@ -181,19 +247,23 @@ class JudgeStore:
         """{key: (winner, reason)} of the cached pairwise verdicts among ``keys``."""
         return {k: (w, r) for k, w, r in self._rows_of("SELECT key, winner, reason FROM pairwise_verdicts", keys)}
 
-    def put_pairwise(self, record: dict) -> None:
-        """Store one pairwise verdict (first writer wins), committed before returning."""
+    @_reconnecting
+    def put_pairwise(self, record: dict, holder: str | None = None) -> None:
+        """Store one pairwise verdict (first writer wins) and drop ``holder``'s claim on it, committed before
+        returning."""
         rec = dict(record, created=record.get("created", time.time()))
         with self._tx(durable=True):
             self._run(f"INSERT INTO pairwise_verdicts ({', '.join(_PAIR_COLUMNS)}) VALUES "
                       f"({','.join('?' * len(_PAIR_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
                       [rec.get(c) for c in _PAIR_COLUMNS])
+            self._drop_claim(rec["key"], holder)
 
     # ---- generated rubrics (``medrl rubrics generate``; key: ``rubric_gen.rubric_key``)
     def rubrics_many(self, keys: Iterable[str]) -> dict[str, list[dict]]:
         """{key: [{criterion, category, axis}]} of the stored rubrics among ``keys``."""
         return {k: json.loads(c) for k, c in self._rows_of("SELECT key, criteria FROM generated_rubrics", keys)}
 
+    @_reconnecting
     def put_rubric(self, record: dict, holder: str | None = None) -> None:
         """Store one generated rubric (``criteria``: a list, stored as JSON; first writer wins) and drop
         ``holder``'s claim on it, committed before returning."""
@@ -203,15 +273,15 @@ class JudgeStore:
             self._run(f"INSERT INTO generated_rubrics ({', '.join(_RUBRIC_COLUMNS)}) VALUES "
                       f"({','.join('?' * len(_RUBRIC_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
                       [rec.get(c) for c in _RUBRIC_COLUMNS])
-            if holder is not None:
-                self._run("DELETE FROM claims WHERE key = ? AND holder = ?", (rec["key"], holder))
+            self._drop_claim(rec["key"], holder)
 
-    # ---- claims: who is judging a key right now
+    # ---- simulated-patient replies (``medrl.consult``; key: ``medrl.consult.patient.reply_key``, prefix ``patient:``)
     def patient_replies_many(self, keys: Iterable[str]) -> dict[str, dict]:
-        """Cached simulated-patient replies (``medrl.consult.patient.reply_key``) of the given keys."""
+        """Cached simulated-patient replies of the given keys."""
         return {row[0]: dict(zip(_PATIENT_COLUMNS, row))
                 for row in self._rows_of(f"SELECT {', '.join(_PATIENT_COLUMNS)} FROM patient_replies", keys)}
 
+    @_reconnecting
     def put_patient_reply(self, record: dict) -> None:
         """Store one patient reply (first writer wins: a replayed dialogue sees the reply the first run saw)."""
         rec = dict(record, created=record.get("created", time.time()))
@@ -220,6 +290,12 @@ class JudgeStore:
                       f"({','.join('?' * len(_PATIENT_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
                       [rec.get(c) for c in _PATIENT_COLUMNS])
 
+    # ---- claims: who is working on a key right now (judgements, pairwise verdicts, rubrics: their keys never collide)
+    def _drop_claim(self, key: str, holder: str | None) -> None:
+        if holder is not None:
+            self._run("DELETE FROM claims WHERE key = ? AND holder = ?", (key, holder))
+
+    @_reconnecting
     def claim_many(self, keys: list[str], holder: str, ttl_s: float) -> set[str]:
         """Claim the keys nobody holds (or whose claim expired); returns the keys ``holder`` now holds."""
         held: set[str] = set()
@@ -234,14 +310,17 @@ class JudgeStore:
             held.update(r[0] for r in rows)
         return held
 
+    @_reconnecting
     def release(self, keys: Iterable[str], holder: str) -> None:
         self._run_many("DELETE FROM claims WHERE key = ? AND holder = ?", [(k, holder) for k in keys])
 
+    @_reconnecting
     def renew_claims(self, holder: str, ttl_s: float) -> None:
         """Push back the expiry of every claim ``holder`` has (its heartbeat)."""
         self._run("UPDATE claims SET expires = ? WHERE holder = ?", (time.time() + ttl_s, holder))
 
     # ---- rate limits and spending shared by every process on the store
+    @_reconnecting
     def rate_lease(self, limits: list[tuple[str, int, int]], n: int) -> tuple[int, float]:
         """Book up to ``n`` calls on the named buckets ((name, per minute, units per call)); returns (calls, wait)."""
         names = [name for name, _, _ in limits]
@@ -261,15 +340,18 @@ class JudgeStore:
                            [(b.tat, name) for (b, _), name in zip(buckets, names)])
         return n, wait
 
+    @_reconnecting
     def rate_adjust(self, moves: list[tuple[str, int, int]]) -> None:
         """Correct earlier bookings by (name, per minute, units) (negative units: give back)."""
         self._run_many("UPDATE rate_buckets SET tat = tat + ? WHERE name = ?",
                        [(units * 60.0 / per_minute, name) for name, per_minute, units in moves])
 
+    @_reconnecting
     def spent(self, scope: str) -> float:
         row = self._run("SELECT spent_usd FROM spend WHERE scope = ?", (scope,)).fetchone()
         return float(row[0]) if row else 0.0
 
+    @_reconnecting
     def add_spend(self, scope: str, usd: float) -> None:
         with self._tx(durable=True):
             self._run("INSERT INTO spend (scope, spent_usd) VALUES (?, ?) ON CONFLICT (scope) DO UPDATE "
@@ -344,16 +426,20 @@ def store_url(cfg: CacheConfig) -> str | None:
     return url
 
 
-def _open_postgres(url: str, url_env: str) -> JudgeStore:
-    where = f"PostgreSQL at ${url_env}"
+def _open_postgres(url: str, cfg: CacheConfig) -> JudgeStore:
+    where = f"PostgreSQL at ${cfg.url_env}"
     import psycopg
 
-    try:
+    def connect():
         db = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        db.execute("SET synchronous_commit TO OFF")  # durable writes turn it back on (JudgeStore._tx)
+        return db
+
+    try:
+        db = connect()
     except psycopg.Error as exc:
         raise UsageError(f"{where}: cannot connect: {str(exc).replace(url, '***').strip()}") from None
-    store = JudgeStore(db, "postgres", where)
-    store._run("SET synchronous_commit TO OFF")  # durable writes turn it back on (JudgeStore._tx)
+    store = JudgeStore(db, "postgres", where, connect, cfg.outage_s)
     store._create_schema()
     return store
 
@@ -363,5 +449,5 @@ def open_store(cfg: CacheConfig, readonly: bool = False, url: str | None = None)
     ``url`` (PostgreSQL): the connection string when the caller already read it (a Ray actor gets it from the
     driver, as a secret argument, so only the driver's node needs the variable); else it is read from the env."""
     if cfg.backend == "postgres":
-        return _open_postgres(url or store_url(cfg), cfg.url_env)
+        return _open_postgres(url or store_url(cfg), cfg)
     return _open_sqlite(Path(cfg.path).expanduser(), readonly)

@@ -261,6 +261,10 @@ class CacheConfig(StrictModel):
     /db``), read on every node; the URL itself is never stored or logged."""
     claim_ttl_s: float = Field(30.0, gt=0)
     """A key is claimed before its judge call; a claim not renewed for this long (its holder died) is taken over."""
+    outage_s: float = Field(120.0, ge=0)
+    """``postgres``: how long the server may stay unreachable (a restart, a failover): a lost connection is reopened
+    with backoff (0.1 s doubling to 5 s) and the operation repeated meanwhile; past this the run stops with one line.
+    A claim whose ``claim_ttl_s`` ran out meanwhile may be taken over by another run, as after a crash."""
 
 
 RUBRIC_GENERATOR_VERSION = "medrl-rubric-gen-v1"

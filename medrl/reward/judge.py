@@ -21,7 +21,7 @@ import openai
 
 from medrl.reward.config import JudgeConfig
 from medrl.reward.ledger import Permit, Usage, call_cost
-from medrl.reward.preflight import JudgeSetupError, fatal_judge_error
+from medrl.reward.preflight import JudgeSetupError, connection_failure, fatal_judge_error
 from medrl.reward.rubric import Judgement, JudgementError, build_messages, parse_judgement
 from medrl.reward.rules import RuleOutcome
 from medrl.reward.text import en_words, estimate_tokens, key_terms, term_found
@@ -83,13 +83,19 @@ def content_of(completion: dict) -> str | None:
 
 
 def _error_reason(exc: openai.APIError, max_retries: int) -> str:
+    """What went wrong with a call: ``connection refused``, ``DNS lookup failed``, ``TLS handshake failed``,
+    ``timeout``, ``connection error`` (with the cause) or ``HTTP <status>``, and the client retries made."""
     retried = f"(client retries: {max_retries})"
-    if isinstance(exc, openai.APITimeoutError):
-        return f"timeout {retried}"
     if isinstance(exc, openai.APIStatusError):
         return f"HTTP {exc.status_code} {retried}: {str(exc.message)[:160]}"
-    if isinstance(exc, openai.APIConnectionError):
-        return f"connection error {retried}: {exc}"
+    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
+        failure = connection_failure(exc)
+        if failure is not None:
+            return f"{failure} {retried}"
+        if isinstance(exc, openai.APITimeoutError):
+            return f"timeout {retried}"
+        cause = exc.__cause__ or exc
+        return f"connection error {retried}: {type(cause).__name__}: {str(cause)[:160]}"
     return f"{type(exc).__name__}: {str(exc)[:160]}"
 
 

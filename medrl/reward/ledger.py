@@ -10,6 +10,7 @@ the calls in flight never pass the budget.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import deque
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from medrl.reward.config import Price
+
+log = logging.getLogger("medrl.reward")
 
 
 @dataclass
@@ -260,7 +263,15 @@ class LeasedGate:
         if u["calls"] >= self.flush_every:
             task = asyncio.ensure_future(self._send())
             self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+            task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task) -> None:
+        """A background report ended; one that failed (the coordinator or its store is gone) is one warning line."""
+        self._sending.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            error = getattr(error, "cause", None) or error  # raised in the coordinator: without Ray's traceback
+            log.warning("judge usage not reported: %s", str(error).strip().splitlines()[0])
 
     def _take(self, return_permits: bool) -> dict | None:
         u = self._usage

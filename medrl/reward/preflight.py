@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sqlite3
+import ssl
 from pathlib import Path
 
 from medrl.errors import UsageError
@@ -50,6 +52,25 @@ def fatal_judge_error(exc: Exception, jc: JudgeConfig) -> str | None:
     return None
 
 
+def connection_failure(exc: BaseException) -> str | None:
+    """What stopped a request from reaching the judge, from the exception's causes: ``connection refused``, ``DNS
+    lookup failed (...)`` or ``TLS handshake failed (...)``; None for anything else (a timeout, an HTTP error). Read
+    from the causes because openai's aiohttp transport reports every failed connect as a timeout."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return f"DNS lookup failed ({e.strerror or e})"
+    tls = [e for e in chain if isinstance(e, ssl.SSLError)]
+    if tls:  # the innermost one holds the reason
+        return f"TLS handshake failed ({getattr(tls[-1], 'reason', None) or tls[-1]})"
+    return None
+
+
 def check_cache_file(path: str | Path) -> None:
     """A judge cache that SQLite cannot use fails here with one line naming the file, what is wrong and what to
     do; the file is only read (opened read-only), never modified."""
@@ -86,8 +107,9 @@ def check_cache_file(path: str | Path) -> None:
 
 
 def probe_judge(jc: JudgeConfig, api_key: str) -> None:
-    """One tiny chat call (a few tokens, outside the budget ledger): a key, permission or model error raises
-    JudgeSetupError; a transient error (timeout, 429, 5xx, connection) is only a warning."""
+    """One tiny chat call (a few tokens, outside the budget ledger): a key, permission or model error, or an endpoint
+    that cannot be reached at all (connection refused, DNS, TLS), raises JudgeSetupError; a transient error
+    (timeout, 429, 5xx) is only a warning."""
     import openai
 
     client = openai.OpenAI(base_url=jc.base_url, api_key=api_key, timeout=jc.timeout_s, max_retries=jc.max_retries)
@@ -97,6 +119,9 @@ def probe_judge(jc: JudgeConfig, api_key: str) -> None:
         client.post("/chat/completions", body=body, cast_to=dict)
     except openai.APIError as exc:
         reason = fatal_judge_error(exc, jc)
+        unreachable = connection_failure(exc) if isinstance(exc, openai.APIConnectionError) else None
+        if unreachable is not None:
+            reason = f"the judge at {jc.base_url} cannot be reached: {unreachable}: check reward.judge.base_url"
         if reason is not None:
             raise JudgeSetupError(reason.replace(api_key, "***")) from None
         log.warning("judge check call failed (%s): starting anyway, failures will be counted per sample",
