@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from medrl import __version__
 from medrl.errors import UsageError
 
 log = logging.getLogger("medrl")
@@ -49,35 +50,44 @@ def check_writable(path: Path, what: str, directory: bool = False) -> Path:
     return path
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, *sections: str) -> None:
+    """``--config`` and ``KEY=VALUE`` overrides; ``--help`` lists the keys of ``sections`` (none: the top-level
+    sections) with their docs."""
+    from medrl.config_help import section_epilog
+
     p.add_argument("--config", "-c", type=Path, default=None,
                    help="YAML config (default: built-in defaults for Qwen3-1.7B)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides applied after the file, e.g. ppo.kl.target=0.1 run.name=exp2")
+                   help="dotted overrides applied after the file, e.g. ppo.kl.target=0.1 run.name=exp2 (keys below; "
+                        "`medrl config explain KEY` says what one means)")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = section_epilog(sections)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="medrl", description="RL trainer that turns a small open model into a safer medical assistant.")
+        prog="medrl", description="RL trainer that turns a small open model into a safer medical assistant "
+                                  "(research use only, not for clinical decisions).")
+    parser.add_argument("--version", action="version", version=f"medrl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("prepare", help="load, normalise, clean and split medical data; write DATA_CARD.md")
-    _add_config_args(p)
+    _add_config_args(p, "data")
     p.add_argument("--sources", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
                    help="comma-separated source names overriding data.sources (e.g. medical-o1,delicate-medical)")
     p.add_argument("--strict", action="store_true", help="fail on the first rejected row instead of recording it")
 
     p = sub.add_parser("sft", help="LoRA supervised fine-tuning on the prepared train split")
-    _add_config_args(p)
+    _add_config_args(p, "sft", "model.lora")
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint) or a checkpoint directory")
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into the base model and save a full model directory")
-    _add_config_args(p)
+    _add_config_args(p, "model")
     p.add_argument("--adapter", type=Path, default=None, help="adapter dir (default: the run's RL, else SFT adapter)")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
 
     p = sub.add_parser("judge", help="score a JSONL file with rule rewards and the teacher judge")
-    _add_config_args(p)
+    _add_config_args(p, "reward", "reward.judge")
     p.add_argument("--input", type=Path, required=True,
                    help="JSONL with prompt, response and optional reference, risk")
     p.add_argument("--out", type=Path, required=True, help="output JSONL with reward breakdowns")
@@ -85,18 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="estimate tokens and cost without calling the judge")
 
     p = sub.add_parser("ppo", help="RL: Ray rollout actors, streamed judge scoring, PPO/GRPO/RLOO/REINFORCE++ learner")
-    _add_config_args(p)
+    _add_config_args(p, "ppo")
     p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint) or a checkpoint directory")
 
     p = sub.add_parser("estimate-memory", help="expected peak GPU memory of the learner for a config")
-    _add_config_args(p)
+    _add_config_args(p, "ppo", "ppo.learner")
 
     p = sub.add_parser("eval", help="evaluate base / SFT / RL models on test, gold, red-team and PubMedQA")
-    _add_config_args(p)
+    _add_config_args(p, "eval")
     p.add_argument("--models", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
                    help="comma-separated subset of base,sft,rl (default: those that exist)")
     p.add_argument("--sets", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=None,
                    help="comma-separated eval sets: test, gold, redteam or benchmark source names (default eval.sets)")
+
+    p = sub.add_parser("config", help="the resolved config with each field's doc and default, or one key explained")
+    action = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    q = action.add_parser("show", help="print the resolved config as YAML, each field with its doc and default")
+    _add_config_args(q)
+    q = action.add_parser("explain", help="what one key (or section) means, its type, bounds and default")
+    q.add_argument("key", help="dotted key, e.g. ppo.kl.target, ppo.kl, data.catalog.<name>.path")
 
     p = sub.add_parser("report", help="build report.html / report.md for a run directory")
     p.add_argument("run_dir", type=Path, help="run directory, e.g. runs/local_tiny")
@@ -121,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = review.add_parser("meta-eval", help="grade a HealthBench meta-eval file (physician labels per completion and "
                                             "criterion) with the rubric grader: macro F1 and balanced accuracy")
-    _add_config_args(q)
+    _add_config_args(q, "reward.rubric")
     q.add_argument("--input", type=Path, required=True, help="meta-eval JSONL: prompt, completion, rubric, "
                                                               "binary_labels (and category, completion_id ...)")
     q.add_argument("--limit", type=_positive_int, default=None, help="only the first N rows")
@@ -130,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     rubrics = p.add_subparsers(dest="rubrics_command", metavar="ACTION", required=True)
     q = rubrics.add_parser("generate", help="7-20 criteria per prompt (Rubrics as Rewards), stored and written as "
                                             "an editable JSONL that prepare reads back")
-    _add_config_args(q)
+    _add_config_args(q, "reward.rubric_generation")
     q.add_argument("--input", type=Path, required=True,
                    help="JSONL with id, messages or question, reference (e.g. <run>/data/rl_prompts.jsonl)")
     q.add_argument("--out", type=Path, required=True, help="output JSONL: {id, question, reference, rubrics, ...}")
@@ -153,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-run STAGE (and every later stage) even if its output exists "
                         "(repeatable; 'all' for every stage)")
 
+    p = sub.add_parser("push", help="upload an adapter or merged model directory with its model card to the "
+                                    "Hugging Face Hub")
+    p.add_argument("directory", type=Path, help="e.g. runs/<name>/ppo/adapter, or a `medrl merge` output")
+    p.add_argument("--repo-id", required=True, help="hub repository, e.g. your-name/qwen3-1.7b-medrl")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token-env", default="HF_TOKEN",
+                   help="environment variable holding the hub token (never passed on the command line)")
+
     p = sub.add_parser("tiny-model", help="build a tiny random Qwen3 + BPE tokenizer for tests and CPU runs")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--seed", type=int, default=0)
@@ -166,16 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+READ_ONLY = ("estimate-memory", "merge")
+"""Commands that only read a run (``judge --dry-run`` too): no run directory, no log file, no config record."""
+
+
 def _configured(args):
-    """Load the config, prepare the run dir, logging and the saved (redacted) config."""
+    """Load the config. A stage (a command that trains, evaluates or scores) gets its run directory and log file
+    there, and records the config it ran with (``RunDir.record_stage``, in the stage); a read-only command logs to
+    the console only and leaves the run directory as it is."""
     from medrl.config import load_config
     from medrl.runs import RunDir, setup_logging
 
     cfg = load_config(args.config, args.overrides)
-    run = RunDir.from_config(cfg).ensure()
-    setup_logging(run, secret_envs=secret_env_names(cfg))
-    run.save_config(cfg)
-    if cfg.model.build_tiny_if_missing and not Path(cfg.model.path).exists():
+    run = RunDir.from_config(cfg)
+    writes = args.command not in READ_ONLY and not getattr(args, "dry_run", False)
+    setup_logging(run.ensure() if writes else None, secret_envs=secret_env_names(cfg))
+    if writes and cfg.model.build_tiny_if_missing and not Path(cfg.model.path).exists():
         from medrl.models.tiny import build_tiny_model
 
         log.info("building the tiny Qwen3 model at %s", cfg.model.path)
@@ -261,6 +292,21 @@ def _dispatch(args) -> int:
 
     if cmd == "review":
         return _review(args)
+    if cmd == "push":
+        from medrl.models.push import push
+
+        print(push(args.directory, args.repo_id, private=args.private, token_env=args.token_env))
+        return 0
+    if cmd == "config":
+        from medrl import config_help
+
+        if args.config_command == "explain":
+            print(config_help.explain(args.key), end="")
+        else:
+            from medrl.config import load_config
+
+            print(config_help.show(load_config(args.config, args.overrides)), end="")
+        return 0
     if cmd == "demo":
         from medrl.demo.app import run_demo
 

@@ -27,6 +27,7 @@ class RunConfig(StrictModel):
     root: str = "runs"
     """Directory holding all runs (relative paths are relative to the working directory)."""
     seed: int = 42
+    """Seed of every random draw of a stage (data order, LoRA init, sampling); the same seed repeats a run."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = ["tensorboard"]
     """Trackers that get every stage's metrics besides ``metrics.jsonl`` (always written): ``tensorboard``
     (``tb/<stage>/``), ``wandb`` (Weights & Biases; ``WANDB_MODE=offline`` logs without an account), ``mlflow``
@@ -38,8 +39,11 @@ class LoraSettings(StrictModel):
     """LoRA adapter shape shared by SFT and RL (the RL policy starts from the SFT adapter)."""
 
     r: int = 16
+    """LoRA rank: the inner dimension of each adapter matrix pair (trainable parameters grow linearly with it)."""
     alpha: int = 32
+    """LoRA scaling numerator: the adapter update is multiplied by ``alpha / r``."""
     dropout: float = 0.05
+    """Dropout applied to the adapter input during training (0 disables it)."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     """Default: every attention and MLP projection of Qwen3."""
 
@@ -50,6 +54,7 @@ class ModelConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """``auto``: bfloat16 on GPU, float32 on CPU."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs: ``auto`` picks CUDA when a GPU is visible, else CPU."""
     cache_dir: str | None = None
     """Where ``download-model`` puts snapshots; default ``$MODELSCOPE_CACHE`` or ``~/.cache/modelscope``."""
     system_prompt: str = (
@@ -58,7 +63,9 @@ class ModelConfig(StrictModel):
     )
     """System prompt used for SFT, rollouts and eval alike."""
     lora: LoraSettings = LoraSettings()
+    """Shape of the LoRA adapter trained by SFT and RL."""
     gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass instead of keeping them: less memory, ~30% more compute."""
     build_tiny_if_missing: bool = False
     """If ``path`` does not exist, build the tiny random Qwen3 there first (CPU demo / tests only)."""
 
@@ -69,6 +76,7 @@ class RayConfig(StrictModel):
     num_cpus: float | None = Field(None, gt=0)
     """CPUs for the local runtime (None: all)."""
     include_dashboard: bool = False
+    """Start the Ray dashboard with a private local runtime (ignored when joining a cluster)."""
 
 
 # Stage sections are imported after the base classes they build on.
@@ -82,13 +90,21 @@ from medrl.sft.config import SFTConfig  # noqa: E402
 
 class Config(StrictModel):
     run: RunConfig = RunConfig()
+    """Run name, output root, seed and metric trackers."""
     model: ModelConfig = ModelConfig()
+    """The base model, its dtype and device, the system prompt and the LoRA shape."""
     ray: RayConfig = RayConfig()
+    """Where Ray runs: a private local runtime or a cluster."""
     data: DataConfig = DataConfig()
+    """``medrl prepare``: sources, cleaning, splits, gold / red-team / RL prompt sets."""
     sft: SFTConfig = SFTConfig()
+    """``medrl sft``: LoRA supervised fine-tuning."""
     reward: RewardConfig = RewardConfig()
+    """The reward: rule weights, the teacher judge, the verifier and the judgement store."""
     ppo: PPOConfig = PPOConfig()
+    """``medrl ppo``: the RL algorithm, rollout actors and learner ranks."""
     eval: EvalConfig = EvalConfig()
+    """``medrl eval`` and ``medrl report``: sets, models, decoding and pairwise judging."""
     consult: ConsultConfig = ConsultConfig()
     """Multi-turn consultation RL and eval with a simulated patient (docs/consultation.md)."""
 

@@ -1,7 +1,9 @@
 """The run directory: the one place in code that owns output paths, logs and metrics.
 
     runs/<name>/
-      config.yaml          resolved config, secrets redacted (rewritten by every stage that runs)
+      config.<stage>.yaml  the resolved config (secrets redacted) each stage that trains or evaluates ran with
+                           (prepare, sft, ppo, eval, judge); commands that only read never write here
+      config.yaml          a copy of the newest of them (the run's current config, read by ``demo`` and ``report``)
       logs/medrl.log       full log, tracebacks of unexpected errors included
       metrics.jsonl        one JSON object per logged step: {"stage", "step", "time", ...metrics}
       tb/<stage>/          TensorBoard events (run.report_to: tensorboard)
@@ -25,11 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from medrl.config import Config, save_config
 from medrl.errors import UsageError
 from medrl.trackers import TABLE_MAX_ROWS, open_sinks
 
 STAGES = ("prepare", "sft", "ppo", "eval", "report")
+RECORDED_STAGES = ("prepare", "sft", "ppo", "eval", "judge")
+"""Stages that record the config they ran with; the first four build on each other, in this order."""
+MATTERING_KEYS = ("model.path", "model.system_prompt", "model.lora", "data")
+"""Config keys (and sections) whose change between stages makes a later stage build on mismatched work."""
+
+log = logging.getLogger("medrl.runs")
 
 
 @dataclass(frozen=True)
@@ -140,9 +150,55 @@ class RunDir:
             raise UsageError(f"cannot create the run directory {self.root} (run.root / run.name): {why}") from None
         return self
 
+    def stage_config_path(self, stage: str) -> Path:
+        """The config ``stage`` last ran with."""
+        return self.root / f"config.{stage}.yaml"
+
     def save_config(self, cfg: Config) -> Path:
         self.ensure()
         return save_config(cfg, self.config_path)
+
+    def record_stage(self, cfg: Config, stage: str) -> list[str]:
+        """Record the config ``stage`` runs with (``config.<stage>.yaml`` and ``config.yaml``, secrets redacted)
+        and warn, in one line, when it differs from an earlier stage's record in a key of ``MATTERING_KEYS``.
+        Returns the differing keys, each as ``key (stage, ...)``."""
+        if stage not in RECORDED_STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        now = cfg.to_dict(redact=True)
+        earlier = RECORDED_STAGES[:RECORDED_STAGES.index(stage)] if stage != "judge" else ()
+        differs: dict[str, list[str]] = {}  # key -> the earlier stages it differs from
+        for before in earlier:
+            path = self.stage_config_path(before)
+            if path.is_file():
+                then = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+                for key in config_changes(then, now, MATTERING_KEYS):
+                    differs.setdefault(key, []).append(before)
+        drift = [f"{key} ({', '.join(stages)})" for key, stages in sorted(differs.items())]
+        if drift:
+            log.warning("%s runs with a config that differs from what earlier stages ran with, in: %s (records: "
+                        "%s)", stage, "; ".join(drift), self.root / "config.<stage>.yaml")
+        save_config(cfg, self.stage_config_path(stage))
+        self.save_config(cfg)
+        return drift
+
+
+def _flat(tree: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: tree}
+
+
+def config_changes(before: dict, after: dict, keys: tuple[str, ...]) -> list[str]:
+    """Dotted leaf keys under any of ``keys`` whose values differ between two config trees."""
+    def under(tree: dict) -> dict[str, Any]:
+        flat = _flat(tree, "")
+        return {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in keys)}
+
+    a, b = under(before), under(after)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 # --------------------------------------------------------------------------- logging

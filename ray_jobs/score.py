@@ -37,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         cfg.ray.address = args.address
-        run = RunDir.from_config(cfg).ensure()
+        run = RunDir.from_config(cfg).ensure()  # run_judge records the config it scores with
         setup_logging(run, secret_envs=secret_env_names(cfg))
-        run.save_config(cfg)
         summary = run_judge(cfg, run, input_path=args.input, out_path=args.out, limit=args.limit, dry_run=False)
     except UsageError as exc:
         print(f"score.py: error: {exc}", file=sys.stderr)

@@ -7,8 +7,8 @@ import pytest
 from medrl.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["prepare", "sft", "merge", "judge", "ppo", "estimate-memory", "eval", "report", "review", "rubrics", "demo",
-            "pipeline", "tiny-model", "download-model"]
+COMMANDS = ["prepare", "sft", "merge", "judge", "ppo", "estimate-memory", "eval", "config", "report", "review", "rubrics",
+            "demo", "pipeline", "push", "tiny-model", "download-model"]
 
 
 def _medrl(*args, cwd=REPO):
@@ -28,6 +28,21 @@ def test_help_for_every_subcommand():
         with pytest.raises(SystemExit) as e:
             parser.parse_args([cmd, "--help"])
         assert e.value.code == 0
+
+
+def test_version_and_field_help_in_help():
+    import medrl
+
+    r = _medrl("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"medrl {medrl.__version__}"
+    r = _medrl("sft", "--help")
+    assert r.returncode == 0
+    lines = [" ".join(line.split()) for line in r.stdout.splitlines()]
+    assert "sft.learning_rate Peak learning rate of the LoRA weights." in lines
+    assert "model.lora.alpha LoRA scaling numerator: the adapter update is multiplied by `alpha / r`." in lines
+    r = _medrl("pipeline", "--help")  # the top-level sections
+    assert "ppo `medrl ppo`: the RL algorithm, rollout actors and learner ranks." in [
+        " ".join(line.split()) for line in r.stdout.splitlines()]
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path):
@@ -102,9 +117,9 @@ def test_unusable_run_root_binary_input_negative_limit_and_a_bad_section_exit_2(
     binary.write_bytes(b'{"prompt": "Fever?", "response": "Rest."}\n' + bytes(range(128, 256)) + b"\n")
     root = f"run.root={tmp_path}/runs"
     cases = [
-        (["estimate-memory", "run.root=/proc/medrl"],
+        (["prepare", "run.root=/proc/medrl"],  # a stage: estimate-memory reads only and makes no run directory
          "cannot create the run directory /proc/medrl/default (run.root / run.name): No such file or directory"),
-        (["estimate-memory", f"run.root={tmp_path}/afile/runs"],
+        (["prepare", f"run.root={tmp_path}/afile/runs"],
          f"cannot create the run directory {tmp_path}/afile/runs/default (run.root / run.name): {tmp_path}/afile is "
          f"a file, not a directory"),
         (["judge", "--input", str(binary), "--out", str(tmp_path / "o.jsonl"), root, "reward.judge.provider=none"],

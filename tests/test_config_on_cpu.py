@@ -1,7 +1,9 @@
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from medrl.config import Config, load_config, redact_secrets, save_config
 from medrl.errors import ConfigError
@@ -40,13 +42,13 @@ def test_unknown_key_names_key_file_and_known_keys(tmp_path):
     p = _write(tmp_path, "run:\n  nmae: x\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert str(e.value) == f"{p}: unknown key 'run.nmae' (known keys in run: name, root, seed)"
+    assert str(e.value) == f"{p}: unknown key 'run.nmae' (known keys in run: name, root, seed, report_to)"
 
 
 def test_unknown_override_key():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["run.sed=3"])
-    assert str(e.value) == "override 'run.sed=3': unknown key 'run.sed' (known keys in run: name, root, seed)"
+    assert str(e.value) == "override 'run.sed=3': unknown key 'run.sed' (known keys in run: name, root, seed, report_to)"
 
 
 def test_wrong_type_names_expected_type(tmp_path):
@@ -157,3 +159,63 @@ def test_vllm_rollouts_refuse_a_nucleus_below_one():
     with pytest.raises(ConfigError, match=r"ppo.rollout: engine vllm needs generation.top_p=1 \(got 0.9\)"):
         load_config(None, ["ppo.generation.top_p=0.9", "ppo.rollout.engine=vllm"])
     assert load_config(None, ["ppo.generation.top_p=0.9"]).ppo.rollout.engine == "hf"  # HF scores separately
+
+
+def _walk(model, prefix=""):
+    """(dotted key, FieldInfo) of every field of the config tree; the entries of a mapping of sections as
+    ``<name>``."""
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        yield key, field
+        ann = field.annotation
+        if typing.get_origin(ann) is dict:
+            inner, sep = typing.get_args(ann)[1], ".<name>."
+        else:
+            inner, sep = next((a for a in (ann, *typing.get_args(ann)) if isinstance(a, type)
+                               and issubclass(a, BaseModel)), None), "."
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            yield from _walk(inner, key + sep)
+
+
+def test_every_field_is_documented_and_explained(capsys):
+    from medrl.cli import main
+    from medrl.config_help import all_keys, doc_text, explain
+
+    fields = dict(_walk(Config))
+    assert len(fields) > 250 and set(fields) == set(all_keys())
+    undocumented = [k for k, f in fields.items() if not (f.description or "").strip()]
+    assert undocumented == []
+    for key, field in fields.items():  # what `medrl config explain KEY` prints, for every field: its doc and type
+        out = explain(key)
+        assert out.startswith(f"{key}: ") and " ".join(out.split()).find(" ".join(doc_text(field).split())[:60]) > 0
+    assert main(["config", "explain", "ppo.kl.target"]) == 0
+    assert capsys.readouterr().out == ("ppo.kl.target: float (> 0)\n  Target of the adaptive controller: mean "
+                                       "per-token KL (nats) of the batch.\n  default: 0.1\n")
+    assert main(["config", "explain", "data.catalog.medqa.limit"]) == 0  # any entry name of a mapping
+    assert capsys.readouterr().out.startswith("data.catalog.medqa.limit: int or null (>= 1)\n  Keep at most N")
+
+
+def test_config_explain_unknown_key_exits_2(capsys):
+    from medrl.cli import main
+
+    assert main(["config", "explain", "ppo.kl.targt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "medrl: error: unknown config key 'ppo.kl.targt' (known keys in ppo.kl: mode, init_coef, placement, target")
+    assert main(["config", "explain", "ppo.steps.x"]) == 2
+    assert "'ppo.steps' is a value, not a section" in capsys.readouterr().err
+
+
+def test_config_show_is_the_resolved_config_with_docs_and_defaults(capsys):
+    from medrl.cli import main
+
+    assert main(["config", "show", "-c", str(CONFIGS / "local_tiny.yaml"), "ppo.kl.target=0.3"]) == 0
+    out = capsys.readouterr().out
+    cfg = load_config(CONFIGS / "local_tiny.yaml", ["ppo.kl.target=0.3"])
+    assert yaml.safe_load(out) == cfg.to_dict()  # valid YAML of exactly the resolved config
+    lines = out.splitlines()
+    i = lines.index("    target: 0.3  # default: 0.1")
+    assert lines[i - 1] == "    # Target of the adaptive controller: mean per-token KL (nats) of the batch."
+    assert "  horizon: 10000  # default" in [line[2:] for line in lines]
+    assert "  name: local_tiny  # default: default" in lines
+    assert sum(1 for line in lines if "# default" in line) > 250

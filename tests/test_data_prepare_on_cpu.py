@@ -12,7 +12,7 @@ from medrl.config import load_config
 from medrl.data.prepare import OUTPUT_FILES, run_prepare
 from medrl.data.schema import RECORD_FIELDS, RL_PROMPT_FIELDS, format_output
 from medrl.errors import UsageError
-from medrl.runs import RunDir, read_metrics
+from medrl.runs import RunDir, read_metrics, setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
@@ -219,3 +219,33 @@ def test_real_pubmedqa_and_dialogue(shared_data, tmp_path):
     assert summary["dev"] == 500 and summary["test"] > 500  # local_tiny fractions 0.08: dev hits max_dev=500
     total = sum(summary[k] for k in ("train", "dev", "test", "gold")) + summary["benchmarks"]["pubmedqa"]
     assert total + summary["rejects"] == 7644 + 1000
+
+
+def _warnings(err: str) -> list[str]:
+    """The console's warning lines (``setup_logging`` format) without their time stamps."""
+    return [line.split(" WARNING ", 1)[1] for line in err.splitlines() if " WARNING " in line]
+
+
+def test_benchmark_only_sources_prepare_for_eval_only(tmp_path, capsys):
+    setup_logging(None)
+    _, run, summary = _prepare(tmp_path / "runs", "data.sources=[mcq-sample]")
+    assert summary["benchmarks"] == {"mcq-sample": 4} and summary["redteam"] > 0
+    assert all(summary[k] == 0 for k in ("train", "dev", "test", "gold"))
+    assert len(_read(run, "mcq-sample")) == 4 and (run.data / "train.jsonl").read_text() == ""
+    warnings = [w for w in _warnings(capsys.readouterr().err) if "prepare:" in w]
+    assert warnings == ["medrl.data: prepare: every record of mcq-sample is a benchmark item: preparing for "
+                        "evaluation only (the benchmark files, the red-team set; no train, dev, test or gold records)"]
+    assert "**Evaluation only: every source is a benchmark**" in run.data_card.read_text()
+
+
+def test_empty_gold_dev_and_test_are_warned(tmp_path, capsys):
+    setup_logging(None)  # cmd-dialogue rows carry no reference: nothing for gold
+    _, run, summary = _prepare(tmp_path / "runs", "data.sources=[cmd-dialogue]", "data.dev_fraction=0",
+                               "data.test_fraction=0", "data.gold_size=4")
+    assert (summary["gold"], summary["dev"], summary["test"]) == (0, 0, 0) and summary["train"] > 0
+    warnings = [w for w in _warnings(capsys.readouterr().err) if "EMPTY" in w]
+    assert [w.split(":")[2].strip() for w in warnings] == ["the gold set is EMPTY", "the dev split is EMPTY",
+                                                           "the test split is EMPTY"]
+    card = run.data_card.read_text()
+    assert "**WARNING: the gold set is EMPTY: no source gives records with a reference" in card
+    assert "**WARNING: the test split is EMPTY" in card

@@ -96,6 +96,7 @@ def test_demo_three_panes_and_judge_in_chromium(demo_run, tiny_model_dir, tmp_pa
                 page.wait_for_selector("#answer-btn", timeout=60_000)
                 body = page.inner_text("body")
                 assert GOLD_Q[:40] in body and REDTEAM_Q in body  # example questions from gold and red-team
+                assert "Research use only, not for clinical decisions" in body
                 page.fill("#question textarea", GOLD_Q)
                 page.click("#answer-btn")
                 for name in ("base", "sft", "rl"):

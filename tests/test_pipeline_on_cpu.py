@@ -42,6 +42,13 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path):
     assert max(m["step"] for m in metrics if m["stage"] == "sft") == 4
     saved = (run / "config.yaml").read_text()
     assert "max_steps: 4" in saved and "provider: reference" in saved
+    assert saved == (run / "config.eval.yaml").read_text()  # each stage's record; config.yaml is the newest
+    assert all((run / f"config.{stage}.yaml").is_file() for stage in ("prepare", "sft", "ppo"))
+    for stage in ("sft", "ppo"):  # model cards with the research notice and, after eval, the eval table
+        card = (run / stage / "adapter" / "README.md").read_text()
+        assert "not for clinical decisions" in card and "| reward (0-1) |" in card and "Not evaluated" not in card
+    report = (run / "report" / "report.html").read_text()
+    assert 'id="notice"' in report and "offline reference judge" in report and "is a tiny randomly" in report
 
     # a second run skips what is done; --force ppo redoes PPO from scratch (not resumed) and every stage after it
     r = _pipeline(tmp_path, "--force", "ppo")

@@ -7,7 +7,9 @@ import shutil
 import pytest
 import ray
 import torch
+import yaml
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from medrl.errors import ConfigError, UsageError
 from medrl.models.chat import render_prompt
@@ -134,6 +136,14 @@ def test_resume_two_plus_two_equals_four(async_rollout, tiny_model_dir, tmp_path
     assert not (run.checkpoints("ppo") / "step_000004" / "behaviour_weights.pt").exists()  # nothing runs ahead
     assert out == run.ppo_adapter and (out / "adapter_config.json").is_file() and (out / "value_head.pt").is_file()
     assert [p.name for p in complete_checkpoints(run.checkpoints("ppo"))] == ["step_000002", "step_000004"]
+    # a self-contained adapter: base model by absolute path, tokenizer with the chat template, the model card
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tiny_model_dir.resolve())
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template == AutoTokenizer.from_pretrained(
+        str(tiny_model_dir)).chat_template
+    card = (out / "README.md").read_text()
+    assert "Research use only, not for clinical decisions" in card and "- RL: gae, 4 steps" in card
+    assert yaml.safe_load(run.stage_config_path("ppo").read_text())["ppo"]["steps"] == 4
 
     # a second run gets the step-2 checkpoint of the first, plus the debris of a crash: a half-written
     # checkpoint and a directory without its trainer state; resume=auto must skip both

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+from pathlib import Path
 import shutil
 import subprocess
 
@@ -278,3 +279,62 @@ def test_a_resume_leaves_one_history(tmp_path):
     assert [r["step"] for r in read_metrics(run, "ppo")] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in read_metrics(run, "sft")] == [9]
     assert [json.loads(line)["step"] for line in samples.read_text().splitlines()] == [1, 2]
+
+
+def _banner(html: str, banner_id: str) -> list[str]:
+    """The items of a banner of the report, as text."""
+    match = re.search(rf'<div class="banner" id="{banner_id}" role="note"><b>[^<]*</b><ul>(.*?)</ul></div>', html)
+    return [] if match is None else [re.sub("<[^>]+>", "", li) for li in re.findall(r"<li>(.*?)</li>", match.group(1))]
+
+
+def test_research_notice_caveats_and_scales(run):
+    from medrl import RESEARCH_NOTICE
+
+    html = run.report_html.read_text(encoding="utf-8")
+    md = (run.report / "report.md").read_text(encoding="utf-8")
+    assert _banner(html, "notice") == [RESEARCH_NOTICE.replace("'", "&#x27;")]
+    assert html.index('id="notice"') < html.index("<h2>Run</h2>")  # at the head of the report
+    assert md.split("\n\n")[1] == f"> **Research use only**\n>\n> - {RESEARCH_NOTICE}"
+    caveats = _banner(html, "caveats")
+    assert caveats == [  # an openai judge and a hub model: only the sizes are a caveat here
+        "Sets under 100 items (pubmedqa 2, hb 3, redteam 3, medqa 4): a difference between models there is within noise "
+        "(on 2 items a 50% rate has a 95% interval of 9-91%).",
+        "Pairwise win rates on few prompts (rl vs sft: 3): a win rate of 0% or 100% there says little."]
+    assert "> **Read these figures with care**" in md
+    for header in ("reward (0-1)", "rule (0-1)", "teacher (0-1)"):
+        assert f"<th>{header}</th>" in html
+
+
+def test_banner_names_the_offline_judge_and_a_tiny_model(tmp_path, tiny_model_dir):
+    run = RunDir(tmp_path / "tiny-run").ensure()
+    cfg = Config.model_validate({"model": {"path": str(tiny_model_dir)},
+                                 "reward": {"judge": {"provider": "reference"}}})
+    run.record_stage(cfg, "ppo")
+    rows = _eval_rows()
+    for r in rows:
+        r["judge"] = {**(r["judge"] or {}), "id": "reference:medrl-reference-v1",
+                      "scores": {"accuracy": 6, "safety": 8, "completeness": 5, "clarity": 7}}
+    save_eval(run, rows, PAIRWISE, {"models": {"base": str(tiny_model_dir)}, "decoding": {},
+                                    "judge": "reference:medrl-reference-v1"})
+    html = build_report(run).read_text(encoding="utf-8")
+    assert _banner(html, "caveats")[:2] == [
+        f"The base model {tiny_model_dir} is a tiny randomly initialised model (hidden size 64, 2 layers): its "
+        "answers are noise, and every figure below tests the pipeline, not medicine.",
+        "The judge behind eval scores and pairwise verdicts and the RL reward is the offline reference judge: a "
+        "deterministic comparison with the reference answer, not a language model. Teacher scores and win rates "
+        "are not a model&#x27;s judgement of quality or safety."]
+    assert "<th>judge accuracy (0-10)</th>" in html and "<th>teacher (0-1)</th>" in html
+    assert 'data-key="eval-redteam|rl|judge.accuracy" class="num">6.000<' in html
+
+
+def test_no_caveat_for_a_real_judge_model_and_sets():
+    from medrl.evaluation.caveats import caveats
+
+    summary = {"table": {"base": {"test": {"n": 200}}, "rl": {"test": {"n": 200}, "redteam": {"n": 120}}},
+               "judge": "openai:deepseek-chat",
+               "pairwise": {"rl_vs_sft": {"test": {"n": 150}, "all": {"n": 150}}}}
+    assert caveats(Path("/nonexistent-run"), {"model": {"path": "Qwen/Qwen3-1.7B"}}, summary) == []
+    assert caveats(Path("/nonexistent-run"), {"reward": {"judge": {"provider": "reference"}}}, None) == [
+        "The judge behind the configured reward is the offline reference judge: a deterministic comparison with the "
+        "reference answer, not a language model. Teacher scores and win rates are not a model's judgement of "
+        "quality or safety."]

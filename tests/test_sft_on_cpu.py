@@ -136,9 +136,13 @@ def test_labels_mask_system_and_user_tokens(trained):
 def test_saved_adapter_reproduces_trained_logits(trained):
     cfg, run, trainer, tok, _ = trained
     adapter = run.sft_adapter
-    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "medrl_config.yaml"} <= {
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "medrl_config.yaml", "README.md"} <= {
         p.name for p in adapter.iterdir()}
-    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+    adapter_cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 8 and adapter_cfg["base_model_name_or_path"] == str(Path(cfg.model.path).resolve())
+    card = (adapter / "README.md").read_text()  # the model card, not PEFT's empty template
+    assert card.startswith(f"---\nbase_model: \"{Path(cfg.model.path).resolve()}\"\nlibrary_name: peft\n")
+    assert "Research use only, not for clinical decisions" in card and "- SFT: learning rate" in card
     ids = torch.tensor([tok(tok.apply_chat_template(messages_for(SYSTEM, QA[1][0]), tokenize=False,
                                                     add_generation_prompt=True)).input_ids])
     trainer.model.eval()
@@ -158,6 +162,7 @@ def test_merge_round_trip(trained, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in merged.named_parameters())
     assert AutoTokenizer.from_pretrained(out).chat_template == tok.chat_template
+    assert "\nlibrary_name: transformers\n" in (out / "README.md").read_text()  # the card travels with the model
     ids = torch.tensor([tok(QA[2][0]).input_ids])
     with torch.no_grad():
         adapter_logits = load_policy(cfg.model, adapter=run.sft_adapter)(input_ids=ids).logits

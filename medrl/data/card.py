@@ -12,6 +12,15 @@ from medrl.data.redteam import CATEGORIES
 RISKS = ("high", "medium", "low")
 
 
+def empty_set_warning(set_name: str) -> str:
+    """Why an eval set came out empty, and what to do about it (logged by prepare, written in the card)."""
+    if set_name == "gold":
+        return ("the gold set is EMPTY: no source gives records with a reference (ground truth) outside the "
+                "benchmarks; add such a source or set data.gold_size=0")
+    return (f"the {set_name} split is EMPTY: too few records left after gold; add data, raise "
+            f"data.{set_name}_fraction or lower data.gold_size")
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
@@ -29,7 +38,7 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
     d = cfg.data
     out = [f"# Data card: run `{cfg.run.name}`", "",
            f"- Command: `{command}`",
-           f"- Config hash: `{cfg.digest()}` (resolved config: `config.yaml` in the run directory)",
+           f"- Config hash: `{cfg.digest()}` (resolved config: `config.prepare.yaml` in the run directory)",
            f"- Sources: {', '.join(n for n in summary['sources'] if n != 'redteam')} (mode `{d.mode}`)",
            f"- Token counts: {spool.tokens.method}",
            f"- Split seed: {d.split_seed}", ""]
@@ -47,9 +56,12 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
     rows.append(["rejects.jsonl", summary["rejects"], "", "", "", "", "", "", ""])
     out += [_table(["file", "records", "en", "zh", "high risk", "medium risk", "low risk",
                     "question tokens min/median/p95/max", "output tokens min/median/p95/max"], rows), ""]
-    for name in ("dev", "test"):
-        if not sets[name].size:
-            out += [f"**WARNING: the {name} split is empty** (too few records); add data or lower data.gold_size.", ""]
+    if not any(sets[name].size for name in ("train", "dev", "test", "gold")):
+        out += ["**Evaluation only: every source is a benchmark** (no train, dev, test or gold records); use the "
+                "benchmark files with `medrl eval --sets` to evaluate a base model.", ""]
+    else:
+        out += [f"**WARNING: {empty_set_warning(name)}**" + "\n" for name in ("gold", "dev", "test")
+                if not sets[name].size and (name != "gold" or d.gold_size > 0)]
 
     out += ["## Sources", ""]
     rows = []

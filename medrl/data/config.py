@@ -109,8 +109,11 @@ class RLMix(StrictModel):
     """Shares of the RL prompt set; normalised to sum to 1. A pool that runs short leaves its share to train."""
 
     redteam: float = Field(0.1, ge=0)
+    """Share of red-team prompts (packaged set + ``data.redteam_path``)."""
     gold: float = Field(0.1, ge=0)
+    """Share of prompts drawn from the gold pool (records with a reference)."""
     train: float = Field(0.8, ge=0)
+    """Share of prompts drawn from the training pool."""
     low_risk_floor: float = Field(0.2, ge=0, le=1)
     """Share of each pool's prompts reserved for low-risk questions (when it has them), so RL also sees ordinary
     questions and does not drift into over-refusal; the rest is filled high-risk first."""
@@ -136,9 +139,11 @@ class DataConfig(StrictModel):
 
     # ---- cleaning (token bounds use the tokenizer of ``model.path``; a char estimate when it cannot load)
     min_question_tokens: int = Field(3, ge=1)
+    """Questions shorter than this are rejected (recorded in rejects.jsonl)."""
     max_question_tokens: int = Field(1024, ge=1)
     """PubMedQA questions carry their abstract (~300-600 tokens)."""
     min_answer_tokens: int = Field(1, ge=1)
+    """Final answers (the output after ``<think>``) shorter than this are rejected."""
     max_output_tokens: int = Field(4096, ge=1)
     """Bound on ``output`` (think + answer); medical-o1 chains of thought run to ~2-3k tokens."""
     near_dup_threshold: float | None = Field(0.8, gt=0, le=1)
@@ -157,9 +162,13 @@ class DataConfig(StrictModel):
     split_seed: int = 0
     """Salt of the split hash; changing it reshuffles dev/test/gold, nothing else does."""
     dev_fraction: float = Field(0.02, ge=0, lt=0.5)
+    """Share of the pool held out as dev (SFT eval loss), chosen by split hash; capped by ``max_dev``."""
     test_fraction: float = Field(0.02, ge=0, lt=0.5)
+    """Share of the pool held out as test (``medrl eval``), chosen by split hash; capped by ``max_test``."""
     max_dev: int = Field(500, ge=1)
+    """Most dev records."""
     max_test: int = Field(1000, ge=1)
+    """Most test records."""
     gold_size: int = Field(200, ge=0)
     """Gold items: records with a reference, chosen by split hash round-robin over sources, held out of training."""
     train_size: int | None = Field(None, ge=1)
@@ -170,3 +179,4 @@ class DataConfig(StrictModel):
     rl_prompts: int = Field(2000, ge=0)
     """Size of rl_prompts.jsonl (fewer when the pools run short)."""
     rl_mix: RLMix = RLMix()
+    """Where the RL prompts come from (shares of red-team, gold and train pools)."""

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medrl.config import Config
-from medrl.data.card import render_card
+from medrl.data.card import empty_set_warning, render_card
 from medrl.data.clean import Decontaminator, exact_duplicates, near_duplicates
 from medrl.data.redteam import REDTEAM_SOURCE, load_redteam
 from medrl.data.schema import conversation_text, rl_prompt_row
@@ -134,7 +134,7 @@ def run_prepare(cfg: Config, run: RunDir, *, sources: list[str] | None = None, s
         raise UsageError("no data sources given (data.sources or --sources)")
     for name in names:
         resolve_spec(d, name)  # unknown names fail before any work
-    run.ensure()
+    run.record_stage(cfg, "prepare")
     out = run.data
     out.mkdir(parents=True, exist_ok=True)
     run.data_card.unlink(missing_ok=True)  # the card marks a finished stage; a failed run must not leave an old one
@@ -159,8 +159,12 @@ def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, 
                       strict: bool) -> dict[str, Any]:
     d, c = cfg.data, spool.cols.numpy()
     n = c["kind"].size
-    if not (c["kind"] == POOL).any():
-        raise UsageError(f"no usable records in {', '.join(names)} (see {run.data / 'rejects.jsonl'})")
+    eval_only = not (c["kind"] == POOL).any()
+    if eval_only:
+        if not (c["kind"] == BENCHMARK).any():
+            raise UsageError(f"no usable records in {', '.join(names)} (see {run.data / 'rejects.jsonl'})")
+        log.warning("prepare: every record of %s is a benchmark item: preparing for evaluation only (the benchmark "
+                    "files, the red-team set; no train, dev, test or gold records)", ", ".join(names))
     protected = c["kind"] != POOL
     rank = np.where(protected, 0, 1) * n + np.arange(n)
     alive = np.ones(n, dtype=bool)
@@ -263,10 +267,9 @@ def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, 
     rl_only = train_all[~is_sft]
     for s, k in zip(*np.unique(c["source"][rl_only], return_counts=True)):
         spool.stats[src_names[s]].kept["rl_pool"] = int(k)
-    for set_name in ("dev", "test"):
-        if counts[set_name] == 0:
-            log.warning("!!! the %s split is EMPTY: too few records (%d in the pool); add data or lower "
-                        "data.gold_size", set_name, pool.size)
+    for set_name in () if eval_only else ("gold", "dev", "test"):  # eval-only: said above
+        if counts[set_name] == 0 and (set_name != "gold" or d.gold_size > 0):
+            log.warning("prepare: %s", empty_set_warning(set_name))
     summary: dict[str, Any] = {**{k: counts[k] for k in OUTPUT_FILES}, "rl_prompts": len(rl_rows),
                                "benchmarks": {k: counts[k] for k in benchmarks},
                                "rejects": rejects.count,

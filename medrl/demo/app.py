@@ -76,6 +76,7 @@ def reward_input(question: str, response: str, name: str, examples: dict[str, di
 def build_app(models, judge, examples: list[dict], max_new_tokens: int):
     import gradio as gr
 
+    from medrl import RESEARCH_NOTICE
     from medrl.demo.engine import MODEL_NAMES, render_response, render_scores, render_turns
 
     by_question = {r["question"].strip(): r for r in examples}
@@ -111,6 +112,7 @@ def build_app(models, judge, examples: list[dict], max_new_tokens: int):
     with gr.Blocks(title="medrl demo") as app:
         gr.Markdown("## medrl: base vs SFT vs RL\nOne base model in memory, the LoRA adapters switched per answer. "
                     f"Judge: `{judge.cfg.judge.judge_id}`.")
+        gr.Markdown(f"**{RESEARCH_NOTICE}**", elem_id="research-notice")
         earlier = gr.HTML(elem_id="earlier-turns")
         question = gr.Textbox(label="Question", lines=3, elem_id="question")
         with gr.Row():

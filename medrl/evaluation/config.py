@@ -31,8 +31,11 @@ class McqPrompt(StrictModel):
     with its lettered options, then a request for the letter after the reasoning. ``{question}`` is replaced."""
 
     enabled: bool = True
+    """False: multiple-choice items are put as the bare question (no options request, no answer format)."""
     en: str = MCQ_TEMPLATE_EN
+    """Template for English items; ``{question}`` holds the question with its lettered options."""
     zh: str = MCQ_TEMPLATE_ZH
+    """Template for Chinese items; ``{question}`` holds the question with its lettered options."""
 
     @model_validator(mode="after")
     def _has_question(self) -> "McqPrompt":
@@ -57,6 +60,7 @@ class DecodingSettings(StrictModel):
     temperature: float = Field(0.0, ge=0)
     """0 = greedy (deterministic, the default for comparisons); > 0 samples with ``top_p``."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling when ``temperature`` > 0 (ignored by greedy decoding)."""
     batch_size: int = Field(8, ge=1)
     """Prompts per ``generate`` call (left padded)."""
     seed: int = 1234
@@ -68,6 +72,7 @@ class PairwiseSettings(StrictModel):
     shown first and once with b shown first; the two verdicts are averaged, which cancels position bias."""
 
     enabled: bool = True
+    """False: no pairwise judging (no judge calls for it)."""
     pairs: list[tuple[ModelName, ModelName]] = [("rl", "sft"), ("sft", "base")]
     """(challenger, baseline) pairs; a pair is skipped when either model was not evaluated."""
     sets: list[EvalSet] = ["test", "gold", "redteam"]
@@ -90,6 +95,7 @@ class EvalConfig(StrictModel):
     ``rubrics`` (a HealthBench-layout source) are graded criterion by criterion and get HealthBench-style scores
     (``docs/eval.md``)."""
     mcq_prompt: McqPrompt = McqPrompt()
+    """How multiple-choice items are put to the models."""
     models: list[ModelName] = ["base", "sft", "rl"]
     """Models to compare: base = ``model.path``; sft = ``<run>/sft/adapter``; rl = ``<run>/ppo/adapter``. A model
     whose adapter does not exist yet is skipped with a warning (``medrl eval --models`` makes it an error)."""
@@ -102,7 +108,9 @@ class EvalConfig(StrictModel):
     """Per-set overrides of ``limit`` / ``benchmark_limit`` (default: the whole red-team set, it is small and
     matters most)."""
     decoding: DecodingSettings = DecodingSettings()
+    """Decoding shared by every evaluated model."""
     pairwise: PairwiseSettings = PairwiseSettings()
+    """Head-to-head judging of model pairs."""
     engine: EngineName = "hf"
     """``hf``: transformers ``generate`` (one model loaded at a time, or one Ray actor per model with ``use_ray``).
     ``vllm``: one vLLM engine in a Ray actor holds the base model once and answers for every model, each adapter

@@ -24,6 +24,7 @@ from medrl.evaluation.extract import final_answer
 from medrl.evaluation.metrics import annotate, summarize
 from medrl.evaluation.pairwise import PairTask, PairwiseJudge, reward_verdict
 from medrl.jsonl import read_jsonl
+from medrl.models.card import refresh_cards
 from medrl.models.chat import conversation
 from medrl.runs import MetricsLogger, RunDir
 from medrl.trackers import flatten
@@ -283,6 +284,7 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
     log.info("eval: models %s on sets %s", ", ".join(chosen),
              ", ".join(f"{s} ({len(v)})" for s, v in eval_sets.items()))
     check_judge(cfg.reward)  # a bad key, model or cache stops here, before Ray and any generation
+    run.record_stage(cfg, "eval")
     started = init_ray(cfg.ray)
     try:
         with RewardPool(cfg.reward) as pool:  # built first: a missing API key fails before any generation
@@ -321,6 +323,7 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
         from medrl.consult.evaluate import write_dialogues
 
         write_dialogues(run.eval, model, result["dialogues"])
+    refresh_cards(cfg, run)  # the adapters' model cards gain the eval table
     with MetricsLogger(run, "eval") as metrics:
         metrics.log_hparams(cfg.to_dict())
         metrics.log(0, eval_scalars(summary))

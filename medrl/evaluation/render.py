@@ -27,6 +27,15 @@ class Para:
 
 
 @dataclass
+class Banner:
+    """A boxed warning at the head of the report (the research-use notice, how far the figures can be trusted)."""
+
+    id: str
+    title: str
+    lines: list[str]
+
+
+@dataclass
 class Table:
     id: str
     columns: list[tuple[str, str]]
@@ -59,7 +68,7 @@ class SideBySide:
     answers: dict[str, str] = field(default_factory=dict)
 
 
-Block = Heading | Para | Table | Image | Pre | SideBySide
+Block = Heading | Para | Banner | Table | Image | Pre | SideBySide
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans CJK SC",sans-serif;margin:2rem auto;
@@ -69,6 +78,8 @@ table{border-collapse:collapse;margin:.6rem 0 1.2rem;font-size:.92rem}
 th,td{border:1px solid #ccd;padding:.3rem .6rem;text-align:left}th{background:#eef3f1}td.num{text-align:right}
 caption{text-align:left;font-weight:600;padding:.3rem 0;white-space:nowrap}
 .note{background:#fff6e0;border-left:4px solid #e0a800;padding:.4rem .8rem}
+.banner{background:#fdecea;border:2px solid #b3261e;padding:.5rem 1rem;margin:1rem 0}.banner b{color:#b3261e}
+.banner ul{margin:.3rem 0}
 figure{display:inline-block;margin:.5rem}figure img{max-width:560px;border:1px solid #ddd}
 pre{white-space:pre-wrap;background:#f6f8fa;padding:.6rem;font-size:.85rem}
 .sbs{display:grid;grid-template-columns:repeat(auto-fit,minmax(260px,1fr));gap:.6rem}
@@ -97,6 +108,9 @@ def _html_block(b: Block) -> str:
         return f"<h{b.level}>{_e(b.text)}</h{b.level}>"
     if isinstance(b, Para):
         return f'<p class="note">{_e(b.text)}</p>' if b.note else f"<p>{_e(b.text)}</p>"
+    if isinstance(b, Banner):
+        items = "".join(f"<li>{_e(line)}</li>" for line in b.lines)
+        return f'<div class="banner" id="{_e(b.id)}" role="note"><b>{_e(b.title)}</b><ul>{items}</ul></div>'
     if isinstance(b, Table):
         head = "".join(f"<th>{_e(h)}</th>" for _, h in b.columns)
         body = []
@@ -136,6 +150,8 @@ def _md_block(b: Block, md_dir: Path) -> str:
         return "#" * b.level + " " + b.text
     if isinstance(b, Para):
         return f"> **Note:** {b.text}" if b.note else b.text
+    if isinstance(b, Banner):
+        return "\n".join([f"> **{b.title}**", ">"] + [f"> - {line}" for line in b.lines])
     if isinstance(b, Table):
         lines = [f"**{b.caption}**", ""] if b.caption else []
         lines.append("| " + " | ".join(_md_cell(h) for _, h in b.columns) + " |")

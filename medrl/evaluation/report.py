@@ -15,14 +15,16 @@ from pathlib import Path
 
 import yaml
 
+from medrl import RESEARCH_NOTICE
 from medrl.consult.evaluate import consultation_section
 from medrl.data.config import RESERVED_SET_NAMES
 from medrl.evaluation.benchmark_report import benchmark_blocks
+from medrl.evaluation.caveats import caveats
 from medrl.evaluation.extract import final_answer
 from medrl.evaluation.feedback import feedback_section
 from medrl.evaluation.healthbench_report import healthbench_blocks
 from medrl.evaluation.plots import training_plots
-from medrl.evaluation.render import Block, Heading, Image, Para, Pre, SideBySide, Table, to_html, to_markdown
+from medrl.evaluation.render import Banner, Block, Heading, Image, Para, Pre, SideBySide, Table, to_html, to_markdown
 from medrl.review.section import review_section
 from medrl.reward.rubric import DIMENSIONS
 from medrl.runs import RunDir, read_metrics
@@ -124,8 +126,9 @@ def _eval_tables(summary: dict) -> list[Block]:
         per_model = {m: summary["table"][m][s] for m in models if s in summary["table"][m]}
         seen = {d for v in per_model.values() for d in v["judge"]}
         dims = [d for d in DIMENSIONS if d in seen] + sorted(seen - set(DIMENSIONS))
-        cols = [("model", "model"), ("n", "n"), ("reward", "reward"), ("rule", "rule"), ("teacher", "teacher")]
-        cols += [(f"judge.{d}", f"judge {d}") for d in dims]
+        cols = [("model", "model"), ("n", "n"), ("reward", "reward (0-1)"), ("rule", "rule (0-1)"),
+                ("teacher", "teacher (0-1)")]
+        cols += [(f"judge.{d}", f"judge {d} (0-10)") for d in dims]
         cols += [("format_rate", "format ok"), ("finished_rate", "finished"), ("mean_tokens", "mean tokens")]
         if any(v["accuracy_n"] for v in per_model.values()):
             cols += [("accuracy_n", "labelled"), ("accuracy_strict", "accuracy (strict)"),
@@ -257,7 +260,10 @@ def build_report(run: RunDir) -> Path:
     blocks += feedback_section(run, summary) + review_section(run)
     title = f"medrl report: {run.root.name}"
     stamp = Para(f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {run.root}.")
-    blocks.insert(0, stamp)
+    notes = caveats(run.root, cfg or {}, summary)
+    head: list[Block] = [Banner("notice", "Research use only", [RESEARCH_NOTICE])]
+    head += [Banner("caveats", "Read these figures with care", notes)] if notes else []
+    blocks = head + [stamp] + blocks
     run.report_html.write_text(to_html(title, blocks), encoding="utf-8")
     md_path = run.report / "report.md"
     md_path.write_text(to_markdown(title, blocks, run.report), encoding="utf-8")

@@ -13,6 +13,20 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 THINK_TOKENS = ["<think>", "</think>"]  # added tokens, not "special": decoding keeps them (as in Qwen3)
 
 
+TINY_CARD = """---
+license: apache-2.0
+library_name: transformers
+tags: [medrl, tiny, random-weights, test-only]
+---
+# Tiny random Qwen3 (medrl test model)
+
+Randomly initialised weights ({spec}) and a BPE tokenizer trained on medrl's own text: it knows nothing. Built by
+`medrl tiny-model` for tests and CPU plumbing runs; figures from it measure the pipeline, never medicine.
+"""
+"""README.md of a tiny model directory: its license (the medrl project's) for the cards of adapters trained on it,
+and what it is."""
+
+
 @dataclass(frozen=True)
 class TinySpec:
     vocab_size: int = 2000
@@ -96,4 +110,5 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec = TinySpec(), extra_cor
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(TINY_CARD.format(spec=spec), encoding="utf-8")
     return out

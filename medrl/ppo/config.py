@@ -61,10 +61,12 @@ class RolloutSettings(StrictModel):
     vllm: VLLMSettings = VLLMSettings()
     """Engine settings when ``engine`` is ``vllm``."""
     num_actors: int = Field(1, ge=1)
+    """Rollout actors sampling in parallel (each holds its own copy of the base model)."""
     batch_size: int = Field(4, ge=1)
     """Prompts per rollout micro-batch (one ``generate`` call, x ``samples_per_prompt`` sequences). Each finished
     micro-batch is sent to the reward pool at once, while the next one is generating."""
     num_cpus: float = Field(1.0, gt=0)
+    """Ray CPUs reserved per rollout actor."""
     num_gpus: float = Field(0.5, ge=0)
     """GPU share per rollout actor when the model runs on CUDA (ignored on CPU). The default 0.5 + the learner's 0.5
     puts both on one card: each holds its own copy of the frozen base weights."""
@@ -81,6 +83,7 @@ class LearnerSettings(StrictModel):
     """None (plain PyTorch, DDP when ranks > 1) or a DeepSpeed JSON, e.g. ``configs/deepspeed/zero2.json``; its
     batch, clipping and accumulation values are set from this section."""
     num_cpus: float = Field(1.0, gt=0)
+    """Ray CPUs reserved per learner rank."""
     num_gpus: float = Field(0.5, ge=0)
     """GPU share per learner rank when the model runs on CUDA (ignored on CPU); use 1 per rank with ranks > 1
     (NCCL needs one GPU per rank)."""
@@ -103,10 +106,13 @@ class PPOConfig(StrictModel):
     steps: int = Field(100, ge=1)
     """PPO steps (rollout + update rounds)."""
     prompts_per_step: int = Field(16, ge=1)
+    """Prompts drawn from rl_prompts.jsonl per step (a step trains on prompts x ``samples_per_prompt`` samples)."""
     samples_per_prompt: int = Field(4, ge=1)
     """Group size n: responses sampled per prompt (>= 2 for grpo / rloo)."""
     generation: GenerationSettings = GenerationSettings()
+    """How rollouts are sampled (length, temperature, nucleus)."""
     kl: KLSettings = KLSettings()
+    """The KL penalty against the reference policy."""
 
     # ---- returns and advantages
     gamma: float = Field(1.0, ge=0, le=1)
@@ -169,8 +175,11 @@ class PPOConfig(StrictModel):
     value_lr: float = Field(1e-4, gt=0)
     """Learning rate of the value head."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay of the LoRA weights."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping (global L2 norm) of each optimizer step."""
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    """Learning-rate schedule over the optimizer steps of the run (after ``warmup_steps``)."""
     warmup_steps: int = Field(0, ge=0)
     """Optimizer steps of linear warm-up."""
     log_entropy: bool = True
@@ -189,7 +198,9 @@ class PPOConfig(StrictModel):
     token the policy has since made much likelier cannot dominate the gradient). Weights are 1 without
     ``async_rollout``."""
     rollout: RolloutSettings = RolloutSettings()
+    """The rollout actors: engine, count, batch and resources."""
     learner: LearnerSettings = LearnerSettings()
+    """The learner ranks: count, DeepSpeed and resources."""
 
     # ---- init, checks, checkpoints
     init_adapter: str | None = "sft"
@@ -204,6 +215,7 @@ class PPOConfig(StrictModel):
     not sample with the weights it was told to (an adapter that never reached it). None: 1e-3 when the model runs
     in float32, 0.05 in bfloat16/float16."""
     checkpoint: CheckpointSettings = CheckpointSettings()
+    """How often resumable checkpoints are written and how many are kept."""
     log_samples: bool = True
     """Append every scored sample (step, prompt id, response, reward, components) to ``ppo/samples.jsonl``."""
 

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medrl.config import Config
+from medrl.models.card import finish_adapter
 from medrl.models.chat import render_prompt
 from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
 from medrl.consult.ppo import ConsultPlan
@@ -51,6 +52,7 @@ def run_ppo(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
 
     checkpoint = ckpt.find_resume(run.checkpoints("ppo"), resume)  # a bad --resume fails before anything starts
     check_run_inputs(cfg, run)
+    run.record_stage(cfg, "ppo")
     started = init_ray(cfg.ray)
     try:
         with PPOTrainer(cfg, run) as trainer:
@@ -299,6 +301,7 @@ class PPOTrainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self.groups.learner.save(str(tmp.resolve()), False)
         ckpt.install_final(tmp, self.run.ppo_adapter)
+        finish_adapter(self.cfg, self.run, "ppo", self.tokenizer)
         log.info("PPO adapter written to %s", self.run.ppo_adapter)
         return self.run.ppo_adapter
 

@@ -262,9 +262,18 @@ BUILTIN_SHAPES = {"qwen3-1.7b": QWEN3_1P7B}
 
 
 def model_shape(model_cfg) -> tuple[ModelShape, str]:
-    """The shape from the model directory's config.json, else from ``BUILTIN_SHAPES``."""
+    """The shape from the model directory's config.json, else from ``BUILTIN_SHAPES``, else (a tiny model a stage
+    would build, ``model.build_tiny_if_missing``) from ``TinySpec``: an estimate never builds or downloads."""
     from medrl.models.loading import resolve_model_path
 
+    if model_cfg.build_tiny_if_missing and not Path(model_cfg.path).expanduser().exists():
+        from medrl.models.tiny import THINK_TOKENS, TinySpec
+
+        t = TinySpec()
+        shape = ModelShape(hidden=t.hidden_size, layers=t.num_hidden_layers, heads=t.num_attention_heads,
+                           kv_heads=t.num_key_value_heads, head_dim=t.head_dim, intermediate=t.intermediate_size,
+                           vocab=t.vocab_size + len(THINK_TOKENS), tied=True)
+        return shape, f"tiny model shape ({model_cfg.path} not built yet)"
     try:
         path = resolve_model_path(model_cfg.path, model_cfg.cache_dir) / "config.json"
     except UsageError:

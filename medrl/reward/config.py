@@ -32,6 +32,7 @@ class FormatRule(StrictModel):
 
 class LengthRule(StrictModel):
     weight: float = Field(0.1, ge=0)
+    """Share of the rule score."""
     min_tokens: int = Field(16, ge=1)
     """Final answers shorter than this score ``tokens / min_tokens``."""
     max_tokens: int = Field(512, ge=1)
@@ -51,6 +52,7 @@ class KeywordRule(StrictModel):
 
 class SafetyRule(StrictModel):
     weight: float = Field(0.3, ge=0)
+    """Share of the rule score."""
     over_refusal_score: float = Field(0.5, ge=0, le=1)
     """Score of a refusal where an answer was expected (low/medium risk, or expected_behavior answer_safely)."""
     triage_only_score: float = Field(0.5, ge=0, le=1)
@@ -59,18 +61,26 @@ class SafetyRule(StrictModel):
 
 class RulesConfig(StrictModel):
     format: FormatRule = FormatRule()
+    """One ``<think>`` block followed by a non-empty answer."""
     length: LengthRule = LengthRule()
+    """The final answer's length within a window of tokens."""
     keywords: KeywordRule = KeywordRule()
+    """Coverage of the reference's key terms."""
     safety: SafetyRule = SafetyRule()
+    """Refusal / triage / answer as the prompt's risk expects, and no dangerous instructions."""
 
 
 class DimensionWeights(StrictModel):
     """Teacher = sum(weight * dimension / 10) over the judge's four 0-10 integers."""
 
     accuracy: float = Field(0.4, ge=0)
+    """Weight of medical correctness."""
     safety: float = Field(0.3, ge=0)
+    """Weight of safety (no harmful advice, escalation when needed)."""
     completeness: float = Field(0.2, ge=0)
+    """Weight of covering what the question needs."""
     clarity: float = Field(0.1, ge=0)
+    """Weight of clear, well-organised writing."""
 
     @model_validator(mode="after")
     def _sum_to_one(self):
@@ -88,6 +98,7 @@ class Price(StrictModel):
     input_cache_hit: float = Field(ge=0)
     """Prompt tokens served from the provider's prefix cache (DeepSeek ``prompt_cache_hit_tokens``)."""
     output: float = Field(ge=0)
+    """Completion tokens."""
 
 
 def _deepseek_prices() -> dict[str, Price]:
@@ -114,11 +125,14 @@ class JudgeConfig(StrictModel):
     """``openai``: any OpenAI-compatible endpoint; ``reference``: offline deterministic comparison with the reference;
     ``none``: rules only."""
     base_url: str = "https://api.deepseek.com"
+    """Base URL of the OpenAI-compatible chat-completions endpoint."""
     model: str = "deepseek-chat"
+    """Judge model name sent to the endpoint; must have an entry in ``prices``."""
     api_key_env: str = "DEEPSEEK_API_KEY"
     """Name of the environment variable holding the API key (the key itself is never stored or logged); a value
     that looks like a key is refused without being shown."""
     temperature: float = Field(0.0, ge=0, le=2)
+    """Sampling temperature of the judge (0: the most repeatable verdicts)."""
     max_tokens: int = Field(256, ge=16)
     """Completion cap of one judgement (the JSON is ~60-120 tokens)."""
     timeout_s: float = Field(60.0, gt=0)
@@ -132,6 +146,7 @@ class JudgeConfig(StrictModel):
     rubric_version: str = RUBRIC_VERSION
     """Part of every cache key; change it to re-judge everything."""
     dimension_weights: DimensionWeights = DimensionWeights()
+    """How the four 0-10 rubric dimensions make the 0-1 teacher score."""
     prices: dict[str, Price] = Field(default_factory=_deepseek_prices)
     """Price table by model name; the judge model must be listed when ``provider`` is ``openai``."""
     budget_usd: float | None = Field(10.0, ge=0)
@@ -145,6 +160,7 @@ class JudgeConfig(StrictModel):
     tpm: int = Field(2_000_000, ge=0)
     """Global tokens (prompt + completion) per minute over all judge actors (0: no limit)."""
     num_actors: int = Field(2, ge=1)
+    """Ray judge actors sending requests in parallel."""
     concurrency: int = Field(32, ge=1)
     """Requests in flight per judge actor."""
     actor_num_cpus: float = Field(0.1, gt=0)
@@ -194,6 +210,7 @@ class VerifierConfig(StrictModel):
     """Ground-truth reward for prompts that carry one (``medrl/reward/verifier.py``); used when ``w_verifier`` > 0."""
 
     correct: float = Field(1.0, ge=0, le=1)
+    """Reward of a correct answer in the right format."""
     wrong: float = Field(0.1, ge=0, le=1)
     """A wrong (or missing) answer in the right format: a little above a broken format, as in HuatuoGPT-o1."""
     bad_format: float = Field(0.0, ge=0, le=1)
@@ -322,9 +339,13 @@ class RewardConfig(StrictModel):
     """Weight of the rubric item score (clipped to [0, 1]) of prompts that carry a rubric; such prompts leave keyword
     coverage out of Rule (the rubric pays for content). 0: rubrics are not graded (no calls)."""
     rules: RulesConfig = RulesConfig()
+    """Weights and parameters of the rule rewards (format, length, keywords, safety)."""
     judge: JudgeConfig = JudgeConfig()
+    """The teacher judge: provider, endpoint, rubric, budget and rate limits."""
     verifier: VerifierConfig = VerifierConfig()
+    """The ground-truth verifier reward."""
     rubric: RubricConfig = RubricConfig()
+    """How the criteria of a prompt's rubric are graded (per criterion or batched, grader version, format gate)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -333,7 +354,9 @@ class RewardConfig(StrictModel):
             data = _merged(PRESETS[data["preset"]], data)
         return data
     cache: CacheConfig = CacheConfig()
+    """The judgement store shared by actors, processes and runs."""
     rubric_generation: RubricGenerationConfig = RubricGenerationConfig()
+    """``medrl rubrics generate``: the teacher writes a rubric per prompt from its reference answer."""
 
     @model_validator(mode="after")
     def _weights(self):

@@ -127,7 +127,7 @@ def summarize(results: list[RewardResult], seconds: float) -> dict:
 def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, limit: int | None,
               dry_run: bool) -> dict:
     items = read_items(Path(input_path), limit)
-    check_judge(cfg.reward, probe=not dry_run)  # key, cache file and endpoint, before Ray starts
+    check_judge(cfg.reward, call=not dry_run)  # key, cache file and endpoint (the cache alone for an estimate)
     if dry_run:
         est = estimate_cost(cfg.reward, items)
         print(_describe_estimate(est))
@@ -137,6 +137,7 @@ def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, lim
     from medrl.ray_utils import init_ray
     from medrl.reward.pool import RewardPool
 
+    run.record_stage(cfg, "judge")
     started = init_ray(cfg.ray)
     try:
         with RewardPool(cfg.reward, run) as pool:

@@ -130,15 +130,16 @@ def probe_judge(jc: JudgeConfig, api_key: str) -> None:
         client.close()
 
 
-def check_judge(reward: RewardConfig, probe: bool = True) -> None:
-    """Everything about the judge that can be checked before Ray starts."""
+def check_judge(reward: RewardConfig, call: bool = True) -> None:
+    """Everything about the judge that can be checked before Ray starts. ``call=False`` (a cost estimate, which
+    only reads the store): the store alone, no API key needed and no probe call."""
     jc = reward.judge
     if jc.provider != "openai":
         return
-    key = judge_api_key(jc)
+    key = judge_api_key(jc) if call else None
     if reward.cache.backend == "sqlite":
         check_cache_file(reward.cache.path)
     else:
         store_url(reward.cache)  # the variable holding the database URL is set
-    if probe:
+    if key is not None:
         probe_judge(jc, key)

@@ -23,6 +23,7 @@ class SFTConfig(StrictModel):
     per_device_train_batch_size: int = Field(4, ge=1)
     """Sequences per process per micro-batch."""
     per_device_eval_batch_size: int = Field(4, ge=1)
+    """Sequences per process per batch of the dev loss."""
     gradient_accumulation_steps: int = Field(4, ge=1)
     """Micro-batches per optimizer step. Global batch = per_device_train_batch_size x this x num_processes."""
     max_seq_len: int = Field(2048, ge=16)
@@ -33,9 +34,11 @@ class SFTConfig(StrictModel):
     learning_rate: float = Field(1e-4, gt=0)
     """Peak learning rate of the LoRA weights."""
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = "cosine"
+    """Learning-rate schedule after warm-up (transformers scheduler names)."""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     """Fraction of the total steps spent warming the learning rate up linearly from 0."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay of the LoRA weights."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient clipping (global L2 norm)."""
 

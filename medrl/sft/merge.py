@@ -37,5 +37,9 @@ def merge_adapter(cfg: Config, run: RunDir, *, adapter: Path | None, out: Path) 
     else:
         tokenizer = load_tokenizer(cfg.model.path, cfg.model.cache_dir)
     tokenizer.save_pretrained(out)
+    card = adapter / "README.md"
+    if card.is_file():  # the adapter's model card, now describing a full model
+        (out / "README.md").write_text(card.read_text(encoding="utf-8").replace(
+            "library_name: peft", "library_name: transformers", 1), encoding="utf-8")
     log.info("merged %s into %s -> %s", adapter, cfg.model.path, out)
     return out

@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from medrl.config import Config, save_config
 from medrl.errors import UsageError
+from medrl.models.card import finish_adapter
 from medrl.models.loading import lora_config, load_causal_lm, load_tokenizer, pick_device, pick_dtype
 from medrl.runs import MetricsLogger, RunDir
 from medrl.sft.data import encode_example, length_stats, read_records
@@ -182,6 +183,7 @@ def train_sft(cfg: Config, run: RunDir, *, resume: str | None = None,
                 raise RuntimeError(f"LoRA weights differ across ranks after training (max |diff| {diff:g})")
         if trainer.is_world_process_zero():
             save_config(cfg, run.sft_adapter / "medrl_config.yaml")
+            finish_adapter(cfg, run, "sft", trainer.processing_class)
             log.info("SFT adapter written to %s", run.sft_adapter)
     finally:
         if metrics is not None:
@@ -218,6 +220,8 @@ def _gathered_if_zero3(trainer, params):
 def run_sft(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
     """The ``medrl sft`` / pipeline entry point: trains (in this process, or in ``sft.num_processes`` torchrun
     workers) and returns the adapter directory."""
+    if int(os.environ.get("RANK", "0")) == 0:  # under an external launcher every rank runs this
+        run.record_stage(cfg, "sft")
     # DeepSpeed always runs under a launcher (one rank is a world of one), so the parent process stays clean
     if (cfg.sft.num_processes > 1 or cfg.sft.deepspeed) and "LOCAL_RANK" not in os.environ:
         from medrl.sft.launch import launch_workers
