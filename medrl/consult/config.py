@@ -46,6 +46,7 @@ class ConsultConfig(StrictModel):
     turn_tokens: int = Field(96, ge=8)
     """Token budget of one policy turn (``<think>`` + question or answer)."""
     patient: PatientConfig = PatientConfig()
+    """The simulated patient: scripted (offline) or an LLM over the judge's endpoint."""
     turn_cost: float = Field(0.02, ge=0, le=0.25)
     """Subtracted from R for every policy turn after the first: among equally good consultations the shorter one
     wins; small, so asking what is needed still pays."""
