@@ -4,7 +4,7 @@
 
 Per backend: batched lookups (``get_many`` of 256 keys, the start of every scored batch), single-key lookups (the
 check right before a request is sent), and the write path of judged keys: one at a time (claim + put-and-release,
-one commit each) and in group commits (``medrl.reward.cache.GroupCommit``: one durable commit per group). Figures are
+one commit each) and in group commits (``medrl.reward.claims.GroupCommit``: one durable commit per group). Figures are
 per connection from one process on this machine (CPU-bound, shared with the server for PostgreSQL).
 """
 from __future__ import annotations

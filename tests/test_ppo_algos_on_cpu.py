@@ -6,7 +6,7 @@ import torch
 
 from medrl.ppo import algos
 from medrl.ppo.kl_controller import AdaptiveKLController, FixedKLController, make_kl_controller
-from medrl.ppo.config import KLSettings
+from medrl.ppo.config import KLSettings, RolloutCorrectionSettings
 
 
 def t(x):
@@ -139,6 +139,57 @@ def test_behaviour_weights_and_decoupled_loss_by_hand():
     assert loss.item() == pytest.approx((-1.2 - 2 * math.exp(-1.0) - 1.0) / 3)
     unweighted, _ = _ppo_loss(torch.log(ratio), adv, mask, weights=torch.ones_like(w))
     assert unweighted.item() == pytest.approx(_ppo_loss(torch.log(ratio), adv, mask)[0].item())
+
+
+def _correction(mode, level="token", **bounds):
+    """rho = pi_learner / pi_engine per token: row 0 [1.5, .25, 1], row 1 [4, 1, padding], row 2 empty."""
+    engine = t([[-1.0, -2.0, -0.5], [-3.0, -0.1, -7.0], [0.0, 0.0, 0.0]])
+    learner = engine + t([[math.log(1.5), math.log(0.25), 0.0], [math.log(4.0), 0.0, 5.0], [0.0, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    settings = RolloutCorrectionSettings(mode=mode, level=level, **bounds)
+    return algos.rollout_correction(learner, engine, mask, settings), mask
+
+
+def test_rollout_correction_token_level_by_hand():
+    (weights, keep, stats), mask = _correction("none")
+    # k3 of KL(engine || learner) from the engine's samples: rho - 1 - ln rho per token, mean over the 5 tokens:
+    # 1.5 -> .5 - .405465 = .094535; .25 -> -.75 + 1.386294 = .636294; 4 -> 3 - 1.386294 = 1.613706; 1 -> 0 (x2)
+    assert stats["rollout_kl"] == pytest.approx((0.094535 + 0.636294 + 1.613706) / 5, rel=1e-5)
+    # mean of rho over the 5 tokens (7.75 / 5), its max 4; the padded log-ratio 5 (rho 148) is not looked at
+    assert (stats["rollout_is_mean"], stats["rollout_is_max"]) == (pytest.approx(1.55), pytest.approx(4.0))
+    assert torch.equal(weights, torch.ones_like(mask)) and torch.equal(keep, torch.ones_like(mask))
+    assert "rollout_is_clipped_frac" not in stats and "rollout_is_masked_frac" not in stats
+    # TIS: min(rho, 2). veRL's compute_rollout_correction_weights(rollout_is="token", rollout_is_threshold=2.0)
+    # is exp(clamp(old_log_prob - rollout_log_prob, +-20)) truncated at the threshold, and TRL's
+    # vllm_importance_sampling_mode="token_truncate" is min(exp(old_per_token_logps - sampling_per_token_logps),
+    # vllm_importance_sampling_cap): the same numbers, their old log-prob being our learner's behaviour log-prob.
+    (weights, keep, stats), _ = _correction("tis", cap=2.0)
+    assert torch.allclose(weights, t([[1.5, 0.25, 1.0], [2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(keep, torch.ones_like(mask)) and stats["rollout_is_clipped_frac"] == pytest.approx(1 / 5)
+    # MIS, band [.5, 2]: .25 and 4 leave the loss (keep 0), the others keep their weight rho (2 of 5 masked).
+    # TRL's "token_mask" zeroes rho above vllm_importance_sampling_cap only (no lower bound) and leaves the token in
+    # the loss's denominator; veRL's rejection sampling (rollout_rs, the IcePop band) removes it from the
+    # response mask, as here.
+    (weights, keep, stats), _ = _correction("mis", low=0.5, high=2.0)
+    assert torch.allclose(weights, t([[1.5, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(keep * mask, t([[1, 0, 1], [0, 1, 0], [0, 0, 0]]))
+    assert stats["rollout_is_masked_frac"] == pytest.approx(2 / 5)
+
+
+def test_rollout_correction_sequence_level_is_the_geometric_mean():
+    # row 0: (1.5 * .25 * 1)^(1/3) = .375^(1/3) = .721125; row 1: (4 * 1)^(1/2) = 2; the empty row is no unit.
+    # veRL's rollout_is="sequence" and TRL's "sequence_*" modes use the product exp(sum log rho) instead: .375 and
+    # 4 here, a weight that shrinks or explodes with the response length, hence the geometric mean (as GSPO's ratio).
+    g0 = 0.375 ** (1 / 3)
+    (weights, _, stats), mask = _correction("tis", "sequence", cap=1.5)
+    assert torch.allclose(weights, t([[g0, g0, g0], [1.5, 1.5, 0.0], [0.0, 0.0, 0.0]]))
+    assert stats["rollout_is_mean"] == pytest.approx((g0 + 2.0) / 2) and stats["rollout_is_max"] == pytest.approx(2.0)
+    assert stats["rollout_is_clipped_frac"] == pytest.approx(1 / 2)
+    # MIS, band [.5, 1.9]: row 1 (2) leaves the loss whole; row 0 keeps all its tokens at weight .721
+    (weights, keep, stats), _ = _correction("mis", "sequence", low=0.5, high=1.9)
+    assert torch.equal(keep * mask, t([[1, 1, 1], [0, 0, 0], [0, 0, 0]]))
+    assert torch.allclose(weights, t([[g0, g0, g0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    assert stats["rollout_is_masked_frac"] == pytest.approx(1 / 2)
 
 
 def test_clipped_value_loss_by_hand():

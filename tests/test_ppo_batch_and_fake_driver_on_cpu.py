@@ -189,6 +189,7 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
     # sample 3, reward 0.25): rewards 1 + 0.25 * 2 (prompt 0), 1.75 (prompts 1, 2), 1.5 (prompt 3) over 14
     assert [t[0] for t in groups.learner.trained] == [14, 16, 16]
     assert first["samples"] == 14 and first["dropped"] == 1 and second["dropped"] == 0
+    assert first["judge_unscored_frac"] == 1 / 16 and second["judge_unscored_frac"] == 0.0
     assert first["reward_mean"] == pytest.approx(6.5 / 14) and second["reward_mean"] == pytest.approx(0.4375)
     assert first["finished_frac"] == pytest.approx(4 / 14) and second["finished_frac"] == 0.25
     # 16 samples of response_len tokens: (1+2+3+1) + (2+3+1+2) + (3+1+2+3) + (1+2+3+1) = 31
@@ -196,13 +197,19 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
     assert second["kl"] == pytest.approx(0.5) and second["kl_seq_sum"] == pytest.approx(0.5 * 31 / 16)
     assert second["behaviour_weight_mean"] == pytest.approx(math.exp(-0.25))
     assert second["logprob_gap"] == 2 ** -10 and second["kl_coef"] == 0.001
+    # the learner's behaviour log-probs exceed the engine's by 2^-10 on every token: rho = e^(2^-10), its k3 KL
+    # e^x - 1 - x; measured, not applied (rollout_correction.mode none with the hf engine)
+    x = 2 ** -10
+    assert second["rollout_is_mean"] == pytest.approx(math.exp(x)) == second["rollout_is_max"]
+    assert second["rollout_kl"] == pytest.approx(math.exp(x) - 1 - x, rel=1e-2)
     assert 0 < second["logprob_gap_mean"] <= 2 ** -10 and second["time_engine_sleep_s"] == 0.0  # hf: no sleep
     assert second["time_actor_generate_s"] == 1.0 and second["time_actor_logprob_s"] == 0.5
     # minibatches: ceil(16 / 8) = 2 (at most 8 rows per rank); seeds from (run seed, step)
     assert [t[1:] for t in groups.learner.trained] == [(2, 100_003 + s) for s in (1, 2, 3)]
     assert set(second) == {
-        "reward_mean", "reward_std", "reward/rule", "judge_failed", "dropped", "judge_tokens_in",
-        "judge_tokens_out", "judge_cost_usd", "cache_hit_rate", "policy_loss", "grad_norm", "lr", "nonfinite_skipped",
+        "reward_mean", "reward_std", "reward/rule", "judge_failed", "dropped", "judge_unscored_frac", "judge_tokens_in",
+        "judge_tokens_out", "judge_cost_usd", "cache_hit_rate", "rollout_kl", "rollout_is_mean", "rollout_is_max",
+        "policy_loss", "grad_norm", "lr", "nonfinite_skipped",
         "truncated_masked", "zero_spread_groups", "zero_spread_frac", "update_skipped",
         "behaviour_weight_mean", "kl", "kl_seq_sum", "advantage_mean", "return_mean", "kl_coef", "logprob_gap",
         "logprob_gap_mean", "time_engine_sleep_s", "response_len", "finished_frac", "samples", "rollout_restarts", "reward_retries", "rollout_staleness",
@@ -231,8 +238,8 @@ def test_a_step_with_zero_reward_spread_logs_and_skips_its_update_with_fake_grou
     assert m["logprob_gap"] == 2 ** -10 and m["rollout_staleness"] == 0 and m["rollout_restarts"] == 0
     assert m["time_learn_s"] == m["time_experience_s"] and m["time_step_s"] >= m["time_generate_s"] > 0
     assert set(m) == {
-        "reward_mean", "reward_std", "reward/rule", "judge_failed", "dropped", "judge_tokens_in", "judge_tokens_out",
-        "judge_cost_usd", "cache_hit_rate", "zero_spread_groups", "zero_spread_frac",
+        "reward_mean", "reward_std", "reward/rule", "judge_failed", "dropped", "judge_unscored_frac", "judge_tokens_in",
+        "judge_tokens_out", "judge_cost_usd", "cache_hit_rate", "zero_spread_groups", "zero_spread_frac",
         "update_skipped", "logprob_gap", "logprob_gap_mean", "time_engine_sleep_s", "samples", "rollout_restarts",
         "reward_retries", "rollout_staleness", "time_generate_s", "time_rollout_s", "time_actor_generate_s",
         "time_actor_logprob_s", "time_reward_wait_s", "time_experience_s", "time_learn_s", "time_step_s",
@@ -253,3 +260,4 @@ def test_a_step_with_fewer_samples_left_than_ranks_skips_its_update_and_says_why
     assert groups.learner.trained == [] and (m["update_skipped"], m["samples"], m["dropped"]) == (1, 0, 15)
     assert m["reward_mean"] == 1.0  # the one sample left, not learned from
     assert "step 1: fewer samples left than 2 ranks: update skipped" in caplog.text
+    assert m["judge_unscored_frac"] == 15 / 16 and "step 1: 94% of the samples were left unscored" in caplog.text

@@ -17,7 +17,7 @@ from medrl.ppo.checkpoint import complete_checkpoints
 from medrl.ppo.driver import PPOTrainer, run_ppo
 from medrl.ppo.prompts import load_prompts, prompts_at
 from medrl.ppo.algos import advantages_and_weights
-from medrl.ppo.batch import Batch
+from medrl.ppo.batch import Batch, Sample
 from medrl.runs import read_metrics
 from conftest import free_port
 from ppo_setup import PROMPTS, ppo_config
@@ -87,7 +87,8 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
         added, _ = advantages_and_weights(
             cfg.ppo, scores=torch.arange(8.0), group=torch.tensor([0] * 4 + [1] * 4), mask=batch.response_mask,
             old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-            behaviour_logprobs=batch.behaviour_logprobs, values=batch.values, kl_coef=0.001)
+            behaviour_logprobs=batch.behaviour_logprobs, rollout_logprobs=batch.rollout_logprobs,
+            values=batch.values, kl_coef=0.001)
         clean = batch.replace(**added).shard(2)
         nan_advantages = clean[1].advantages.clone()
         nan_advantages[2, 0] = float("nan")
@@ -122,6 +123,44 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
                 "time_generate_s", "time_reward_wait_s", "time_learn_s", "logprob_gap", "judge_failed",
                 "zero_spread_groups", "zero_spread_frac", "nonfinite_skipped", "update_skipped"):
         assert key in rows[-1], key
+
+
+def test_two_ranks_with_unequal_token_counts_update_as_one_rank(tiny_model_dir, tmp_path, ray_local):
+    """Token-mean over the global token count (one all-reduce per minibatch): two plain-DDP ranks whose shards hold 9
+    and 2 response tokens give the loss, the gradient and the update of one rank over the whole batch. Before, each
+    rank divided by its own count and DDP averaged the two means, so each of the 2 tokens weighed 4.5x one of the 9."""
+    from medrl.ppo.groups import LearnerGroup
+
+    gen = torch.Generator().manual_seed(3)
+    samples = [Sample(i // 2, i % 2, torch.randint(10, 500, (5,), generator=gen).tolist(),
+                      torch.randint(10, 500, (n,), generator=gen).tolist(), "", True)
+               for i, n in enumerate((8, 1, 1, 1))]
+    batch = Batch.pack(samples, 0)
+    rows = batch.shard_rows(2)
+    assert [r.tolist() for r in rows] == [[0, 3], [1, 2]]
+    assert [float(batch.response_mask[r].sum()) for r in rows] == [9.0, 2.0]
+    results = []
+    for ranks in (1, 2):
+        cfg, _ = ppo_config(tmp_path, tiny_model_dir, f"ranks{ranks}", f"ppo.learner.ranks={ranks}",
+                            "ppo.minibatch_size=4", "ppo.prompts_per_step=2", "ppo.samples_per_prompt=2")
+        group = LearnerGroup(cfg, None, 0.0)
+        try:
+            scored = group.make_experience(batch, None).result()  # the live weights
+            added, _ = advantages_and_weights(
+                cfg.ppo, scores=torch.tensor([1.0, 0.0, 0.2, 0.9]), group=torch.tensor([0, 0, 1, 1]),
+                mask=scored.response_mask, old_logprobs=scored.old_logprobs, ref_logprobs=scored.ref_logprobs,
+                behaviour_logprobs=scored.behaviour_logprobs, rollout_logprobs=scored.old_logprobs, values=None,
+                kl_coef=0.001)
+            metrics = group.train(scored.replace(**added), 1, 5, 0.001).result()
+            digests = ray.get([a.weights_digest.remote() for a in group.actors])
+        finally:
+            group.close()
+        assert all(d == digests[0] for d in digests)
+        results.append((metrics, digests[0]))
+    (one, w1), (two, w2) = results
+    assert two["policy_loss"] == pytest.approx(one["policy_loss"], rel=1e-5, abs=1e-7)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4) and one["grad_norm"] > 0
+    assert w1.keys() == w2.keys() and all(w2[k] == pytest.approx(w1[k], rel=1e-5) for k in w1)
 
 
 @pytest.mark.parametrize("async_rollout", [False, True], ids=["sync", "async"])
@@ -198,6 +237,41 @@ def test_async_rollout_survives_a_rollout_actor_killed_while_it_runs_ahead(tiny_
     for m in (first, second, third):
         assert m["samples"] == 16 and m["logprob_gap"] < 1e-4
     assert [m["rollout_staleness"] for m in (first, second, third)] == [0, 1, 1]
+
+
+def test_failed_judgements_leave_their_group_and_the_loss(tiny_model_dir, tmp_path, ray_local, monkeypatch, caplog):
+    """The loopback judge fails every request for two of the four prompts (a fault marker in the question): by
+    default (``on_failure: drop``) their 8 samples are unscored, out of the baselines and the loss, counted and
+    warned about; ``rules_only``, chosen explicitly, trains on them with R = Rule next to teacher-scored samples."""
+    from medrl.reward.loopback_server import LoopbackJudge
+
+    monkeypatch.setenv("MEDRL_TEST_JUDGE_KEY", "sk-test-loopback")
+    rows = []
+    with LoopbackJudge(api_key="sk-test-loopback") as srv:
+        for on_failure in (None, "rules_only"):
+            judge = ["reward.judge.provider=openai", f"reward.judge.base_url={srv.base_url}",
+                     "reward.judge.api_key_env=MEDRL_TEST_JUDGE_KEY", "reward.judge.max_retries=0",
+                     "reward.judge.malformed_retries=0", "reward.judge.rpm=0", "reward.judge.tpm=0"]
+            if on_failure:
+                judge.append(f"reward.judge.on_failure={on_failure}")
+            cfg, run = ppo_config(tmp_path, tiny_model_dir, f"fail-{on_failure}", "ppo.steps=1", *judge)
+            with open(run.data / "rl_prompts.jsonl", "w", encoding="utf-8") as f:
+                for pid, prompt, risk, lang in PROMPTS[:4]:
+                    fault = " [[fault:500]]" if pid in ("p2", "p4") else ""
+                    f.write(json.dumps({"id": pid, "prompt": prompt + fault, "reference": None, "risk": risk,
+                                        "language": lang}, ensure_ascii=False) + "\n")
+            with PPOTrainer(cfg, run) as tr:
+                rows.append(tr.step())
+            samples = [json.loads(x) for x in run.ppo_samples.read_text(encoding="utf-8").splitlines()]
+            assert {s["id"] for s in samples if s["judge_status"] == "failed"} == {"p2", "p4"}
+            assert {s["id"] for s in samples if s["dropped"]} == (set() if on_failure else {"p2", "p4"})
+    dropped, kept = rows
+    assert (dropped["judge_failed"], dropped["dropped"], dropped["samples"]) == (8, 8, 8)
+    assert dropped["judge_unscored_frac"] == 0.5 and dropped["update_skipped"] == 0
+    assert "step 1: 50% of the samples were left unscored" in caplog.text
+    # the samples learned from all have a teacher score: one scale in every baseline
+    assert dropped["reward/teacher"] > 0 and dropped["reward_mean"] != pytest.approx(dropped["reward/rule"])
+    assert (kept["judge_failed"], kept["dropped"], kept["samples"], kept["judge_unscored_frac"]) == (8, 0, 16, 0.0)
 
 
 def test_prompt_order_is_a_function_of_position():

@@ -48,7 +48,8 @@ def test_kl_loss_term_by_hand():
 
 def _finish(ppo_cfg, old, ref, mask, scores, group, kl_coef, finished=None):
     return advantages_and_weights(ppo_cfg, scores=scores, group=group, mask=mask, old_logprobs=old,
-                                  ref_logprobs=ref, behaviour_logprobs=old.clone(), values=None, kl_coef=kl_coef,
+                                  ref_logprobs=ref, behaviour_logprobs=old.clone(), rollout_logprobs=old.clone(),
+                                  values=None, kl_coef=kl_coef,
                                   finished=finished)
 
 
@@ -81,6 +82,37 @@ def test_truncated_responses_can_be_masked_out_of_the_loss():
         assert stats["truncated_masked"] == expect
         assert added["loss_mask"][:, 0].tolist() == [1.0, 0.0 if on else 1.0, 1.0, 1.0]
         assert added["advantages"][1, 0] != 0  # it still counts in its group's baseline
+
+
+def test_rollout_correction_multiplies_the_decoupled_weight_and_masks_the_loss():
+    # one response of 3 tokens: live (old) vs behaviour log-probs give the decoupled weights e^0, e^.5, e^1 -> cap 2:
+    # [1, 1.6487, 2]; learner vs engine at the sampling weights give rho = [1, 3, .25]
+    mask = torch.ones(1, 3)
+    behaviour = torch.tensor([[-1.0, -1.5, -2.0]])
+    old = behaviour + torch.tensor([[0.0, 0.5, 1.0]])
+    engine = behaviour - torch.log(torch.tensor([[1.0, 3.0, 0.25]]))
+    args = dict(scores=torch.tensor([1.0]), group=torch.tensor([0]), mask=mask, old_logprobs=old, ref_logprobs=None,
+                behaviour_logprobs=behaviour, rollout_logprobs=engine, values=None, kl_coef=0.0)
+    decoupled = torch.exp(torch.tensor([[0.0, 0.5, 1.0]])).clamp(max=2.0)
+    added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp"), **args)
+    assert torch.equal(added["behaviour_weights"], decoupled * mask)  # mode none: the decoupled weights, bit for bit
+    assert stats["rollout_is_max"] == pytest.approx(3.0) and torch.equal(added["loss_mask"], mask)
+    # TIS (cap 2): [1 * 1, 1.6487 * 2, 2 * .25]; the weights multiply (pi_old / pi_behaviour) * (pi_behaviour /
+    # pi_engine), so the product telescopes to veRL's decoupled weight pi_old / pi_rollout, each part truncated
+    added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp", "rollout_correction.mode=tis"), **args)
+    assert torch.allclose(added["behaviour_weights"], decoupled * torch.tensor([[1.0, 2.0, 0.25]]))
+    assert stats["rollout_is_clipped_frac"] == pytest.approx(1 / 3)
+    # MIS (band [.5, 2]): tokens 2 and 3 leave the loss mask (and its token count)
+    added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp", "rollout_correction.mode=mis"), **args)
+    assert torch.equal(added["loss_mask"], torch.tensor([[1.0, 0.0, 0.0]]))
+    assert stats["rollout_is_masked_frac"] == pytest.approx(2 / 3)
+
+
+def test_per_engine_and_per_loss_defaults():
+    assert _ppo().rollout_correction.mode == "none" and _ppo("rollout.engine=vllm").rollout_correction.mode == "tis"
+    assert _ppo("rollout.engine=vllm", "rollout_correction.mode=none").rollout_correction.mode == "none"
+    assert _ppo().loss_agg_mode == "token-mean" and _ppo("policy_loss=gspo").loss_agg_mode == "seq-mean-token-mean"
+    assert _ppo("policy_loss=gspo", "loss_agg_mode=token-mean").loss_agg_mode == "token-mean"
 
 
 def test_rows_to_learn_counts_and_filters_zero_spread_groups():
@@ -136,7 +168,8 @@ def test_learner_skips_a_nonfinite_minibatch_and_keeps_learning(tiny_model_dir, 
     added, _ = advantages_and_weights(cfg.ppo, scores=torch.tensor([0.0, 1.0, 1.0, 0.5]),
                                       group=torch.tensor([0, 0, 1, 1]), mask=batch.response_mask,
                                       old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-                                      behaviour_logprobs=batch.behaviour_logprobs, values=None, kl_coef=0.01)
+                                      behaviour_logprobs=batch.behaviour_logprobs,
+                                      rollout_logprobs=batch.rollout_logprobs, values=None, kl_coef=0.01)
     batch = batch.replace(**added)
     nan_advantages = batch.advantages.clone()
     nan_advantages[3, 1] = float("nan")

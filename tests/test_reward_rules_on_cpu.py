@@ -155,11 +155,11 @@ def test_combination_and_injection_zeroes_reward():
     assert r.components["judge.accuracy"] == 0.8 and r.components["rule"] == rules.rule
     assert set(r.components) == {"format", "length", "keywords", "safety", "rule", "teacher", "judge.accuracy",
                                  "judge.safety", "judge.completeness", "judge.clarity"}
-    failed = combine(cfg, item, rules, None, "failed", "HTTP 503")
-    assert failed.reward == rules.rule and failed.teacher is None and not failed.dropped
+    failed = combine(cfg, item, rules, None, "failed", "HTTP 503")  # on_failure: drop, the default
+    assert failed.reward == rules.rule and failed.teacher is None and failed.dropped
     assert failed.reasons["judge"] == "HTTP 503" and "judge_failed" in failed.flags
-    drop_cfg = RewardConfig.model_validate({"judge": {"on_failure": "drop"}})
-    assert combine(drop_cfg, item, rules, None, "failed").dropped
+    kept_cfg = RewardConfig.model_validate({"judge": {"on_failure": "rules_only"}})
+    assert not combine(kept_cfg, item, rules, None, "failed").dropped
     injected = CASES["en_injection"][0]
     r = combine(cfg, injected, evaluate_rules(injected, cfg.rules), verdict, "ok")
     assert r.reward == 0.0 and "prompt_injection" in r.flags

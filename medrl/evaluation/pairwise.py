@@ -17,16 +17,15 @@ import json
 import logging
 import os
 import re
-import uuid
 from dataclasses import dataclass
 
 from medrl.errors import UsageError
 from medrl.reward.cache import cache_key, open_store
 from medrl.reward.config import CacheConfig, JudgeConfig
-from medrl.reward.judge import OpenAIJudge
+from medrl.reward.claims import Claims
+from medrl.reward.judge import JudgeOutcome, OpenAIJudge
 from medrl.reward.ledger import Ledger, Usage, local_gate
 from medrl.reward.rubric import JudgementError, load_verdict_json
-from medrl.reward.scoring import CLAIM_POLL_S
 
 log = logging.getLogger("medrl.eval")
 
@@ -127,97 +126,49 @@ class PairwiseJudge:
 
     async def _judge_all(self, tasks: list[PairTask]) -> list[PairVerdict]:
         store = open_store(self.cache)
+        claims = Claims(store, store.pairwise_many, self.cache.claim_ttl_s)
         judge = OpenAIJudge(self.cfg, self._key)
         gate = local_gate(self.ledger, max(1, self.cfg.concurrency // 4))  # rate limits and budget of reward.judge
         slots = asyncio.Semaphore(self.cfg.concurrency)
-        holder, ttl = uuid.uuid4().hex, self.cache.claim_ttl_s
         answers = [json.dumps([t.first, t.second], ensure_ascii=False) for t in tasks]
         keys = [cache_key(self.cfg.model, PAIRWISE_VERSION, t.prompt, a, t.reference) for t, a in zip(tasks, answers)]
-        waiting: dict[str, asyncio.Future] = {}  # keys another eval holds -> its verdict, or None once ours
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}  # the task that asks a key shown twice
 
-        async def poll() -> None:
-            while waiting:
-                await asyncio.sleep(CLAIM_POLL_S)
-                held = list(waiting)
-                try:
-                    found = store.pairwise_many(held)
-                    rest = [k for k in held if k not in found]
-                    ours = store.claim_many(rest, holder, ttl) if rest else set()
-                except Exception as exc:  # the store failed: the waiters fail with it instead of waiting forever
-                    for k in held:
-                        waiting.pop(k).set_exception(exc)
-                    raise
-                for k in held:
-                    if k in found or k in ours:
-                        waiting.pop(k).set_result(found.get(k))
-
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(ttl / 3)
-                store.renew_claims(holder, ttl)
-
-        async def one(task: PairTask, key: str, answer: str, other: asyncio.Future | None) -> PairVerdict:
-            if other is not None:  # claimed by another eval: its verdict, or the key once that claim is gone
-                found = await other
-                if found is not None:
-                    return PairVerdict(found[0], "cached", found[1])
-            out = None
-            try:
-                async with slots:
-                    out = await judge.call(build_pairwise_messages(task), parse_verdict, gate,
-                                           recheck=lambda: store.pairwise_many([key]).get(key))
-            finally:
-                if out is None or out.status != "ok":
-                    store.release([key], holder)
-            if out.status == "cached":
-                return PairVerdict(out.judgement[0], "cached", out.judgement[1])
-            if out.status != "ok":
+        async def call(key: str) -> JudgeOutcome:
+            async with slots:
+                out = await judge.call(build_pairwise_messages(tasks[first[key]]), parse_verdict, gate,
+                                       recheck=lambda: store.pairwise_many([key]).get(key))
+            if out.status not in ("ok", "cached"):
                 log.warning("pairwise judgement %s: %s", out.status, out.reason)
-                return PairVerdict(None, out.status, out.reason, out.usage, out.cost_usd)
-            (winner, why), u = out.judgement, out.usage
+            return out
+
+        async def put(key: str, out: JudgeOutcome) -> None:
+            (winner, why), u, task = out.judgement, out.usage, tasks[first[key]]
             store.put_pairwise({"key": key, "judge": self.cfg.judge_id, "version": PAIRWISE_VERSION,
-                                "winner": winner, "reason": why, "prompt": task.prompt, "answers": answer,
+                                "winner": winner, "reason": why, "prompt": task.prompt, "answers": answers[first[key]],
                                 "reference": task.reference, "tokens_in": u.tokens_in, "tokens_out": u.tokens_out,
-                                "tokens_cache_hit": u.tokens_cache_hit, "cost_usd": out.cost_usd}, holder=holder)
-            return PairVerdict(winner, "ok", why, u, out.cost_usd)
+                                "tokens_cache_hit": u.tokens_cache_hit, "cost_usd": out.cost_usd}, holder=claims.holder)
 
-        def shared(verdict: PairVerdict) -> PairVerdict:
-            """The verdict of a key asked twice in this eval, for its second task: it cost nothing more."""
-            status = "cached" if verdict.status == "ok" else verdict.status
-            return PairVerdict(verdict.winner, status, verdict.reason)
-
-        helpers: list[asyncio.Task] = []
-        todo: dict[str, int] = {}
-        try:
-            cached = store.pairwise_many(keys)
-            for i, key in enumerate(keys):
-                if key not in cached:
-                    todo.setdefault(key, i)
-            mine = store.claim_many(list(todo), holder, ttl) if todo else set()
-            waiting.update({k: asyncio.get_running_loop().create_future() for k in todo if k not in mine})
-            helpers = [asyncio.ensure_future(renew())] + ([asyncio.ensure_future(poll())] if waiting else [])
-            running = {key: asyncio.ensure_future(one(tasks[i], key, answers[i], waiting.get(key)))
-                       for key, i in todo.items()}
-            try:
-                await asyncio.gather(*running.values())
-            except BaseException:  # a judge no call can survive (JudgeSetupError): nothing more is sent
-                for task in running.values():
-                    task.cancel()
-                await asyncio.gather(*running.values(), return_exceptions=True)
-                raise
-            results = []
-            for i, key in enumerate(keys):
-                if key in cached:
-                    results.append(PairVerdict(cached[key][0], "cached", cached[key][1]))
-                else:
-                    verdict = running[key].result()
-                    results.append(verdict if todo[key] == i else shared(verdict))
-            return results
+        try:  # a judge no call can survive (JudgeSetupError) raises here: close stops the other calls
+            made = await claims.get(keys, call, put)
         finally:
-            for helper in helpers:
-                helper.cancel()
-            if todo:
-                store.release(todo, holder)  # what a failure or an interruption left claimed
+            await claims.close()
             await gate.flush()
             await judge.close()
             store.close()
+        return [_verdict(made[key]) if first[key] == i else _shared(_verdict(made[key])) for i, key in enumerate(keys)]
+
+
+def _verdict(out: JudgeOutcome) -> PairVerdict:
+    """The pairwise verdict of a judge outcome (stored already, judged now, or failed)."""
+    if out.status == "cached":
+        return PairVerdict(out.judgement[0], "cached", out.judgement[1])
+    if out.status != "ok":
+        return PairVerdict(None, out.status, out.reason, out.usage, out.cost_usd)
+    return PairVerdict(out.judgement[0], "ok", out.judgement[1], out.usage, out.cost_usd)
+
+
+def _shared(verdict: PairVerdict) -> PairVerdict:
+    """The verdict of a key asked twice in this eval, for its second task: it cost nothing more."""
+    status = "cached" if verdict.status == "ok" else verdict.status
+    return PairVerdict(verdict.winner, status, verdict.reason)

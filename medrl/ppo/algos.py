@@ -5,8 +5,10 @@ padding. Advantage estimators are registered by name (veRL style) and share one 
 one from ``cfg.ppo.estimator`` without knowing which; policy losses likewise (``cfg.ppo.policy_loss``), and their
 per-token values are reduced to one number by ``aggregate_loss`` (``cfg.ppo.loss_agg_mode``).
 
-Guards: log-ratios are clamped to +-``LOG_RATIO_CLAMP`` before ``exp`` and per-token KL estimates to +-``KL_CLAMP``
-(as OpenRLHF and veRL do), so a policy that drifted far from the old or reference policy gives a large, finite loss.
+Guards: log-ratios are clamped to +-``LOG_RATIO_CLAMP`` before ``exp`` (veRL's ``SAFETY_BOUND`` is also 20) and
+per-token KL estimates of every estimator to +-``KL_CLAMP`` (as OpenRLHF's ``compute_approx_kl`` does for k1, k2 and
+k3; veRL's ``kl_penalty`` clamps only k3, its ``low_var_kl``), so a policy that drifted far from the old or reference
+policy gives a large, finite loss.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ EPS = 1e-8
 LOG_RATIO_CLAMP = 20.0
 """|log pi - log pi_old| is clamped here before ``exp`` (exp(20) ~ 4.9e8: finite in fp32 and bf16)."""
 KL_CLAMP = 10.0
-"""Per-token KL estimates are clamped to +-this (k3 of a log-ratio of -100 would be ~e^100)."""
+"""Per-token KL estimates (k1, k2 and k3 alike) are clamped to +-this (k3 of a log-ratio of -100 would be
+~e^100; k1 and k2 are bounded by ``LOG_RATIO_CLAMP`` already, the clamp at 10 is OpenRLHF's)."""
 ZERO_SPREAD_RTOL = 1e-6
 """A group whose scores differ by at most this times their largest magnitude has zero spread: it carries no
 signal, its group-baselined advantages are exactly 0, and ``ppo.filter_zero_spread_groups`` drops it."""
@@ -177,7 +180,8 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"
 def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, *, n_tokens: torch.Tensor | float,
                    n_seqs: torch.Tensor | float, norm_len: float) -> torch.Tensor:
     """These rows' share of the minibatch loss, so that micro-batches add up to the minibatch value (``n_tokens`` /
-    ``n_seqs``: the minibatch's loss tokens and non-empty rows on this rank; veRL's ``loss_agg_mode`` names):
+    ``n_seqs``: the minibatch's loss tokens and non-empty rows, over all learner ranks divided by their number:
+    ``objective.loss_denominators``; veRL's ``loss_agg_mode`` names):
 
     - ``token-mean``: sum over all tokens / ``n_tokens`` (PPO, DAPO: long responses weigh more);
     - ``seq-mean-token-mean``: each row's token mean, averaged over rows (GRPO paper: every response weighs the
@@ -198,6 +202,41 @@ def behaviour_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tens
     """Per-token importance weights pi_old / pi_behaviour of samples drawn by an older policy, truncated at ``cap``
     (decoupled PPO, Hilton et al. 2021; truncated IS as in Yao et al. 2025): 1 where the two policies agree."""
     return torch.exp(old_logprobs - behaviour_logprobs).clamp(max=cap)
+
+
+def rollout_correction(behaviour_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                       settings) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Importance weights of the rollout/learner mismatch, ``rho = pi_learner(theta_b) / pi_engine(theta_b)`` from
+    the learner's ``behaviour_logprobs`` and the engine's ``rollout_logprobs`` of the same sampled tokens, per
+    ``settings`` (``ppo.rollout_correction``). Returns ``(weights, keep, stats)``: ``weights [B, T]`` to multiply
+    into the per-token policy loss (1 with mode ``none``), ``keep [B, T]`` the tokens left in the loss (``mis``
+    drops the rest; 1 otherwise), and the step's statistics over the response tokens: ``rollout_kl`` (k3 estimate of
+    KL(engine || learner)), ``rollout_is_mean`` / ``rollout_is_max`` of rho (per token, or per response at sequence
+    level) and ``rollout_is_clipped_frac`` (``tis``) or ``rollout_is_masked_frac`` (``mis``) of those units."""
+    log_rho = torch.clamp(behaviour_logprobs - rollout_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * mask
+    if settings.level == "sequence":  # geometric mean of the token ratios, one per response
+        rows = mask.sum(1) > 0
+        rho = torch.exp(masked_mean(log_rho, mask, dim=1))[:, None].expand_as(mask)
+        units, unit_mask = rho[:, 0], rows.to(mask.dtype)
+    else:
+        rho = torch.exp(log_rho)
+        units, unit_mask = rho, mask
+    has_units = bool(unit_mask.sum() > 0)
+    stats = {"rollout_kl": float(masked_mean(kl_estimate(rollout_logprobs, behaviour_logprobs, "k3"), mask)),
+             "rollout_is_mean": float(masked_mean(units, unit_mask)),
+             "rollout_is_max": float(units[unit_mask.bool()].max()) if has_units else 1.0}
+    keep = torch.ones_like(mask)
+    if settings.mode == "none":
+        return torch.ones_like(mask), keep, stats
+    if settings.mode == "tis":
+        stats["rollout_is_clipped_frac"] = float(masked_mean((units > settings.cap).to(mask.dtype), unit_mask))
+        return rho.clamp(max=settings.cap) * mask, keep, stats
+    if settings.mode == "mis":
+        inside = ((rho >= settings.low) & (rho <= settings.high)).to(mask.dtype)
+        stats["rollout_is_masked_frac"] = float(masked_mean(1.0 - (inside[:, 0] if settings.level == "sequence"
+                                                                   else inside), unit_mask))
+        return rho * inside * mask, inside, stats
+    raise ValueError(f"unknown rollout correction mode {settings.mode!r} (none, tis, mis)")
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
@@ -333,15 +372,18 @@ def _reinforce_pp(*, scores, kl_penalty, mask, group, values, gamma, lam, whiten
 # --------------------------------------------------------------------------- the driver's finishing step
 def advantages_and_weights(ppo_cfg, *, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
                            old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
-                           behaviour_logprobs: torch.Tensor, values: torch.Tensor | None, kl_coef: float,
+                           behaviour_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                           values: torch.Tensor | None, kl_coef: float,
                            finished: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """What the PPO update needs beyond the log-probs, over the whole batch (group and batch statistics): per-token
     ``kl`` (``ppo.kl.estimator``; 0 without ``ref_logprobs``, i.e. a zero coefficient), ``advantages`` and
     ``returns`` of the configured estimator with ``scores [B]`` on the last token (plus per-token rewards ``-kl_coef
-    * KL_t`` when ``kl.placement`` is ``reward``), the truncated ``behaviour_weights`` ``pi_old / pi_behaviour``,
-    and ``loss_mask``: the response tokens the losses see (``ppo.mask_truncated`` removes the responses not
-    ``finished [B]``); all 0 on padding. Also returns batch statistics (``kl``: the mean per-token KL over the tokens
-    that exist, what the adaptive controller steers; absent without a reference)."""
+    * KL_t`` when ``kl.placement`` is ``reward``), ``behaviour_weights``: the truncated decoupled weight ``pi_old /
+    pi_behaviour`` times the rollout correction's weight of ``pi_behaviour / pi_engine`` (``rollout_correction``,
+    from ``rollout_logprobs``; not applied with mode ``none``), and ``loss_mask``: the response tokens the losses
+    see (``ppo.mask_truncated`` removes the responses not ``finished [B]``, mode ``mis`` the tokens or responses
+    outside its band); all 0 on padding. Also returns batch statistics (``kl``: the mean per-token KL over the
+    tokens that exist, what the adaptive controller steers; absent without a reference; the rollout correction's)."""
     kl = torch.zeros_like(mask) if ref_logprobs is None else kl_estimate(old_logprobs, ref_logprobs,
                                                                          ppo_cfg.kl.estimator) * mask
     in_reward = kl_coef * kl if ppo_cfg.kl.placement == "reward" else torch.zeros_like(kl)
@@ -349,17 +391,21 @@ def advantages_and_weights(ppo_cfg, *, scores: torch.Tensor, group: torch.Tensor
         ppo_cfg.estimator, scores=scores.float(), kl_penalty=in_reward, mask=mask, group=group, values=values,
         gamma=ppo_cfg.gamma, lam=ppo_cfg.lam, whiten=ppo_cfg.whiten_advantages)
     weights = behaviour_weights(old_logprobs, behaviour_logprobs, ppo_cfg.behaviour_weight_cap)
+    correction, keep, rc_stats = rollout_correction(behaviour_logprobs, rollout_logprobs, mask,
+                                                    ppo_cfg.rollout_correction)
     truncated = torch.zeros(len(mask), dtype=torch.bool) if finished is None else ~finished.bool()
     masked = truncated & ppo_cfg.mask_truncated
     stats = {"behaviour_weight_mean": float(masked_mean(weights, mask)),
              "advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask)),
-             "truncated_masked": int(masked.sum())}
+             "truncated_masked": int(masked.sum()), **rc_stats}
+    if ppo_cfg.rollout_correction.mode != "none":  # none: the weights stay bit for bit the decoupled ones
+        weights = weights * correction
     if ref_logprobs is not None:
         stats.update(kl=float(masked_mean(kl, mask)), kl_seq_sum=float((kl * mask).sum(1).mean()))
     if values is not None:
         stats["value_mean"] = float(masked_mean(values, mask))
     return {"kl": kl, "advantages": advantages * mask, "returns": returns * mask, "behaviour_weights": weights * mask,
-            "loss_mask": mask * (~masked).to(mask.dtype)[:, None]}, stats
+            "loss_mask": mask * (~masked).to(mask.dtype)[:, None] * keep}, stats
 
 
 def rows_to_learn(dropped: list[bool], scores: torch.Tensor, group: torch.Tensor, ppo_cfg, ranks: int

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from medrl.config_base import StrictModel
 from medrl.models.engine_config import EngineName, VLLMSettings
@@ -89,6 +89,33 @@ class LearnerSettings(StrictModel):
     (NCCL needs one GPU per rank)."""
 
 
+class RolloutCorrectionSettings(StrictModel):
+    """Importance-sampling correction of the rollout/learner mismatch: the engine samples with its own kernels, so
+    its probability of a sampled token differs from the learner's at the very same weights. The ratio is
+    ``rho = pi_learner(theta_b) / pi_engine(theta_b)`` (the learner's behaviour log-prob over the engine's log-prob of
+    each sampled token), multiplied into the per-token policy loss (with the decoupled weight under
+    ``async_rollout``). The weight-sync abort (``logprob_gap_abort``) still stops a run whose engine lacks the
+    adapter: the correction is for numeric mismatch, not for missing weights."""
+
+    mode: Literal["none", "tis", "mis"] | None = None
+    """``none``: no correction (the ratio is still measured: ``rollout_kl``, ``rollout_is_mean`` / ``_max``).
+    ``tis``: truncated IS, each weight ``min(rho, cap)`` (veRL ``rollout_is``, TRL ``*_truncate``). ``mis``: masked
+    IS, weight ``rho`` inside ``[low, high]``, tokens (or sequences) outside it leave the loss (veRL's rejection
+    sampling, TRL ``*_mask``). None: per engine, ``tis`` for ``vllm`` (bf16 kernels other than the learner's) and
+    ``none`` for ``hf`` (the engine scores with the learner's own code: rho is 1 to ~1e-6 in fp32)."""
+    level: Literal["token", "sequence"] = "token"
+    """``token``: one ratio per token. ``sequence``: one per response, the geometric mean of its token ratios
+    ``exp(mean_t log rho_t)``, on all its tokens (GSPO-style; the product of veRL/TRL's sequence level explodes or
+    vanishes with length)."""
+    cap: float = Field(2.0, gt=0)
+    """``tis``: truncation of the weight from above (veRL ``rollout_is_threshold`` 2.0, TRL
+    ``vllm_importance_sampling_cap``)."""
+    low: float = Field(0.5, gt=0, lt=1)
+    """``mis``: ratios below this leave the loss (IcePop's lower bound)."""
+    high: float = Field(2.0, gt=1)
+    """``mis``: ratios above this leave the loss."""
+
+
 class CheckpointSettings(StrictModel):
     every: int = Field(50, ge=1)
     """Write a resumable checkpoint every N steps (and after the last step)."""
@@ -147,11 +174,12 @@ class PPOConfig(StrictModel):
     """Dual clip c (Ye et al. 2020): the loss of a token with a negative advantage is capped at ``-A * c``, so a
     token the policy has made far likelier cannot give an unbounded loss (OpenRLHF ``--dual_clip``, veRL
     ``clip_ratio_c``; typical 3). None: off."""
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How per-token losses become one number (veRL's names). ``token-mean``: over all tokens of the minibatch (PPO,
-    DAPO). ``seq-mean-token-mean``: each response's token mean, averaged over responses (the GRPO paper; TRL's
-    ``loss_type=grpo``). ``seq-mean-token-sum-norm``: token sums over responses x ``loss_norm_len`` (Dr. GRPO, TRL's
-    ``dr_grpo``: no length bias)."""
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = None
+    """How per-token losses become one number (veRL's names). ``token-mean``: over all tokens of the minibatch, all
+    learner ranks together (PPO, DAPO). ``seq-mean-token-mean``: each response's token mean, averaged over responses
+    (the GRPO paper; TRL's ``loss_type=grpo``). ``seq-mean-token-sum-norm``: token sums over responses x
+    ``loss_norm_len`` (Dr. GRPO, TRL's ``dr_grpo``: no length bias). None: ``seq-mean-token-mean`` for ``gspo``
+    (its ratio is per response; the peers' GSPO default), ``token-mean`` for ``ppo``."""
     loss_norm_len: int | None = Field(None, ge=1)
     """The constant length of ``seq-mean-token-sum-norm`` (None: ``generation.max_new_tokens``)."""
     value_clip: float | None = Field(0.2, gt=0)
@@ -210,10 +238,14 @@ class PPOConfig(StrictModel):
     """Every step the rollout engine's log-probs of its sampled tokens are compared with the learner's recompute
     under the adapter version that sampled them; a max abs gap above this is logged as a warning (fp32 on CPU:
     ~1e-6 with either engine; bf16 kernels differ more)."""
+    rollout_correction: RolloutCorrectionSettings = RolloutCorrectionSettings()
     logprob_gap_abort: float | None = Field(None, gt=0)
     """Mean abs per-token gap above which the run stops with an error naming the adapter version: the engine did
     not sample with the weights it was told to (an adapter that never reached it). None: 1e-3 when the model runs
     in float32, 0.05 in bfloat16/float16."""
+    unscored_warn_frac: float = Field(0.1, ge=0, le=1)
+    """A step whose share of samples left unscored (judgement failed, ``reward.judge.on_failure: drop``; metric
+    ``judge_unscored_frac``) exceeds this logs a warning: they leave their group's baseline and the loss."""
     checkpoint: CheckpointSettings = CheckpointSettings()
     """How often resumable checkpoints are written and how many are kept."""
     log_samples: bool = True
@@ -244,6 +276,16 @@ class PPOConfig(StrictModel):
                              f"renormalised over the nucleus, so every step's rollout vs learner log-prob check "
                              f"would see a gap of -log(nucleus mass) and stop the run")
         return v
+
+    @model_validator(mode="after")
+    def _per_algorithm_defaults(self) -> "PPOConfig":
+        """Fill the defaults that depend on other fields (``loss_agg_mode`` on the policy loss, the rollout
+        correction on the engine), so the resolved config is what the digest and the logs show."""
+        if self.loss_agg_mode is None:
+            self.loss_agg_mode = "seq-mean-token-mean" if self.policy_loss == "gspo" else "token-mean"
+        if self.rollout_correction.mode is None:
+            self.rollout_correction.mode = "tis" if self.rollout.engine == "vllm" else "none"
+        return self
 
     @field_validator("learner")
     @classmethod

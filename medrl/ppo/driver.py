@@ -158,7 +158,8 @@ class PPOTrainer:
         gap, gap_mean = logprob_gaps(batch.rollout_logprobs, batch.behaviour_logprobs, batch.response_mask)
         check_weight_sync(self.step_no, rollout.version, gap, gap_mean, self.ppo.logprob_gap_tolerance, self.gap_abort)
         if all(r.dropped for r in results):
-            raise RuntimeError(f"step {self.step_no}: every sample was dropped by the reward plane")
+            raise RuntimeError(f"step {self.step_no}: every sample's judgement failed (reward.judge.on_failure=drop "
+                               f"leaves them unscored): is the judge reachable? (rules_only trains on the rules)")
         keep, stats = rows_to_learn([r.dropped for r in results], torch.tensor([r.reward for r in results]),
                                     torch.tensor([s.prompt_index for s in rollout.samples]), self.ppo,
                                     self.ppo.learner.ranks)
@@ -174,7 +175,8 @@ class PPOTrainer:
             self.ppo, scores=torch.tensor([r.reward for r in kept]),
             group=torch.tensor([s.prompt_index for s in samples]), mask=batch.response_mask,
             old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-            behaviour_logprobs=batch.behaviour_logprobs, values=batch.values, kl_coef=kl_coef,
+            behaviour_logprobs=batch.behaviour_logprobs, rollout_logprobs=batch.rollout_logprobs,
+            values=batch.values, kl_coef=kl_coef,
             finished=torch.tensor([s.finished for s in samples]))
         if "kl" in stats:  # no reference forward (nor KL) with a zero coefficient
             self.kl_ctl.update(stats["kl"], len(batch))
@@ -208,6 +210,10 @@ class PPOTrainer:
             log.warning("step %d: %s: update skipped", self.step_no, why)
         wait = self._rate_meter.step(self.groups.reward_stats(), rec.row["time_reward_wait_s"])
         row = rec.finish(results, keep, data_position=self.data_position, judge_rate_wait_s=wait)
+        if row["judge_unscored_frac"] > self.ppo.unscored_warn_frac:
+            log.warning("step %d: %.0f%% of the samples were left unscored (judgement failed): out of their groups' "
+                        "baselines and the loss (ppo.unscored_warn_frac %.2f)", self.step_no,
+                        100 * row["judge_unscored_frac"], self.ppo.unscored_warn_frac)
         self.metrics.log(self.step_no, row)
         if self.ppo.log_samples:
             rows = append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)

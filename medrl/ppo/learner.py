@@ -223,10 +223,10 @@ class Learner:
 
     def train(self, shard: Batch, n_minibatches: int, seed: int, kl_coef: float = 0.0) -> dict[str, float]:
         """``ppo_epochs`` passes over the shard in ``n_minibatches`` optimizer steps each (the same count on every
-        rank). Losses follow ``ppo.loss_agg_mode`` over each minibatch (``kl_coef`` weighs the KL loss term of
-        ``kl.placement=loss``); metrics are token-weighted means, losses means over minibatches. A minibatch with a
-        non-finite loss (or gradient) on any rank is skipped by all ranks: its gradients never reach the optimizer,
-        and it is counted in ``nonfinite_skipped``."""
+        rank). Losses follow ``ppo.loss_agg_mode`` over each minibatch, all ranks' rows together (``kl_coef`` weighs
+        the KL loss term of ``kl.placement=loss``); metrics are token-weighted means, losses means over minibatches.
+        A minibatch with a non-finite loss (or gradient) on any rank is skipped by all ranks: its gradients never
+        reach the optimizer, and it is counted in ``nonfinite_skipped``."""
         ppo, acc = self.ppo, self.accelerator
         deepspeed = acc.state.deepspeed_plugin is not None
         self.model.train()
@@ -239,7 +239,7 @@ class Learner:
         for _ in range(ppo.ppo_epochs):
             for mb_rows in torch.randperm(n, generator=gen).tensor_split(n_minibatches):
                 micro = mb_rows.split(ppo.micro_batch_size)
-                n_tokens, n_seqs = loss_denominators(shard.loss_mask[mb_rows])
+                n_tokens, n_seqs = loss_denominators(shard.loss_mask[mb_rows], acc.device)  # all ranks' counts
                 bad = False
                 mb_losses: dict[str, float] = {}
                 for i, rows in enumerate(micro):

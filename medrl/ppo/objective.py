@@ -9,9 +9,21 @@ import torch
 from medrl.ppo.algos import aggregate_loss, kl_estimate, masked_mean, policy_loss, value_loss
 
 
-def loss_denominators(loss_mask: torch.Tensor) -> tuple[float, float]:
-    """(tokens, non-empty rows) of a minibatch's ``loss_mask`` on this rank: the denominators of ``aggregate_loss``."""
-    return float(loss_mask.sum()), float((loss_mask.sum(1) > 0).sum())
+def loss_denominators(loss_mask: torch.Tensor, device: torch.device | str = "cpu") -> tuple[float, float]:
+    """The denominators of ``aggregate_loss`` for this rank's share of a minibatch: the (tokens, non-empty rows) of
+    the minibatch's ``loss_mask`` over all learner ranks, divided by the number of ranks (one all-reduce).
+
+    DDP and DeepSpeed average the ranks' gradients, so a rank whose loss is its token sum over ``global / ranks``
+    contributes exactly its share of the global token mean: ranks with unequal token counts weigh every token the
+    same, as one rank over the whole minibatch would (veRL's and OpenRLHF's global token count). With one rank:
+    this rank's counts, unchanged. ``device``: where the all-reduce runs (this rank's GPU with NCCL)."""
+    counts = torch.tensor([float(loss_mask.sum()), float((loss_mask.sum(1) > 0).sum())], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        on_device = counts.to(device)
+        torch.distributed.all_reduce(on_device)
+        counts = on_device.cpu() / world
+    return float(counts[0]), float(counts[1])
 
 
 def micro_batch_loss(out: dict[str, torch.Tensor], mb, ppo_cfg, kl_coef: float, n_tokens: float,

@@ -44,14 +44,16 @@ class StepRecord:
 
 def reward_metrics(kept: list[RewardResult], results: list[RewardResult]) -> dict[str, float]:
     """Reward mean / std and per-component means of the samples the update uses (``kept``); judge counts, tokens,
-    cost and cache hit rate of all of them (``results``, dropped ones included)."""
+    cost and cache hit rate of all of them (``results``, dropped ones included); ``judge_unscored_frac``: the share
+    left unscored (failed judgement, ``reward.judge.on_failure: drop``), out of their groups and the loss."""
     rewards = np.array([r.reward for r in kept])
     out = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std())}
     for name in sorted({k for r in kept for k in r.components}):
         out[f"reward/{name}"] = float(np.mean([r.components[name] for r in kept if name in r.components]))
     status = [r.judge_status for r in results]
     judged = status.count("ok") + status.count("cached")
-    out.update(judge_failed=status.count("failed"), dropped=sum(r.dropped for r in results),
+    dropped = sum(r.dropped for r in results)
+    out.update(judge_failed=status.count("failed"), dropped=dropped, judge_unscored_frac=dropped / len(results),
                judge_tokens_in=sum(r.tokens_in for r in results), judge_tokens_out=sum(r.tokens_out for r in results),
                judge_cost_usd=sum(r.cost_usd for r in results),
                cache_hit_rate=status.count("cached") / judged if judged else 0.0)

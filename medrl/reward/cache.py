@@ -12,7 +12,6 @@ again (every operation is idempotent: insert-if-absent, re-claims by the same ho
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import json
@@ -214,7 +213,7 @@ class JudgeStore:
     @_reconnecting
     def put_many(self, records: list[dict], holder: str | None = None) -> None:
         """Store judgements (first writer wins) and drop ``holder``'s claims on them, in one transaction committed
-        before returning (one WAL flush for the lot: ``GroupCommit``)."""
+        before returning (one WAL flush for the lot: ``claims.GroupCommit``)."""
         now = time.time()
         rows = [[rec.get(c) for c in _COLUMNS[:-1]] + [rec.get("created", now)] for rec in records]
         with self._tx(durable=True):
@@ -361,38 +360,6 @@ class JudgeStore:
         if self._db is not None:
             self._db.close()
             self._db = None
-
-
-class GroupCommit:
-    """Group commit of ``holder``'s judgements, for coroutines of one event loop: ``put`` queues a record and returns
-    once the transaction holding it has committed (it raises if that transaction failed), so a reward is never
-    returned before its judgement is stored. Records queued while the loop runs the callbacks that are ready
-    (judge responses that arrived together) share one transaction: one WAL flush instead of one per key."""
-
-    def __init__(self, store: JudgeStore, holder: str):
-        self.store, self.holder = store, holder
-        self._queued: list[tuple[dict, asyncio.Future]] = []
-
-    async def put(self, record: dict) -> None:
-        loop = asyncio.get_running_loop()
-        if not self._queued:
-            loop.call_soon(self._commit)  # after the callbacks ready now, which may queue more records
-        done = loop.create_future()
-        self._queued.append((record, done))
-        await done
-
-    def _commit(self) -> None:
-        queued, self._queued = self._queued, []
-        try:
-            self.store.put_many([record for record, _ in queued], self.holder)
-        except Exception as exc:  # noqa: BLE001 - every waiter gets the store's error
-            for _, done in queued:
-                if not done.done():
-                    done.set_exception(exc)
-            return
-        for _, done in queued:
-            if not done.done():
-                done.set_result(None)
 
 
 def _open_sqlite(path: Path, readonly: bool) -> JudgeStore:

@@ -141,8 +141,11 @@ class JudgeConfig(StrictModel):
     """HTTP retries done by the openai client (429/5xx/timeouts, honouring Retry-After)."""
     malformed_retries: int = Field(2, ge=0)
     """Extra calls when the judge answers with empty or invalid JSON; then the sample is a failed judgement."""
-    on_failure: Literal["rules_only", "drop"] = "rules_only"
-    """A failed judgement: ``rules_only`` (R = Rule) or ``drop`` (R = Rule and ``dropped=True``: leave it out)."""
+    on_failure: Literal["rules_only", "drop"] = "drop"
+    """A failed judgement (``judge_status`` failed: the teacher's call, or a rubric criterion's grading): ``drop``
+    (R from the parts that did score, ``dropped=True``: PPO leaves the sample out of its group's baseline and of the
+    loss, counted as ``judge_unscored_frac``) or ``rules_only`` (R from the parts that did score, the rules, and it
+    trains: in a GRPO/RLOO group that score is then compared with fully judged ones, two scales in one baseline)."""
     rubric_version: str = RUBRIC_VERSION
     """Part of every cache key; change it to re-judge everything."""
     dimension_weights: DimensionWeights = DimensionWeights()

@@ -17,14 +17,14 @@ import asyncio
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 
 from medrl.errors import UsageError
 from medrl.jsonl import iter_jsonl
 from medrl.reward.cache import open_store
+from medrl.reward.claims import Claims
 from medrl.reward.config import RewardConfig
-from medrl.reward.judge import OpenAIJudge, _system_tokens
+from medrl.reward.judge import JudgeOutcome, OpenAIJudge, _system_tokens
 from medrl.reward.ledger import Ledger, Usage, call_cost, local_gate
 from medrl.reward.rubric_gen import (generation_messages, parse_generated, reference_rubric, rubric_key,
                                      system_prompt, with_points)
@@ -33,8 +33,6 @@ from medrl.reward.types import RewardInput
 
 log = logging.getLogger("medrl.reward")
 
-CLAIM_POLL_S = 0.25
-"""How often keys claimed by another process are looked up while this one waits for their rubric."""
 TYPICAL_TOKENS_PER_CRITERION = 40
 """Dry-run estimate of one generated criterion's completion tokens (the JSON entry)."""
 
@@ -106,76 +104,46 @@ class RubricGenerator:
         self.cfg, self._key = cfg, key
         self.judge_cfg = cfg.judge.model_copy(update={"max_tokens": cfg.rubric_generation.max_tokens})
         self.ledger = Ledger(cfg.judge.rpm, cfg.judge.tpm, cfg.judge.budget_usd)
-        self.holder = uuid.uuid4().hex
 
     def generate(self, prompts: dict[str, dict]) -> dict[str, dict]:
         """{key: {"criteria" | None, "status": ok|cached|failed|over_budget, "reason", "usage", "cost_usd"}}."""
         return asyncio.run(self._generate(prompts))
 
     async def _generate(self, prompts: dict[str, dict]) -> dict[str, dict]:
-        g, ttl = self.cfg.rubric_generation, self.cfg.cache.claim_ttl_s
+        g = self.cfg.rubric_generation
         store = open_store(self.cfg.cache)
+        claims = Claims(store, store.rubrics_many, self.cfg.cache.claim_ttl_s)
         judge = OpenAIJudge(self.judge_cfg, self._key)
         gate = local_gate(self.ledger, max(1, self.cfg.judge.concurrency // 4))
         slots = asyncio.Semaphore(self.cfg.judge.concurrency)
         parse = parse_generated(g.min_criteria, g.max_criteria)
-        out: dict[str, dict] = {}
 
-        async def one(key: str) -> None:
+        async def call(key: str) -> JudgeOutcome:
             p = prompts[key]
             async with slots:
                 res = await judge.call(generation_messages(p["messages"], p["reference"], g.min_criteria,
                                                            g.max_criteria), parse, gate,
                                        recheck=lambda: store.rubrics_many([key]).get(key))
-            if res.status == "cached":  # stored by another process while this one waited for the rate limit
-                store.release([key], self.holder)
-            elif res.status == "ok":
-                u = res.usage
-                store.put_rubric({"key": key, "generator": self.cfg.judge.judge_id, "version": g.version,
-                                  "criteria": res.judgement, "prompt": json.dumps(p["messages"], ensure_ascii=False),
-                                  "reference": p["reference"], "tokens_in": u.tokens_in, "tokens_out": u.tokens_out,
-                                  "tokens_cache_hit": u.tokens_cache_hit, "cost_usd": res.cost_usd}, self.holder)
-            else:
-                store.release([key], self.holder)  # another process may try
+            if res.status not in ("ok", "cached"):
                 log.warning("rubric for %s %s: %s", p["id"], res.status, res.reason)
-            out[key] = {"criteria": res.judgement, "status": res.status, "reason": res.reason, "usage": res.usage,
-                        "cost_usd": res.cost_usd}
+            return res
 
-        async def renew() -> None:
-            while True:
-                await asyncio.sleep(ttl / 3)
-                store.renew_claims(self.holder, ttl)
+        async def put(key: str, res: JudgeOutcome) -> None:
+            p, u = prompts[key], res.usage
+            store.put_rubric({"key": key, "generator": self.cfg.judge.judge_id, "version": g.version,
+                              "criteria": res.judgement, "prompt": json.dumps(p["messages"], ensure_ascii=False),
+                              "reference": p["reference"], "tokens_in": u.tokens_in, "tokens_out": u.tokens_out,
+                              "tokens_cache_hit": u.tokens_cache_hit, "cost_usd": res.cost_usd}, claims.holder)
 
-        running: list[asyncio.Future] = []
-        renewer = asyncio.ensure_future(renew())
-        try:
-            found = store.rubrics_many(prompts)
-            out.update({k: {"criteria": c, "status": "cached", "reason": "", "usage": Usage(), "cost_usd": 0.0}
-                        for k, c in found.items()})
-            pending = [k for k in prompts if k not in found]
-            while pending:
-                mine = store.claim_many(pending, self.holder, ttl)
-                running += [asyncio.ensure_future(one(k)) for k in pending if k in mine]
-                pending = [k for k in pending if k not in mine]
-                if pending:  # held by another process: its rubric arrives in the store, or its claim expires
-                    await asyncio.sleep(CLAIM_POLL_S)
-                    arrived = store.rubrics_many(pending)
-                    out.update({k: {"criteria": c, "status": "cached", "reason": "", "usage": Usage(),
-                                    "cost_usd": 0.0} for k, c in arrived.items()})
-                    pending = [k for k in pending if k not in arrived]
-            await asyncio.gather(*running)
-        except BaseException:  # a teacher no call can survive (JudgeSetupError): nothing more is sent
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-            store.release(list(prompts), self.holder)
-            raise
+        try:  # a teacher no call can survive (JudgeSetupError) raises here: close stops the other calls
+            made = await claims.get(prompts, call, put)
         finally:
-            renewer.cancel()
+            await claims.close()
             await gate.flush()
             await judge.close()
             store.close()
-        return out
+        return {k: {"criteria": res.judgement, "status": res.status, "reason": res.reason, "usage": res.usage,
+                    "cost_usd": res.cost_usd} for k, res in made.items()}
 
 
 def estimate_generation(cfg: RewardConfig, prompts: list[dict]) -> dict:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 
-from medrl.reward.cache import GroupCommit, judge_key, open_store
+from medrl.reward.cache import judge_key, open_store
+from medrl.reward.claims import Claims, GroupCommit
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import Gate, JudgeOutcome, OpenAIJudge, reference_judgement
 from medrl.reward.ledger import Usage
@@ -26,8 +26,6 @@ from medrl.reward.verifier import Verifier, with_verdict
 log = logging.getLogger("medrl.reward")
 
 RULES_MEMO = 16384
-CLAIM_POLL_S = 0.25
-"""How often keys claimed by another actor or run are looked up while this one waits for their judgements."""
 
 
 def combine(cfg: RewardConfig, item: RewardInput, rules: RuleOutcome, judgement: Judgement | None, status: str,
@@ -91,12 +89,10 @@ class Scorer:
         self.cache = open_store(cfg.cache, url=store_url) if provider == "openai" else None
         self.judge = OpenAIJudge(cfg.judge, api_key or "") if provider == "openai" else None
         self._slots = asyncio.Semaphore(cfg.judge.concurrency)
-        self._inflight: dict[str, asyncio.Future] = {}
-        self._holder = uuid.uuid4().hex  # this scorer's name on its claims
-        self._commits = GroupCommit(self.cache, self._holder) if self.cache is not None else None
-        self._waiting: dict[str, asyncio.Future] = {}  # keys claimed by others -> resolved when judged or ours
-        self._poller: asyncio.Task | None = None
-        self._renewer: asyncio.Task | None = None
+        self._claims = self._commits = None
+        if self.cache is not None:
+            self._claims = Claims(self.cache, self.cache.get_many, cfg.cache.claim_ttl_s)
+            self._commits = GroupCommit(self.cache, self._claims.holder)
         self._rules_memo: dict[tuple, RuleOutcome] = {}
         self._warned_budget = False
         self.verifier = Verifier(cfg, self.judge, self.cache, self._slots) if cfg.w_verifier > 0 else None
@@ -153,9 +149,10 @@ class Scorer:
         cached, started, calls = ({}, set(), {})
         if asks:
             cached = self.cache.get_many(asks)
-            todo = {k: a for k, a in asks.items() if k not in cached}
-            started = self._start(todo)
-            calls = {k: asyncio.shield(self._inflight[k]) for k in todo}
+            calls, started = self._claims.start([k for k in asks if k not in cached],
+                                                lambda k: self._call(asks[k], k),
+                                                lambda k, out: self._put_judgement(asks[k], k, out),
+                                                lambda k, record: asks[k].verdict(record))
         outcomes = []
         for n, item in enumerate(items):  # the rules run while the judge calls are in flight
             outcomes.append(self._rules(item))
@@ -198,112 +195,39 @@ class Scorer:
         await self.gate.flush(**counts)
         if counts["failed"]:
             first = next(r for r in results if r.judge_status == "failed")
-            log.warning("%d of %d judgements failed in this batch (scored without them); first: %s",
-                        counts["failed"], len(results), first.reasons.get("judge") or first.reasons.get("rubric", ""))
+            log.warning("%d of %d judgements failed in this batch (scored without them%s); first: %s",
+                        counts["failed"], len(results), ", dropped" if self.cfg.judge.on_failure == "drop" else "",
+                        first.reasons.get("judge") or first.reasons.get("rubric", ""))
         return results
-
-    def _start(self, todo: dict[str, Ask]) -> set[str]:
-        """Start resolving the keys not in flight here yet (claiming them in the store first); returns those keys.
-        Every key of ``todo`` then has a future in ``_inflight``."""
-        fresh = [k for k in todo if k not in self._inflight]
-        mine = self.cache.claim_many(fresh, self._holder, self.cfg.cache.claim_ttl_s) if fresh else set()
-        self._keep_renewing(mine)
-        for k in fresh:
-            future = asyncio.get_running_loop().create_future()
-            self._inflight[k] = future
-            task = asyncio.ensure_future(self._resolve(todo[k], k, k in mine, future))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the future carries the error
-        return set(fresh)
-
-    async def _resolve(self, ask: Ask, key: str, claimed: bool, future: asyncio.Future) -> None:
-        try:
-            if not claimed:
-                record = await self._wait_for_other(key)  # None: the key is ours now
-                if record is not None:
-                    future.set_result(JudgeOutcome(ask.verdict(record), "cached"))
-                    return
-            future.set_result(await self._call(ask, key))
-        except BaseException as exc:  # cancelled or crashed: waiters get the same error
-            future.set_exception(exc)
-            raise
-        finally:
-            del self._inflight[key]
-
-    async def _wait_for_other(self, key: str) -> dict | None:
-        """Wait until the key's judgement is in the store (returned) or the key is claimed by us (None)."""
-        future = self._waiting[key] = asyncio.get_running_loop().create_future()
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.ensure_future(self._poll_claimed())
-        return await future
-
-    async def _poll_claimed(self) -> None:
-        """One query per poll for every key this scorer waits on: found judgements resolve their waiters, then the
-        keys whose claim expired or was released are claimed for us."""
-        while self._waiting:
-            await asyncio.sleep(CLAIM_POLL_S)
-            waiting = list(self._waiting)
-            try:
-                found = self.cache.get_many(waiting)
-                rest = [k for k in waiting if k not in found]
-                mine = self.cache.claim_many(rest, self._holder, self.cfg.cache.claim_ttl_s) if rest else set()
-            except Exception as exc:  # the store failed: the waiters fail with it instead of waiting forever
-                for k in waiting:
-                    self._waiting.pop(k).set_exception(exc)
-                raise
-            self._keep_renewing(mine)
-            for k in waiting:
-                if k in found or k in mine:
-                    future = self._waiting.pop(k)
-                    if not future.done():
-                        future.set_result(found.get(k))
-
-    def _keep_renewing(self, claimed: set[str]) -> None:
-        """Start the heartbeat that renews this scorer's claims (once, at its first claim)."""
-        if claimed and self._renewer is None:
-            self._renewer = asyncio.ensure_future(self._renew_claims())
-
-    async def _renew_claims(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.cache.claim_ttl_s / 3)
-            try:
-                self.cache.renew_claims(self._holder, self.cfg.cache.claim_ttl_s)
-            except Exception as exc:  # a missed renewal only lets another holder take a key over: keep going
-                log.warning("could not renew judge claims in %s: %s", self.cache.where, exc)
 
     def _recheck(self, key: str, ask: Ask):
         record = self.cache.get_many([key]).get(key)
         return None if record is None else ask.verdict(record)
 
     async def _call(self, ask: Ask, key: str) -> JudgeOutcome:
-        """Judge one claimed key; the judgement is stored (and the claim dropped) before it is returned, in a group
-        commit with the judgements that arrived with it. Without a judgement the claim is released, so another actor
-        or run may try."""
-        outcome = None
-        try:
-            async with self._slots:
-                outcome = await self.judge.call(ask.messages(), ask.parse, self.gate,
-                                                recheck=lambda: self._recheck(key, ask))
-        finally:
-            if outcome is None or outcome.status != "ok":
-                self.cache.release([key], self._holder)
-        if outcome.status == "ok":
-            usage = outcome.usage
-            await self._commits.put({"key": key, **ask.record(outcome.judgement),
-                                     "tokens_in": usage.tokens_in, "tokens_out": usage.tokens_out,
-                                     "tokens_cache_hit": usage.tokens_cache_hit, "cost_usd": outcome.cost_usd})
-        elif outcome.status == "over_budget" and not self._warned_budget:
+        """Judge one key claimed by this scorer (``Claims`` stores an ok judgement with ``_put_judgement``, or
+        releases the claim)."""
+        async with self._slots:
+            outcome = await self.judge.call(ask.messages(), ask.parse, self.gate,
+                                            recheck=lambda: self._recheck(key, ask))
+        if outcome.status == "over_budget" and not self._warned_budget:
             self._warned_budget = True
             log.warning("judge budget of $%s reached: rewards fall back to rules only", self.cfg.judge.budget_usd)
         elif outcome.status == "failed":  # one warning per batch (score_batch), each item in the log file
             log.debug("judgement failed for item %s: %s", ask.item_id, outcome.reason)
         return outcome
 
+    async def _put_judgement(self, ask: Ask, key: str, outcome: JudgeOutcome) -> None:
+        """Store a judgement (dropping the claim) before its reward is returned, in a group commit with the
+        judgements that arrived with it (``GroupCommit``)."""
+        usage = outcome.usage
+        await self._commits.put({"key": key, **ask.record(outcome.judgement), "tokens_in": usage.tokens_in,
+                                 "tokens_out": usage.tokens_out, "tokens_cache_hit": usage.tokens_cache_hit,
+                                 "cost_usd": outcome.cost_usd})
+
     async def close(self) -> None:
-        for task in (self._poller, self._renewer):
-            if task is not None:
-                task.cancel()
-        if self.cache is not None:
-            self.cache.release([k for k in self._inflight], self._holder)
+        if self._claims is not None:
+            await self._claims.close()
         if self.judge is not None:
             await self.judge.close()
         if self.cache is not None:
