@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from medrl.config_base import StrictModel
 
@@ -80,6 +80,7 @@ class RayConfig(StrictModel):
 
 
 # Stage sections are imported after the base classes they build on.
+from medrl.consult.config import ConsultConfig  # noqa: E402
 from medrl.data.config import DataConfig  # noqa: E402
 from medrl.evaluation.config import EvalConfig  # noqa: E402
 from medrl.ppo.config import PPOConfig  # noqa: E402
@@ -104,6 +105,29 @@ class Config(StrictModel):
     """``medrl ppo``: the RL algorithm, rollout actors and learner ranks."""
     eval: EvalConfig = EvalConfig()
     """``medrl eval`` and ``medrl report``: sets, models, decoding and pairwise judging."""
+    consult: ConsultConfig = ConsultConfig()
+    """Multi-turn consultation RL and eval with a simulated patient (docs/consultation.md)."""
+
+    @model_validator(mode="after")
+    def _consult_fits(self) -> "Config":
+        c = self.consult
+        if c.cases_per_step or c.eval_limit and c.cases:
+            if not c.cases:
+                raise ValueError("consult.cases_per_step > 0 needs consult.cases (case files)")
+            if c.patient.provider == "openai" and self.reward.judge.provider != "openai":
+                raise ValueError("consult.patient.provider openai uses the judge's endpoint: it needs "
+                                 "reward.judge.provider openai")
+        if c.cases_per_step:
+            if self.ppo.rollout.engine != "hf":
+                raise ValueError("consult.cases_per_step > 0 needs ppo.rollout.engine hf (vLLM dialogues are not "
+                                 "implemented)")
+            if self.ppo.estimator not in ("grpo", "dr_grpo", "rloo"):
+                raise ValueError("consult.cases_per_step > 0 needs a group estimator (grpo, dr_grpo, rloo): GAE and "
+                                 "REINFORCE++ returns do not pass over the patient's turns")
+            if self.reward.w_verifier <= 0:
+                raise ValueError("consult.cases_per_step > 0 needs reward.w_verifier > 0: the final answer's "
+                                 "correctness is the consultation's main reward")
+        return self
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
         data = self.model_dump(mode="json")

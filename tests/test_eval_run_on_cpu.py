@@ -96,6 +96,9 @@ def test_outputs_per_model_and_set(evaluated):
     assert summary["models"] == {"base": str(cfg.model.path), "sft": str(run.sft_adapter), "rl": str(run.ppo_adapter)}
     assert summary["sets"] == {"test": 3, "gold": 1, "redteam": 3, "pubmedqa": 2, "medqa": 2, "hb": 2}
     assert summary["skipped"] == []
+    # local_tiny's consultation eval: 4 cases given whole vs interviewed, per model (docs/consultation.md)
+    assert {m: v["n"] for m, v in summary["consultation"].items()} == {"base": 4, "sft": 4, "rl": 4}
+    assert len(read_jsonl(run.eval / "consultation" / "rl.jsonl")) == 4
     for model in ("base", "sft", "rl"):
         for s, items in SETS.items():
             rows = read_jsonl(run.eval / f"{model}.{s}.jsonl")

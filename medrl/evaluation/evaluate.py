@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -292,6 +293,11 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
             t1 = time.time()
             rows = score_all(pool, eval_sets, generations)
             t2 = time.time()
+        consultation = {}
+        if cfg.consult.cases and cfg.consult.eval_limit:  # single turn vs interviewed (docs/consultation.md)
+            from medrl.consult.evaluate import run_consult_eval
+
+            consultation = run_consult_eval(cfg, chosen)
         pairwise, pair_notes = pairwise_rows(cfg, rows)
         t3 = time.time()
     finally:
@@ -306,11 +312,17 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
         "decoding": cfg.eval.decoding.model_dump(),
         "judge": cfg.reward.judge.judge_id,
         "rubric_grader": rubric_grader(cfg),
+        "consultation": {m: r["metrics"] for m, r in consultation.items()},
         "timings": {"generate_s": {m: g["seconds"] for m, g in generations.items()},
                     "generate_wall_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
                     "pairwise_s": round(t3 - t2, 2)},
     }
     summary = save_eval(run, rows, pairwise, meta)
+    shutil.rmtree(run.eval / "consultation", ignore_errors=True)  # the dialogues of this eval only
+    for model, result in consultation.items():
+        from medrl.consult.evaluate import write_dialogues
+
+        write_dialogues(run.eval, model, result["dialogues"])
     refresh_cards(cfg, run)  # the adapters' model cards gain the eval table
     with MetricsLogger(run, "eval") as metrics:
         metrics.log_hparams(cfg.to_dict())

@@ -1,8 +1,8 @@
 """``medrl report RUN_DIR``: one self-contained ``report.html`` (and ``report.md``) built from the run directory alone.
 
 Sections: run overview, data card summary, training curves (PNG from ``metrics.jsonl``), the eval table per set,
-benchmarks, HealthBench-style rubric scores, rule scores, red-team safety by category, pairwise win rates, judge
-usage and cost, side-by-side generations.
+benchmarks, HealthBench-style rubric scores, rule scores, red-team safety by category, consultations (single turn vs
+interviewed, a few dialogues), pairwise win rates, judge usage and cost, side-by-side generations.
 Every missing piece (no data yet, no PPO metrics, eval not run) is named in the report instead of failing.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from medrl import RESEARCH_NOTICE
+from medrl.consult.evaluate import consultation_section
 from medrl.data.config import RESERVED_SET_NAMES
 from medrl.evaluation.benchmark_report import benchmark_blocks
 from medrl.evaluation.caveats import caveats
@@ -253,7 +254,8 @@ def build_report(run: RunDir) -> Path:
         per_set = ((cfg or {}).get("eval") or {}).get("examples_per_set", 3)
         bench = benchmark_blocks(summary, _models(summary), _sets(summary), run.report / "plots")
         rubric = healthbench_blocks(summary, _models(summary), run.report / "plots")
-        blocks += (_eval_tables(summary) + bench + rubric + _safety(summary) + _pairwise(summary) + _judge(summary)
+        blocks += (_eval_tables(summary) + bench + rubric + _safety(summary)
+                   + consultation_section(run.eval, summary) + _pairwise(summary) + _judge(summary)
                    + _examples(run, summary, per_set))
     blocks += feedback_section(run, summary) + review_section(run)
     title = f"medrl report: {run.root.name}"

@@ -104,9 +104,10 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = 
 
 def token_rewards(scores: torch.Tensor, kl_penalty: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-token rewards ``-kl_penalty_t`` (= ``-kl_coef * KL_t``) with the sequence score added on the last
-    response token."""
+    response token (the last token of the mask: a consultation's last policy token)."""
     rewards = -kl_penalty * mask
-    last = (mask.sum(1).long() - 1).clamp(min=0)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * (mask > 0)).amax(1)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last] += scores.to(rewards.dtype) * (mask.sum(1) > 0)
     return rewards

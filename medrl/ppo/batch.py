@@ -43,6 +43,10 @@ class Sample:
     finished: bool
     logprobs: list[float] = field(default_factory=list)
     """The engine's own log-probs of ``response_ids`` (temperature-scaled), for the rollout-vs-learner check."""
+    policy_mask: list[int] | None = None
+    """Consultation dialogues: 1 on the tokens the policy sampled, 0 on the patient's turns (None: all 1)."""
+    dialogue: dict | None = None
+    """Consultation dialogues: ``medrl.consult.dialogue.Dialogue.summary()`` (turns, status, answer, calls)."""
 
 
 @dataclass
@@ -52,7 +56,8 @@ class Batch:
     prompt_lens: torch.Tensor = _kind(ROW)
     response_ids: torch.Tensor = _kind(TOKEN)
     response_mask: torch.Tensor = _kind(TOKEN)
-    """1.0 on response tokens (float: it weights token sums)."""
+    """1.0 on response tokens the policy sampled (float: it weights token sums); 0 on padding and on a
+    consultation's patient turns (``Sample.policy_mask``), which are context, never trained on or compared."""
     rollout_logprobs: torch.Tensor = _kind(TOKEN)
     """The rollout engine's log-probs of the sampled tokens."""
     old_logprobs: torch.Tensor | None = _kind(TOKEN, optional=True)
@@ -90,7 +95,7 @@ class Batch:
             batch.attention_mask[i, :len(seq)] = 1
             r = len(s.response_ids)
             batch.response_ids[i, :r] = torch.tensor(s.response_ids)
-            batch.response_mask[i, :r] = 1
+            batch.response_mask[i, :r] = torch.tensor(s.policy_mask, dtype=torch.float32) if s.policy_mask else 1
             if s.logprobs:
                 batch.rollout_logprobs[i, :r] = torch.tensor(s.logprobs)
         return batch
@@ -120,7 +125,7 @@ class Batch:
     def take(self, rows: torch.Tensor) -> "Batch":
         """These rows, in this order, with the padding columns they do not need trimmed off."""
         width = int(self.seq_tokens[rows].max()) if len(rows) else 0
-        resp_width = max(int(self.response_mask[rows].sum(1).max()) if len(rows) else 0, 1)
+        resp_width = max(int((self.seq_tokens[rows] - self.prompt_lens[rows]).max()) if len(rows) else 0, 1)
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -25,6 +25,7 @@ from medrl.config import Config
 from medrl.models.card import finish_adapter
 from medrl.models.chat import render_prompt
 from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
+from medrl.consult.ppo import ConsultPlan
 from medrl.ppo import checkpoint as ckpt
 from medrl.ppo.algos import advantages_and_weights, rows_to_learn
 from medrl.ppo.batch import Batch, Rollout, Sample
@@ -91,6 +92,10 @@ class PPOTrainer:
             except BaseException:
                 self.close()
                 raise
+        self.consult = None  # consultation cases (consult.cases_per_step): medrl.consult.ppo
+        if cfg.consult.cases_per_step:
+            access = self.groups.reward_pool.patient_access() if cfg.consult.patient.provider == "openai" else None
+            self.consult = ConsultPlan(cfg, access)
         self._publish_adapter()
 
     # ------------------------------------------------------------------ one step
@@ -136,6 +141,8 @@ class PPOTrainer:
         """The judge wait: every sample's reward (failed reward tasks resubmitted, counted)."""
         self._wait_feeding_ahead(rollout.reward_refs)
         results, retries = self.groups.rewards(rollout.reward_inputs, rollout.reward_refs)
+        if self.consult is not None:
+            results = self.consult.adjust(results, rollout.samples)
         rec.add(reward_retries=retries)
         self.data_position = rollout.end_position
         return results
@@ -224,12 +231,21 @@ class PPOTrainer:
         texts = [render_prompt(self.tokenizer, self.cfg.model.system_prompt, prompt_turns(r)) for r in records]
         chunks, seeds = micro_batches(texts, self.ppo.rollout.batch_size, self.cfg.run.seed, step_no)
         pending = self.groups.rollout.generate(chunks, self.ppo.samples_per_prompt, seeds, adapter_ref, version)
-        return Rollout(step_no, records, position + len(records), version, adapter_ref, pending, time.perf_counter())
+        end = position + len(records)
+        if self.consult is not None:  # the step's cases after its prompts (indices and chunks continue)
+            cases = self.consult.records(step_no)
+            c_chunks, c_seeds = self.consult.micro_batches(cases, len(records), len(chunks), step_no)
+            pending.update(self.groups.rollout.consult(c_chunks, self.ppo.samples_per_prompt, c_seeds, adapter_ref,
+                                                       version, self.consult.spec, len(chunks)))
+            records = records + cases
+        return Rollout(step_no, records, end, version, adapter_ref, pending, time.perf_counter())
 
     def _take_micro_batch(self, rollout: Rollout, ref) -> None:
         """A finished micro-batch: its samples go to the reward pool at once."""
         out, restarted = self.groups.rollout.receive(ref, rollout.pending.pop(ref))
-        items = [reward_input(rollout.records[s.prompt_index], rollout.step_no, s.sample_index, s.text)
+        items = [self.consult.reward_input(rollout.records[s.prompt_index], rollout.step_no, s)
+                 if s.dialogue is not None else
+                 reward_input(rollout.records[s.prompt_index], rollout.step_no, s.sample_index, s.text)
                  for s in out["samples"]]
         rollout.add(out, restarted, items, self.groups.submit_rewards(items))
 

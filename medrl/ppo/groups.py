@@ -42,6 +42,7 @@ import ray
 import torch
 
 from medrl.config import Config
+from medrl.consult.shell import ConsultingWorker
 from medrl.errors import UsageError
 from medrl.ppo.batch import Batch
 from medrl.ppo.config import RolloutSettings
@@ -175,7 +176,8 @@ def rollout_engine(cfg: Config, init_adapter: str | None) -> tuple[type, tuple]:
 
         check_engine("ppo.rollout", cfg.model, ppo.rollout.vllm)
         return VLLMRolloutWorker, (cfg.model, init_adapter, ppo.generation, ppo.rollout.vllm)
-    return RolloutWorker, (cfg.model, init_adapter, ppo.generation, ppo.micro_batch_size)
+    worker = ConsultingWorker if cfg.consult.cases_per_step else RolloutWorker  # dialogues: docs/consultation.md
+    return worker, (cfg.model, init_adapter, ppo.generation, ppo.micro_batch_size)
 
 
 class RolloutGroup:
@@ -195,6 +197,12 @@ class RolloutGroup:
         """Dispatch every micro-batch at once (chunk ``c`` to actor ``c % num_actors``); ``{ref: c}``."""
         return {self.actors[c % len(self.actors)].generate.remote(chunk, n, seeds[c], [adapter_ref], version): c
                 for c, chunk in enumerate(chunks)}
+
+    def consult(self, chunks: list[list[tuple[int, Any]]], n: int, seeds: list[int], adapter_ref: ray.ObjectRef,
+                version: int, spec: Any, first_chunk: int) -> dict[ray.ObjectRef, int]:
+        """Dispatch consultation micro-batches (``ConsultingWorker.consult``), numbered from ``first_chunk``."""
+        return {self.actors[(first_chunk + c) % len(self.actors)].consult.remote(
+            chunk, n, seeds[c], [adapter_ref], version, spec): first_chunk + c for c, chunk in enumerate(chunks)}
 
     def receive(self, ref: ray.ObjectRef, chunk: int) -> tuple[dict, bool]:
         """The answer of a finished ``generate`` call, and whether Ray restarted its actor since the last one."""

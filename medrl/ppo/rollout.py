@@ -56,9 +56,14 @@ class RolloutWorker:
                         batch_size=len(prompts), seed=seed)
         samples = [Sample(prompts[i // n][0], i % n, x.prompt_ids, x.response_ids, x.text, x.finished)
                    for i, x in enumerate(gens)]
+        return self._answer(samples, reloaded, t0)
+
+    def _answer(self, samples: list[Sample], reloaded: bool, t0: float) -> dict:
+        """The engine's log-probs of the samples' response tokens (0 where ``policy_mask`` is 0) and the answer of a
+        ``generate`` call (``t0``: when sampling began)."""
         t1 = time.perf_counter()
         batch = Batch.pack(samples, self.tokenizer.pad_token_id)
-        logprobs = logprobs_and_values(self.logprob_model, batch, self.micro_batch_size, g.temperature,
+        logprobs = logprobs_and_values(self.logprob_model, batch, self.micro_batch_size, self.gen_cfg.temperature,
                                        with_values=False, device=self.device)["logprobs"]
         for row, s in enumerate(samples):
             s.logprobs = logprobs[row, :len(s.response_ids)].tolist()

@@ -67,10 +67,11 @@ SAMPLE_TABLE_COLUMNS = ["id", "sample", "reward", "judge_status", "flags", "resp
 def append_samples(path: Path, step_no: int, records: list[dict], samples: list[Sample],
                    results: list[RewardResult]) -> list[dict]:
     """One ``samples.jsonl`` row per scored sample: step, prompt id, sample index, response, reward, components,
-    judge status and reason, rule flags, dropped. Returns the rows written."""
+    judge status and reason, rule flags, dropped (and a consultation's ``dialogue``). Returns the rows written."""
     rows = [{"step": step_no, "id": records[s.prompt_index]["id"], "sample": s.sample_index, "response": s.text,
              "reward": r.reward, "components": r.components, "judge_status": r.judge_status,
-             "judge_reason": r.reasons.get("judge", ""), "flags": r.flags, "dropped": r.dropped}
+             "judge_reason": r.reasons.get("judge", ""), "flags": r.flags, "dropped": r.dropped,
+             **({"dialogue": s.dialogue} if s.dialogue else {})}  # a consultation's turns (docs/consultation.md)
             for s, r in zip(samples, results)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:

@@ -47,6 +47,10 @@ _TABLES = (
   key TEXT PRIMARY KEY, generator TEXT NOT NULL, version TEXT NOT NULL, criteria TEXT NOT NULL, prompt TEXT NOT NULL,
   reference TEXT NOT NULL, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL, tokens_cache_hit INTEGER NOT NULL,
   cost_usd DOUBLE PRECISION NOT NULL, created DOUBLE PRECISION NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS patient_replies (
+  key TEXT PRIMARY KEY, simulator TEXT NOT NULL, reply TEXT NOT NULL, tokens_in INTEGER NOT NULL,
+  tokens_out INTEGER NOT NULL, tokens_cache_hit INTEGER NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
+  created DOUBLE PRECISION NOT NULL)""",
     "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS rate_buckets (name TEXT PRIMARY KEY, tat DOUBLE PRECISION NOT NULL)",
     "CREATE TABLE IF NOT EXISTS spend (scope TEXT PRIMARY KEY, spent_usd DOUBLE PRECISION NOT NULL)",
@@ -59,6 +63,7 @@ _PAIR_COLUMNS = ("key", "judge", "version", "winner", "reason", "prompt", "answe
                  "tokens_out", "tokens_cache_hit", "cost_usd", "created")
 _RUBRIC_COLUMNS = ("key", "generator", "version", "criteria", "prompt", "reference", "tokens_in", "tokens_out",
                    "tokens_cache_hit", "cost_usd", "created")
+_PATIENT_COLUMNS = ("key", "simulator", "reply", "tokens_in", "tokens_out", "tokens_cache_hit", "cost_usd", "created")
 _CHUNK = 500
 _PG_SCHEMA_LOCK = 0x6D6564726C  # advisory lock id taken while the schema is created
 _BACKOFF_S = (0.1, 5.0)
@@ -268,6 +273,21 @@ class JudgeStore:
                       f"({','.join('?' * len(_RUBRIC_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
                       [rec.get(c) for c in _RUBRIC_COLUMNS])
             self._drop_claim(rec["key"], holder)
+
+    # ---- simulated-patient replies (``medrl.consult``; key: ``medrl.consult.patient.reply_key``, prefix ``patient:``)
+    def patient_replies_many(self, keys: Iterable[str]) -> dict[str, dict]:
+        """Cached simulated-patient replies of the given keys."""
+        return {row[0]: dict(zip(_PATIENT_COLUMNS, row))
+                for row in self._rows_of(f"SELECT {', '.join(_PATIENT_COLUMNS)} FROM patient_replies", keys)}
+
+    @_reconnecting
+    def put_patient_reply(self, record: dict) -> None:
+        """Store one patient reply (first writer wins: a replayed dialogue sees the reply the first run saw)."""
+        rec = dict(record, created=record.get("created", time.time()))
+        with self._tx(durable=True):
+            self._run(f"INSERT INTO patient_replies ({', '.join(_PATIENT_COLUMNS)}) VALUES "
+                      f"({','.join('?' * len(_PATIENT_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
+                      [rec.get(c) for c in _PATIENT_COLUMNS])
 
     # ---- claims: who is working on a key right now (judgements, pairwise verdicts, rubrics: their keys never collide)
     def _drop_claim(self, key: str, holder: str | None) -> None:

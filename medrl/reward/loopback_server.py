@@ -11,6 +11,11 @@ prompt is a cache hit after its first request) and injects faults that the grade
     [[equivalent:X]]   the verifier's verdict is X (yes / no; else yes when the reference is in the answer)
     [[criteria:N]]     a rubric generation request gets N criteria (else as many as the prompt's lower bound)
     [[met:X]]          every rubric criterion's verdict is X (yes / no; else ``expected_criteria``)
+    [[leak:X]]         (in a doctor's question) the simulated patient says X, unless asked again after a leak
+    [[leak!:X]]        the simulated patient always says X
+
+Simulated-patient prompts (``medrl/consult/patient.py``) are answered by ``patient_reply``: the case facts whose
+field the doctor's last question names (the scripted patient's cues), as ``{"reply"}``.
 
 Rubric grader prompts (``medrl/reward/criteria.py``, one criterion or a numbered batch) are answered with
 ``{"explanation", "criteria_met"}`` per criterion, decided like a naive grader: met when the response holds at least
@@ -53,6 +58,7 @@ SCORE_MARK = re.compile(r"\[\[score:(\d+)\]\]")
 EQUIVALENT_MARK = re.compile(r"\[\[equivalent:(yes|no)\]\]")
 CRITERIA_MARK = re.compile(r"\[\[criteria:(\d+)\]\]")
 MET_MARK = re.compile(r"\[\[met:(yes|no)\]\]")
+LEAK_MARK = re.compile(r"\[\[leak(!?):([^\]]+)\]\]")
 _CRITERION_LINE = re.compile(r"^(?:\d+\. )?\[[-+]?[\d.]+ points\] (.*)$")
 
 
@@ -113,6 +119,24 @@ def _grade(system: str, user: str, key: str) -> str:
         return json.dumps({"criteria": [{"id": n, "explanation": f"loopback verdict {key}/{n}", "criteria_met": met}
                                         for n, met in enumerate(verdicts, 1)]})
     return json.dumps({"explanation": f"loopback verdict {key}", "criteria_met": verdicts[0] if verdicts else False})
+
+
+def patient_reply(user: str) -> str:
+    """The simulated patient's reply to a patient prompt (case facts + dialogue): the facts of the fields the last
+    doctor line's cues name (``medrl.consult.patient.FIELD_CUES``), else "I don't know"."""
+    from medrl.consult.patient import FIELD_CUES, RETRY_NOTE
+
+    case = user.split("<<<CASE>>>", 1)[-1].split("<<<END CASE>>>", 1)[0]
+    facts = dict(line.split(": ", 1) for line in case.strip().splitlines() if ": " in line)
+    question = [line for line in user.splitlines() if line.startswith("Doctor: ")][-1][len("Doctor: "):]
+    leak = LEAK_MARK.search(question)
+    if leak and (leak.group(1) == "!" or RETRY_NOTE not in user):
+        return json.dumps({"reply": f"I read online that it is {leak.group(2)}."})
+    zh = facts.get("language") == "zh"
+    told = [facts[f] for f, (en, cn) in FIELD_CUES.items() if f in facts and re.search(cn if zh else en, question,
+                                                                                         0 if zh else re.I)]
+    return json.dumps({"reply": " ".join(told) or ("我不知道。" if zh else "I don't know, doctor.")},
+                      ensure_ascii=False)
 
 
 def expected_scores(user_content: str) -> dict[str, int]:
@@ -191,6 +215,8 @@ async def _chat(request: web.Request) -> web.Response:
         if kind == "timeout":
             await asyncio.sleep(state.hang_s)
         content = {"empty": "", "malformed": '{"accuracy": 7, "safety": '}.get(kind)
+    if content is None and "playing a patient" in messages[0]["content"]:  # the simulated patient
+        content = patient_reply(user)
     if content is None and "Rubrics as Rewards" in messages[0]["content"]:  # rubric generation
         content = json.dumps(generated_rubric(messages[0]["content"], user), ensure_ascii=False)
     if content is None and '"criteria_met"' in messages[0]["content"]:  # the rubric grader

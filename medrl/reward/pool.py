@@ -168,6 +168,12 @@ class RewardPool:
                         "that node's own disk, where judgements, rate limits and budget are not shared with the "
                         "head; use reward.cache.backend=postgres (docs/cluster.md)", nodes, cache_path)
 
+    def patient_access(self) -> dict:
+        """What an LLM patient in another actor needs to share this pool's endpoint, ledger and store (secrets as
+        ``SecretStr``; ``medrl.consult``)."""
+        return {"coordinator": self._coordinator_name, "api_key": self._api_key, "store_url": self._db_url,
+                "cache": self.cfg.cache}
+
     def _new_actor(self):
         jc = self.cfg.judge
         return JudgeActor.options(num_cpus=jc.actor_num_cpus, max_restarts=jc.actor_max_restarts,
