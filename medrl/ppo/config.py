@@ -239,6 +239,8 @@ class PPOConfig(StrictModel):
     under the adapter version that sampled them; a max abs gap above this is logged as a warning (fp32 on CPU:
     ~1e-6 with either engine; bf16 kernels differ more)."""
     rollout_correction: RolloutCorrectionSettings = RolloutCorrectionSettings()
+    """Importance-sampling correction of the engine/learner mismatch (``mode`` none | tis | mis, ``level`` token |
+    sequence); its default depends on the engine: none for hf, tis for vllm (docs/ppo.md)."""
     logprob_gap_abort: float | None = Field(None, gt=0)
     """Mean abs per-token gap above which the run stops with an error naming the adapter version: the engine did
     not sample with the weights it was told to (an adapter that never reached it). None: 1e-3 when the model runs
