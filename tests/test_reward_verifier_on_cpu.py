@@ -157,6 +157,37 @@ def test_open_ended_judge_is_cached_and_budgeted(server, tmp_path):
         "verifier"]
 
 
+def test_two_scorers_at_once_pay_each_verifier_key_once(tmp_path):
+    """Two holders (two scorers: two actors or runs) verifying the same answers at the same time on one store: the
+    verifier's calls are claimed like judgements, so each key is paid once and the other holder waits for it."""
+    with LoopbackJudge(api_key=FAKE_KEY, latency_s=0.3) as slow:
+        judge = {"base_url": slow.base_url, "timeout_s": 5.0, "max_retries": 0, "malformed_retries": 0, "rpm": 0,
+                 "tpm": 0, "budget_usd": None}
+        cfg = RewardConfig.model_validate({"preset": "huatuo-o1", "judge": judge,
+                                           "cache": {"path": str(tmp_path / "cache.sqlite"), "claim_ttl_s": 10}})
+        items = [RewardInput(id=f"v{i}", prompt=f"Case {i}: diagnosis?", reference="hypothyroidism",
+                             response=f"<think>\nTSH high ({i}).\n</think>\n\nPrimary hypothyroidism ({i}).")
+                 for i in range(6)]
+
+        async def one():
+            gate, ledger = _gate()
+            scorer = Scorer(cfg, gate, FAKE_KEY)
+            try:
+                return await scorer.score_batch(items), ledger.stats()
+            finally:
+                await scorer.close()
+
+        async def both():
+            return await asyncio.gather(one(), one())
+
+        (ra, sa), (rb, sb) = asyncio.run(both())
+        assert slow.stats()["total"] == 6 and sa["requests"] + sb["requests"] == 6  # main: 12 (both paid)
+        methods = [r.reasons["verifier"].split(":")[0] for r in ra + rb]
+        assert sorted(set(methods)) == ["correct (judge)", "correct (judge_cached)"] and methods.count(
+            "correct (judge)") == 6
+        assert [r.components["verifier"] for r in ra] == [r.components["verifier"] for r in rb] == [1.0] * 6
+
+
 def test_rl_prompt_rows_carry_the_ground_truth_to_the_reward():
     from medrl.data.schema import rl_prompt_row
     from medrl.evaluation.config import McqPrompt

@@ -95,7 +95,7 @@ class Scorer:
             self._commits = GroupCommit(self.cache, self._claims.holder)
         self._rules_memo: dict[tuple, RuleOutcome] = {}
         self._warned_budget = False
-        self.verifier = Verifier(cfg, self.judge, self.cache, self._slots) if cfg.w_verifier > 0 else None
+        self.verifier = Verifier(cfg, self.judge, self._claims, self._commits, self._slots) if cfg.w_verifier > 0 else None
 
     @staticmethod
     def _memo_key(item: RewardInput) -> tuple:

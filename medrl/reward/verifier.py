@@ -17,9 +17,10 @@ import asyncio
 from dataclasses import dataclass, field
 
 from medrl.data.clean import skeleton
-from medrl.reward.cache import JudgeStore, cache_key
+from medrl.reward.cache import cache_key
+from medrl.reward.claims import Claims, GroupCommit
 from medrl.reward.config import RewardConfig
-from medrl.reward.judge import Gate, OpenAIJudge
+from medrl.reward.judge import Gate, JudgeOutcome, OpenAIJudge
 from medrl.reward.ledger import Usage
 from medrl.reward.rubric import (ANSWER_CLOSE, ANSWER_OPEN, JudgementError, load_verdict_json,
                                  scrub_markers)
@@ -93,11 +94,12 @@ class Verifier:
     """Ground-truth verdicts for a batch; judge calls share the rubric judge's client, gate, cache and concurrency
     slots (``reward.judge.concurrency`` bounds both kinds of call together)."""
 
-    def __init__(self, cfg: RewardConfig, judge: OpenAIJudge | None, cache: JudgeStore | None,
-                 slots: asyncio.Semaphore):
+    def __init__(self, cfg: RewardConfig, judge: OpenAIJudge | None, claims: Claims | None,
+                 commits: GroupCommit | None, slots: asyncio.Semaphore):
         self.cfg, self.v, self.slots = cfg, cfg.verifier, slots
         use_judge = self.v.open_ended == "judge" and cfg.judge.provider == "openai"
-        self.judge, self.cache = (judge, cache) if use_judge else (None, None)
+        # the scorer's claims and group commit: a verdict is paid once over actors, processes and runs
+        self.judge, self.claims, self.commits = (judge, claims, commits) if use_judge else (None, None, None)
         self.judge_id = f"{cfg.judge.judge_id}#verifier"
 
     def applies(self, item: RewardInput) -> bool:
@@ -142,39 +144,47 @@ class Verifier:
             else:
                 calls[i] = (answer, self._key(item, answer))
         if calls:
-            cached = self.cache.get_many(k for _, k in calls.values())
-            pending = {}
+            asks: dict[str, tuple[RewardInput, str]] = {}
             for i, (answer, key) in calls.items():
-                if key in cached:
-                    out[i] = self._score(cached[key]["accuracy"] == 10, "judge_cached", cached[key]["reason"])
-                elif key not in pending:
-                    pending[key] = asyncio.ensure_future(self._ask(items[i], answer, key, gate))
-            done = dict(zip(pending, await asyncio.gather(*pending.values()))) if pending else {}
+                asks.setdefault(key, (items[i], answer))
+            done = await self.claims.get(asks, lambda k: self._ask(*asks[k], gate),
+                                         lambda k, o: self._put(*asks[k], k, o), _stored_verdict)
             seen: set[str] = set()
-            for i, (answer, key) in calls.items():
-                if out[i] is None:
-                    v = done[key]
-                    out[i] = v if key not in seen else Verdict(v.score, v.verdict, "judge_cached", v.reason)
-                    seen.add(key)
+            for i, (answer, key) in calls.items():  # later items with the same key share the first one's call
+                out[i] = self._from_outcome(answer, items[i].reference, done[key], shared=key in seen)
+                seen.add(key)
         return out
 
-    async def _ask(self, item: RewardInput, answer: str, key: str, gate: Gate) -> Verdict:
+    async def _ask(self, item: RewardInput, answer: str, gate: Gate) -> JudgeOutcome:
         async with self.slots:
-            outcome = await self.judge.call(build_verifier_messages(item.prompt, answer, item.reference),
-                                            parse_equivalence, gate)
-        if outcome.status != "ok":  # failed or over budget: the offline matcher decides, and says so
-            return self._score(match_reference(answer, item.reference, self.v.match_threshold), "match",
-                               f"judge {outcome.status} ({outcome.reason}); reference matcher used",
-                               outcome.usage, outcome.cost_usd)
+            return await self.judge.call(build_verifier_messages(item.prompt, answer, item.reference),
+                                         parse_equivalence, gate)
+
+    async def _put(self, item: RewardInput, answer: str, key: str, outcome: JudgeOutcome) -> None:
+        """Stored in the judgement table (accuracy 10 = equivalent, 0 = not; the other dimensions are unused),
+        committed before the verdict is returned."""
         equivalent, reason = outcome.judgement
-        # stored in the judgement table: accuracy 10 = equivalent, 0 = not (the other dimensions are unused)
-        self.cache.put({"key": key, "judge": self.judge_id, "rubric_version": self.v.version,
-                        "accuracy": 10 if equivalent else 0, "safety": 0, "completeness": 0, "clarity": 0,
-                        "reason": reason, "prompt": item.prompt,
-                        "answer": answer, "reference": item.reference, "tokens_in": outcome.usage.tokens_in,
-                        "tokens_out": outcome.usage.tokens_out, "tokens_cache_hit": outcome.usage.tokens_cache_hit,
-                        "cost_usd": outcome.cost_usd})
-        return self._score(equivalent, "judge", reason, outcome.usage, outcome.cost_usd)
+        await self.commits.put({"key": key, "judge": self.judge_id, "rubric_version": self.v.version,
+                                "accuracy": 10 if equivalent else 0, "safety": 0, "completeness": 0, "clarity": 0,
+                                "reason": reason, "prompt": item.prompt, "answer": answer,
+                                "reference": item.reference, "tokens_in": outcome.usage.tokens_in,
+                                "tokens_out": outcome.usage.tokens_out,
+                                "tokens_cache_hit": outcome.usage.tokens_cache_hit, "cost_usd": outcome.cost_usd})
+
+    def _from_outcome(self, answer: str, reference: str, outcome: JudgeOutcome, shared: bool) -> Verdict:
+        usage, cost = (Usage(), 0.0) if shared else (outcome.usage, outcome.cost_usd)
+        if outcome.status == "cached" or (shared and outcome.status == "ok"):
+            equivalent, reason = outcome.judgement
+            return self._score(equivalent, "judge_cached", reason)
+        if outcome.status != "ok":  # failed or over budget: the offline matcher decides, and says so
+            return self._score(match_reference(answer, reference, self.v.match_threshold), "match",
+                               f"judge {outcome.status} ({outcome.reason}); reference matcher used", usage, cost)
+        equivalent, reason = outcome.judgement
+        return self._score(equivalent, "judge", reason, usage, cost)
+
+
+def _stored_verdict(key: str, record: dict) -> tuple[bool, str]:
+    return record["accuracy"] == 10, record["reason"]
 
 
 def with_verdict(cfg: RewardConfig, result: RewardResult, verdict: Verdict | None) -> RewardResult:
