@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from medrl.data.schema import parse_rubrics
 from medrl.errors import UsageError
 
 PROFILE_FIELDS = ("demographics", "complaint", "history", "symptoms", "past_history", "medications",
@@ -89,9 +90,8 @@ def case_from_row(row: dict, where: str) -> Case:
         raise UsageError(f"{where}: a case needs 'options' + 'label' or a non-empty 'diagnosis'")
     rubrics = row.get("rubrics")
     if rubrics is not None:
-        from medrl.reward.types import _rubrics  # the one validation of rubric criteria
-        try:
-            rubrics = _rubrics(rubrics)
+        try:  # the one validation of rubric criteria (records, reward inputs, rubric files, cases)
+            rubrics = tuple(parse_rubrics(rubrics))
         except ValueError as exc:
             raise UsageError(f"{where}: {exc}") from None
     return Case(id=str(need("id")), language=language, opening=need("opening"), profile=dict(profile),
