@@ -304,7 +304,8 @@ def validate_tree(tree: dict, source: str, overrides: list[tuple[str, str]] = ()
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         for key, text in reversed(overrides):
-            if key == loc or key.startswith(loc + ".") or loc.startswith(key + ".") or not loc:
+            # a check over the whole tree (no location) is blamed on an override of a key its message names
+            if (key == loc or key.startswith(loc + ".") or loc.startswith(key + ".")) if loc else key in err["msg"]:
                 source = f"override '{_shown(text)}'"
                 break
         raise ConfigError(_format_error(err, source)) from None

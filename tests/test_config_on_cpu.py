@@ -121,6 +121,16 @@ def test_overrides_are_validated_together_and_errors_name_the_right_one():
     assert str(e.value).startswith("override 'reward.judge.model=x': reward.judge: judge model 'x' has no entry")
 
 
+def test_a_whole_config_check_blames_the_override_it_names_not_the_last_one(tmp_path):
+    with pytest.raises(ConfigError) as e:  # local_tiny runs consultations, which need the verifier
+        load_config(CONFIGS / "local_tiny.yaml", ["reward.w_verifier=0", "reward.judge.batch_size=16"])
+    assert str(e.value).startswith("override 'reward.w_verifier=0': ") and "needs reward.w_verifier > 0" in str(e.value)
+    p = _write(tmp_path, "consult:\n  cases_per_step: 1\n")  # no override names a key of the message: the file
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["run.seed=2"])
+    assert str(e.value).startswith(f"{p}: ") and "needs consult.cases" in str(e.value)
+
+
 @pytest.mark.parametrize("override,message", [
     ("ppo.kl.target=.inf", "key 'ppo.kl.target' must be a finite number, got inf"),
     ("reward.judge.budget_usd=.nan", "key 'reward.judge.budget_usd' must be a finite number, got nan"),
