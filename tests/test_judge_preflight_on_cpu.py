@@ -156,8 +156,9 @@ def test_failed_judgements_warn_once_per_batch(server, tmp_path, caplog):
         results = asyncio.run(run())
     assert [r.judge_status for r in results] == ["failed"] * 12
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == ["12 of 12 judgements failed in this batch (scored without them); first: HTTP 500 (client "
-                        "retries: 0): Error code: 500 - server busy"]
+    assert warnings == ["12 of 12 judgements failed in this batch (scored without them, dropped); first: HTTP 500 "
+                        "(client retries: 0): Error code: 500 - server busy"]  # on_failure: drop is the default
+    assert all(r.dropped for r in results)
     assert sum("judgement failed for item" in r.getMessage() for r in caplog.records) == 12  # in the log file
 
 
