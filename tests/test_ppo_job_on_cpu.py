@@ -58,7 +58,8 @@ def test_ppo_job_on_a_real_ray_head(node_key, ray_head, prepared_run, tiny_model
     ppo = [r for r in rows if r["stage"] == "ppo"]
     assert [r["step"] for r in ppo] == [1, 2]
     for r in ppo:
-        assert r["samples"] == 4 and math.isfinite(r["reward_mean"]) and r["judge_failed"] == 0
+        # 2 prompts x 2 samples, and local_tiny's 2 consultation cases x 2 dialogues
+        assert r["samples"] == 8 and math.isfinite(r["reward_mean"]) and r["judge_failed"] == 0
         assert r["time_generate_s"] > 0 and r["time_learn_s"] > 0 and r["logprob_gap"] < 1e-3
     assert sum(r["judge_tokens_in"] for r in ppo) > 0 and requests >= 1
     assert (run.checkpoints("ppo") / "step_000002" / "trainer_state.json").is_file()
