@@ -251,3 +251,25 @@ def test_group_commit_returns_no_reward_before_its_judgement_is_committed(server
         blocker.close()
         reader.close()
         thread.join(30)
+
+
+def _open_and_close(path: str) -> str | None:
+    try:
+        open_store(CacheConfig(path=path)).close()
+        return None
+    except UsageError as exc:
+        return str(exc)
+
+
+def test_processes_opening_one_new_sqlite_store_at_once_all_get_it(tmp_path):
+    # SQLite refuses the switch to WAL at once ("database is locked", no busy wait) while another process opens the
+    # same new file; two evals started together once failed on it. Six processes, twenty fresh files.
+    import multiprocessing
+
+    errors = []
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        for round_ in range(20):
+            path = str(tmp_path / f"c{round_}.db")
+            errors += [e for e in pool.map(_open_and_close, [path] * 6) if e]
+            assert open_store(CacheConfig(path=path), readonly=True).count() == 0
+    assert errors == []

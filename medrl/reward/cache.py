@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -362,6 +363,20 @@ class JudgeStore:
             self._db = None
 
 
+def _set_wal(db: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """Switch a SQLite store to WAL. SQLite answers "database is locked" at once, without its busy handler, when
+    another process opens the same new file at that moment, so the switch is retried for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01 + random.random() * 0.05)
+
+
 def _open_sqlite(path: Path, readonly: bool) -> JudgeStore:
     where = str(path)
     try:
@@ -373,7 +388,7 @@ def _open_sqlite(path: Path, readonly: bool) -> JudgeStore:
             return store
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
+        _set_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")
         store = JudgeStore(db, "sqlite", where)
         store._create_schema()
