@@ -87,9 +87,15 @@ def judge_key(cfg: RewardConfig, item: RewardInput, answer: str) -> str:
     return cache_key(cfg.judge.model, cfg.judge.rubric_version, item.prompt, answer, item.reference)
 
 
-def _chunks(keys: list[str]):
+def _chunks(keys: list):
     for start in range(0, len(keys), _CHUNK):
         yield keys[start:start + _CHUNK]
+
+
+def _rows_sql(columns: int, rows: int) -> str:
+    """The VALUES list of a multi-row INSERT: one statement (one round trip) for a whole group of rows."""
+    row = f"({','.join('?' * columns)})"
+    return ",".join([row] * rows)
 
 
 def _reconnecting(method):
@@ -167,8 +173,8 @@ class JudgeStore:
         sequences never deadlock; PostgreSQL locks the rows it reads ``FOR UPDATE``. On PostgreSQL only ``durable``
         transactions (judgements, spending) wait for the WAL flush; claims and rate buckets, which a server crash may
         lose harmlessly, do not (``synchronous_commit`` off for the session)."""
-        if self._pg:
-            with self._db.transaction():
+        if self._pg:  # pipelined: the statements and the commit go in one round trip
+            with self._db.pipeline(), self._db.transaction():
                 if durable:
                     self._run("SET LOCAL synchronous_commit TO ON")
                 yield
@@ -218,10 +224,12 @@ class JudgeStore:
         now = time.time()
         rows = [[rec.get(c) for c in _COLUMNS[:-1]] + [rec.get("created", now)] for rec in records]
         with self._tx(durable=True):
-            self._run_many(f"INSERT INTO judgements ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))}) "
-                           "ON CONFLICT (key) DO NOTHING", rows)
-            if holder is not None:
-                self._run_many("DELETE FROM claims WHERE key = ? AND holder = ?", [(r[0], holder) for r in rows])
+            for chunk in _chunks(rows):
+                self._run(f"INSERT INTO judgements ({', '.join(_COLUMNS)}) VALUES {_rows_sql(len(_COLUMNS), len(chunk))}"
+                          " ON CONFLICT (key) DO NOTHING", [v for row in chunk for v in row])
+                if holder is not None:
+                    self._run(f"DELETE FROM claims WHERE holder = ? AND key IN ({','.join('?' * len(chunk))})",
+                              [holder, *(row[0] for row in chunk)])
 
     @_reconnecting
     def count(self) -> int:
@@ -297,16 +305,15 @@ class JudgeStore:
 
     @_reconnecting
     def claim_many(self, keys: list[str], holder: str, ttl_s: float) -> set[str]:
-        """Claim the keys nobody holds (or whose claim expired); returns the keys ``holder`` now holds."""
+        """Claim the keys nobody holds (or whose claim expired); returns the keys ``holder`` now holds (its claims
+        made before are renewed). One statement per chunk of keys."""
         held: set[str] = set()
         now = time.time()
-        for chunk in _chunks(keys):
-            with self._tx():
-                self._run_many("INSERT INTO claims (key, holder, expires) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE "
-                               "SET holder = excluded.holder, expires = excluded.expires WHERE claims.expires < ?",
-                               [(k, holder, now + ttl_s, now) for k in chunk])
-                rows = self._run(f"SELECT key FROM claims WHERE holder = ? AND key IN ({','.join('?' * len(chunk))})",
-                                 [holder, *chunk]).fetchall()
+        for chunk in _chunks(list(dict.fromkeys(keys))):
+            rows = self._run(f"INSERT INTO claims (key, holder, expires) VALUES {_rows_sql(3, len(chunk))} ON CONFLICT "
+                             "(key) DO UPDATE SET holder = excluded.holder, expires = excluded.expires "
+                             "WHERE claims.expires < ? OR claims.holder = excluded.holder RETURNING key",
+                             [*(v for k in chunk for v in (k, holder, now + ttl_s)), now]).fetchall()
             held.update(r[0] for r in rows)
         return held
 

@@ -1,8 +1,9 @@
 """Claims on judge store keys (pure core, no Ray): every paid call (rubric judgements, pairwise verdicts, generated
 rubrics) goes through ``Claims``, so no key is paid for twice, by concurrent coroutines, actors, processes or runs.
 
-A key's value is taken from the store when it is there; else the key is claimed (one query for a batch of keys) and
-its call made, and the result stored (dropping the claim) before it is returned; a failed call releases the claim so
+A key's value is taken from the store when it is there; else the key is claimed (one query for a batch of keys), looked
+up once more (one query for the claimed keys: a value stored between the first lookup and the claim is not paid
+again) and its call made, and the result stored (dropping the claim) before it is returned; a failed call releases the claim so
 another holder may try. A key another holder has claimed is waited for (one lookup per poll for every waited key):
 its value counts as cached, and the key is taken over when that claim expires or is released without a value. The
 holder's claims are renewed every ``ttl_s / 3`` while it holds any, and ``close`` releases what is left.
@@ -64,15 +65,31 @@ class Claims:
         already in flight here share that call). Those not in flight yet are claimed in one query."""
         keys = list(dict.fromkeys(keys))
         fresh = [k for k in keys if k not in self._inflight]
-        mine = self.store.claim_many(fresh, self.holder, self.ttl_s) if fresh else set()
-        self._keep_renewing(mine)
+        mine, stored = self._claim(fresh)
+        loop = asyncio.get_running_loop()
+        outcomes = {}
         for k in fresh:
-            future = self._inflight[k] = asyncio.get_running_loop().create_future()
+            future = outcomes[k] = loop.create_future()
+            if k in stored:  # stored by another holder just before the claim: cached, no call
+                future.set_result(JudgeOutcome(verdict(k, stored[k]), "cached"))
+                continue
+            self._inflight[k] = future
             task = asyncio.ensure_future(self._resolve(k, k in mine, future, call, put, verdict))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the future carries the error
-        return {k: asyncio.shield(self._inflight[k]) for k in keys}, set(fresh)
+        return {k: asyncio.shield(outcomes[k] if k in outcomes else self._inflight[k]) for k in keys}, set(fresh) - stored.keys()
+
+    def _claim(self, keys: list[str]) -> tuple[set[str], dict]:
+        """Claim ``keys`` (looked up just before as missing): returns the keys this holder now holds and
+        ``{key: value}`` of those stored meanwhile by another holder (their claims are given back at once)."""
+        mine = self.store.claim_many(keys, self.holder, self.ttl_s) if keys else set()
+        stored = self.lookup(list(mine)) if mine else {}
+        if stored:
+            self.store.release(list(stored), self.holder)
+            mine -= stored.keys()
+        self._keep_renewing(mine)
+        return mine, stored
 
     async def _resolve(self, key: str, claimed: bool, future: asyncio.Future, call: Call, put: Put,
                        verdict: Verdict) -> None:
@@ -118,12 +135,12 @@ class Claims:
             try:
                 found = self.lookup(waiting)
                 rest = [k for k in waiting if k not in found]
-                mine = self.store.claim_many(rest, self.holder, self.ttl_s) if rest else set()
+                mine, stored = self._claim(rest)
+                found.update(stored)
             except Exception as exc:  # the store failed: the waiters fail with it instead of waiting forever
                 for k in waiting:
                     self._waiting.pop(k).set_exception(exc)
                 raise
-            self._keep_renewing(mine)
             for k in waiting:
                 if k in found or k in mine:
                     future = self._waiting.pop(k)

@@ -127,9 +127,9 @@ class OpenAIJudge:
                    recheck: Callable[[], Any] | None = None) -> JudgeOutcome:
         """One JSON verdict: ``messages`` (fixed system prompt first) sent under the gate's rate limits and budget;
         ``parse`` turns the reply into the verdict (``JudgeOutcome.judgement``) or raises JudgementError, which is
-        asked again at most ``malformed_retries`` times. ``recheck`` (the cache lookup) runs after the rate-limit
+        asked again at most ``malformed_retries`` times. ``recheck`` (the cache lookup) runs after a rate-limit
         wait, right before the first request is sent: a verdict that arrived meanwhile (another actor or run) is
-        returned as ``cached``."""
+        returned as ``cached`` (without a wait the claim's own lookup, ``Claims``, was just made)."""
         body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
                 "max_tokens": self.cfg.max_tokens, "response_format": {"type": "json_object"}}
         est_tokens = _system_tokens(messages[0]["content"]) + estimate_tokens(messages[-1]["content"]) \
@@ -142,7 +142,7 @@ class OpenAIJudge:
                 return JudgeOutcome(None, "over_budget", "budget cap reached", total, cost)
             if permit.wait_s > 0:
                 await asyncio.sleep(permit.wait_s)
-            found = recheck() if recheck is not None and attempt == 0 else None
+            found = recheck() if recheck is not None and attempt == 0 and permit.wait_s > 0 else None
             if found is not None:
                 gate.give_back(permit)
                 return JudgeOutcome(found, "cached")

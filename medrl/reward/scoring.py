@@ -80,7 +80,8 @@ class Scorer:
     """Scores batches of items; at most ``judge.concurrency`` judge calls in flight; identical judge keys in flight
     at the same time share one call. A key missing from the store is claimed there before its call; a key another
     actor or run has claimed is waited for (its judgement then counts as cached), and taken over if that claim
-    expires or is released without a judgement. The store is looked at once more right before a request is sent."""
+    expires or is released without a judgement. The store is looked at once more right after the keys are claimed (one
+    query for the batch) and before a request that waited for the rate limit is sent."""
 
     def __init__(self, cfg: RewardConfig, gate: Gate, api_key: str | None = None, store_url: str | None = None):
         self.cfg = cfg

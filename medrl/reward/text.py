@@ -94,12 +94,23 @@ def has_cjk(text: str) -> bool:
     return _CJK_RUN.search(text) is not None
 
 
+def _is_cjk(char: str) -> bool:
+    """``char`` is in ``_CJK`` (what ``has_cjk`` answers for one character, without a regex)."""
+    return "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf" or "\uf900" <= char <= "\ufaff"
+
+
 @lru_cache(maxsize=1)
 def _jieba():
     import jieba
 
     jieba.setLogLevel(logging.WARNING)
     return jieba
+
+
+@lru_cache(maxsize=16384)  # the rules read each run of an answer several times (lines, sentences, the whole text)
+def _cut(run: str) -> tuple[str, ...]:
+    """jieba's words of a run of CJK characters."""
+    return tuple(_jieba().lcut(run))
 
 
 def _stem(word: str) -> str:
@@ -137,7 +148,7 @@ def key_terms(text: str, max_terms: int) -> tuple[str, ...]:
     pos = 0
     for m in _CJK_RUN.finditer(text):
         _add_en(text[pos:m.start()], add)
-        for word in _jieba().lcut(m.group()):
+        for word in _cut(m.group()):
             if len(word) >= 2 and word not in ZH_STOPWORDS:
                 add(word)
         pos = m.end()
@@ -186,10 +197,9 @@ def _content_runs(text: str) -> list[tuple[int, int, int]]:
 
     for m in _LIST_TOKEN.finditer(text):
         tok = m.group()
-        first = tok[0]
-        if "\u3400" <= first <= "\u9fff" or "\uf900" <= first <= "\ufaff":  # a CJK run (_CJK, without a regex)
+        if _is_cjk(tok[0]):
             pos = m.start()
-            for w in _jieba().lcut(tok):
+            for w in _cut(tok):
                 if w in ZH_STOPWORDS or (len(w) == 1 and w in _ZH_PARTICLES):
                     close()
                 else:
@@ -245,22 +255,23 @@ _FRAGMENT_SEPS = frozenset({",", ";", "(", ")", "/", "、", "；", "（", "）",
 _ENDS = frozenset({".", "!", "?", "。", "！", "？", ":", "："})
 
 
-def _tokens(text: str) -> list[tuple[int, int, str]]:
+@lru_cache(maxsize=256)  # stuffing detection reads the answer and the reference twice (chains, fragments)
+def _tokens(text: str) -> tuple[tuple[int, int, str], ...]:
     out = []
     for m in _TOKEN.finditer(text):
-        if has_cjk(m.group()[0]):
+        if _is_cjk(m.group()[0]):
             pos = m.start()
-            for w in _jieba().lcut(m.group()):
+            for w in _cut(m.group()):
                 out.append((pos, pos + len(w), w))
                 pos += len(w)
         else:
             out.append((m.start(), m.end(), m.group()))
-    return out
+    return tuple(out)
 
 
 def _is_term(tok: str, terms: frozenset[str]) -> bool:
-    """``terms``: key terms and their roots."""
-    if has_cjk(tok):
+    """``tok``: a token of ``_tokens``; ``terms``: key terms and their roots."""
+    if _is_cjk(tok[0]):
         return tok in terms
     word = tok.lower()
     return _stem(word) in terms or root(word) in terms
