@@ -87,13 +87,13 @@ def judge_key(cfg: RewardConfig, item: RewardInput, answer: str) -> str:
     return cache_key(cfg.judge.model, cfg.judge.rubric_version, item.prompt, answer, item.reference)
 
 
-def _chunks(keys: list):
+def _chunks(keys: list[str]):
     for start in range(0, len(keys), _CHUNK):
         yield keys[start:start + _CHUNK]
 
 
 def _rows_sql(columns: int, rows: int) -> str:
-    """The VALUES list of a multi-row INSERT: one statement (one round trip) for a whole group of rows."""
+    """The VALUES list of a multi-row INSERT (one statement for a chunk of rows)."""
     row = f"({','.join('?' * columns)})"
     return ",".join([row] * rows)
 
@@ -173,8 +173,8 @@ class JudgeStore:
         sequences never deadlock; PostgreSQL locks the rows it reads ``FOR UPDATE``. On PostgreSQL only ``durable``
         transactions (judgements, spending) wait for the WAL flush; claims and rate buckets, which a server crash may
         lose harmlessly, do not (``synchronous_commit`` off for the session)."""
-        if self._pg:  # pipelined: the statements and the commit go in one round trip
-            with self._db.pipeline(), self._db.transaction():
+        if self._pg:
+            with self._db.transaction():
                 if durable:
                     self._run("SET LOCAL synchronous_commit TO ON")
                 yield
@@ -224,12 +224,10 @@ class JudgeStore:
         now = time.time()
         rows = [[rec.get(c) for c in _COLUMNS[:-1]] + [rec.get("created", now)] for rec in records]
         with self._tx(durable=True):
-            for chunk in _chunks(rows):
-                self._run(f"INSERT INTO judgements ({', '.join(_COLUMNS)}) VALUES {_rows_sql(len(_COLUMNS), len(chunk))}"
-                          " ON CONFLICT (key) DO NOTHING", [v for row in chunk for v in row])
-                if holder is not None:
-                    self._run(f"DELETE FROM claims WHERE holder = ? AND key IN ({','.join('?' * len(chunk))})",
-                              [holder, *(row[0] for row in chunk)])
+            self._run_many(f"INSERT INTO judgements ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))}) "
+                           "ON CONFLICT (key) DO NOTHING", rows)
+            if holder is not None:
+                self._run_many("DELETE FROM claims WHERE key = ? AND holder = ?", [(r[0], holder) for r in rows])
 
     @_reconnecting
     def count(self) -> int:
