@@ -206,6 +206,43 @@ def test_rate_limit_holds_over_two_pools_together(ray_local, server, tmp_path, m
     assert server.stats()["total"] == 18 and elapsed >= 6.5, elapsed
 
 
+def test_a_judgement_stored_between_lookup_and_claim_is_not_paid(cache_cfg):
+    """Claims looks the keys it has just claimed up once more (one query for the batch): a key another holder stored
+    after the caller's lookup comes back cached, without a call, and its claim is given back at once."""
+    import asyncio
+
+    from medrl.reward.judge import JudgeOutcome
+    from medrl.reward.store.claims import Claims
+
+    store, calls = open_store(cache_cfg), []
+
+    async def go():
+        claims = Claims(store, store.get_many, 30)
+
+        async def call(key: str) -> JudgeOutcome:
+            calls.append(key)
+            return JudgeOutcome("judged now", "ok")
+
+        async def put(key: str, outcome: JudgeOutcome) -> None:
+            store.put(_record(key, outcome.judgement), holder=claims.holder)
+
+        try:
+            store.put(_record("late", "stored by another run"))  # after the caller's lookup, before its claim
+            futures, started = claims.start(["late", "new"], call, put, lambda key, record: record["reason"])
+            return {k: await f for k, f in futures.items()}, started
+        finally:
+            await claims.close()
+
+    try:
+        out, started = asyncio.run(go())
+        assert calls == ["new"] and started == {"new"}
+        assert (out["late"].status, out["late"].judgement) == ("cached", "stored by another run")
+        assert (out["new"].status, out["new"].judgement) == ("ok", "judged now")
+        assert store._run("SELECT COUNT(*) FROM claims").fetchone()[0] == 0 and store.count() == 2
+    finally:
+        store.close()
+
+
 def test_group_commit_returns_no_reward_before_its_judgement_is_committed(server, cache_cfg):
     """Judge responses arrive while another connection holds the judgements table locked: no reward comes back
     until the lock is released and the group's transaction has committed; then every judgement is in the store."""
