@@ -161,7 +161,7 @@ class PPOConfig(StrictModel):
 
     # ---- losses and optimisation
     policy_loss: Literal["ppo", "gspo"] = "ppo"
-    """Policy loss (registry ``medrl.ppo.algos.POLICY_LOSSES``). ``ppo``: clipped surrogate on each token's ratio.
+    """Policy loss (registry ``medrl.ppo.objective.POLICY_LOSSES``). ``ppo``: clipped surrogate on each token's ratio.
     ``gspo``: the same on one ratio per response, the geometric mean of its token ratios (GSPO; clips of ~3e-4)."""
     clip: float = Field(0.2, gt=0)
     """PPO ratio clip epsilon (both sides unless ``clip_low`` / ``clip_high`` say otherwise)."""
