@@ -111,7 +111,15 @@ def main() -> int:
     result = {}
     with tempfile.TemporaryDirectory(prefix="ppo-bitwise-") as tmp:
         model_dir = build_tiny_model(Path(tmp) / "tiny-qwen3")
-        started = init_ray(RayConfig(num_cpus=2))
+        for attempt in range(3):  # a loaded machine: Ray gives its raylet 30 s to register, then gives up
+            try:
+                started = init_ray(RayConfig(num_cpus=2))
+                break
+            except Exception as exc:
+                if "timed out during startup" not in str(exc) or attempt == 2:
+                    raise
+                print(f"Ray did not start ({exc}); again")
+                ray.shutdown()
         try:
             for name in names:
                 result[name] = one_run(name, RUNS[name], model_dir, Path(tmp))

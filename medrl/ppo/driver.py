@@ -98,8 +98,8 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict[str, float]:
-        """One PPO step, one line per phase, each phase ``Batch -> Batch`` (``rec`` collects each phase's time and
-        figures for the metrics row). With ``async_rollout`` the samples of the step were drawn during the previous
+        """One PPO step, one line per phase (``rec`` collects each phase's time and figures for the metrics row); from
+        the rewards on, the phases take and return the step's ``Batch`` (rewards with their rows). With ``async_rollout`` the samples of the step were drawn during the previous
         step (weights before its update). No rows to learn from (every group had zero reward spread with
         ``filter_zero_spread_groups``, or fewer samples were left than learner ranks): no update."""
         self.step_no += 1

@@ -35,6 +35,7 @@ flight and collecting rewards (``RewardPool.collect``: failed reward tasks resub
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -47,7 +48,7 @@ from medrl.consult.shell import ConsultingWorker
 from medrl.errors import UsageError
 from medrl.ppo.batch import Batch
 from medrl.ppo.config import RolloutSettings
-from medrl.ppo.learner import Learner, free_port, read_deepspeed_config
+from medrl.ppo.learner import Learner, read_deepspeed_config
 from medrl.ppo.preflight import check_actor_resources
 from medrl.ppo.rollout import RolloutWorker
 from medrl.ppo.vllm_rollout import VLLMRolloutWorker
@@ -66,6 +67,12 @@ class Pending:
 
     def result(self) -> Any:
         return self.combine(ray.get(self.refs))
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class LearnerActor(Learner):

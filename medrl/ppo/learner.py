@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import random
-import socket
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -29,12 +28,6 @@ log = logging.getLogger("medrl.ppo.learner")
 
 BEHAVIOUR_FILE = "behaviour_weights.pt"
 """In a checkpoint of an ``async_rollout`` run: the LoRA weights that sample the step after it."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def num_minibatches(n_samples: int, ppo_cfg) -> int:
