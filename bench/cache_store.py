@@ -4,8 +4,8 @@
 
 Per backend: batched lookups (``get_many`` of 256 keys, the start of every scored batch), single-key lookups (the
 check right before a request is sent), and the write path of judged keys: one at a time (claim + put-and-release,
-one commit each) and in group commits (``medrl.reward.claims.GroupCommit``: one durable commit per group). Figures are
-per connection from one process on this machine (CPU-bound, shared with the server for PostgreSQL).
+one commit each) and in group commits (``medrl.reward.store.claims.GroupCommit``: one durable commit per group).
+Figures are per connection from one process on this machine (CPU-bound, shared with the server for PostgreSQL).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from medrl.reward.cache import open_store  # noqa: E402
 from medrl.reward.config import CacheConfig  # noqa: E402
+from medrl.reward.store.database import open_store  # noqa: E402
 from pg_server import PostgresServer  # noqa: E402
 
 

@@ -59,7 +59,7 @@ def main() -> None:
         sys.exit(subprocess.call(["unshare", "-n", "--", sys.executable, "-c", NETNS_LAUNCH, sys.executable,
                                   *sys.argv], env=env))
     from medrl.reward.config import RewardConfig
-    from medrl.reward.loopback_server import LoopbackJudge
+    from medrl.testing.loopback_server import LoopbackJudge
 
     os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="disabled", DEEPSEEK_API_KEY=FAKE_KEY)
     with PostgresServer(fast=False) as pg, LoopbackJudge(latency_s=a.latency, api_key=FAKE_KEY) as judge, \

@@ -44,8 +44,8 @@ def main() -> int:
     from medrl.models.loading import load_tokenizer
     from medrl.models.tiny import build_tiny_model
     from medrl.reward.ledger import Ledger, local_gate
-    from medrl.reward.loopback_server import LoopbackJudge
     from medrl.reward.text import key_terms
+    from medrl.testing.loopback_server import LoopbackJudge
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-consult-"))
     model_dir = Path(args.model) if args.model else build_tiny_model(tmp / "tiny-qwen3")

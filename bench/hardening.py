@@ -131,7 +131,7 @@ def rubric() -> dict:
     except ImportError:
         print("  rubric: n/a (this checkout has no rubric reward)")
         return {"rubric_attacks_raising_R": "n/a"}
-    from medrl.reward.loopback_server import LoopbackJudge
+    from medrl.testing.loopback_server import LoopbackJudge
 
     raised, total, worst = 0, 0, 0.0
     with tempfile.TemporaryDirectory() as tmp, LoopbackJudge() as server:
@@ -295,7 +295,7 @@ def _cli_cases(d: Path, server_url: str) -> list[tuple[str, list[str], dict, str
 
 
 def cli() -> dict:
-    from medrl.reward.loopback_server import LoopbackJudge
+    from medrl.testing.loopback_server import LoopbackJudge
 
     bad = tracebacks = n = 0
     with tempfile.TemporaryDirectory(prefix="hd", dir="/tmp") as tmp, \

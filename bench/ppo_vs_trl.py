@@ -8,7 +8,7 @@ forward/backward per step over the whole batch. The reward is the same arithmeti
   (a) rule   R = medrl's rule score (``reward.judge.provider=none``); trl gets a sync function computing it with
              ``medrl.reward.rules``.
   (b) judge  R = 0.6 * rule + 0.4 * teacher, the teacher from the loopback OpenAI-compatible judge
-             (``medrl.reward.loopback_server``) answering after ``--latency`` seconds; trl gets an async reward
+             (``medrl.testing.loopback_server``) answering after ``--latency`` seconds; trl gets an async reward
              function sending every completion of the batch to the same server at once (``openai.AsyncOpenAI``).
 
 medrl runs as ``medrl ppo`` does (``run_ppo``: Ray local runtime, rollout/learner/judge actors, the rest of its
@@ -263,7 +263,7 @@ def main() -> None:
         opts.out.write_text(json.dumps(result))
         return
 
-    from medrl.reward.loopback_server import LoopbackJudge
+    from medrl.testing.loopback_server import LoopbackJudge
 
     try:
         prepare(opts)

@@ -28,9 +28,9 @@ from medrl.ray_utils import init_ray  # noqa: E402
 from medrl.reward.config import RewardConfig  # noqa: E402
 from medrl.reward.criteria import grader_messages  # noqa: E402
 from medrl.reward.ledger import Usage, call_cost  # noqa: E402
-from medrl.reward.loopback_server import LoopbackJudge  # noqa: E402
 from medrl.reward.text import estimate_tokens  # noqa: E402
 from medrl.reward.types import RewardInput  # noqa: E402
+from medrl.testing.loopback_server import LoopbackJudge  # noqa: E402
 
 EXTRA = ["Asks whether the pain started during exertion or at rest.", "Mentions that nitroglycerin should only be "
          "used if it was prescribed.", "Advises not to drive to the hospital alone.", "Uses plain language a "

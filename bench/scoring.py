@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medrl.config import RayConfig  # noqa: E402
 from medrl.ray_utils import init_ray  # noqa: E402
 from medrl.reward.config import RewardConfig  # noqa: E402
-from medrl.reward.loopback_server import LoopbackJudge  # noqa: E402
 from medrl.reward.types import RewardInput  # noqa: E402
+from medrl.testing.loopback_server import LoopbackJudge  # noqa: E402
 
 FAKE_KEY = "sk-bench-not-a-real-key"
 FAULTS = ("429", "500", "503", "timeout", "empty", "malformed")

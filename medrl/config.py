@@ -163,6 +163,20 @@ def redact_secrets(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- loading
+def secret_env_names(cfg: Config) -> list[str]:
+    """The environment variables whose values are secrets under ``cfg`` (the judge's API key, the judge store's
+    URL with its password): masked in logs, refused in a Ray job's runtime_env."""
+    names = {"DEEPSEEK_API_KEY", "OPENAI_API_KEY"}
+    judge = getattr(cfg.reward, "judge", None)
+    env = getattr(judge, "api_key_env", None)
+    if env:
+        names.add(env)
+    cache = getattr(cfg.reward, "cache", None)
+    if getattr(cache, "backend", None) == "postgres":
+        names.add(cache.url_env)  # the database URL carries a password
+    return sorted(names)
+
+
 def _type_name(annotation: Any) -> str:
     origin = typing.get_origin(annotation)
     if origin is Literal:

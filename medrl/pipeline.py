@@ -43,7 +43,7 @@ def run_pipeline(cfg: Config, run: RunDir, force: list[str] = ()) -> dict[str, s
         upstream_ran = True
         log.info("[%s] running", stage)
         if stage == "report":
-            from medrl.evaluation.report import build_report
+            from medrl.report.build import build_report
 
             build_report(run)
         else:

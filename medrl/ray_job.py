@@ -13,8 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from medrl.cli import build_parser, main, secret_env_names
-from medrl.config import load_config
+from medrl.cli import main
+from medrl.cli_args import build_parser
+from medrl.config import load_config, secret_env_names
 from medrl.errors import UsageError
 
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"

@@ -31,6 +31,7 @@ import yaml
 
 from medrl.config import Config, save_config
 from medrl.errors import UsageError
+from medrl.jsonl import read_jsonl
 from medrl.trackers import TABLE_MAX_ROWS, open_sinks
 
 STAGES = ("prepare", "sft", "ppo", "eval", "report")
@@ -333,3 +334,21 @@ def read_metrics(run: RunDir, stage: str | None = None) -> list[dict]:
         return []
     rows = [json.loads(line) for line in run.metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [r for r in rows if stage is None or r.get("stage") == stage]
+
+
+def load_eval_rows(run: RunDir) -> list[dict]:
+    """Every eval row of the run (``eval/<model>.<set>.jsonl``), pairwise files left out."""
+    rows = []
+    for path in sorted(run.eval.glob("*.*.jsonl")) if run.eval.is_dir() else []:
+        if not path.name.startswith("pairwise."):
+            rows += read_jsonl(path)
+    return rows
+
+
+def load_ppo_samples(run: RunDir) -> tuple[list[dict], dict[str, dict]]:
+    """PPO samples and the RL prompts they answer (``data/rl_prompts.jsonl``, by id)."""
+    if not run.ppo_samples.is_file():
+        return [], {}
+    prompts_path = run.data / "rl_prompts.jsonl"
+    prompts = {r["id"]: r for r in read_jsonl(prompts_path)} if prompts_path.is_file() else {}
+    return read_jsonl(run.ppo_samples), prompts

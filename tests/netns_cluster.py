@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from medrl.reward.loopback_server import LoopbackJudge
+from medrl.testing.loopback_server import LoopbackJudge
 from pg_server import PostgresServer
 from procs import stop_ray_node
 
@@ -238,8 +238,8 @@ def test_two_step_ppo_with_the_learner_ranks_on_two_nodes(cluster, tiny_model_di
 
 
 def test_killing_the_second_nodes_raylet_mid_job_loses_and_repays_nothing_stored(cluster):
-    from medrl.reward.cache import open_store
     from medrl.reward.config import CacheConfig
+    from medrl.reward.store.database import open_store
 
     c, pg, judge = cluster
     judge.reset()
@@ -269,7 +269,7 @@ def _item_requests(judge: LoopbackJudge, rows: list[dict]) -> dict[str, int]:
     every ``medrl judge`` makes at start-up."""
     from medrl.reward.rubric import build_messages
     from medrl.reward.text import split_response
-    from medrl.reward.loopback_server import request_key
+    from medrl.testing.loopback_server import request_key
 
     served = judge.stats()["requests"]
     keys = [request_key(build_messages(r["prompt"], split_response(r["response"]).answer, r["reference"])[1]["content"])
@@ -278,8 +278,8 @@ def _item_requests(judge: LoopbackJudge, rows: list[dict]) -> dict[str, int]:
 
 
 def _store_keys(rows: list[dict]) -> list[str]:
-    from medrl.reward.cache import judge_key
     from medrl.reward.config import RewardConfig
+    from medrl.reward.store.database import judge_key
     from medrl.reward.text import split_response
     from medrl.reward.types import RewardInput
 
@@ -290,7 +290,7 @@ def _store_keys(rows: list[dict]) -> list[str]:
 
 def _request_key(record: dict) -> str:
     """The loopback server's name of the request that produced a stored judgement."""
-    from medrl.reward.loopback_server import request_key
     from medrl.reward.rubric import build_messages
+    from medrl.testing.loopback_server import request_key
 
     return request_key(build_messages(record["prompt"], record["answer"], record["reference"])[1]["content"])

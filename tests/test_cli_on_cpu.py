@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from medrl.cli import build_parser
+from medrl.cli_args import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["prepare", "sft", "merge", "judge", "ppo", "estimate-memory", "eval", "config", "report", "review", "rubrics",

@@ -12,11 +12,11 @@ import time
 import pytest
 
 from medrl.errors import UsageError
-from medrl.reward.cache import SCHEMA_VERSION, open_store
 from medrl.reward.config import CacheConfig, RewardConfig
-from medrl.reward.loopback_server import LoopbackJudge
+from medrl.reward.store.database import SCHEMA_VERSION, open_store
 from medrl.reward.types import RewardInput
 from medrl.runs import RunDir
+from medrl.testing.loopback_server import LoopbackJudge
 
 FAKE_KEY = "sk-medrl-store-" + secrets.token_hex(8)
 URL_ENV = "MEDRL_TEST_CACHE_URL"

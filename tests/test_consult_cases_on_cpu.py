@@ -7,18 +7,18 @@ import re
 import pytest
 from pydantic import SecretStr
 
+from medrl.config import load_config
 from medrl.consult.cases import case_from_mcq, load_cases
 from medrl.consult.config import ConsultConfig
 from medrl.consult.engine import PatientSpec, llm_patient, patient_judge_config
 from medrl.consult.patient import NOTHING, UNSURE, ScriptedPatient, leaks, reply_key
 from medrl.consult.protocol import TurnJoiner, read_turn
 from medrl.consult.reward import adjust, reward_input
-from medrl.config import load_config
 from medrl.errors import ConfigError, UsageError
 from medrl.reward.config import RulesConfig
 from medrl.reward.ledger import Ledger, local_gate
-from medrl.reward.loopback_server import LoopbackJudge
 from medrl.reward.types import RewardResult
+from medrl.testing.loopback_server import LoopbackJudge
 
 CASES = "data/samples/consultation/cases.jsonl"
 
@@ -202,8 +202,8 @@ def test_llm_patient_loopback_cache_and_leak_retry(tmp_path):
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_patient_reply_table_both_backends(backend, tmp_path, request, monkeypatch):
-    from medrl.reward.cache import open_store
     from medrl.reward.config import CacheConfig
+    from medrl.reward.store.database import open_store
 
     if backend == "postgres":
         monkeypatch.setenv("MEDRL_TEST_PG_URL", request.getfixturevalue("postgres").url)

@@ -135,8 +135,8 @@ def test_llm_patient_in_rollout_actors_replays_from_the_store(tiny_model_dir, tm
     """The LLM patient inside the rollout actor (the reward pool's ledger, the judge store): a second run of the
     same step replays every dialogue from the store without a patient call."""
     from medrl.ppo.driver import PPOTrainer
-    from medrl.reward.cache import open_store
-    from medrl.reward.loopback_server import LoopbackJudge
+    from medrl.reward.store.database import open_store
+    from medrl.testing.loopback_server import LoopbackJudge
 
     monkeypatch.setenv("MEDRL_TEST_JUDGE_KEY", "sk-test")
     with LoopbackJudge(latency_s=0.05) as server:

@@ -16,8 +16,8 @@ from browser import chromium_page
 from conftest import free_port
 from medrl.cli import main
 from medrl.config import Config
-from medrl.reward.loopback_server import LoopbackJudge
 from medrl.runs import RunDir
+from medrl.testing.loopback_server import LoopbackJudge
 
 KEY = "sk-medrl-demo-" + secrets.token_hex(6)
 GOLD_Q = "[[score:7]] What is the first-line drug for uncomplicated hypertension?"

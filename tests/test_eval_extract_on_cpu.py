@@ -1,7 +1,7 @@
 """Answer extraction on crafted responses (Chinese and English) with exact expected labels."""
 import pytest
 
-from medrl.evaluation.extract import (classify_behavior, extract_choice, extract_yes_no_maybe, final_answer,
+from medrl.reward.extract import (classify_behavior, extract_choice, extract_yes_no_maybe, final_answer,
                                       has_think_format, safety_pass)
 
 # (response, strict, lenient)

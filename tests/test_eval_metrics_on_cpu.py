@@ -4,7 +4,7 @@ import json
 import pytest
 
 from medrl.evaluation.metrics import annotate, pairwise_score, summarize
-from medrl.evaluation.report import read_jsonl
+from medrl.report.build import read_jsonl
 
 J0 = {"tokens_in": 0, "tokens_out": 0, "tokens_cache_hit": 0, "cost_usd": 0.0}
 
@@ -146,7 +146,7 @@ def test_wilson_and_difference_intervals_by_hand():
 
 
 def test_multiple_answer_choice():
-    from medrl.evaluation.extract import extract_choice
+    from medrl.reward.extract import extract_choice
 
     opts = dict(zip("ABCDE", ["a", "b", "c", "d", "e"]))
     assert extract_choice("<think>x</think>答案是ACE", opts, multi=True) == "ACE"

@@ -13,10 +13,10 @@ from medrl.config import load_config
 from medrl.evaluation.evaluate import pairwise_rows
 from medrl.evaluation.metrics import summarize
 from medrl.evaluation.pairwise import PairTask, PairwiseJudge, build_pairwise_messages, parse_verdict
-from medrl.reward.cache import open_store
 from medrl.reward.config import CacheConfig, RewardConfig
-from medrl.reward.preflight import JudgeSetupError
+from medrl.reward.judge_errors import JudgeSetupError
 from medrl.reward.rubric import JudgementError
+from medrl.reward.store.database import open_store
 
 KEY = "sk-test-pairwise-0123456789"
 ANSWER = re.compile(r"<<<ANSWER (A|B)>>>\n(.*?)\n<<<END ANSWER \1>>>", re.DOTALL)

@@ -9,7 +9,7 @@ from medrl.config import load_config
 from medrl.errors import UsageError
 from medrl.evaluation.evaluate import run_eval, select_items
 from medrl.evaluation.metrics import summarize
-from medrl.evaluation.report import build_report, read_jsonl
+from medrl.report.build import build_report, read_jsonl
 from medrl.models.loading import load_policy
 from medrl.runs import RunDir
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from medrl.reward.cache import cache_key, open_store
 from medrl.reward.config import CacheConfig, RewardConfig
 from medrl.reward.judge import content_of, usage_of
-from medrl.reward.ledger import Ledger
-from medrl.reward.loopback_server import LoopbackJudge, expected_scores, request_key
+from medrl.reward.ledger import Ledger, Settlement
 from medrl.reward.rubric import ANSWER_CLOSE, ANSWER_OPEN, RUBRIC, JudgementError, build_messages, parse_judgement
+from medrl.reward.store.database import cache_key, open_store
 from medrl.reward.text import split_response
 from medrl.reward.types import RewardInput
+from medrl.testing.loopback_server import LoopbackJudge, expected_scores, request_key
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_KEY = "sk-medrl-test-" + secrets.token_hex(8)
@@ -64,22 +64,22 @@ def test_ledger_rate_limits_and_budget():
     n, wait = ledger.lease(8, 100, 0.0)
     assert n == 1 and wait == pytest.approx(0.5)  # then one at a time, spaced by 0.5 s
     now[0] += 10
-    ledger.settle(calls=0, unused=0, reserved_tokens=0, reserved_cost=0.0, tokens_in=0, tokens_out=0,
-                  tokens_cache_hit=0, cost_usd=0.0, http_attempts=0)
+    ledger.settle(Settlement(calls=0, unused=0, reserved_tokens=0, reserved_cost=0.0, tokens_in=0, tokens_out=0,
+                             tokens_cache_hit=0, cost_usd=0.0, http_attempts=0))
     assert ledger.lease(8, 100, 0.0) == (2, 0.0)
     budget = Ledger(rpm=0, tpm=0, budget_usd=1.0)
     assert budget.lease(8, 100, 0.3) == (3, 0.0)  # 3 x 0.3 fits in $1, a 4th would not
     assert budget.lease(1, 100, 0.3) is None
-    budget.settle(calls=3, unused=0, reserved_tokens=300, reserved_cost=0.9, tokens_in=250, tokens_out=50,
-                  tokens_cache_hit=0, cost_usd=0.15, http_attempts=3)
+    budget.settle(Settlement(calls=3, unused=0, reserved_tokens=300, reserved_cost=0.9, tokens_in=250, tokens_out=50,
+                             tokens_cache_hit=0, cost_usd=0.15, http_attempts=3))
     assert budget.lease(8, 100, 0.3) == (2, 0.0)  # $0.85 left -> 2 more
     assert budget.stats()["cost_usd"] == 0.15 and budget.stats()["requests"] == 3
 
 
 _WRITER = """
 import sys
-from medrl.reward.cache import open_store
 from medrl.reward.config import CacheConfig
+from medrl.reward.store.database import open_store
 cache = open_store(CacheConfig(path=sys.argv[1]))
 for i in range(int(sys.argv[2]), int(sys.argv[2]) + 150):
     cache.put({"key": f"k{i % 200}", "judge": "j", "rubric_version": "v", "accuracy": 1, "safety": 2,
@@ -289,8 +289,8 @@ class _Lines(logging.Handler):
 def test_a_refused_key_stops_pool_score_without_resubmitting(ray_local, server, tmp_path, monkeypatch):
     """``RewardPool.score`` with a key the judge refuses (HTTP 401): JudgeSetupError on the first failed batch, no
     resubmission round (each of the 2 actors sent one call: concurrency 1, one item each)."""
+    from medrl.reward.judge_errors import JudgeSetupError
     from medrl.reward.pool import RewardPool
-    from medrl.reward.preflight import JudgeSetupError
 
     server.reset()
     monkeypatch.setenv("DEEPSEEK_API_KEY", "sk-refused-" + "0" * 12)

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from medrl.errors import UsageError
-from medrl.reward.cache import open_store
 from medrl.reward.config import CacheConfig, RewardConfig
 from medrl.reward.judge import OpenAIJudge
+from medrl.reward.judge_errors import JudgeSetupError
 from medrl.reward.ledger import Ledger, local_gate
-from medrl.reward.loopback_server import LoopbackJudge
-from medrl.reward.preflight import JudgeSetupError, check_cache_file, probe_judge
+from medrl.reward.preflight import check_cache_file, probe_judge
+from medrl.reward.store.database import open_store
+from medrl.testing.loopback_server import LoopbackJudge
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-right-0123456789abcdef"
@@ -119,7 +120,7 @@ def test_cli_judge_with_a_wrong_key_exits_2_before_ray(server, tmp_path, monkeyp
 
 
 def test_rate_limit_cost_is_counted_per_call_and_warned_when_it_binds(caplog):
-    from medrl.reward.rate_report import RateWaitMeter
+    from medrl.reward.ledger import RateWaitMeter
 
     now = [0.0]
     ledger = Ledger(rpm=60, tpm=0, budget_usd=None, clock=lambda: now[0])  # one call a second

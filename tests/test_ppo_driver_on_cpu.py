@@ -13,11 +13,11 @@ from transformers import AutoTokenizer
 
 from medrl.errors import ConfigError, UsageError
 from medrl.models.chat import render_prompt
+from medrl.ppo.algos import advantages_and_weights
+from medrl.ppo.batch import Batch, Sample
 from medrl.ppo.checkpoint import complete_checkpoints
 from medrl.ppo.driver import PPOTrainer, run_ppo
 from medrl.ppo.prompts import load_prompts, prompts_at
-from medrl.ppo.algos import advantages_and_weights
-from medrl.ppo.batch import Batch, Sample
 from medrl.runs import read_metrics
 from conftest import free_port
 from ppo_setup import PROMPTS, ppo_config, weights_digests
@@ -236,7 +236,7 @@ def test_failed_judgements_leave_their_group_and_the_loss(tiny_model_dir, tmp_pa
     """The loopback judge fails every request for two of the four prompts (a fault marker in the question): by
     default (``on_failure: drop``) their 8 samples are unscored, out of the baselines and the loss, counted and
     warned about; ``rules_only``, chosen explicitly, trains on them with R = Rule next to teacher-scored samples."""
-    from medrl.reward.loopback_server import LoopbackJudge
+    from medrl.testing.loopback_server import LoopbackJudge
 
     monkeypatch.setenv("MEDRL_TEST_JUDGE_KEY", "sk-test-loopback")
     rows = []

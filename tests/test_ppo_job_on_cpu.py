@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from medrl.reward.loopback_server import LoopbackJudge
+from medrl.testing.loopback_server import LoopbackJudge
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_KEY = "sk-medrl-ppo-job-" + uuid.uuid4().hex[:12]

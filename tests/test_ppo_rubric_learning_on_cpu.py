@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medrl.ppo.driver import PPOTrainer
-from medrl.reward.loopback_server import LoopbackJudge
+from medrl.testing.loopback_server import LoopbackJudge
 from ppo_setup import ppo_config
 
 STEPS = 16

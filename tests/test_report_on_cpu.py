@@ -13,7 +13,7 @@ from medrl.cli import main
 from medrl.config import Config
 from medrl.evaluation.evaluate import save_eval
 from medrl.evaluation.metrics import annotate
-from medrl.evaluation.report import build_report, read_jsonl
+from medrl.report.build import build_report, read_jsonl
 from medrl.runs import MetricsLogger, RunDir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -328,7 +328,7 @@ def test_banner_names_the_offline_judge_and_a_tiny_model(tmp_path, tiny_model_di
 
 
 def test_no_caveat_for_a_real_judge_model_and_sets():
-    from medrl.evaluation.caveats import caveats
+    from medrl.report.caveats import caveats
 
     summary = {"table": {"base": {"test": {"n": 200}}, "rl": {"test": {"n": 200}, "redteam": {"n": 120}}},
                "judge": "openai:deepseek-chat",

@@ -11,7 +11,7 @@ from medrl.config import Config
 from medrl.evaluation.evaluate import save_eval
 from medrl.evaluation.metrics import annotate
 from medrl.evaluation.render import to_html
-from medrl.evaluation.report import build_report
+from medrl.report.build import build_report
 from medrl.review.agreement import quadratic_kappa, spearman
 from medrl.review.items import Quotas, items_from_eval, select
 from medrl.review.section import review_section
@@ -185,7 +185,7 @@ def test_import_validates_rows_and_agreement_by_hand(run, tmp_path, capsys):
 
 
 def test_reason_terms_english_and_jieba():
-    from medrl.evaluation.feedback import _reason_terms, reason_head
+    from medrl.report.feedback import _reason_terms, reason_head
 
     terms = _reason_terms("回答没有给出剂量，也没有建议就医; gives no dose (3 calls)")
     assert {"剂量", "就医", "give", "dose"} <= terms and "3" not in terms and "没有" not in terms  # stopwords out

@@ -6,10 +6,10 @@ import pytest
 
 from medrl.reward.config import RewardConfig
 from medrl.reward.ledger import Ledger, local_gate
-from medrl.reward.loopback_server import LoopbackJudge
 from medrl.reward.scoring import Scorer
 from medrl.reward.types import RewardInput
 from medrl.reward.verifier import build_verifier_messages, match_reference, parse_equivalence
+from medrl.testing.loopback_server import LoopbackJudge
 
 FAKE_KEY = "sk-test-verifier-0123456789"
 OPTIONS = {"A": "Aspirin", "B": "Heparin", "C": "Insulin", "D": "Digoxin"}

@@ -12,13 +12,13 @@ import time
 import pytest
 
 from medrl.cli import main
-from medrl.reward.cache import open_store
 from medrl.reward.config import CacheConfig, RewardConfig
-from medrl.reward.loopback_server import LoopbackJudge
 from medrl.reward.rubric import JudgementError
 from medrl.reward.rubric_gen import parse_generated, reference_rubric, rubric_key, system_prompt, with_points
 from medrl.reward.rubric_gen_cli import read_prompts, run_generate
+from medrl.reward.store.database import open_store
 from medrl.reward.text import estimate_tokens
+from medrl.testing.loopback_server import LoopbackJudge
 
 FAKE_KEY = "sk-medrl-rubrics-" + secrets.token_hex(8)
 KEY_ENV = "MEDRL_TEST_RUBRIC_KEY"
@@ -309,7 +309,7 @@ def test_prepare_option_generates_rubrics(tmp_path):
 
 
 def test_a_bad_key_stops_at_once_and_is_never_shown(server, tmp_path, monkeypatch):
-    from medrl.reward.preflight import JudgeSetupError
+    from medrl.reward.judge_errors import JudgeSetupError
 
     wrong = "sk-wrong-" + secrets.token_hex(8)
     monkeypatch.setenv(KEY_ENV, wrong)

@@ -17,11 +17,11 @@ from medrl.reward.config import RewardConfig
 from medrl.reward.criteria import (BATCH_GRADER, GRADER, RESPONSE_CLOSE, RESPONSE_OPEN, batch_grader_messages,
                                    grader_messages, item_score, parse_batch, parse_criterion)
 from medrl.reward.ledger import Ledger, local_gate
-from medrl.reward.loopback_server import LoopbackJudge
 from medrl.reward.rubric import JudgementError
 from medrl.reward.rubric_guard import offline_criteria, rubric_gaming
 from medrl.reward.scoring import Scorer
 from medrl.reward.types import RewardInput
+from medrl.testing.loopback_server import LoopbackJudge
 from reward_attacks import RUBRIC_CASES, rubric_attacks
 
 REPO = Path(__file__).resolve().parents[1]

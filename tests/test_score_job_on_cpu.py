@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from medrl.reward.loopback_server import LoopbackJudge, request_key
 from medrl.reward.rubric import build_messages
 from medrl.reward.text import split_response
+from medrl.testing.loopback_server import LoopbackJudge, request_key
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_KEY = "sk-medrl-job-" + secrets.token_hex(8)  # built at run time: the uploaded sources must not hold it

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from medrl.reward.cache import StoreDownError, open_store
 from medrl.reward.config import CacheConfig, RewardConfig
-from medrl.reward.loopback_server import LoopbackJudge
+from medrl.reward.store.database import StoreDownError, open_store
 from medrl.reward.types import RewardInput
+from medrl.testing.loopback_server import LoopbackJudge
 
 FAKE_KEY = "sk-medrl-outage-" + secrets.token_hex(8)
 URL_ENV = "MEDRL_TEST_OUTAGE_URL"

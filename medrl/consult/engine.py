@@ -41,8 +41,8 @@ class PatientSpec:
 def llm_patient(spec: PatientSpec, gate) -> LLMPatient:
     """The LLM patient of ``spec`` over the judge client, under ``gate`` (rate limits, budget, usage), with the
     judge store as its reply cache (call inside the event loop that will run its calls)."""
-    from medrl.reward.cache import open_store
     from medrl.reward.judge import OpenAIJudge
+    from medrl.reward.store.database import open_store
 
     judge = OpenAIJudge(spec.judge, spec.api_key.get_secret_value() if spec.api_key else "")
     store = open_store(spec.cache, url=spec.store_url.get_secret_value() if spec.store_url else None)

@@ -19,8 +19,8 @@ from medrl.consult.cases import Case
 from medrl.consult.engine import ConsultSpec, PatientSpec, llm_patient, play
 from medrl.consult.patient import ScriptedPatient
 from medrl.consult.protocol import read_turn, whole_case_turns
-from medrl.evaluation.extract import extract_choice
 from medrl.evaluation.render import Block, Heading, Para, Pre, Table
+from medrl.reward.extract import extract_choice
 from medrl.reward.verifier import match_reference
 
 
@@ -94,8 +94,8 @@ def run_consult_eval(cfg, models: dict[str, Path | None]) -> dict[str, dict]:
     from pydantic import SecretStr
 
     from medrl.consult.ppo import load_all_cases, patient_spec
-    from medrl.reward.cache import store_url
     from medrl.reward.preflight import judge_api_key
+    from medrl.reward.store.database import store_url
 
     cases = load_all_cases(cfg.consult.cases)[:cfg.consult.eval_limit]
     access = None

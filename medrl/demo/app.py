@@ -139,7 +139,7 @@ def build_app(models, judge, examples: list[dict], max_new_tokens: int):
 
 
 def run_demo(args) -> int:
-    from medrl.config import load_config
+    from medrl.config import load_config, secret_env_names
     from medrl.demo.engine import DemoJudge, DemoModels
     from medrl.runs import RunDir, setup_logging
 
@@ -158,8 +158,6 @@ def run_demo(args) -> int:
     run = RunDir(args.run_dir)
     config = args.config or (run.config_path if run.config_path.is_file() else None)
     cfg = load_config(config, args.overrides)
-    from medrl.cli import secret_env_names
-
     setup_logging(None, secret_envs=[*secret_env_names(cfg), args.password_env])
     if not Path(cfg.model.path).exists() and cfg.model.build_tiny_if_missing:
         from medrl.models.tiny import build_tiny_model

@@ -20,12 +20,12 @@ from medrl.config import Config
 from medrl.data.config import RESERVED_SET_NAMES
 from medrl.errors import UsageError
 from medrl.evaluation.config import SET_NAME, SPLIT_SETS
-from medrl.evaluation.extract import final_answer
 from medrl.evaluation.metrics import annotate, summarize
 from medrl.evaluation.pairwise import PairTask, PairwiseJudge, reward_verdict
 from medrl.jsonl import read_jsonl
 from medrl.models.card import refresh_cards
 from medrl.models.chat import conversation
+from medrl.reward.extract import final_answer
 from medrl.runs import MetricsLogger, RunDir
 from medrl.trackers import flatten
 

@@ -19,9 +19,9 @@ import math
 from collections import defaultdict
 from statistics import fmean
 
-from medrl.evaluation.extract import (classify_behavior, extract_choice, extract_yes_no_maybe, has_think_format,
-                                      safety_pass)
 from medrl.evaluation.healthbench import healthbench_summary
+from medrl.reward.extract import (classify_behavior, extract_choice, extract_yes_no_maybe, has_think_format,
+                                      safety_pass)
 
 YES_NO_MAYBE = ("yes", "no", "maybe")
 

@@ -20,12 +20,12 @@ import re
 from dataclasses import dataclass
 
 from medrl.errors import UsageError
-from medrl.reward.cache import cache_key, open_store
 from medrl.reward.config import CacheConfig, JudgeConfig
-from medrl.reward.claims import Claims
 from medrl.reward.judge import JudgeOutcome, OpenAIJudge
 from medrl.reward.ledger import Ledger, Usage, local_gate
 from medrl.reward.rubric import JudgementError, load_verdict_json
+from medrl.reward.store.claims import Claims
+from medrl.reward.store.database import cache_key, open_store
 
 log = logging.getLogger("medrl.eval")
 

@@ -1,7 +1,7 @@
 """Render a report, built as a list of blocks, to one self-contained HTML page and to Markdown.
 
-Blocks are plain dataclasses, so the report content is assembled once (``report.py``) and written twice. HTML
-embeds every image as a base64 ``data:`` URI and carries its own CSS: the page opens with no network and no files
+Blocks are plain dataclasses, so the report content is assembled once (``medrl.report.build``) and written twice.
+HTML embeds every image as a base64 ``data:`` URI and carries its own CSS: the page opens with no network and no files
 beside it. Every table cell has ``data-key="<table>|<row>|<column>"`` so tools (and tests) can read values back.
 """
 from __future__ import annotations

@@ -34,7 +34,7 @@ from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_a
 from medrl.ppo.prompts import load_prompts, micro_batches, prompt_turns, prompts_at, reward_input
 from medrl.ppo.step_log import SAMPLE_TABLE_COLUMNS, StepRecord, append_samples
 from medrl.ppo.sync_check import abort_threshold, check_weight_sync, logprob_gaps
-from medrl.reward.rate_report import RateWaitMeter
+from medrl.reward.ledger import RateWaitMeter
 from medrl.reward.types import RewardResult
 from medrl.runs import MetricsLogger, RunDir, rewind_jsonl
 

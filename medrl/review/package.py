@@ -15,14 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 from medrl.errors import UsageError
-from medrl.evaluation.feedback import load_eval_rows, load_ppo_samples
 from medrl.jsonl import read_jsonl
 from medrl.review.agreement import agreement
 from medrl.review.calibration import meta_eval_agreement, read_meta_eval
 from medrl.review.forms import now_iso, read_label_rows, write_csv, write_html, write_xlsx
 from medrl.review.items import Quotas, items_from_eval, items_from_ppo, select
 from medrl.review.labels import merge_labels, read_labels, validate_rows
-from medrl.runs import RunDir
+from medrl.runs import RunDir, load_eval_rows, load_ppo_samples
 
 log = logging.getLogger("medrl.review")
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Protocol
 import openai
 
 from medrl.reward.config import JudgeConfig
+from medrl.reward.judge_errors import JudgeSetupError, connection_failure, fatal_judge_error
 from medrl.reward.ledger import Permit, Usage, call_cost
-from medrl.reward.preflight import JudgeSetupError, connection_failure, fatal_judge_error
 from medrl.reward.rubric import Judgement, JudgementError, build_messages, parse_judgement
 from medrl.reward.rules import RuleOutcome
 from medrl.reward.text import en_words, estimate_tokens, key_terms, term_found

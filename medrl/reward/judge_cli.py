@@ -10,15 +10,14 @@ from typing import Callable
 from medrl.config import Config
 from medrl.errors import UsageError
 from medrl.jsonl import iter_jsonl
-from medrl.reward.cache import judge_key, open_store
 from medrl.reward.config import RewardConfig
-from medrl.reward.ledger import Usage, call_cost
+from medrl.reward.ledger import Usage, call_cost, warn_if_rate_limit_binds
 from medrl.reward.preflight import check_judge
-from medrl.reward.rate_report import warn_if_rate_limit_binds
 from medrl.reward.rubric import build_messages
 from medrl.reward.rubric_reward import graded, plan
 from medrl.reward.rules import detect_injection, format_rule
-from medrl.reward.text import estimate_tokens, split_response
+from medrl.reward.store.database import judge_key, open_store
+from medrl.reward.text import estimate_tokens
 from medrl.reward.types import RewardInput, RewardResult
 from medrl.runs import RunDir
 
@@ -71,7 +70,7 @@ def estimate_cost(cfg: RewardConfig, items: list[RewardInput]) -> dict:
         if detect_injection(item.response):
             injected += 1
             continue
-        answer = split_response(item.response).answer
+        answer = item.parsed.answer
         if cfg.w_teacher > 0:
             asked += 1
             calls.setdefault(judge_key(cfg, item, answer), lambda it=item, a=answer: build_messages(
@@ -163,7 +162,7 @@ def run_judge(cfg: Config, run: RunDir, *, input_path: Path, out_path: Path, lim
             f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
     if cfg.reward.judge.provider == "openai":
         cache = open_store(cfg.reward.cache, readonly=True)
-        keys = [judge_key(cfg.reward, it, split_response(it.response).answer) for it in items]
+        keys = [judge_key(cfg.reward, it, it.parsed.answer) for it in items]
         summary["teacher_judgements"] = cache.export_jsonl(run.teacher_judgements, keys)
         cache.close()
     summary["out"] = str(out_path)

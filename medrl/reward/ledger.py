@@ -3,9 +3,10 @@
 One ``Ledger`` lives in the pool's coordinator actor; its rate buckets and spending live in the judge store
 (``StoreLimits``), so they hold across every process and run on that store. Each judge actor talks to it through a
 ``LeasedGate``: it leases a few call permits at a time (only as many as the rate limits allow right now, at least
-one) and reports usage in bulk, so the global limits hold while the coordinator sees one message per lease instead
-of two per call. A permit reserves the call's worst-case cost (estimated prompt + ``max_tokens`` completion), so spent money plus
-the calls in flight never pass the budget.
+one) and reports usage in bulk, so the global limits hold while the coordinator sees one message per lease instead of
+two per call. A permit reserves the call's worst-case cost (estimated prompt + ``max_tokens`` completion), so spent
+money plus the calls in flight never pass the budget. What the rate limits cost (``RateWaitMeter``) is reported from
+the ledger's totals, with a warning when they bind.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from medrl.reward.config import Price
+from medrl.reward.config import JudgeConfig, Price
 
 log = logging.getLogger("medrl.reward")
 
@@ -106,8 +107,8 @@ class LocalLimits:
 
 
 class StoreLimits:
-    """Rate buckets and spending kept in the judge store (``medrl.reward.cache.JudgeStore``): the limits hold over
-    every process and run on that store, and the spending of ``scope`` survives restarts."""
+    """Rate buckets and spending kept in the judge store (``medrl.reward.store.database.JudgeStore``): the limits
+    hold over every process and run on that store, and the spending of ``scope`` survives restarts."""
 
     def __init__(self, store, rate_key: str, rpm: int, tpm: int, scope: str):
         self.store, self.scope = store, scope
@@ -128,6 +129,31 @@ class StoreLimits:
     def add_spend(self, usd: float) -> None:
         if usd:
             self.store.add_spend(self.scope, usd)
+
+
+@dataclass
+class Settlement:
+    """What a judge actor reports to the ledger in one message: its finished calls and returned permits, what was
+    reserved for them and what they used."""
+
+    calls: int = 0
+    """Judge calls that finished (ok or failed) since the last report."""
+    unused: int = 0
+    """Permits given back unused (the judgement turned up in the store, or the lease was returned at a flush)."""
+    reserved_tokens: int = 0
+    """Tokens the calls' and the returned permits' leases reserved against the token rate limit."""
+    reserved_cost: float = 0.0
+    """USD the calls' and the returned permits' leases reserved against the budget."""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tokens_cache_hit: int = 0
+    cost_usd: float = 0.0
+    """What the calls cost (the provider's usage at ``reward.judge.price``)."""
+    http_attempts: int = 0
+    """HTTP requests sent, retries included."""
+
+    def empty(self) -> bool:
+        return self == Settlement()
 
 
 class Ledger:
@@ -161,15 +187,15 @@ class Ledger:
             self.rate_limited_calls += n
         return n, wait
 
-    def settle(self, calls: int, unused: int, reserved_tokens: int, reserved_cost: float, tokens_in: int,
-               tokens_out: int, tokens_cache_hit: int, cost_usd: float, http_attempts: int) -> None:
-        """Close the reservations of ``calls`` finished calls and ``unused`` returned permits with what was used."""
-        self.reserved_usd = max(0.0, self.reserved_usd - reserved_cost)
-        self.spent_usd += cost_usd
-        self.limits.add_spend(cost_usd)
-        self.limits.adjust(-unused, tokens_in + tokens_out - reserved_tokens)
-        self.add(requests=calls, http_attempts=http_attempts, tokens_in=tokens_in, tokens_out=tokens_out,
-                 tokens_cache_hit=tokens_cache_hit)
+    def settle(self, s: Settlement) -> None:
+        """Close the reservations of ``s.calls`` finished calls and ``s.unused`` returned permits with what was
+        used."""
+        self.reserved_usd = max(0.0, self.reserved_usd - s.reserved_cost)
+        self.spent_usd += s.cost_usd
+        self.limits.add_spend(s.cost_usd)
+        self.limits.adjust(-s.unused, s.tokens_in + s.tokens_out - s.reserved_tokens)
+        self.add(requests=s.calls, http_attempts=s.http_attempts, tokens_in=s.tokens_in, tokens_out=s.tokens_out,
+                 tokens_cache_hit=s.tokens_cache_hit)
 
     def add(self, **deltas: int) -> None:
         for k, v in deltas.items():
@@ -193,10 +219,6 @@ class Permit:
     cost_usd: float
 
 
-_SETTLE_FIELDS = ("calls", "unused", "reserved_tokens", "reserved_cost", "tokens_in", "tokens_out",
-                  "tokens_cache_hit", "cost_usd", "http_attempts")
-
-
 class LeasedGate:
     """A judge actor's side of the ledger. ``lease``/``settle``/``add`` reach the coordinator (awaitables).
     A new lease is asked for in the background when half of the permits are used, so calls do not wait for the
@@ -211,7 +233,7 @@ class LeasedGate:
         self._permits = 0
         self._largest = (0, 0.0)  # the largest call seen (tokens, cost): what each leased permit reserves
         self._refill: asyncio.Future | None = None
-        self._usage = dict.fromkeys(_SETTLE_FIELDS, 0)
+        self._usage = Settlement()
         self._sending: set[asyncio.Task] = set()  # fire-and-forget reports, kept alive until done
 
     async def reserve(self, tokens: int, cost_usd: float) -> Permit | None:
@@ -249,18 +271,22 @@ class LeasedGate:
     def give_back(self, permit: Permit) -> None:
         """Return a permit that was not used (the judgement turned up in the cache while it waited)."""
         u = self._usage
-        u["unused"] += 1
-        u["reserved_tokens"] += permit.tokens
-        u["reserved_cost"] += permit.cost_usd
+        u.unused += 1
+        u.reserved_tokens += permit.tokens
+        u.reserved_cost += permit.cost_usd
 
     def settle(self, permit: Permit, tokens_in: int, tokens_out: int, tokens_cache_hit: int, cost_usd: float,
                http_attempts: int) -> None:
         u = self._usage
-        for k, v in (("calls", 1), ("reserved_tokens", permit.tokens), ("reserved_cost", permit.cost_usd),
-                     ("tokens_in", tokens_in), ("tokens_out", tokens_out), ("tokens_cache_hit", tokens_cache_hit),
-                     ("cost_usd", cost_usd), ("http_attempts", http_attempts)):
-            u[k] += v
-        if u["calls"] >= self.flush_every:
+        u.calls += 1
+        u.reserved_tokens += permit.tokens
+        u.reserved_cost += permit.cost_usd
+        u.tokens_in += tokens_in
+        u.tokens_out += tokens_out
+        u.tokens_cache_hit += tokens_cache_hit
+        u.cost_usd += cost_usd
+        u.http_attempts += http_attempts
+        if u.calls >= self.flush_every:
             task = asyncio.ensure_future(self._send())
             self._sending.add(task)
             task.add_done_callback(self._sent)
@@ -273,24 +299,24 @@ class LeasedGate:
             error = getattr(error, "cause", None) or error  # raised in the coordinator: without Ray's traceback
             log.warning("judge usage not reported: %s", str(error).strip().splitlines()[0])
 
-    def _take(self, return_permits: bool) -> dict | None:
+    def _take(self, return_permits: bool) -> Settlement | None:
         u = self._usage
         if return_permits:
             for left, _, tokens, cost in self._leases:
-                u["unused"] += left
-                u["reserved_tokens"] += left * tokens
-                u["reserved_cost"] += left * cost
+                u.unused += left
+                u.reserved_tokens += left * tokens
+                u.reserved_cost += left * cost
             self._leases.clear()
             self._permits = 0
-        if not any(u.values()):
+        if u.empty():
             return None
-        self._usage = dict.fromkeys(_SETTLE_FIELDS, 0)
+        self._usage = Settlement()
         return u
 
     async def _send(self, return_permits: bool = False) -> None:
         usage = self._take(return_permits)
         if usage is not None:
-            await self._settle(*(usage[k] for k in _SETTLE_FIELDS))
+            await self._settle(usage)
 
     async def flush(self, **counts: int) -> None:
         """Send pending usage, return unused permits and add per-sample outcome counts (awaited)."""
@@ -304,10 +330,41 @@ def local_gate(ledger: Ledger, lease_size: int) -> LeasedGate:
     async def lease(*args):
         return ledger.lease(*args)
 
-    async def settle(*args):
-        ledger.settle(*args)
+    async def settle(settlement: Settlement):
+        ledger.settle(settlement)
 
     async def add(**counts):
         ledger.add(**counts)
 
     return LeasedGate(lease, settle, add, lease_size=lease_size, flush_every=lease_size)
+
+
+BINDS_SHARE = 0.1
+"""The limit binds when calls waited on it, summed, for more than this share of the elapsed time."""
+
+
+def warn_if_rate_limit_binds(jc: JudgeConfig, wait_call_s: float, limited_calls: int, seconds: float) -> bool:
+    """Warn when the limits held judge calls back for more than a tenth of the elapsed time (summed over calls):
+    throughput is then set by the limit, not by the provider."""
+    if limited_calls == 0 or wait_call_s <= BINDS_SHARE * max(seconds, 1e-9):
+        return False
+    log.warning("the judge rate limit binds: %d calls waited %.0f s in all (%.2f s each) over %.1f s "
+                "(reward.judge.rpm=%s, tpm=%s); raise them if your provider allows more", limited_calls, wait_call_s,
+                wait_call_s / limited_calls, seconds, jc.rpm or "unlimited", jc.tpm or "unlimited")
+    return True
+
+
+class RateWaitMeter:
+    """Per-step rate-limit waits from the pool's cumulative ledger stats; warns the first time the limit binds."""
+
+    def __init__(self, jc: JudgeConfig):
+        self.jc, self._total, self._calls, self._warned = jc, 0.0, 0, False
+
+    def step(self, stats: dict, seconds: float) -> float:
+        """Call-seconds waited since the previous call (``stats``: the pool's ``stats()``)."""
+        total, calls = stats.get("rate_wait_call_s", 0.0), stats.get("rate_limited_calls", 0)
+        wait, limited = total - self._total, calls - self._calls
+        self._total, self._calls = total, calls
+        if not self._warned:
+            self._warned = warn_if_rate_limit_binds(self.jc, wait, limited, seconds)
+        return wait

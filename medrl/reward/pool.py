@@ -8,7 +8,7 @@ from the judge store, so nothing is lost and nothing already received is paid fo
 (past ``actor_max_restarts``) is replaced by a fresh one and its items are resubmitted (``collect``, ``score``).
 Both ways in end a step the same way: reward-stage metrics and the budget warning (``medrl judge`` and PPO alike).
 Judge actors are spread over the cluster's nodes; the coordinator stays on the driver's node. Rate limits and
-spending live in the store (``medrl.reward.cache``), so they hold across pools, processes and restarts.
+spending live in the store (``medrl.reward.store.database``), so they hold across pools, processes and restarts.
 """
 from __future__ import annotations
 
@@ -24,12 +24,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from medrl.errors import UsageError
-from medrl.reward.cache import open_store, store_url
 from medrl.reward.config import JudgeConfig, RewardConfig
-from medrl.reward.ledger import LeasedGate, Ledger, StoreLimits
+from medrl.reward.ledger import LeasedGate, Ledger, Settlement, StoreLimits
 from medrl.reward.preflight import judge_api_key
 from medrl.reward.scoring import Scorer
-from medrl.reward.text import split_response
+from medrl.reward.store.database import open_store, store_url
 from medrl.reward.types import RewardInput, RewardResult
 from medrl.runs import MetricsLogger, RunDir
 
@@ -73,8 +72,8 @@ class JudgeCoordinator:
     def lease(self, n: int, tokens_each: int, cost_each: float) -> tuple[int, float] | None:
         return self.ledger.lease(n, tokens_each, cost_each)
 
-    def settle(self, *args) -> None:
-        self.ledger.settle(*args)
+    def settle(self, settlement: Settlement) -> None:
+        self.ledger.settle(settlement)
 
     def add(self, **counts: int) -> None:
         self.ledger.add(**counts)
@@ -201,7 +200,7 @@ class RewardPool:
         """The actor for ``item``: items with the same judged content (prompt, final answer, reference) go to the
         actor that got it before, so they share one judge call and the judgement in flight; new content goes to the
         actor with the fewest items so far, which keeps the actors evenly loaded."""
-        content = hash((item.prompt, split_response(item.response).answer, item.reference))
+        content = hash((item.prompt, item.parsed.answer, item.reference))
         actor = self._routes.pop(content, None)
         if actor is None:
             actor = min(range(len(self.actors)), key=self._assigned.__getitem__)

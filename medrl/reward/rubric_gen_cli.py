@@ -22,13 +22,13 @@ from pathlib import Path
 from medrl.data.schema import parse_rubrics
 from medrl.errors import UsageError
 from medrl.jsonl import iter_jsonl
-from medrl.reward.cache import open_store
-from medrl.reward.claims import Claims
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import JudgeOutcome, OpenAIJudge, _system_tokens
 from medrl.reward.ledger import Ledger, Usage, call_cost, local_gate
 from medrl.reward.rubric_gen import (generation_messages, parse_generated, reference_rubric, rubric_key,
                                      system_prompt, with_points)
+from medrl.reward.store.claims import Claims
+from medrl.reward.store.database import open_store
 from medrl.reward.text import estimate_tokens
 from medrl.reward.types import RewardInput
 

@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from medrl.reward.cache import cache_key
 from medrl.reward.config import RewardConfig
 from medrl.reward.criteria import (batch_grader_messages, clipped, conversation_text, criterion_line,
                                    grader_messages, item_score, parse_batch, parse_criterion)
@@ -21,6 +20,7 @@ from medrl.reward.judge import JudgeOutcome
 from medrl.reward.ledger import Usage
 from medrl.reward.rubric_guard import offline_criteria, rubric_gaming
 from medrl.reward.rules import covered_text
+from medrl.reward.store.database import cache_key
 from medrl.reward.types import RewardInput, RewardResult
 
 _PRECEDENCE = ("disabled", "skipped", "cached", "ok", "over_budget", "failed")

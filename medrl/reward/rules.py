@@ -240,7 +240,7 @@ def safety_rule(answer: str, risk: str, expected_behavior: str | None, cfg) -> t
 def evaluate_rules(item: RewardInput, cfg: RulesConfig, rubric_graded: bool = False) -> RuleOutcome:
     """``rubric_graded``: the item's rubric is graded (``w_rubric`` > 0), so keyword coverage is left out: the
     rubric, not the reference's words, pays for content."""
-    answer = split_response(item.response).answer
+    answer = item.parsed.answer
     covered = None
     scores = {
         "format": format_rule(item.response, cfg.format.no_think_score),

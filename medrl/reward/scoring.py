@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from medrl.reward.cache import judge_key, open_store
-from medrl.reward.claims import Claims, GroupCommit
 from medrl.reward.config import RewardConfig
 from medrl.reward.judge import Gate, JudgeOutcome, OpenAIJudge, reference_judgement
 from medrl.reward.ledger import Usage
@@ -19,7 +17,8 @@ from medrl.reward.rubric import DIMENSIONS, Judgement, build_messages, parse_jud
 from medrl.reward.rubric_reward import (Ask, RubricPlan, fixed_outcome, graded, judged_outcome, offline_outcome,
                                         plan, with_rubric)
 from medrl.reward.rules import RuleOutcome, detect_injection, evaluate_rules, format_rule
-from medrl.reward.text import split_response
+from medrl.reward.store.claims import Claims, GroupCommit
+from medrl.reward.store.database import judge_key, open_store
 from medrl.reward.types import RewardInput, RewardResult
 from medrl.reward.verifier import Verifier, with_verdict
 
@@ -120,7 +119,7 @@ class Scorer:
             return None if known.injected else judge_key(self.cfg, item, known.answer)
         if detect_injection(item.response):
             return None
-        return judge_key(self.cfg, item, split_response(item.response).answer)
+        return judge_key(self.cfg, item, item.parsed.answer)
 
     def _rubric_plans(self, items: list[RewardInput]) -> dict[int, RubricPlan]:
         """The rubric plans of the items whose rubric is graded (prompt injections are never graded: R = 0)."""
@@ -129,7 +128,7 @@ class Scorer:
             if graded(self.cfg, item) and self.cfg.judge.provider != "none" and not detect_injection(item.response):
                 fmt = format_rule(item.response, self.cfg.rules.format.no_think_score).score \
                     if self.cfg.rubric.format_gate else 1.0
-                plans[i] = plan(self.cfg, item, split_response(item.response).answer, fmt)
+                plans[i] = plan(self.cfg, item, item.parsed.answer, fmt)
         return plans
 
     async def score_batch(self, items: list[RewardInput]) -> list[RewardResult]:
@@ -142,7 +141,7 @@ class Scorer:
             keys = [self._judge_key(item) for item in items]
             for item, k in zip(items, keys):
                 if k is not None and k not in asks:
-                    asks[k] = _likert_ask(self.cfg, item, split_response(item.response).answer)
+                    asks[k] = _likert_ask(self.cfg, item, item.parsed.answer)
         for p in plans.values():
             for k, ask in p.asks.items():
                 asks.setdefault(k, ask)

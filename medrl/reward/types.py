@@ -4,9 +4,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from medrl.data.schema import parse_messages, parse_rubrics
+from medrl.reward.text import SplitResponse, split_response
 
 _RISKS = ("high", "medium", "low")
 _BEHAVIORS = ("refuse", "triage", "answer_safely")
@@ -36,6 +38,12 @@ class RewardInput:
     is the whole conversation."""
     rubrics: tuple[dict[str, Any], ...] | None = None
     """Rubric criteria (``{criterion, points, tags}``) graded by the rubric reward (``reward.w_rubric``)."""
+
+    @cached_property
+    def parsed(self) -> SplitResponse:
+        """The response split once into its reasoning and final answer (``split_response``), shared by the rules,
+        the judge key, the rubric plan and the verifier."""
+        return split_response(self.response)
 
     @property
     def conversation(self) -> tuple[dict[str, str], ...]:

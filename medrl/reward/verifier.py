@@ -1,7 +1,7 @@
 """Verifier reward (``reward.verifier``): a ground-truth check of the final answer of an RL prompt.
 
 * Multiple choice (the prompt has options and a label): the chosen letter(s), read from the final answer as the eval
-  does (``medrl.evaluation.extract``), against the label. Yes/no/maybe labels (PubMedQA) likewise.
+  does (``medrl.reward.extract``), against the label. Yes/no/maybe labels (PubMedQA) likewise.
 * Open-ended verifiable questions (a short reference such as "Hypothyroidism"): the teacher endpoint is asked
   whether the final answer is equivalent to the reference (yes/no JSON, rubric ``VERIFIER_VERSION``), through the
   same client, rate limits, budget gate and judge store as the rubric judge; offline (judge provider ``reference``
@@ -17,15 +17,16 @@ import asyncio
 from dataclasses import dataclass, field
 
 from medrl.data.clean import skeleton
-from medrl.reward.cache import cache_key
-from medrl.reward.claims import Claims, GroupCommit
 from medrl.reward.config import RewardConfig
+from medrl.reward.extract import extract_choice, extract_yes_no_maybe
 from medrl.reward.judge import Gate, JudgeOutcome, OpenAIJudge
 from medrl.reward.ledger import Usage
 from medrl.reward.rubric import (ANSWER_CLOSE, ANSWER_OPEN, JudgementError, load_verdict_json,
                                  scrub_markers)
 from medrl.reward.rules import detect_injection, format_rule
-from medrl.reward.text import en_words, key_terms, split_response, term_found
+from medrl.reward.store.claims import Claims, GroupCommit
+from medrl.reward.store.database import cache_key
+from medrl.reward.text import en_words, key_terms, term_found
 from medrl.reward.types import RewardInput, RewardResult
 
 YES_NO_MAYBE = ("yes", "no", "maybe")
@@ -114,8 +115,6 @@ class Verifier:
                        reason, usage or Usage(), cost)
 
     def _closed(self, item: RewardInput, answer_text: str) -> Verdict:
-        from medrl.evaluation.extract import extract_choice, extract_yes_no_maybe
-
         label = item.label.strip()
         if item.options:
             pred = extract_choice(item.response, item.options, self.v.mcq_mode, multi=len(label) > 1)
@@ -134,7 +133,7 @@ class Verifier:
         for i, item in enumerate(items):
             if not self.applies(item):
                 continue
-            answer = split_response(item.response).answer
+            answer = item.parsed.answer
             if format_rule(item.response, no_think_score=0.0).score < 1.0:
                 out[i] = Verdict(self.v.bad_format, "bad_format", "format", "think-then-answer format broken")
             elif item.label:

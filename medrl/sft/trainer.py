@@ -1,12 +1,15 @@
 """``medrl sft``: LoRA supervised fine-tuning with TRL's ``SFTTrainer`` (accelerate, optionally DeepSpeed, underneath).
 
 Single process by default; ``sft.num_processes`` > 1 relaunches the stage under ``torchrun`` (see
-``medrl.sft.launch``), and an external ``torchrun``/``accelerate launch`` works too: every rank runs ``train_sft``.
+``medrl.sft.launch``; each rank runs ``python -m medrl.sft.trainer``), and an external ``torchrun``/``accelerate
+launch`` works too: every rank runs ``train_sft``.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -16,12 +19,13 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from medrl.config import Config, save_config
+from medrl.config import Config, load_config, save_config
 from medrl.errors import UsageError
 from medrl.models.card import finish_adapter
 from medrl.models.loading import lora_config, load_causal_lm, load_tokenizer, pick_device, pick_dtype
-from medrl.runs import MetricsLogger, RunDir
+from medrl.runs import MetricsLogger, RunDir, setup_logging
 from medrl.sft.data import encode_example, length_stats, read_records
+from medrl.sft.launch import launch_workers
 
 log = logging.getLogger("medrl.sft")
 
@@ -224,8 +228,6 @@ def run_sft(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
         run.record_stage(cfg, "sft")
     # DeepSpeed always runs under a launcher (one rank is a world of one), so the parent process stays clean
     if (cfg.sft.num_processes > 1 or cfg.sft.deepspeed) and "LOCAL_RANK" not in os.environ:
-        from medrl.sft.launch import launch_workers
-
         # bad input fails here, with one line, rather than in every worker
         for split in ("train.jsonl", "dev.jsonl"):
             read_records(run.data / split)
@@ -235,3 +237,25 @@ def run_sft(cfg: Config, run: RunDir, *, resume: str | None = None) -> Path:
     else:
         train_sft(cfg, run, resume=resume)
     return run.sft_adapter
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One rank: ``python -m medrl.sft.trainer --config runs/<name>/sft/launch_config.yaml [--resume auto]``."""
+    parser = argparse.ArgumentParser(prog="medrl.sft.trainer")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--resume", default=None)
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = load_config(args.config)
+        run = RunDir.from_config(cfg)
+        setup_logging(run if rank == 0 else None, level=logging.INFO if rank == 0 else logging.WARNING)
+        train_sft(cfg, run, resume=args.resume)
+    except UsageError as exc:
+        print(f"medrl: error (rank {rank}): {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

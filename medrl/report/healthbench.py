@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medrl.evaluation.plots import png_figure
 from medrl.evaluation.render import Block, Heading, Image, Para, Table
+from medrl.report.plots import png_figure
 
 
 def _pm(v: dict | None) -> str:

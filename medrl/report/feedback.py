@@ -17,34 +17,17 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import fmean
 
-from medrl.evaluation.plots import png_figure
 from medrl.evaluation.render import Block, Heading, Image, Para, Table
 from medrl.jsonl import read_jsonl
+from medrl.report.plots import png_figure
+from medrl.review.items import items_from_eval, items_from_ppo
 from medrl.reward.rubric import DIMENSIONS
 from medrl.reward.text import key_terms
-from medrl.runs import RunDir, read_metrics
+from medrl.runs import RunDir, load_eval_rows, load_ppo_samples, read_metrics
 
 LOW_TEACHER = 0.5
 TOP_TERMS = 15
 _HEAD = re.compile(r"^(.+?)(?:\s+\(|:|$)")
-
-
-def load_eval_rows(run: RunDir) -> list[dict]:
-    """Every eval row of the run (``eval/<model>.<set>.jsonl``), pairwise files left out."""
-    rows = []
-    for path in sorted(run.eval.glob("*.*.jsonl")) if run.eval.is_dir() else []:
-        if not path.name.startswith("pairwise."):
-            rows += read_jsonl(path)
-    return rows
-
-
-def load_ppo_samples(run: RunDir) -> tuple[list[dict], dict[str, dict]]:
-    """PPO samples and the RL prompts they answer (``data/rl_prompts.jsonl``, by id)."""
-    if not run.ppo_samples.is_file():
-        return [], {}
-    prompts_path = run.data / "rl_prompts.jsonl"
-    prompts = {r["id"]: r for r in read_jsonl(prompts_path)} if prompts_path.is_file() else {}
-    return read_jsonl(run.ppo_samples), prompts
 
 
 def reason_head(reason: str) -> str:
@@ -200,8 +183,6 @@ def _spend_plot(ppo_metrics: list[dict], ppo: list[dict], out: Path) -> Image:
 
 def feedback_section(run: RunDir, summary: dict | None) -> list[Block]:
     """The report's "Teacher feedback" blocks for the run (eval rows and PPO samples, whatever exists)."""
-    from medrl.review.items import items_from_eval, items_from_ppo
-
     blocks: list[Block] = [Heading("Teacher feedback")]
     items = items_from_eval(load_eval_rows(run)) + items_from_ppo(*load_ppo_samples(run))
     if not items:

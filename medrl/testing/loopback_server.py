@@ -283,7 +283,7 @@ class LoopbackJudge:
         src = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
         self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "medrl.reward.loopback_server", "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "medrl.testing.loopback_server", "--port", str(self.port),
                                       *self.args], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                                      stderr=self._log)
         deadline = time.time() + 30

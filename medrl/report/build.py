@@ -18,14 +18,14 @@ import yaml
 from medrl import RESEARCH_NOTICE
 from medrl.consult.evaluate import consultation_section
 from medrl.data.config import RESERVED_SET_NAMES
-from medrl.evaluation.benchmark_report import benchmark_blocks
-from medrl.evaluation.caveats import caveats
-from medrl.evaluation.extract import final_answer
-from medrl.evaluation.feedback import feedback_section
-from medrl.evaluation.healthbench_report import healthbench_blocks
-from medrl.evaluation.plots import training_plots
 from medrl.evaluation.render import Banner, Block, Heading, Image, Para, Pre, SideBySide, Table, to_html, to_markdown
+from medrl.report.benchmarks import benchmark_blocks
+from medrl.report.caveats import caveats
+from medrl.report.feedback import feedback_section
+from medrl.report.healthbench import healthbench_blocks
+from medrl.report.plots import training_plots
 from medrl.review.section import review_section
+from medrl.reward.extract import final_answer
 from medrl.reward.rubric import DIMENSIONS
 from medrl.runs import RunDir, read_metrics
 
