@@ -10,7 +10,7 @@ from medrl.cli import main
 from medrl.config import Config
 from medrl.evaluation.evaluate import save_eval
 from medrl.evaluation.metrics import annotate
-from medrl.evaluation.render import to_html
+from medrl.render import to_html
 from medrl.report.build import build_report
 from medrl.review.agreement import quadratic_kappa, spearman
 from medrl.review.items import Quotas, items_from_eval, select
