@@ -312,3 +312,19 @@ def test_kl_controllers():
     assert other.update(0.2, 10) == pytest.approx(0.10098 * 1.02)
     fixed = make_kl_controller(KLSettings(mode="fixed", init_coef=0.3))
     assert isinstance(fixed, FixedKLController) and fixed.update(5.0, 100) == 0.3
+
+
+def test_config_choices_and_registries_name_the_same_estimators_and_losses():
+    import typing
+
+    from medrl.ppo.config import EstimatorName, PolicyLossName, check_registry
+    from medrl.ppo.objective import POLICY_LOSSES
+
+    assert set(typing.get_args(EstimatorName)) == set(algos.ADVANTAGE_ESTIMATORS)
+    assert set(typing.get_args(PolicyLossName)) == set(POLICY_LOSSES)
+    check_registry(algos.ADVANTAGE_ESTIMATORS, EstimatorName, "ppo.estimator")
+    extra = {**algos.ADVANTAGE_ESTIMATORS, "vapo": None}  # code registered under a name the config does not offer
+    with pytest.raises(RuntimeError, match=r"ppo.estimator: the config offers .* registry has .*'vapo'"):
+        check_registry(extra, EstimatorName, "ppo.estimator")
+    with pytest.raises(RuntimeError, match="ppo.policy_loss"):
+        check_registry({"ppo": None}, PolicyLossName, "ppo.policy_loss")  # a config choice with no code

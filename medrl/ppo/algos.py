@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from medrl.ppo.batch import Batch
+from medrl.ppo.config import EstimatorName, check_registry
 
 EPS = 1e-8
 LOG_RATIO_CLAMP = 20.0
@@ -318,3 +319,6 @@ def advantages_and_weights(ppo_cfg, batch: Batch, kl_coef: float) -> tuple[Batch
     return batch.replace(kl=kl, advantages=advantages * mask, returns=returns * mask,
                          behaviour_weights=weights * mask,
                          loss_mask=mask * (~masked).to(mask.dtype)[:, None] * keep), stats
+
+
+check_registry(ADVANTAGE_ESTIMATORS, EstimatorName, "ppo.estimator")

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 from medrl.ppo.algos import LOG_RATIO_CLAMP, kl_estimate, masked_mean
+from medrl.ppo.config import PolicyLossName, check_registry
 
 # --------------------------------------------------------------------------- policy losses (registry)
 PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -185,3 +186,6 @@ def stand_in_loss(out: dict[str, torch.Tensor], poison: bool = False) -> torch.T
     update of the whole minibatch is skipped there."""
     total = sum(v.float().nan_to_num(0.0, 0.0, 0.0).sum() for v in out.values() if v.requires_grad)
     return total * (float("nan") if poison else 0.0)
+
+
+check_registry(POLICY_LOSSES, PolicyLossName, "ppo.policy_loss")
