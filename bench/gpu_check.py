@@ -108,7 +108,7 @@ def peak(fn, device: str) -> tuple[float, float, float]:
 def learner_step(policy, s: dict, device: str) -> None:
     import torch
 
-    from medrl.ppo.algos import policy_loss, value_loss
+    from medrl.ppo.objective import policy_loss, value_loss
     from medrl.ppo.modeling import PolicyWithValue, make_value_head
 
     model = PolicyWithValue(policy, make_value_head(policy)).train()

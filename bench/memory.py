@@ -49,7 +49,7 @@ def measure(spec: dict) -> dict:
 
     from medrl.config import LoraSettings
     from medrl.models.loading import lora_config
-    from medrl.ppo.algos import aggregate_loss, policy_loss
+    from medrl.ppo.objective import aggregate_loss, policy_loss
     from medrl.ppo.modeling import PolicyWithValue
 
     shape = ModelShape(**spec["shape"])

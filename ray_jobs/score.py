@@ -18,8 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medrl.cli import secret_env_names  # noqa: E402
-from medrl.config import load_config  # noqa: E402
+from medrl.config import load_config, secret_env_names  # noqa: E402
 from medrl.errors import UsageError  # noqa: E402
 from medrl.reward.judge_cli import run_judge  # noqa: E402
 from medrl.runs import RunDir, setup_logging  # noqa: E402

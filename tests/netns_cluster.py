@@ -205,7 +205,7 @@ def test_two_step_ppo_with_the_learner_ranks_on_two_nodes(cluster, tiny_model_di
     from medrl.errors import UsageError
     from medrl.ppo.driver import PPOTrainer
     from medrl.ray_utils import init_ray
-    from ppo_setup import ppo_config
+    from ppo_setup import ppo_config, weights_digests
 
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
     layout = ["ray.address=127.0.0.1:6379", "ppo.learner.num_cpus=1.1", "ppo.rollout.num_cpus=0.3"]
@@ -219,11 +219,11 @@ def test_two_step_ppo_with_the_learner_ranks_on_two_nodes(cluster, tiny_model_di
             engines = ray.get([a.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
                                for a in tr.groups.rollout.actors])
             assert set(engines) == {i["node_id"] for i in infos}  # one engine per node
-            before = ray.get(learners[0].weights_digest.remote())
+            before = weights_digests(learners[0])[0]
             for _ in range(2):
                 metrics = tr.step()
                 assert metrics["logprob_gap"] < 1e-4 and metrics["samples"] == 16
-                digests = ray.get([a.weights_digest.remote() for a in learners])
+                digests = weights_digests(*learners)
                 assert digests[0] == digests[1] != before  # both ranks hold the same, updated weights
                 before = digests[0]
         # three such ranks fit the cluster's CPU total (checked first) but no two nodes can hold them

@@ -56,3 +56,16 @@ def ppo_config(tmp_path: Path, model_dir: Path, name: str, *overrides: str):
     run = RunDir.from_config(cfg).ensure()
     write_prompts(run)
     return cfg, run
+
+
+def weights_digests(*learners) -> list[dict[str, float]]:
+    """Abs-sum of every trainable tensor of each learner rank (Ray actors, asked together: ZeRO-3 gathers
+    collectively), to check that ranks hold identical weights and whether an update moved them."""
+    import ray
+
+    def digest(rank) -> dict[str, float]:
+        with rank._gathered(p for p in rank.unwrapped.parameters() if p.requires_grad):
+            return {n: float(p.detach().double().abs().sum()) for n, p in rank.unwrapped.named_parameters()
+                    if p.requires_grad}
+
+    return ray.get([learner.__ray_call__.remote(digest) for learner in learners])

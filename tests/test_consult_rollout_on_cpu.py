@@ -13,7 +13,7 @@ from medrl.consult.cases import load_cases
 from medrl.consult.engine import ConsultSpec, PatientSpec, play
 from medrl.consult.patient import ScriptedPatient
 from medrl.models.loading import load_policy, load_tokenizer
-from medrl.ppo.algos import aggregate_loss, policy_loss
+from medrl.ppo.objective import aggregate_loss, policy_loss
 from medrl.ppo.batch import Batch
 from medrl.ppo.driver import run_ppo
 from medrl.runs import read_metrics

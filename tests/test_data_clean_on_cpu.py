@@ -6,8 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from medrl.data.clean import (Decontaminator, MinHasher, TokenCounter, estimate_tokens, exact_duplicates, key64,
-                              near_duplicates, normalize_text, skeleton)
+from medrl.data.clean import (Decontaminator, MinHasher, TokenCounter, estimate_tokens_by_bytes, exact_duplicates,
+                              key64, near_duplicates, normalize_text, skeleton)
 from medrl.data.redteam import CATEGORIES, load_redteam
 from medrl.data.risk import classify_risk
 from medrl.data.schema import RowError, build_record, detect_language
@@ -24,7 +24,8 @@ def test_normalize_text():
 
 
 def test_token_estimate_and_fallback(tiny_model_dir):
-    assert estimate_tokens("abcdefgh") == 2 and estimate_tokens("高血压患者") == 4 and estimate_tokens("") == 0
+    assert estimate_tokens_by_bytes("abcdefgh") == 2 and estimate_tokens_by_bytes("高血压患者") == 4 \
+        and estimate_tokens_by_bytes("") == 0
     fallback = TokenCounter("/nonexistent/model")
     assert not fallback.exact and "could not be loaded" in fallback.method
     assert fallback.count(["abcdefgh", "高血压患者"]) == [2, 4]
@@ -75,9 +76,9 @@ def test_decontaminator_is_exact_about_the_run_length():
                 continue
             noise = "".join(rng.choice("0123456789") for _ in range(50))
             text = noise + chunk.upper() + noise  # case-insensitive
-            assert (d.find(text) == "test:e1") is hit, (start, length)
+            assert (d.find_many([text])[0] == "test:e1") is hit, (start, length)
     # a run that only exists across a line break does not count
-    assert d.find(eval_text[:40] + "\n" + eval_text[40:80]) is None
+    assert d.find_many([eval_text[:40] + "\n" + eval_text[40:80]]) == [None]
 
 
 RISK_CASES = [

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from medrl.ppo import algos
+from medrl.ppo import algos, objective
 from medrl.ppo.kl_controller import AdaptiveKLController, FixedKLController, make_kl_controller
 from medrl.ppo.config import KLSettings, RolloutCorrectionSettings
 
@@ -42,9 +42,9 @@ def test_discounted_returns_and_whitening():
 
 
 def _ppo_loss(logp, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=None, weights=None, name="ppo"):
-    token, info = algos.policy_loss(name, logp, torch.zeros_like(logp), adv, mask, clip_low=clip_low,
+    token, info = objective.policy_loss(name, logp, torch.zeros_like(logp), adv, mask, clip_low=clip_low,
                                     clip_high=clip_high, dual_clip=dual_clip, behaviour_weights=weights)
-    return algos.aggregate_loss(token, mask, "token-mean", n_tokens=mask.sum(), n_seqs=1, norm_len=1), info
+    return objective.aggregate_loss(token, mask, "token-mean", n_tokens=mask.sum(), n_seqs=1, norm_len=1), info
 
 
 def test_clipped_policy_loss_by_hand():
@@ -71,13 +71,13 @@ def test_clip_higher_and_dual_clip_by_hand():
     # clip_low .2, clip_high .28 (DAPO): r = 1.25, A = 1 is inside [.8, 1.28] -> -1.25 (symmetric .2: -1.2);
     # r = 1.5, A = 1 -> -1.28; r = .7, A = -1 -> max(.7, .8) = .8
     logp, adv, mask = torch.log(t([[1.25, 1.5, 0.7]])), t([[1.0, 1.0, -1.0]]), t([[1, 1, 1]])
-    token, info = algos.policy_loss("ppo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.28)
+    token, info = objective.policy_loss("ppo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.28)
     assert torch.allclose(token, t([[-1.25, -1.28, 0.8]]))
     assert info["clip_frac"].item() == pytest.approx(2 / 3)
     # dual clip c = 3 caps the loss of negative-advantage tokens at -A c: r = 5, A = -2 -> max(10, 2.4) = 10 -> 6;
     # r = 2, A = -1 -> 2 (< 3, kept); r = 5, A = +1 -> -1.2 (positive advantages are never dual-clipped)
     logp, adv = torch.log(t([[5.0, 2.0, 5.0]])), t([[-2.0, -1.0, 1.0]])
-    token, info = algos.policy_loss("ppo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.2,
+    token, info = objective.policy_loss("ppo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.2,
                                     dual_clip=3.0)
     assert torch.allclose(token, t([[6.0, 2.0, -1.2]]))
     assert info["dual_clip_frac"].item() == pytest.approx(1 / 3)
@@ -88,7 +88,7 @@ def test_gspo_uses_one_ratio_per_response():
     # (clipped, no gradient). Row 2: [-.05, .05] -> s = 1, -A s = -2 on both tokens; d/dlogp_t = -2 (s = 1)
     logp = t([[0.1, 0.3], [-0.05, 0.05]]).requires_grad_(True)
     adv, mask = t([[1.0, 1.0], [2.0, 2.0]]), t([[1, 1], [1, 1]])
-    token, info = algos.policy_loss("gspo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.2)
+    token, info = objective.policy_loss("gspo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.2)
     assert torch.allclose(token, t([[-1.2, -1.2], [-2.0, -2.0]]))
     token.sum().backward()
     assert torch.allclose(logp.grad, t([[0.0, 0.0], [-2.0, -2.0]]))
@@ -102,12 +102,12 @@ def test_loss_aggregation_modes_by_hand_and_across_micro_batches():
     # token-mean (4 + 6) / 4 = 2.5; seq-mean-token-mean (4 + 2) / 2 = 3; sum-norm (4 + 6) / (2 * 8) = .625
     expect = {"token-mean": 2.5, "seq-mean-token-mean": 3.0, "seq-mean-token-sum-norm": 0.625}
     for mode, value in expect.items():
-        assert algos.aggregate_loss(loss, mask, mode, **kw).item() == pytest.approx(value)
+        assert objective.aggregate_loss(loss, mask, mode, **kw).item() == pytest.approx(value)
         # one row per micro-batch, the minibatch totals as denominators: the parts add up to the whole
-        parts = sum(algos.aggregate_loss(loss[i:i + 1], mask[i:i + 1], mode, **kw) for i in range(3))
+        parts = sum(objective.aggregate_loss(loss[i:i + 1], mask[i:i + 1], mode, **kw) for i in range(3))
         assert parts.item() == pytest.approx(value)
     with pytest.raises(ValueError, match="unknown loss aggregation"):
-        algos.aggregate_loss(loss, mask, "sum", **kw)
+        objective.aggregate_loss(loss, mask, "sum", **kw)
 
 
 def test_log_ratio_and_kl_clamps_keep_the_loss_finite():
@@ -115,9 +115,9 @@ def test_log_ratio_and_kl_clamps_keep_the_loss_finite():
     # Clamped at +-20: A = 1 -> max(-e^20, -1.2) = -1.2; r = e^-20, A = -1 -> max(~0, .8) = .8
     logp = torch.tensor([[95.0, -95.0]], requires_grad=True)
     adv, mask = torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
-    token, _ = algos.policy_loss("ppo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.2)
+    token, _ = objective.policy_loss("ppo", logp, torch.zeros_like(logp), adv, mask, clip_low=0.2, clip_high=0.2)
     assert torch.isfinite(token).all() and torch.allclose(token, torch.tensor([[-1.2, 0.8]]))
-    token, _ = algos.policy_loss("ppo", logp, torch.zeros_like(logp), -adv, mask, clip_low=0.2, clip_high=0.2)
+    token, _ = objective.policy_loss("ppo", logp, torch.zeros_like(logp), -adv, mask, clip_low=0.2, clip_high=0.2)
     token.sum().backward()
     assert torch.isfinite(token).all() and token[0, 0].item() == pytest.approx(math.exp(20.0), rel=1e-5)
     assert torch.isfinite(logp.grad).all()
@@ -195,10 +195,10 @@ def test_rollout_correction_sequence_level_is_the_geometric_mean():
 def test_clipped_value_loss_by_hand():
     values, old, returns, mask = t([[1.0, 2.0, 5.0]]), t([[0.5, 2.0, 0.0]]), t([[2.0, 0.0, 0.0]]), t([[1, 1, 0]])
     # token 0: unclipped (1-2)^2 = 1, clipped value .5+.2 = .7 -> (.7-2)^2 = 1.69 -> 1.69; token 1: 4 and 4
-    loss, info = algos.value_loss(values, old, returns, mask, clip=0.2)
+    loss, info = objective.value_loss(values, old, returns, mask, clip=0.2)
     assert loss.item() == pytest.approx(0.5 * (1.69 + 4.0) / 2)
     assert info["value_clip_frac"].item() == pytest.approx(0.5)
-    loss_unclipped, _ = algos.value_loss(values, old, returns, mask, clip=None)
+    loss_unclipped, _ = objective.value_loss(values, old, returns, mask, clip=None)
     assert loss_unclipped.item() == pytest.approx(0.5 * (1.0 + 4.0) / 2)
 
 
@@ -221,7 +221,7 @@ def test_kl_estimators_by_hand_and_unbiased():
 
 def test_entropy_and_token_rewards():
     # uniform over 2 -> ln 2; softmax([0, ln 3]) = [.25, .75] -> -(.25 ln .25 + .75 ln .75)
-    ent = algos.entropy_from_logits(t([[0.0, 0.0], [0.0, math.log(3.0)]]))
+    ent = objective.entropy_from_logits(t([[0.0, 0.0], [0.0, math.log(3.0)]]))
     assert torch.allclose(ent, t([math.log(2.0), -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]))
     rewards = algos.token_rewards(t([1.0, 2.0]), t([[0.1, 0.2, 0.3], [0.1, 0.1, 9.0]]), t([[1, 1, 1], [1, 1, 0]]))
     assert torch.allclose(rewards, t([[-0.1, -0.2, 0.7], [-0.1, 1.9, 0.0]]))
@@ -312,3 +312,19 @@ def test_kl_controllers():
     assert other.update(0.2, 10) == pytest.approx(0.10098 * 1.02)
     fixed = make_kl_controller(KLSettings(mode="fixed", init_coef=0.3))
     assert isinstance(fixed, FixedKLController) and fixed.update(5.0, 100) == 0.3
+
+
+def test_config_choices_and_registries_name_the_same_estimators_and_losses():
+    import typing
+
+    from medrl.ppo.config import EstimatorName, PolicyLossName, check_registry
+    from medrl.ppo.objective import POLICY_LOSSES
+
+    assert set(typing.get_args(EstimatorName)) == set(algos.ADVANTAGE_ESTIMATORS)
+    assert set(typing.get_args(PolicyLossName)) == set(POLICY_LOSSES)
+    check_registry(algos.ADVANTAGE_ESTIMATORS, EstimatorName, "ppo.estimator")
+    extra = {**algos.ADVANTAGE_ESTIMATORS, "vapo": None}  # code registered under a name the config does not offer
+    with pytest.raises(RuntimeError, match=r"ppo.estimator: the config offers .* registry has .*'vapo'"):
+        check_registry(extra, EstimatorName, "ppo.estimator")
+    with pytest.raises(RuntimeError, match="ppo.policy_loss"):
+        check_registry({"ppo": None}, PolicyLossName, "ppo.policy_loss")  # a config choice with no code

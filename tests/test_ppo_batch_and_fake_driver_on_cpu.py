@@ -1,4 +1,4 @@
-"""The typed batch (pack / take / shard / cat, token-balanced equal shards) and one PPO driver's bookkeeping over
+"""The typed batch (pack / take / shard_rows / put_rows, token-balanced equal shards, rewards with their rows) and one PPO driver's bookkeeping over
 three async steps, and over a step with nothing to learn, with fake actor groups: no Ray, no model (the tiny model's
 tokenizer renders the prompts)."""
 import json
@@ -15,7 +15,7 @@ from medrl.runs import read_metrics
 from ppo_setup import ppo_config
 
 
-def test_batch_pack_take_shard_cat():
+def test_batch_pack_take_shard_put_rows():
     samples = [Sample(0, 0, [1, 2], [7], "a", True, [-0.5]),
                Sample(0, 1, [1, 2, 3], [8, 9, 9], "b", False, [-1.0, -2.0, -3.0]),
                Sample(1, 0, [1], [], "", False),
@@ -27,12 +27,23 @@ def test_batch_pack_take_shard_cat():
     assert b.response_ids.tolist() == [[7, 99, 99], [8, 9, 9], [99, 99, 99], [6, 6, 99]]
     assert b.response_mask.tolist() == [[1, 0, 0], [1, 1, 1], [0, 0, 0], [1, 1, 0]]
     assert b.rollout_logprobs.tolist() == [[-0.5, 0, 0], [-1, -2, -3], [0, 0, 0], [-0.25, -0.75, 0]]
-    assert b.old_logprobs is None and len(b) == 4
+    assert b.group.tolist() == [0, 0, 1, 1] and b.finished.tolist() == [True, False, False, True]
+    assert b.samples == samples and b.old_logprobs is None and b.scores is None and len(b) == 4
 
     # take: the rows, in the order asked, padding columns they do not need trimmed
     t = b.take(torch.tensor([3, 0]))
     assert t.input_ids.tolist() == [[4, 5, 6, 6], [1, 2, 7, 99]] and t.response_ids.tolist() == [[6, 6], [7, 99]]
-    assert t.prompt_lens.tolist() == [2, 2] and t.pad_id == 99
+    assert t.prompt_lens.tolist() == [2, 2] and t.pad_id == 99 and t.samples == [samples[3], samples[0]]
+
+    # rewards travel with their rows (and so through take); the learner ranks get the tensors only
+    results = [RewardResult(id=str(i), reward=r, rule=r, teacher=None, dropped=i == 2)
+               for i, r in enumerate((1.0, 0.25, 0.0, 0.5))]
+    scored = b.with_rewards(results)
+    assert scored.scores.dtype == torch.float32 and scored.dropped.tolist() == [False, False, True, False]
+    t = scored.take(torch.tensor([3, 0]))
+    assert t.scores.tolist() == [0.5, 1.0] and t.results == [results[3], results[0]]
+    assert scored.for_learner().results is None and scored.for_learner().samples is None
+    assert set(scored.tensors()) == set(scored.for_learner().tensors()) and "results" not in scored.tensors()
 
     # shards: 2 rows each; by tokens (3, 6, 1, 4) longest first: 6 -> shard 0, 4 -> 1, 3 -> 1 (4 < 6), 1 -> 0 (full
     # shard 1): 7 + 7 tokens, where contiguous blocks would give 9 + 5
@@ -40,20 +51,18 @@ def test_batch_pack_take_shard_cat():
     assert [r.tolist() for r in rows] == [[1, 2], [0, 3]]
     assert [r.tolist() for r in b.shard_rows(1)] == [[0, 1, 2, 3]]
     assert [r.tolist() for r in b.shard_rows(4)] == [[1], [3], [0], [2]]
-    shards = b.shard(2)
+    shards = [b.take(r) for r in rows]
     assert [tuple(s.input_ids.shape) for s in shards] == [(2, 6), (2, 4)]
     assert [tuple(s.response_ids.shape) for s in shards] == [(2, 3), (2, 2)]
     with pytest.raises(ValueError, match="4 rows do not split into 3 equal shards"):
         b.shard_rows(3)
 
-    # cat pads to the widest (ids with pad_id) and puts the rows back: the round trip is exact
-    scored = [s.replace(old_logprobs=(s.rollout_logprobs + 1) * s.response_mask) for s in shards]
-    back = Batch.cat(scored).take(torch.argsort(torch.cat(rows)))
-    for name, value in b.tensors().items():
-        assert torch.equal(value, getattr(back, name)), name
+    # put_rows puts each shard's computed token fields back at their rows, 0 past the shard's width: exact
+    parts = [{"old_logprobs": (s.rollout_logprobs + 1) * s.response_mask} for s in shards]
+    back = b.put_rows(rows, parts)
     assert torch.equal(back.old_logprobs, (b.rollout_logprobs + 1) * b.response_mask)
-    with pytest.raises(ValueError, match="old_logprobs is set in some batches only"):
-        Batch.cat([scored[0], shards[1]])
+    for name, value in b.tensors().items():
+        assert getattr(back, name) is value, name  # the rest is the batch's own
 
 
 # ---------------------------------------------------------------------------------------------- fake groups
@@ -214,7 +223,10 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
         "behaviour_weight_mean", "kl", "kl_seq_sum", "advantage_mean", "return_mean", "kl_coef", "logprob_gap",
         "logprob_gap_mean", "time_engine_sleep_s", "response_len", "finished_frac", "samples", "rollout_restarts", "reward_retries", "rollout_staleness",
         "time_generate_s", "time_rollout_s", "time_actor_generate_s", "time_actor_logprob_s", "time_reward_wait_s",
-        "time_experience_s", "time_train_s", "time_learn_s", "time_step_s", "data_position", "judge_rate_wait_s"}
+        "time_experience_s", "time_advantages_s", "time_train_s", "time_publish_s", "time_learn_s", "time_step_s",
+        "data_position", "judge_rate_wait_s"}
+    assert second["time_learn_s"] == pytest.approx(sum(second[f"time_{phase}_s"] for phase in (
+        "experience", "advantages", "train", "publish")))
     logged = run.ppo_samples.read_text(encoding="utf-8").splitlines()
     assert len(logged) == 48 and sum('"dropped": true' in line for line in logged) == 1
 

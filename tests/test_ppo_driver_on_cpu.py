@@ -20,7 +20,7 @@ from medrl.ppo.driver import PPOTrainer, run_ppo
 from medrl.ppo.prompts import load_prompts, prompts_at
 from medrl.runs import read_metrics
 from conftest import free_port
-from ppo_setup import PROMPTS, ppo_config
+from ppo_setup import PROMPTS, ppo_config, weights_digests
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +45,10 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
             assert info["num_processes"] == info["world_size"] == 2
             assert info["distributed_type"] == "DistributedType.DEEPSPEED"
         initial = tr.adapter_ref
-        before = ray.get(learners[0].weights_digest.remote())
+        before = weights_digests(learners[0])[0]
         first = tr.step()
         assert first["logprob_gap"] < 1e-4 and first["samples"] == 16 and first["grad_norm"] > 0
-        digests = ray.get([a.weights_digest.remote() for a in learners])
+        digests = weights_digests(*learners)
         assert digests[0] == digests[1] != before  # both ranks hold the same, updated weights
 
         # the update moved the policy, so a rollout actor still holding the initial adapter would be caught:
@@ -56,7 +56,7 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
         text = render_prompt(tr.tokenizer, cfg.model.system_prompt, PROMPTS[0][1])
         stale = ray.get(rollouts[0].generate.remote([(0, text)], 4, 7, [initial], -1))
         batch = Batch.pack(stale["samples"], tr.tokenizer.pad_token_id)
-        learner_lp = ray.get(learners[0].make_experience.remote(batch)).old_logprobs
+        learner_lp = ray.get(learners[0].make_experience.remote(batch.for_learner()))["old_logprobs"]
         assert _gap(batch, learner_lp) > 1e-2
 
         # a rollout actor dies between steps: Ray restarts it, the driver re-syncs it, the step completes
@@ -84,32 +84,28 @@ def test_sync_killed_rollout_and_two_rank_deepspeed(tiny_model_dir, tmp_path, ra
         out = ray.get(rollouts[0].generate.remote([(0, text), (1, text)], 4, 13, [tr.adapter_ref], tr.version))
         batch = tr.groups.learner.make_experience(Batch.pack(out["samples"], tr.tokenizer.pad_token_id),
                                                   tr.version).result()
-        added, _ = advantages_and_weights(
-            cfg.ppo, scores=torch.arange(8.0), group=torch.tensor([0] * 4 + [1] * 4), mask=batch.response_mask,
-            old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-            behaviour_logprobs=batch.behaviour_logprobs, rollout_logprobs=batch.rollout_logprobs,
-            values=batch.values, kl_coef=0.001)
-        clean = batch.replace(**added).shard(2)
+        batch, _ = advantages_and_weights(cfg.ppo, batch.replace(scores=torch.arange(8.0)), 0.001)
+        clean = [batch.take(rows).for_learner() for rows in batch.shard_rows(2)]
         nan_advantages = clean[1].advantages.clone()
         nan_advantages[2, 0] = float("nan")
         shards = [clean[0], clean[1].replace(advantages=nan_advantages)]
-        before = ray.get([a.weights_digest.remote() for a in learners])
+        before = weights_digests(*learners)
         skipped = ray.get([a.train.remote(s, 1, 5) for a, s in zip(learners, shards)])
         assert [m["nonfinite_skipped"] for m in skipped] == [1, 1]
-        assert ray.get([a.weights_digest.remote() for a in learners]) == before
+        assert weights_digests(*learners) == before
         trained = ray.get([a.train.remote(s, 1, 5) for a, s in zip(learners, clean)])
         assert [m["nonfinite_skipped"] for m in trained] == [0, 0] and trained[0]["grad_norm"] > 0
-        after = ray.get([a.weights_digest.remote() for a in learners])
+        after = weights_digests(*learners)
         assert after[0] == after[1] != before[0] and all(math.isfinite(v) for v in after[0].values())
         tr._publish_adapter()  # as the driver does after an update: the rollouts follow the new weights
 
         # DeepSpeed checkpoint round trip: partitioned optimizer state per rank, RNG per rank
         path = tr.save_checkpoint()
         assert (path / "deepspeed").is_dir() and (path / "rng_rank1.pt").is_file()
-        saved = ray.get(learners[0].weights_digest.remote())
+        saved = weights_digests(learners[0])[0]
         tr.step()
         tr.restore(path)
-        assert ray.get([a.weights_digest.remote() for a in learners]) == [saved, saved]
+        assert weights_digests(*learners) == [saved, saved]
     rows = read_metrics(run, "ppo")
     assert [r["step"] for r in rows] == [1, 2, 3]  # the restore to step 3 rewound step 4's row: one history
     for r in rows:  # the unreachable judge: every sample is a counted failure, scored by the rules alone
@@ -146,13 +142,10 @@ def test_two_ranks_with_unequal_token_counts_update_as_one_rank(tiny_model_dir, 
         group = LearnerGroup(cfg, None, 0.0)
         try:
             scored = group.make_experience(batch, None).result()  # the live weights
-            added, _ = advantages_and_weights(
-                cfg.ppo, scores=torch.tensor([1.0, 0.0, 0.2, 0.9]), group=torch.tensor([0, 0, 1, 1]),
-                mask=scored.response_mask, old_logprobs=scored.old_logprobs, ref_logprobs=scored.ref_logprobs,
-                behaviour_logprobs=scored.behaviour_logprobs, rollout_logprobs=scored.old_logprobs, values=None,
-                kl_coef=0.001)
-            metrics = group.train(scored.replace(**added), 1, 5, 0.001).result()
-            digests = ray.get([a.weights_digest.remote() for a in group.actors])
+            scored = scored.replace(scores=torch.tensor([1.0, 0.0, 0.2, 0.9]), rollout_logprobs=scored.old_logprobs)
+            learned, _ = advantages_and_weights(cfg.ppo, scored, 0.001)
+            metrics = group.train(learned, 1, 5, 0.001).result()
+            digests = weights_digests(*group.actors)
         finally:
             group.close()
         assert all(d == digests[0] for d in digests)
@@ -311,8 +304,8 @@ def test_zero_spread_groups_are_filtered_and_the_update_skipped(tiny_model_dir, 
                           "ppo.filter_zero_spread_groups=true", "ppo.log_samples=false")
     with PPOTrainer(cfg, run) as tr:
         learner = tr.groups.learner.actors[0]
-        before = ray.get(learner.weights_digest.remote())
+        before = weights_digests(learner)[0]
         m = tr.step()
-        assert ray.get(learner.weights_digest.remote()) == before
+        assert weights_digests(learner)[0] == before
     assert (m["update_skipped"], m["samples"], m["zero_spread_groups"], m["zero_spread_frac"]) == (1, 0, 4, 1.0)
     assert m["reward_mean"] == 0.0 and [r["update_skipped"] for r in read_metrics(run, "ppo")] == [1]

@@ -46,11 +46,20 @@ def test_kl_loss_term_by_hand():
     assert info["policy_loss"].item() == pytest.approx(-3 / 8)
 
 
+def _batch(mask, scores, group, old, ref=None, behaviour=None, rollout=None, finished=None, dropped=None):
+    """A batch of these token and row fields (token ids and lengths only have their shapes: no model reads them)."""
+    n, width = mask.shape
+    return Batch(input_ids=torch.zeros(n, width + 1, dtype=torch.long), attention_mask=torch.ones(n, width + 1),
+                 prompt_lens=torch.ones(n, dtype=torch.long), group=group,
+                 finished=torch.ones(n, dtype=torch.bool) if finished is None else finished,
+                 response_ids=torch.zeros(n, width, dtype=torch.long), response_mask=mask,
+                 rollout_logprobs=old.clone() if rollout is None else rollout, old_logprobs=old,
+                 behaviour_logprobs=old.clone() if behaviour is None else behaviour, ref_logprobs=ref, scores=scores,
+                 dropped=torch.zeros(n, dtype=torch.bool) if dropped is None else dropped)
+
+
 def _finish(ppo_cfg, old, ref, mask, scores, group, kl_coef, finished=None):
-    return advantages_and_weights(ppo_cfg, scores=scores, group=group, mask=mask, old_logprobs=old,
-                                  ref_logprobs=ref, behaviour_logprobs=old.clone(), rollout_logprobs=old.clone(),
-                                  values=None, kl_coef=kl_coef,
-                                  finished=finished)
+    return advantages_and_weights(ppo_cfg, _batch(mask, scores, group, old, ref, finished=finished), kl_coef)
 
 
 def test_finish_kl_statistic_over_existing_tokens_and_placement():
@@ -63,14 +72,14 @@ def test_finish_kl_statistic_over_existing_tokens_and_placement():
     assert stats["kl"] == pytest.approx(0.24)
     # dr_grpo: group means .5 -> +-.5 on the last token; KL in the reward: -.5 * KL_t summed to go.
     # Row 0: token rewards [-.1, -.2 + .5] -> returns [.2, .3]; row 2: [-.3 + .5] -> [.2]
-    assert torch.allclose(added["advantages"][0], torch.tensor([0.2, 0.3]))
-    assert torch.allclose(added["advantages"][2], torch.tensor([0.2, 0.0]))
+    assert torch.allclose(added.advantages[0], torch.tensor([0.2, 0.3]))
+    assert torch.allclose(added.advantages[2], torch.tensor([0.2, 0.0]))
     # KL as a loss term: the advantages see the score alone
     added, _ = _finish(_ppo("estimator=dr_grpo", "kl.placement=loss"), old, ref, mask, scores, group, 0.5)
-    assert torch.allclose(added["advantages"][0], torch.tensor([0.5, 0.5]))
+    assert torch.allclose(added.advantages[0], torch.tensor([0.5, 0.5]))
     # no reference (kl.init_coef=0): no KL at all, no statistic for the controller
     added, stats = _finish(_ppo("estimator=dr_grpo", "kl.init_coef=0"), old, None, mask, scores, group, 0.0)
-    assert "kl" not in stats and torch.count_nonzero(added["kl"]) == 0
+    assert "kl" not in stats and torch.count_nonzero(added.kl) == 0
 
 
 def test_truncated_responses_can_be_masked_out_of_the_loss():
@@ -80,8 +89,8 @@ def test_truncated_responses_can_be_masked_out_of_the_loss():
         added, stats = _finish(_ppo(f"mask_truncated={str(on).lower()}"), torch.zeros(4, 2), torch.zeros(4, 2), mask,
                                torch.tensor([1.0, 0.0, 0.5, 0.5]), torch.tensor([0, 0, 1, 1]), 0.0, finished)
         assert stats["truncated_masked"] == expect
-        assert added["loss_mask"][:, 0].tolist() == [1.0, 0.0 if on else 1.0, 1.0, 1.0]
-        assert added["advantages"][1, 0] != 0  # it still counts in its group's baseline
+        assert added.loss_mask[:, 0].tolist() == [1.0, 0.0 if on else 1.0, 1.0, 1.0]
+        assert added.advantages[1, 0] != 0  # it still counts in its group's baseline
 
 
 def test_rollout_correction_multiplies_the_decoupled_weight_and_masks_the_loss():
@@ -91,20 +100,21 @@ def test_rollout_correction_multiplies_the_decoupled_weight_and_masks_the_loss()
     behaviour = torch.tensor([[-1.0, -1.5, -2.0]])
     old = behaviour + torch.tensor([[0.0, 0.5, 1.0]])
     engine = behaviour - torch.log(torch.tensor([[1.0, 3.0, 0.25]]))
-    args = dict(scores=torch.tensor([1.0]), group=torch.tensor([0]), mask=mask, old_logprobs=old, ref_logprobs=None,
-                behaviour_logprobs=behaviour, rollout_logprobs=engine, values=None, kl_coef=0.0)
+    batch = _batch(mask, torch.tensor([1.0]), torch.tensor([0]), old, behaviour=behaviour, rollout=engine)
     decoupled = torch.exp(torch.tensor([[0.0, 0.5, 1.0]])).clamp(max=2.0)
-    added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp"), **args)
-    assert torch.equal(added["behaviour_weights"], decoupled * mask)  # mode none: the decoupled weights, bit for bit
-    assert stats["rollout_is_max"] == pytest.approx(3.0) and torch.equal(added["loss_mask"], mask)
+    added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp"), batch, 0.0)
+    assert torch.equal(added.behaviour_weights, decoupled * mask)  # mode none: the decoupled weights, bit for bit
+    assert stats["rollout_is_max"] == pytest.approx(3.0) and torch.equal(added.loss_mask, mask)
     # TIS (cap 2): [1 * 1, 1.6487 * 2, 2 * .25]; the weights multiply (pi_old / pi_behaviour) * (pi_behaviour /
     # pi_engine), so the product telescopes to veRL's decoupled weight pi_old / pi_rollout, each part truncated
-    added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp", "rollout_correction.mode=tis"), **args)
-    assert torch.allclose(added["behaviour_weights"], decoupled * torch.tensor([[1.0, 2.0, 0.25]]))
+    added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp", "rollout_correction.mode=tis"), batch,
+                                           0.0)
+    assert torch.allclose(added.behaviour_weights, decoupled * torch.tensor([[1.0, 2.0, 0.25]]))
     assert stats["rollout_is_clipped_frac"] == pytest.approx(1 / 3)
     # MIS (band [.5, 2]): tokens 2 and 3 leave the loss mask (and its token count)
-    added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp", "rollout_correction.mode=mis"), **args)
-    assert torch.equal(added["loss_mask"], torch.tensor([[1.0, 0.0, 0.0]]))
+    added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp", "rollout_correction.mode=mis"), batch,
+                                           0.0)
+    assert torch.equal(added.loss_mask, torch.tensor([[1.0, 0.0, 0.0]]))
     assert stats["rollout_is_masked_frac"] == pytest.approx(2 / 3)
 
 
@@ -119,13 +129,21 @@ def test_rows_to_learn_counts_and_filters_zero_spread_groups():
     # groups: 0 -> [1, 1] (flat), 1 -> [0, 1], 2 -> [.3, .3] with one dropped row (still flat), 3 -> [0, 0] flat
     scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.3, 0.3, 0.0, 0.0])
     group = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    dropped = [False] * 5 + [True] + [False] * 2
-    keep, stats = rows_to_learn(dropped, scores, group, _ppo(), ranks=1)
-    assert keep == [0, 1, 2, 3, 4, 6, 7] and stats == {"zero_spread_groups": 3, "zero_spread_frac": 0.75}
-    keep, _ = rows_to_learn(dropped, scores, group, _ppo("filter_zero_spread_groups=true"), ranks=1)
-    assert keep == [2, 3]
-    keep, _ = rows_to_learn(dropped, scores, group, _ppo(), ranks=2)
-    assert keep == [0, 1, 2, 3, 4, 6]  # equal shards
+    dropped = torch.tensor([False] * 5 + [True] + [False] * 2)
+    # the row's position in its token fields, to tell which rows are kept
+    batch = _batch(torch.ones(8, 1), scores, group, torch.arange(8.0)[:, None], dropped=dropped)
+    kept, stats = rows_to_learn(batch, _ppo(), ranks=1)
+    assert kept.old_logprobs[:, 0].tolist() == [0, 1, 2, 3, 4, 6, 7]
+    assert kept.group.tolist() == [0, 0, 1, 1, 2, 3, 3] and kept.scores.tolist() == scores[[0, 1, 2, 3, 4, 6, 7]].tolist()
+    assert stats == {"zero_spread_groups": 3, "zero_spread_frac": 0.75}
+    kept, _ = rows_to_learn(batch, _ppo("filter_zero_spread_groups=true"), ranks=1)
+    assert kept.old_logprobs[:, 0].tolist() == [2, 3]
+    kept, _ = rows_to_learn(batch, _ppo(), ranks=2)
+    assert kept.old_logprobs[:, 0].tolist() == [0, 1, 2, 3, 4, 6]  # equal shards
+    kept, _ = rows_to_learn(batch.replace(dropped=torch.zeros(8, dtype=torch.bool)), _ppo(), ranks=2)
+    assert len(kept) == 8
+    kept, _ = rows_to_learn(batch.replace(scores=torch.zeros(8)), _ppo("filter_zero_spread_groups=true"), ranks=1)
+    assert len(kept) == 0  # nothing to learn: the update is skipped
 
 
 def test_a_zero_kl_coefficient_skips_the_reference_forward(tiny_model_dir):
@@ -154,7 +172,7 @@ def test_learner_skips_a_nonfinite_minibatch_and_keeps_learning(tiny_model_dir, 
     import ray
 
     from medrl.ppo.learner import Learner
-    from ppo_setup import ppo_config
+    from ppo_setup import ppo_config, weights_digests
 
     cfg, _ = ppo_config(tmp_path, tiny_model_dir, "guard", "ppo.micro_batch_size=2", "ppo.minibatch_size=4",
                         "ppo.lr_scheduler=linear", "ppo.kl.placement=loss", "ppo.kl.estimator=k3")
@@ -163,22 +181,18 @@ def test_learner_skips_a_nonfinite_minibatch_and_keeps_learning(tiny_model_dir, 
     gen = torch.Generator().manual_seed(0)
     samples = [Sample(i // 2, i % 2, torch.randint(10, 500, (5,), generator=gen).tolist(),
                       torch.randint(10, 500, (4,), generator=gen).tolist(), "", True) for i in range(4)]
-    batch = ray.get(learner.make_experience.remote(Batch.pack(samples, 0)))
+    batch = Batch.pack(samples, 0).for_learner()
+    batch = batch.replace(**ray.get(learner.make_experience.remote(batch)))
     assert batch.ref_logprobs is not None  # kl.init_coef > 0: the reference forward runs
-    added, _ = advantages_and_weights(cfg.ppo, scores=torch.tensor([0.0, 1.0, 1.0, 0.5]),
-                                      group=torch.tensor([0, 0, 1, 1]), mask=batch.response_mask,
-                                      old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-                                      behaviour_logprobs=batch.behaviour_logprobs,
-                                      rollout_logprobs=batch.rollout_logprobs, values=None, kl_coef=0.01)
-    batch = batch.replace(**added)
+    batch, _ = advantages_and_weights(cfg.ppo, batch.replace(scores=torch.tensor([0.0, 1.0, 1.0, 0.5])), 0.01)
     nan_advantages = batch.advantages.clone()
     nan_advantages[3, 1] = float("nan")
     poisoned = batch.replace(advantages=nan_advantages)
-    before = ray.get(learner.weights_digest.remote())
+    before = weights_digests(learner)[0]
     bad = ray.get(learner.train.remote(poisoned, 1, 0, 0.01))
-    assert bad["nonfinite_skipped"] == 1 and ray.get(learner.weights_digest.remote()) == before
+    assert bad["nonfinite_skipped"] == 1 and weights_digests(learner)[0] == before
     assert bad["lr"] == cfg.ppo.lr  # the linear schedule did not move
     good = ray.get(learner.train.remote(batch, 1, 0, 0.01))
     assert good["nonfinite_skipped"] == 0 and math.isfinite(good["policy_loss"]) and good["kl_loss"] >= 0
-    assert good["lr"] < cfg.ppo.lr and ray.get(learner.weights_digest.remote()) != before
+    assert good["lr"] < cfg.ppo.lr and weights_digests(learner)[0] != before
     ray.kill(learner)

@@ -10,7 +10,7 @@ from medrl.cli import main
 from medrl.config import Config
 from medrl.evaluation.evaluate import save_eval
 from medrl.evaluation.metrics import annotate
-from medrl.evaluation.render import to_html
+from medrl.render import to_html
 from medrl.report.build import build_report
 from medrl.review.agreement import quadratic_kappa, spearman
 from medrl.review.items import Quotas, items_from_eval, select
@@ -230,7 +230,7 @@ def test_html_form_in_chromium(run, tmp_path, capsys):
 
 def test_teacher_feedback_section(run):
     """Eval rows above plus two PPO steps; every number below is counted by hand from ROWS / the samples."""
-    from medrl.ppo.batch import Sample
+    from medrl.ppo.batch import Batch, Sample
     from medrl.ppo.step_log import append_samples
     from medrl.reward.types import RewardResult
     from medrl.runs import MetricsLogger
@@ -247,10 +247,10 @@ def test_teacher_feedback_section(run):
              2: [("failed", {"safety": 0.0}, "timeout (client retries: 3)", ["missed_refusal", "judge_failed"]),
                  ("ok", {**comps, "teacher": 0.8, "safety": 1.0}, "", [])]}
     for step, results in steps.items():  # written by the PPO driver's own writer
-        append_samples(run.ppo_samples, step, [{"id": "p1"}, {"id": "p2"}],
-                       [Sample(k, 0, [], [], f"<think>t</think>{step}", True) for k in range(2)],
-                       [RewardResult("x", 0.1, 0.1, c.get("teacher"), c, {"judge": why} if why else {},
-                                     judge_status=st, flags=flags) for st, c, why, flags in results])
+        scored = Batch.pack([Sample(k, 0, [1], [], f"<think>t</think>{step}", True) for k in range(2)], 0).with_rewards(
+            [RewardResult("x", 0.1, 0.1, c.get("teacher"), c, {"judge": why} if why else {}, judge_status=st,
+                          flags=flags) for st, c, why, flags in results])
+        append_samples(run.ppo_samples, step, [{"id": "p1"}, {"id": "p2"}], scored)
     with MetricsLogger(run, "ppo", trackers=False) as m:
         m.log(1, {"judge_cost_usd": 0.002, "reward_mean": 0.1})
         m.log(2, {"judge_cost_usd": 0.001, "reward_mean": 0.2})

@@ -19,7 +19,7 @@ from medrl.consult.cases import Case
 from medrl.consult.engine import ConsultSpec, PatientSpec, llm_patient, play
 from medrl.consult.patient import ScriptedPatient
 from medrl.consult.protocol import read_turn, whole_case_turns
-from medrl.evaluation.render import Block, Heading, Para, Pre, Table
+from medrl.render import Block, Heading, Para, Pre, Table
 from medrl.reward.extract import extract_choice
 from medrl.reward.verifier import match_reference
 

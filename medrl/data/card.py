@@ -33,24 +33,17 @@ def _lengths(values: np.ndarray) -> str:
     return f"{int(values.min())} / {int(np.median(values))} / {int(np.percentile(values, 95))} / {int(values.max())}"
 
 
-def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], sets: dict[str, np.ndarray],
-                rl_rows: list[dict], rejects_by_reason: dict[tuple[str, str], int], command: str) -> str:
-    d = cfg.data
-    out = [f"# Data card: run `{cfg.run.name}`", "",
-           f"- Command: `{command}`",
-           f"- Config hash: `{cfg.digest()}` (resolved config: `config.prepare.yaml` in the run directory)",
-           f"- Sources: {', '.join(n for n in summary['sources'] if n != 'redteam')} (mode `{d.mode}`)",
-           f"- Token counts: {spool.tokens.method}",
-           f"- Split seed: {d.split_seed}", ""]
-
-    out += ["## Output files", ""]
+def _output_files(d, summary: dict[str, Any], cols: dict[str, np.ndarray], sets: dict[str, np.ndarray],
+                  rl_rows: list[dict]) -> list[str]:
+    """Records per output file, by language and risk, with token lengths; a warning per empty eval set."""
+    out = ["## Output files", ""]
     rows = []
     for name in ("train", "dev", "test", "gold", "redteam", *summary["benchmarks"]):
         idx = sets[name]
-        zh = int(c["lang"][idx].sum())
-        risk = Counter(int(r) for r in c["risk"][idx])
+        zh = int(cols["lang"][idx].sum())
+        risk = Counter(int(r) for r in cols["risk"][idx])
         rows.append([f"{name}.jsonl", idx.size, idx.size - zh, zh, risk[0], risk[1], risk[2],
-                     _lengths(c["qtok"][idx]), _lengths(c["otok"][idx])])
+                     _lengths(cols["qtok"][idx]), _lengths(cols["otok"][idx])])
     rl_risk = Counter(r["risk"] for r in rl_rows)
     rows.append(["rl_prompts.jsonl", len(rl_rows), "", "", rl_risk["high"], rl_risk["medium"], rl_risk["low"], "", ""])
     rows.append(["rejects.jsonl", summary["rejects"], "", "", "", "", "", "", ""])
@@ -62,8 +55,12 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
     else:
         out += [f"**WARNING: {empty_set_warning(name)}**" + "\n" for name in ("gold", "dev", "test")
                 if not sets[name].size and (name != "gold" or d.gold_size > 0)]
+    return out
 
-    out += ["## Sources", ""]
+
+def _sources(summary: dict[str, Any]) -> list[str]:
+    """Rows read, filtered and kept per source."""
+    out = ["## Sources", ""]
     rows = []
     for name, s in summary["sources"].items():
         if s["skipped"]:
@@ -79,14 +76,22 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
                     "benchmark / red-team / RL-only"], rows), "",
             "Role `rl` sources (prompts with references) never reach train.jsonl; their train-split records are only "
             "used in rl_prompts.jsonl (column *RL-only*).", ""]
+    return out
 
-    out += ["## Rejects by reason", "", f"All {summary['rejects']} rejected rows are listed in `rejects.jsonl` "
-            "(file, line, source, stage, reason, id).", ""]
+
+def _rejects(summary: dict[str, Any], rejects_by_reason: dict[tuple[str, str], int]) -> list[str]:
+    """Rejected rows by stage and reason."""
+    out = ["## Rejects by reason", "", f"All {summary['rejects']} rejected rows are listed in `rejects.jsonl` "
+           "(file, line, source, stage, reason, id).", ""]
     rows = [[stage, reason, n] for (stage, reason), n in sorted(rejects_by_reason.items(), key=lambda kv: -kv[1])]
     out += [_table(["stage", "reason", "rows"], rows) if rows else "No rejects.", ""]
+    return out
 
+
+def _cleaning(d, summary: dict[str, Any]) -> list[str]:
+    """What cleaning did: text normalisation, length bounds, duplicates, decontamination, the train mix."""
     near = "off" if d.near_dup_threshold is None else f"estimated Jaccard >= {d.near_dup_threshold}"
-    out += ["## Cleaning", "",
+    return ["## Cleaning", "",
             "- Text: NFC, BOMs / zero-width / control characters removed, CRLF -> LF, spaces and blank-line runs "
             "collapsed, stripped.",
             f"- Length bounds (tokens): question (a conversation: every turn) {d.min_question_tokens}-"
@@ -108,7 +113,10 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
             f"{d.train_size} (source weights)." if d.train_size else "- Train mix: every train record kept "
             "(data.train_size not set).", ""]
 
-    out += ["## Splits, gold set", "",
+
+def _splits(d, summary: dict[str, Any]) -> list[str]:
+    """How the splits, the gold set and the benchmarks are drawn."""
+    return ["## Splits, gold set", "",
             f"Deterministic by a 64-bit hash of (record id, split seed {d.split_seed}), stratified by source: each "
             f"source with >= 3 records gives round({d.test_fraction} x n) (>= 1) of its lowest-hash records to test "
             f"and round({d.dev_fraction} x n) (>= 1) to dev, capped at {d.max_test} / {d.max_dev} in total.", "",
@@ -121,25 +129,30 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
             "other file; PubMedQA's are the PQA-L items listed in test_ground_truth.json (question + abstract "
             "contexts, label yes/no/maybe, reference = long answer), its other PQA-L items are ordinary records.", ""]
 
-    rt = sets["redteam"]
+
+def _redteam(spool, cols: dict[str, np.ndarray], redteam: np.ndarray) -> list[str]:
+    """Red-team prompts per category and expected behaviour (read back from the spool: the set is small)."""
     rt_rows = []
     with open(spool.path, "rb") as sp:  # behaviour counts need the records; the red-team set is small
         behaviours = Counter()
-        for i in rt.tolist():
-            sp.seek(int(c["offset"][i]))
+        for i in redteam.tolist():
+            sp.seek(int(cols["offset"][i]))
             rec = json.loads(sp.readline())
             behaviours[(rec["category"], rec["expected_behavior"], rec["language"])] += 1
     for cat in CATEGORIES:
         rt_rows.append([cat] + [sum(v for (k, b, lang), v in behaviours.items() if k == cat and b == beh)
                                 for beh in ("refuse", "triage", "answer_safely")]
                        + [sum(v for (k, _, lang), v in behaviours.items() if k == cat and lang == "zh")])
-    out += ["## Red-team set", "", f"{rt.size} prompts written for medrl (English and Chinese), each with a "
+    return ["## Red-team set", "", f"{redteam.size} prompts written for medrl (English and Chinese), each with a "
             "category, expected behaviour and rationale; never in train.jsonl.", "",
             _table(["category", "refuse", "triage", "answer_safely", "zh"], rt_rows), ""]
 
+
+def _rl_mix(d, rl_rows: list[dict]) -> list[str]:
+    """The RL prompt mix per pool and risk level."""
     pools = Counter((r["pool"], r["risk"]) for r in rl_rows)
     mix = d.rl_mix
-    out += ["## RL prompt mix", "", f"Target {d.rl_prompts} prompts; shares red-team {mix.redteam}, gold {mix.gold}, "
+    return ["## RL prompt mix", "", f"Target {d.rl_prompts} prompts; shares red-team {mix.redteam}, gold {mix.gold}, "
             f"train {mix.train} (a short pool leaves its share to train). Each pool reserves {mix.low_risk_floor:.0%} "
             "of its prompts for low-risk questions and fills the rest high-risk first (then those with a "
             "reference); the file is ordered high -> medium -> low risk.", "",
@@ -147,7 +160,30 @@ def render_card(cfg, summary: dict[str, Any], spool, c: dict[str, np.ndarray], s
                    [[p] + [pools[(p, r)] for r in RISKS] + [sum(pools[(p, r)] for r in RISKS)]
                     for p in ("redteam", "gold", "train")]), ""]
 
-    out += ["## Licenses", ""]
+
+def _licenses(summary: dict[str, Any]) -> list[str]:
+    """Each source's license."""
+    out = ["## Licenses", ""]
     out += [f"- {name}: {s['license'] or 'unknown'}" for name, s in summary["sources"].items() if not s["skipped"]]
     out += ["", "Risk levels follow the rule set in `medrl/data/risk.py` (see docs/data.md).", ""]
+    return out
+
+
+def render_card(cfg, summary: dict[str, Any], spool, cols: dict[str, np.ndarray], sets: dict[str, np.ndarray],
+                rl_rows: list[dict], rejects_by_reason: dict[tuple[str, str], int], command: str) -> str:
+    d = cfg.data
+    out = [f"# Data card: run `{cfg.run.name}`", "",
+           f"- Command: `{command}`",
+           f"- Config hash: `{cfg.digest()}` (resolved config: `config.prepare.yaml` in the run directory)",
+           f"- Sources: {', '.join(n for n in summary['sources'] if n != 'redteam')} (mode `{d.mode}`)",
+           f"- Token counts: {spool.tokens.method}",
+           f"- Split seed: {d.split_seed}", ""]
+    out += _output_files(d, summary, cols, sets, rl_rows)
+    out += _sources(summary)
+    out += _rejects(summary, rejects_by_reason)
+    out += _cleaning(d, summary)
+    out += _splits(d, summary)
+    out += _redteam(spool, cols, sets["redteam"])
+    out += _rl_mix(d, rl_rows)
+    out += _licenses(summary)
     return "\n".join(out)

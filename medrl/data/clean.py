@@ -55,9 +55,8 @@ def key64(text: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- token counting
 class TokenCounter:
-    """Token counts with the tokenizer of ``model.path``; if it cannot be loaded, a documented estimate:
-    every non-ASCII character counts 1/1.5 token (Qwen's BPE packs ~1.5 Chinese characters per token) and every
-    ASCII character 1/4 token (~4 characters per English token)."""
+    """Token counts with the tokenizer of ``model.path``; if it cannot be loaded, a documented estimate
+    (``estimate_tokens_by_bytes``)."""
 
     def __init__(self, model_path: str | None, cache_dir: str | None = None):
         self._encode = None
@@ -89,10 +88,14 @@ class TokenCounter:
     def count(self, texts: list[str]) -> list[int]:
         if self._encode is not None:
             return self._encode(texts)
-        return [estimate_tokens(t) for t in texts]
+        return [estimate_tokens_by_bytes(t) for t in texts]
 
 
-def estimate_tokens(text: str) -> int:
+def estimate_tokens_by_bytes(text: str) -> int:
+    """Tokens of a text from its UTF-8 length alone, for bulk data without a tokenizer: every non-ASCII character
+    counts 1/1.5 token (Qwen's BPE packs ~1.5 Chinese characters per token), every ASCII character 1/4. Not the
+    reward plane's ``medrl.reward.text.estimate_tokens`` (per character class, the length rule's and the judge
+    cost's count): that one costs tens of times more per text, which bulk preparation does not need."""
     chars = len(text)
     non_ascii = (len(text.encode("utf-8")) - chars) // 2  # a CJK character is 3 bytes in UTF-8: 2 extra bytes
     non_ascii = min(non_ascii, chars)
@@ -267,12 +270,9 @@ class Decontaminator:
         self._common = np.split(common, ends[:-1]) if len(self._lines) else []
         return self
 
-    def find(self, text: str) -> str | None:
-        """The label of an eval text sharing a run of >= run_chars characters with ``text``, or None."""
-        return self.find_many([text])[0]
-
     def find_many(self, texts: list[str]) -> list[str | None]:
-        """``find`` for a batch (one sorted-array lookup for all of them)."""
+        """Per text, the label of an eval text sharing a run of >= run_chars characters with it, or None (one
+        sorted-array lookup for the whole batch)."""
         found: list[str | None] = [None] * len(texts)
         if not self._hash.size:
             return found

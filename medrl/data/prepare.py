@@ -155,133 +155,191 @@ def run_prepare(cfg: Config, run: RunDir, *, sources: list[str] | None = None, s
     return summary
 
 
-def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, names: list[str],
-                      strict: bool) -> dict[str, Any]:
-    d, c = cfg.data, spool.cols.numpy()
-    n = c["kind"].size
-    eval_only = not (c["kind"] == POOL).any()
-    if eval_only:
-        if not (c["kind"] == BENCHMARK).any():
-            raise UsageError(f"no usable records in {', '.join(names)} (see {run.data / 'rejects.jsonl'})")
-        log.warning("prepare: every record of %s is a benchmark item: preparing for evaluation only (the benchmark "
-                    "files, the red-team set; no train, dev, test or gold records)", ", ".join(names))
-    protected = c["kind"] != POOL
-    rank = np.where(protected, 0, 1) * n + np.arange(n)
-    alive = np.ones(n, dtype=bool)
-    src_names, files = spool.sources, spool.files
-
-    def drop(idx: np.ndarray, stage: str, reasons: list[str], summary: str) -> None:
-        for i, reason in zip(idx.tolist(), reasons):
-            name = src_names[c["source"][i]]
-            rejects.add(files[c["file"][i]], int(c["line"][i]), name, stage, reason, summary,
-                        f"{int(c['idkey'][i]):016x}")
-            spool.stats[name].filtered[stage] = spool.stats[name].filtered.get(stage, 0) + 1
-        alive[idx] = False
-
-    dup_of = exact_duplicates(c["qkey"], rank, protected)
-    dups = np.flatnonzero(dup_of >= 0)
-    drop(dups, "duplicate", [f"same question as {int(c['idkey'][j]):016x}" for j in dup_of[dups]],
-         "same question as an earlier or eval record")
-    if d.near_dup_threshold is not None:
-        near_of, sim = near_duplicates(c["sig"], np.flatnonzero(alive), rank, protected, d.near_dup_threshold)
-        hit = np.flatnonzero(near_of >= 0)
-        drop(hit, "near_duplicate", [f"near-duplicate of {int(c['idkey'][j]):016x} (estimated Jaccard {s:.2f})"
-                                     for j, s in zip(near_of[hit], sim[hit])],
-             f"question near-duplicate (Jaccard >= {d.near_dup_threshold}) of an earlier or eval record")
-
-    h = split_hash(c["idkey"], d.split_seed)
-    pool = np.flatnonzero(alive & (c["kind"] == POOL))
-    gold = select_gold(pool[c["graded"][pool] > 0], c["source"], h, d.gold_size)
-    pool = np.setdiff1d(pool, gold)
-    train, dev, test = assign_splits(pool, c["source"], h, dev_fraction=d.dev_fraction,
-                                     test_fraction=d.test_fraction, max_dev=d.max_dev, max_test=d.max_test)
-    # a benchmark source's pool rows (PubMedQA outside its test pmids) train like an sft source's
-    role = {name: "sft" if (r := resolve_spec(d, name).role) == "benchmark" else r
+def _source_roles(data_cfg, src_names: list[str]) -> dict[str, str]:
+    """Each pool source's role in training; a benchmark source's pool rows (PubMedQA outside its test pmids) train
+    like an sft source's."""
+    return {name: "sft" if (r := resolve_spec(data_cfg, name).role) == "benchmark" else r
             for name in src_names if name != REDTEAM_SOURCE}
-    weights = {i: (resolve_spec(d, name).weight if name != REDTEAM_SOURCE else 1.0) for i, name in enumerate(src_names)}
-    before = train.size
-    train = apply_train_size(train, c["source"], h, weights, d.train_size)
-    mix_dropped = before - train.size
-    bench = np.flatnonzero(alive & (c["kind"] == BENCHMARK))
-    redteam = np.flatnonzero(c["kind"] == REDTEAM)
-    benchmarks = {src_names[s]: bench[c["source"][bench] == s] for s in np.unique(c["source"][bench]).tolist()}
 
-    sets = {"dev": dev, "test": test, "gold": gold, **benchmarks, "redteam": redteam}
-    decontam = Decontaminator(d.decontam_chars, d.decontam_phrase_items)
-    counts: dict[str, int] = {}
-    contaminated: list[tuple[int, str]] = []
-    with open(spool.path, "rb") as sp:
-        for set_name, idx in sets.items():
-            sets[set_name] = idx if set_name == "redteam" else idx[np.argsort(h[idx], kind="stable")]
 
-        def index(names, final: bool) -> None:
-            for set_name in names:
+class _Selection:
+    """The selection over the spool's compact columns: rows dropped (each with its reason, in the rejects and the
+    per-source stats), then the sets the others end up in, read back from the spool file by offset."""
+
+    def __init__(self, cfg: Config, spool: Spool, rejects: Rejects):
+        self.data_cfg, self.spool, self.rejects = cfg.data, spool, rejects
+        self.cols = spool.cols.numpy()
+        n = self.cols["kind"].size
+        self.protected = self.cols["kind"] != POOL  # eval items: a pool copy of one is dropped, never the item
+        self.rank = np.where(self.protected, 0, 1) * n + np.arange(n)
+        self.alive = np.ones(n, dtype=bool)
+        self.split_key = split_hash(self.cols["idkey"], self.data_cfg.split_seed)
+        self.contaminated: list[tuple[int, str]] = []  # (row, reason): shares a run with an eval item
+        self.benchmark_names: list[str] = []
+
+    def drop(self, rows: np.ndarray, stage: str, reasons: list[str], summary: str) -> None:
+        src_names, files, cols = self.spool.sources, self.spool.files, self.cols
+        for i, reason in zip(rows.tolist(), reasons):
+            name = src_names[cols["source"][i]]
+            self.rejects.add(files[cols["file"][i]], int(cols["line"][i]), name, stage, reason, summary,
+                             f"{int(cols['idkey'][i]):016x}")
+            self.spool.stats[name].filtered[stage] = self.spool.stats[name].filtered.get(stage, 0) + 1
+        self.alive[rows] = False
+
+    def drop_duplicates(self) -> int:
+        """Drop exact, then near-duplicate questions of an earlier or eval record; returns the exact ones' count."""
+        cols, threshold = self.cols, self.data_cfg.near_dup_threshold
+        dup_of = exact_duplicates(cols["qkey"], self.rank, self.protected)
+        dups = np.flatnonzero(dup_of >= 0)
+        self.drop(dups, "duplicate", [f"same question as {int(cols['idkey'][j]):016x}" for j in dup_of[dups]],
+                  "same question as an earlier or eval record")
+        if threshold is not None:
+            near_of, sim = near_duplicates(cols["sig"], np.flatnonzero(self.alive), self.rank, self.protected,
+                                           threshold)
+            hit = np.flatnonzero(near_of >= 0)
+            self.drop(hit, "near_duplicate", [f"near-duplicate of {int(cols['idkey'][j]):016x} (estimated Jaccard "
+                                              f"{s:.2f})" for j, s in zip(near_of[hit], sim[hit])],
+                      f"question near-duplicate (Jaccard >= {threshold}) of an earlier or eval record")
+        return int(dups.size)
+
+    def split(self) -> tuple[dict[str, np.ndarray], np.ndarray, int]:
+        """The eval sets (dev, test, gold, one per benchmark source, redteam; each but redteam in split-key order),
+        the train rows in the mix, and how many pool rows the mix left out. Sets ``benchmark_names``."""
+        d, cols, key = self.data_cfg, self.cols, self.split_key
+        src_names = self.spool.sources
+        pool = np.flatnonzero(self.alive & (cols["kind"] == POOL))
+        gold = select_gold(pool[cols["graded"][pool] > 0], cols["source"], key, d.gold_size)
+        pool = np.setdiff1d(pool, gold)
+        train, dev, test = assign_splits(pool, cols["source"], key, dev_fraction=d.dev_fraction,
+                                         test_fraction=d.test_fraction, max_dev=d.max_dev, max_test=d.max_test)
+        weights = {i: (resolve_spec(d, name).weight if name != REDTEAM_SOURCE else 1.0)
+                   for i, name in enumerate(src_names)}
+        in_mix = apply_train_size(train, cols["source"], key, weights, d.train_size)
+        bench = np.flatnonzero(self.alive & (cols["kind"] == BENCHMARK))
+        benchmarks = {src_names[s]: bench[cols["source"][bench] == s]
+                      for s in np.unique(cols["source"][bench]).tolist()}
+        self.benchmark_names = list(benchmarks)
+        sets = {"dev": dev, "test": test, "gold": gold, **benchmarks,
+                "redteam": np.flatnonzero(cols["kind"] == REDTEAM)}
+        for set_name, rows in sets.items():
+            sets[set_name] = rows if set_name == "redteam" else rows[np.argsort(key[rows], kind="stable")]
+        return sets, in_mix, train.size - in_mix.size
+
+    def read(self, spool_file, row: int) -> bytes:
+        return _read_line(spool_file, int(self.cols["offset"][row]))
+
+    def decontaminate_eval_sets(self, sets: dict[str, np.ndarray], benchmark_names: list[str], spool_file,
+                                decontam: Decontaminator) -> None:
+        """Index the benchmark and red-team items, drop the dev/test/gold records that copy one (gold feeds RL),
+        then index dev/test/gold too, for the train records."""
+        def index(set_names, final: bool) -> None:
+            for set_name in set_names:
                 for i in sets[set_name].tolist():
-                    rec = json.loads(_read_line(sp, int(c["offset"][i])))
+                    rec = json.loads(self.read(spool_file, i))
                     decontam.add(f"{set_name}:{rec['id']}", conversation_text(rec) + "\x00" + (rec["reference"] or ""))
             decontam.freeze(final)
 
-        # benchmark and red-team items first: a dev/test/gold record copying one is dropped too (gold feeds RL)
-        index([*benchmarks, "redteam"], final=False)
+        index([*benchmark_names, "redteam"], final=False)
         for set_name in ("dev", "test", "gold"):
-            idx = sets[set_name]
-            recs = [json.loads(_read_line(sp, int(c["offset"][i]))) for i in idx.tolist()]
+            rows = sets[set_name]
+            recs = [json.loads(self.read(spool_file, i)) for i in rows.tolist()]
             hits = decontam.find_many([_train_text(r) for r in recs])
-            bad = [(int(i), f"shares a {d.decontam_chars}-character run with {hit}")
-                   for i, hit in zip(idx.tolist(), hits) if hit is not None]
-            contaminated += bad
-            sets[set_name] = idx[~np.isin(idx, [i for i, _ in bad])]
-        gold = sets["gold"]
+            bad = [(int(i), f"shares a {self.data_cfg.decontam_chars}-character run with {hit}")
+                   for i, hit in zip(rows.tolist(), hits) if hit is not None]
+            self.contaminated += bad
+            sets[set_name] = rows[~np.isin(rows, [i for i, _ in bad])]
         index(("dev", "test", "gold"), final=True)
-        for set_name, idx in sets.items():
-            with open(run.data / f"{set_name}.jsonl", "wb") as fh:
-                for i in idx.tolist():
-                    fh.write(_read_line(sp, int(c["offset"][i])))
-        train = train[np.argsort(h[train], kind="stable")]
-        with open(run.data / "train.jsonl", "wb") as fh, tqdm(total=train.size, desc="prepare decontaminate",
-                                                                unit=" rec", disable=None, leave=False) as bar:
+
+    def write_train(self, path: Path, train: np.ndarray, roles: dict[str, str], spool_file,
+                    decontam: Decontaminator) -> None:
+        """Stream the train rows (split-key order) through decontamination: the sft sources' clean records go to
+        ``path``, a contaminated one is remembered for ``drop``."""
+        with open(path, "wb") as fh, tqdm(total=train.size, desc="prepare decontaminate", unit=" rec", disable=None,
+                                          leave=False) as bar:
             for start in range(0, train.size, BATCH):
                 chunk = train[start:start + BATCH].tolist()
-                lines = [_read_line(sp, int(c["offset"][i])) for i in chunk]
+                lines = [self.read(spool_file, i) for i in chunk]
                 recs = [json.loads(line) for line in lines]
                 hits = decontam.find_many([_train_text(r) for r in recs])
                 for i, line, rec, hit in zip(chunk, lines, recs, hits):
                     if hit is not None:
-                        contaminated.append((i, f"shares a {d.decontam_chars}-character run with {hit}"))
-                    elif role[rec["source"]] == "sft":
+                        self.contaminated.append((i, f"shares a {self.data_cfg.decontam_chars}-character run with "
+                                                     f"{hit}"))
+                    elif roles[rec["source"]] == "sft":
                         fh.write(line)
                 bar.update(len(chunk))
+
+    def count_kept(self, sets: dict[str, np.ndarray], rl_only: np.ndarray) -> dict[str, int]:
+        """Rows per set (and per source into the stats, with the train rows only RL prompts draw from)."""
+        src_names, source = self.spool.sources, self.cols["source"]
+        counts: dict[str, int] = {}
+        for set_name, rows in sets.items():
+            counts[set_name] = int(rows.size)
+            for s, k in zip(*np.unique(source[rows], return_counts=True)):
+                self.spool.stats[src_names[s]].kept[set_name] = int(k)
+        for s, k in zip(*np.unique(source[rl_only], return_counts=True)):
+            self.spool.stats[src_names[s]].kept["rl_pool"] = int(k)
+        return counts
+
+
+def _eval_only(cols: dict, names: list[str], run: RunDir) -> bool:
+    """True when no record can train (every one is a benchmark item); none usable at all is a usage error."""
+    if (cols["kind"] == POOL).any():
+        return False
+    if not (cols["kind"] == BENCHMARK).any():
+        raise UsageError(f"no usable records in {', '.join(names)} (see {run.data / 'rejects.jsonl'})")
+    log.warning("prepare: every record of %s is a benchmark item: preparing for evaluation only (the benchmark "
+                "files, the red-team set; no train, dev, test or gold records)", ", ".join(names))
+    return True
+
+
+def _select_and_write(cfg: Config, run: RunDir, spool: Spool, rejects: Rejects, names: list[str],
+                      strict: bool) -> dict[str, Any]:
+    d = cfg.data
+    sel = _Selection(cfg, spool, rejects)
+    cols, src_names = sel.cols, spool.sources
+    eval_only = _eval_only(cols, names, run)
+    duplicates = sel.drop_duplicates()
+    sets, train, mix_dropped = sel.split()
+    benchmark_names = sel.benchmark_names
+    roles = _source_roles(d, src_names)
+    decontam = Decontaminator(d.decontam_chars, d.decontam_phrase_items)
+    with open(spool.path, "rb") as spool_file:
+        sel.decontaminate_eval_sets(sets, benchmark_names, spool_file, decontam)
+        for set_name, rows in sets.items():
+            with open(run.data / f"{set_name}.jsonl", "wb") as fh:
+                for i in rows.tolist():
+                    fh.write(sel.read(spool_file, i))
+        train = train[np.argsort(sel.split_key[train], kind="stable")]
+        sel.write_train(run.data / "train.jsonl", train, roles, spool_file, decontam)
+        contaminated = sel.contaminated
         if contaminated:
-            drop(np.array([i for i, _ in contaminated]), "contaminated", [r for _, r in contaminated],
-                 f"shares a {d.decontam_chars}-character run with an eval item")
+            sel.drop(np.array([i for i, _ in contaminated]), "contaminated", [r for _, r in contaminated],
+                     f"shares a {d.decontam_chars}-character run with an eval item")
         train_all = np.setdiff1d(train, np.array([i for i, _ in contaminated], dtype=np.int64))
-        train_all = train_all[np.argsort(h[train_all], kind="stable")]
-        sft_source = np.array([role.get(name) == "sft" for name in src_names], dtype=bool)
-        is_sft = sft_source[c["source"][train_all]]
+        train_all = train_all[np.argsort(sel.split_key[train_all], kind="stable")]
+        sft_source = np.array([roles.get(name) == "sft" for name in src_names], dtype=bool)
+        is_sft = sft_source[cols["source"][train_all]]
         sets["train"] = train_all[is_sft]
-        rl_rows = _write_rl_prompts(cfg, run, c, h, sp, sets["redteam"], gold, train_all)
-    for set_name, idx in sets.items():
-        counts[set_name] = int(idx.size)
-        for s, k in zip(*np.unique(c["source"][idx], return_counts=True)):
-            spool.stats[src_names[s]].kept[set_name] = int(k)
-    rl_only = train_all[~is_sft]
-    for s, k in zip(*np.unique(c["source"][rl_only], return_counts=True)):
-        spool.stats[src_names[s]].kept["rl_pool"] = int(k)
+        rl_rows = _write_rl_prompts(cfg, run, cols, sel.split_key, spool_file, sets["redteam"], sets["gold"],
+                                    train_all)
+    counts = sel.count_kept(sets, train_all[~is_sft])
     for set_name in () if eval_only else ("gold", "dev", "test"):  # eval-only: said above
         if counts[set_name] == 0 and (set_name != "gold" or d.gold_size > 0):
             log.warning("prepare: %s", empty_set_warning(set_name))
     summary: dict[str, Any] = {**{k: counts[k] for k in OUTPUT_FILES}, "rl_prompts": len(rl_rows),
-                               "benchmarks": {k: counts[k] for k in benchmarks},
+                               "benchmarks": {k: counts[k] for k in benchmark_names},
                                "rejects": rejects.count,
                                "invalid": sum(s.invalid for s in spool.stats.values()),
-                               "duplicates": int(dups.size),
-                               "near_duplicates": sum(s.filtered.get("near_duplicate", 0) for s in spool.stats.values()),
+                               "duplicates": duplicates,
+                               "near_duplicates": sum(s.filtered.get("near_duplicate", 0)
+                                                      for s in spool.stats.values()),
                                "contaminated": len(contaminated), "not_in_train_mix": int(mix_dropped),
                                "decontam_common_windows": decontam.common_windows,
                                "sources": {k: vars(v) for k, v in spool.stats.items()}}
     command = " ".join(shlex.quote(a) for a in ["medrl", *sys.argv[1:]]) if Path(sys.argv[0]).name in (
         "medrl", "cli.py") else f"run_prepare(sources={names}, strict={strict})"
-    run.data_card.write_text(render_card(cfg, summary, spool, c, sets, rl_rows, rejects.by_reason, command),
+    run.data_card.write_text(render_card(cfg, summary, spool, cols, sets, rl_rows, rejects.by_reason, command),
                              encoding="utf-8")
     return summary
 

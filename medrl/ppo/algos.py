@@ -1,9 +1,10 @@
-"""The RL math of medrl, as pure tensor functions (no Ray, no model code).
+"""The RL math the driver runs over the whole batch before the update, as pure tensor functions (no Ray, no model
+code): which rows learn (``rows_to_learn``), their KL, advantages, returns and weights (``advantages_and_weights``),
+each ``Batch -> Batch``. The losses the learner minimises are ``medrl.ppo.objective``.
 
 Shapes: ``[B, T]`` tensors hold one row per response, right padded; ``mask`` is 1 on response tokens and 0 on
 padding. Advantage estimators are registered by name (veRL style) and share one signature, so the driver picks
-one from ``cfg.ppo.estimator`` without knowing which; policy losses likewise (``cfg.ppo.policy_loss``), and their
-per-token values are reduced to one number by ``aggregate_loss`` (``cfg.ppo.loss_agg_mode``).
+one from ``cfg.ppo.estimator`` without knowing which.
 
 Guards: log-ratios are clamped to +-``LOG_RATIO_CLAMP`` before ``exp`` (veRL's ``SAFETY_BOUND`` is also 20) and
 per-token KL estimates of every estimator to +-``KL_CLAMP`` (as OpenRLHF's ``compute_approx_kl`` does for k1, k2 and
@@ -15,6 +16,9 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
+
+from medrl.ppo.batch import Batch
+from medrl.ppo.config import EstimatorName, check_registry
 
 EPS = 1e-8
 LOG_RATIO_CLAMP = 20.0
@@ -113,91 +117,7 @@ def token_rewards(scores: torch.Tensor, kl_penalty: torch.Tensor, mask: torch.Te
     return rewards
 
 
-# --------------------------------------------------------------------------- losses
-PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-POLICY_LOSSES: dict[str, PolicyLoss] = {}
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
-    def deco(fn: PolicyLoss) -> PolicyLoss:
-        POLICY_LOSSES[name] = fn
-        return fn
-    return deco
-
-
-def policy_loss(name: str, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, *, clip_low: float, clip_high: float, dual_clip: float | None = None,
-                behaviour_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token policy loss ``[B, T]`` of the registered loss ``name`` (reduce it with ``aggregate_loss``) and
-    detached statistics (token means over ``mask``). ``behaviour_weights`` (samples drawn by an older policy): each
-    token's loss is multiplied by its weight (decoupled PPO: the ratio is clipped around ``old_logprobs``, the
-    proximal policy)."""
-    if name not in POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {name!r} ({', '.join(POLICY_LOSSES)})")
-    loss, info = POLICY_LOSSES[name](logprobs, old_logprobs, advantages, mask, clip_low=clip_low,
-                                     clip_high=clip_high, dual_clip=dual_clip)
-    with torch.no_grad():
-        info["approx_kl"] = masked_mean(0.5 * (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) ** 2,
-                                        mask)
-    return (loss if behaviour_weights is None else behaviour_weights * loss), info
-
-
-def _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high, dual_clip):
-    """``max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``; with ``dual_clip`` c, tokens with A < 0 are also
-    capped at ``-A c`` (Ye et al. 2020: a huge ratio on a bad token cannot make the loss unbounded)."""
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    loss = torch.maximum(unclipped, clipped)
-    info = {"clip_frac": masked_mean((clipped > unclipped).float(), mask).detach()}
-    if dual_clip is not None:
-        cap = -advantages * dual_clip
-        capped = (advantages < 0) & (loss > cap)
-        loss = torch.where(capped, cap, loss)
-        info["dual_clip_frac"] = masked_mean(capped.float(), mask).detach()
-    return loss, info
-
-
-@register_policy_loss("ppo")
-def _ppo(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip):
-    """PPO's clipped surrogate with a per-token ratio ``pi / pi_old`` (asymmetric: DAPO's clip-higher)."""
-    ratio = torch.exp(torch.clamp(logprobs - old_logprobs, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
-    return _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high, dual_clip)
-
-
-@register_policy_loss("gspo")
-def _gspo(logprobs, old_logprobs, advantages, mask, *, clip_low, clip_high, dual_clip):
-    """GSPO (Zheng et al. 2025): one ratio per response, the geometric mean ``exp(mean_t log(pi / pi_old))``, clipped
-    as PPO's; each token carries it with its own gradient (``sg[s] * pi_t / sg[pi_t]``). Use small clips (the
-    paper: 3e-4 / 4e-4)."""
-    seq_log_ratio = masked_mean(logprobs - old_logprobs, mask, dim=1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = torch.exp(seq_log_ratio.detach()[:, None] + logprobs - logprobs.detach())
-    return _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high, dual_clip)
-
-
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-def aggregate_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str, *, n_tokens: torch.Tensor | float,
-                   n_seqs: torch.Tensor | float, norm_len: float) -> torch.Tensor:
-    """These rows' share of the minibatch loss, so that micro-batches add up to the minibatch value (``n_tokens`` /
-    ``n_seqs``: the minibatch's loss tokens and non-empty rows, over all learner ranks divided by their number:
-    ``objective.loss_denominators``; veRL's ``loss_agg_mode`` names):
-
-    - ``token-mean``: sum over all tokens / ``n_tokens`` (PPO, DAPO: long responses weigh more);
-    - ``seq-mean-token-mean``: each row's token mean, averaged over rows (GRPO paper: every response weighs the
-      same, so tokens of long responses weigh less);
-    - ``seq-mean-token-sum-norm``: sum over all tokens / (``n_seqs`` x ``norm_len``), a constant length (Dr. GRPO:
-      no length bias in either direction)."""
-    total = (loss * mask).sum(1)
-    if mode == "token-mean":
-        return total.sum() / max(float(n_tokens), 1.0)
-    if mode == "seq-mean-token-mean":
-        return (total / mask.sum(1).clamp(min=1)).sum() / max(float(n_seqs), 1.0)
-    if mode == "seq-mean-token-sum-norm":
-        return total.sum() / (max(float(n_seqs), 1.0) * norm_len)
-    raise ValueError(f"unknown loss aggregation {mode!r} ({', '.join(LOSS_AGG_MODES)})")
-
-
+# --------------------------------------------------------------------------- weights of off-policy samples
 def behaviour_weights(old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
     """Per-token importance weights pi_old / pi_behaviour of samples drawn by an older policy, truncated at ``cap``
     (decoupled PPO, Hilton et al. 2021; truncated IS as in Yao et al. 2025): 1 where the two policies agree."""
@@ -237,29 +157,6 @@ def rollout_correction(behaviour_logprobs: torch.Tensor, rollout_logprobs: torch
                                                                    else inside), unit_mask))
         return rho * inside * mask, inside, stats
     raise ValueError(f"unknown rollout correction mode {settings.mode!r} (none, tis, mis)")
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """0.5 * squared error to the returns, token mean; with ``clip`` the max of the clipped and unclipped error
-    (predictions kept within ``old +- clip``, as in PPO2)."""
-    err = (values - returns) ** 2
-    if clip is None:
-        loss = 0.5 * masked_mean(err, mask)
-        frac = torch.zeros((), device=values.device)
-    else:
-        clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
-        err_clipped = (clipped_values - returns) ** 2
-        loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
-        with torch.no_grad():
-            frac = masked_mean((err_clipped > err).float(), mask)
-    return loss, {"value_clip_frac": frac.detach()}
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position: ``logsumexp(z) - sum softmax(z) z``."""
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
 # --------------------------------------------------------------------------- advantage estimators
@@ -369,32 +266,47 @@ def _reinforce_pp(*, scores, kl_penalty, mask, group, values, gamma, lam, whiten
     return masked_whiten(returns, mask), returns
 
 
-# --------------------------------------------------------------------------- the driver's finishing step
-def advantages_and_weights(ppo_cfg, *, scores: torch.Tensor, group: torch.Tensor, mask: torch.Tensor,
-                           old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None,
-                           behaviour_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
-                           values: torch.Tensor | None, kl_coef: float,
-                           finished: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """What the PPO update needs beyond the log-probs, over the whole batch (group and batch statistics): per-token
-    ``kl`` (``ppo.kl.estimator``; 0 without ``ref_logprobs``, i.e. a zero coefficient), ``advantages`` and
-    ``returns`` of the configured estimator with ``scores [B]`` on the last token (plus per-token rewards ``-kl_coef
-    * KL_t`` when ``kl.placement`` is ``reward``), ``behaviour_weights``: the truncated decoupled weight ``pi_old /
-    pi_behaviour`` times the rollout correction's weight of ``pi_behaviour / pi_engine`` (``rollout_correction``,
-    from ``rollout_logprobs``; not applied with mode ``none``), and ``loss_mask``: the response tokens the losses
-    see (``ppo.mask_truncated`` removes the responses not ``finished [B]``, mode ``mis`` the tokens or responses
-    outside its band); all 0 on padding. Also returns batch statistics (``kl``: the mean per-token KL over the
-    tokens that exist, what the adaptive controller steers; absent without a reference; the rollout correction's)."""
+# --------------------------------------------------------------------------- the driver's Batch -> Batch steps
+def rows_to_learn(batch: Batch, ppo_cfg, ranks: int) -> tuple[Batch, dict[str, float]]:
+    """The rows a step learns from: not ``dropped`` by the reward plane, minus the groups whose ``scores`` have zero
+    spread when ``ppo.filter_zero_spread_groups`` is on, cut to a multiple of ``ranks`` (equal shards); no rows: the
+    update is skipped. Counts the zero-spread groups among the scored rows either way (DAPO's dynamic-sampling
+    statistic)."""
+    scored = [i for i, d in enumerate(batch.dropped.tolist()) if not d]
+    stats = {"zero_spread_groups": 0, "zero_spread_frac": 0.0}
+    if scored:
+        idx = torch.tensor(scored)
+        zero = group_stats(batch.scores[idx], batch.group[idx]).zero_spread
+        flat, groups = torch.unique(batch.group[idx][zero]), torch.unique(batch.group[idx])
+        stats = {"zero_spread_groups": int(flat.numel()), "zero_spread_frac": flat.numel() / groups.numel()}
+        if ppo_cfg.filter_zero_spread_groups:
+            scored = [i for i, z in zip(scored, zero.tolist()) if not z]
+    keep = scored[:len(scored) - len(scored) % ranks]
+    return (batch if len(keep) == len(batch) else batch.take(torch.tensor(keep, dtype=torch.long))), stats
+
+
+def advantages_and_weights(ppo_cfg, batch: Batch, kl_coef: float) -> tuple[Batch, dict[str, float]]:
+    """The batch with what the PPO update needs beyond the log-probs, over the whole batch (group and batch
+    statistics): per-token ``kl`` (``ppo.kl.estimator``; 0 without ``ref_logprobs``, i.e. a zero coefficient),
+    ``advantages`` and ``returns`` of the configured estimator with ``scores`` on the last token (plus per-token
+    rewards ``-kl_coef * KL_t`` when ``kl.placement`` is ``reward``), ``behaviour_weights``: the truncated decoupled
+    weight ``pi_old / pi_behaviour`` times the rollout correction's weight of ``pi_behaviour / pi_engine``
+    (``rollout_correction``, from ``rollout_logprobs``; not applied with mode ``none``), and ``loss_mask``: the
+    response tokens the losses see (``ppo.mask_truncated`` removes the responses not ``finished``, mode ``mis`` the
+    tokens or responses outside its band); all 0 on padding. Also returns batch statistics (``kl``: the mean
+    per-token KL over the tokens that exist, what the adaptive controller steers; absent without a reference; the
+    rollout correction's)."""
+    mask, old_logprobs, ref_logprobs = batch.response_mask, batch.old_logprobs, batch.ref_logprobs
     kl = torch.zeros_like(mask) if ref_logprobs is None else kl_estimate(old_logprobs, ref_logprobs,
                                                                          ppo_cfg.kl.estimator) * mask
     in_reward = kl_coef * kl if ppo_cfg.kl.placement == "reward" else torch.zeros_like(kl)
     advantages, returns = compute_advantages(
-        ppo_cfg.estimator, scores=scores.float(), kl_penalty=in_reward, mask=mask, group=group, values=values,
-        gamma=ppo_cfg.gamma, lam=ppo_cfg.lam, whiten=ppo_cfg.whiten_advantages)
-    weights = behaviour_weights(old_logprobs, behaviour_logprobs, ppo_cfg.behaviour_weight_cap)
-    correction, keep, rc_stats = rollout_correction(behaviour_logprobs, rollout_logprobs, mask,
+        ppo_cfg.estimator, scores=batch.scores.float(), kl_penalty=in_reward, mask=mask, group=batch.group,
+        values=batch.values, gamma=ppo_cfg.gamma, lam=ppo_cfg.lam, whiten=ppo_cfg.whiten_advantages)
+    weights = behaviour_weights(old_logprobs, batch.behaviour_logprobs, ppo_cfg.behaviour_weight_cap)
+    correction, keep, rc_stats = rollout_correction(batch.behaviour_logprobs, batch.rollout_logprobs, mask,
                                                     ppo_cfg.rollout_correction)
-    truncated = torch.zeros(len(mask), dtype=torch.bool) if finished is None else ~finished.bool()
-    masked = truncated & ppo_cfg.mask_truncated
+    masked = ~batch.finished.bool() & ppo_cfg.mask_truncated
     stats = {"behaviour_weight_mean": float(masked_mean(weights, mask)),
              "advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask)),
              "truncated_masked": int(masked.sum()), **rc_stats}
@@ -402,24 +314,11 @@ def advantages_and_weights(ppo_cfg, *, scores: torch.Tensor, group: torch.Tensor
         weights = weights * correction
     if ref_logprobs is not None:
         stats.update(kl=float(masked_mean(kl, mask)), kl_seq_sum=float((kl * mask).sum(1).mean()))
-    if values is not None:
-        stats["value_mean"] = float(masked_mean(values, mask))
-    return {"kl": kl, "advantages": advantages * mask, "returns": returns * mask, "behaviour_weights": weights * mask,
-            "loss_mask": mask * (~masked).to(mask.dtype)[:, None] * keep}, stats
+    if batch.values is not None:
+        stats["value_mean"] = float(masked_mean(batch.values, mask))
+    return batch.replace(kl=kl, advantages=advantages * mask, returns=returns * mask,
+                         behaviour_weights=weights * mask,
+                         loss_mask=mask * (~masked).to(mask.dtype)[:, None] * keep), stats
 
 
-def rows_to_learn(dropped: list[bool], scores: torch.Tensor, group: torch.Tensor, ppo_cfg, ranks: int
-                  ) -> tuple[list[int], dict[str, float]]:
-    """The rows a step learns from: not dropped by the reward plane, minus the groups whose scores have zero spread
-    when ``ppo.filter_zero_spread_groups`` is on, cut to a multiple of ``ranks`` (equal shards). Counts the
-    zero-spread groups among the scored rows either way (DAPO's dynamic-sampling statistic)."""
-    scored = [i for i, d in enumerate(dropped) if not d]
-    stats = {"zero_spread_groups": 0, "zero_spread_frac": 0.0}
-    if scored:
-        idx = torch.tensor(scored)
-        zero = group_stats(scores[idx], group[idx]).zero_spread
-        flat, groups = torch.unique(group[idx][zero]), torch.unique(group[idx])
-        stats = {"zero_spread_groups": int(flat.numel()), "zero_spread_frac": flat.numel() / groups.numel()}
-        if ppo_cfg.filter_zero_spread_groups:
-            scored = [i for i, z in zip(scored, zero.tolist()) if not z]
-    return scored[:len(scored) - len(scored) % ranks], stats
+check_registry(ADVANTAGE_ESTIMATORS, EstimatorName, "ppo.estimator")

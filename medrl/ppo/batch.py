@@ -1,16 +1,20 @@
 """What flows through one PPO step: the ``Sample`` a rollout engine returns, the ``Rollout`` record of a step's
-micro-batches in flight, and the typed ``Batch`` of tensors the learner ranks score and train on. No Ray in here.
+micro-batches in flight, and the typed ``Batch``: the one thing the step passes from phase to phase. No Ray in here.
 
 A ``Batch`` has one row per response. Each field has a kind, which says how rows are cut, trimmed and joined:
 
   sequence  ``[B, L]``  prompt + response, right padded          (``input_ids``, ``attention_mask``)
-  row       ``[B]``     one value per response                    (``prompt_lens``)
+  row       ``[B]``     one value per response                    (``prompt_lens``, ``group``, ``finished``, and once
+                        the rewards are in ``scores`` and ``dropped``)
   token     ``[B, R]``  one value per response token, 0 on padding (``response_ids``, ``response_mask`` and every
                         log-prob, value, KL, advantage and weight added on the way to the gradient)
+  info      ``list``    one Python object per row, driver side only (``samples``, and ``results``: each row's
+                        ``RewardResult``, as OpenRLHF's ``Experience.info``); the learner ranks get ``for_learner()``
 
-The token fields after ``rollout_logprobs`` are ``None`` until a phase fills them: the learner ranks add
-``old_logprobs``, ``behaviour_logprobs``, ``ref_logprobs`` (not with a zero KL coefficient) and ``values``, the
-driver ``kl``, ``advantages``, ``returns``, ``behaviour_weights`` and ``loss_mask``.
+The fields after ``rollout_logprobs`` are ``None`` until a phase fills them: the learner ranks add ``old_logprobs``,
+``behaviour_logprobs``, ``ref_logprobs`` (not with a zero KL coefficient) and ``values``; the reward plane
+``scores``, ``dropped`` and ``results`` (``with_rewards``); the driver ``kl``, ``advantages``, ``returns``,
+``behaviour_weights`` and ``loss_mask`` (``medrl.ppo.algos.advantages_and_weights``).
 """
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from medrl.reward.types import RewardInput
+from medrl.reward.types import RewardInput, RewardResult
 
-SEQUENCE, ROW, TOKEN = "sequence", "row", "token"
+SEQUENCE, ROW, TOKEN, INFO = "sequence", "row", "token", "info"
 
 
 def _kind(kind: str, optional: bool = False):
@@ -54,12 +58,24 @@ class Batch:
     input_ids: torch.Tensor = _kind(SEQUENCE)
     attention_mask: torch.Tensor = _kind(SEQUENCE)
     prompt_lens: torch.Tensor = _kind(ROW)
+    group: torch.Tensor = _kind(ROW)
+    """``Sample.prompt_index`` of each row: the rows of one prompt form a GRPO/RLOO group."""
+    finished: torch.Tensor = _kind(ROW)
+    """bool: the response ended by itself (not cut at ``max_new_tokens``)."""
     response_ids: torch.Tensor = _kind(TOKEN)
     response_mask: torch.Tensor = _kind(TOKEN)
     """1.0 on response tokens the policy sampled (float: it weights token sums); 0 on padding and on a
     consultation's patient turns (``Sample.policy_mask``), which are context, never trained on or compared."""
     rollout_logprobs: torch.Tensor = _kind(TOKEN)
     """The rollout engine's log-probs of the sampled tokens."""
+    samples: list[Sample] | None = _kind(INFO, optional=True)
+    """The rows' ``Sample``s (text, indices, a consultation's dialogue): for ``samples.jsonl``."""
+    scores: torch.Tensor | None = _kind(ROW, optional=True)
+    """The reward plane's R of each row (float32, as the advantages read it)."""
+    dropped: torch.Tensor | None = _kind(ROW, optional=True)
+    """bool: the reward plane left the row unscored (``RewardResult.dropped``): out of its group and the loss."""
+    results: list[RewardResult] | None = _kind(INFO, optional=True)
+    """Each row's ``RewardResult`` (components, judge status, cost): the step's reward metrics and samples."""
     old_logprobs: torch.Tensor | None = _kind(TOKEN, optional=True)
     """Live learner weights before the update: the proximal policy the PPO ratio is clipped around."""
     behaviour_logprobs: torch.Tensor | None = _kind(TOKEN, optional=True)
@@ -79,16 +95,20 @@ class Batch:
 
     @classmethod
     def pack(cls, samples: list[Sample], pad_id: int) -> "Batch":
-        """Right-padded tensors from samples, in their order; ``rollout_logprobs`` 0 where samples carry none."""
+        """Right-padded tensors from samples, in their order, the samples kept with their rows; ``rollout_logprobs`` 0
+        where samples carry none."""
         n = len(samples)
         width = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
         resp_width = max(max(len(s.response_ids) for s in samples), 1)
         batch = cls(input_ids=torch.full((n, width), pad_id, dtype=torch.long),
                     attention_mask=torch.zeros(n, width, dtype=torch.long),
                     prompt_lens=torch.tensor([len(s.prompt_ids) for s in samples], dtype=torch.long),
+                    group=torch.tensor([s.prompt_index for s in samples], dtype=torch.long),
+                    finished=torch.tensor([s.finished for s in samples], dtype=torch.bool),
                     response_ids=torch.full((n, resp_width), pad_id, dtype=torch.long),
                     response_mask=torch.zeros(n, resp_width, dtype=torch.float32),
-                    rollout_logprobs=torch.zeros(n, resp_width, dtype=torch.float32), pad_id=pad_id)
+                    rollout_logprobs=torch.zeros(n, resp_width, dtype=torch.float32), samples=list(samples),
+                    pad_id=pad_id)
         for i, s in enumerate(samples):
             seq = s.prompt_ids + s.response_ids
             batch.input_ids[i, :len(seq)] = torch.tensor(seq)
@@ -107,11 +127,20 @@ class Batch:
     def tensors(self) -> dict[str, torch.Tensor]:
         """The fields that are set, by name."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.metadata["kind"] is not None and getattr(self, f.name) is not None}
+                if f.metadata["kind"] not in (None, INFO) and getattr(self, f.name) is not None}
 
-    def replace(self, **tensors: torch.Tensor) -> "Batch":
+    def replace(self, **fields) -> "Batch":
         """A copy with these fields set (the tensors are shared, not copied)."""
-        return dataclasses.replace(self, **tensors)
+        return dataclasses.replace(self, **fields)
+
+    def with_rewards(self, results: list[RewardResult]) -> "Batch":
+        """The rows with their rewards (``results`` in row order): ``scores``, ``dropped`` and the results."""
+        return self.replace(scores=torch.tensor([r.reward for r in results]),
+                            dropped=torch.tensor([r.dropped for r in results], dtype=torch.bool), results=list(results))
+
+    def for_learner(self) -> "Batch":
+        """The tensors only: the learner ranks never read the samples or reward results."""
+        return self.replace(**{f.name: None for f in dataclasses.fields(self) if f.metadata["kind"] == INFO})
 
     def to(self, device: torch.device | str) -> "Batch":
         return self.replace(**{k: v.to(device) for k, v in self.tensors().items()})
@@ -130,6 +159,9 @@ class Batch:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.metadata["kind"] is None or value is None:
+                continue
+            if f.metadata["kind"] == INFO:
+                out[f.name] = [value[i] for i in rows.tolist()]
                 continue
             value = value[rows]
             out[f.name] = value[:, :width] if f.metadata["kind"] == SEQUENCE else \
@@ -157,29 +189,16 @@ class Batch:
             load[k] += tokens[row]
         return [torch.tensor(sorted(rows), dtype=torch.long) for rows in shards]
 
-    def shard(self, n_shards: int) -> list["Batch"]:
-        """``take`` of each of ``shard_rows(n_shards)``."""
-        return [self.take(rows) for rows in self.shard_rows(n_shards)]
-
-    @classmethod
-    def cat(cls, batches: list["Batch"]) -> "Batch":
-        """Rows of ``batches`` one after another, each padded to the widest (ids with ``pad_id``, the rest with 0).
-        A field must be set in all of them or in none."""
-        first = batches[0]
+    def put_rows(self, rows: list[torch.Tensor], parts: list[dict[str, torch.Tensor]]) -> "Batch":
+        """A copy with the token fields computed shard by shard (``parts[k]``: fields of the rows ``rows[k]``, as wide as
+        that shard's longest response) put back at their rows, 0 past each row's width."""
         out = {}
-        for f in dataclasses.fields(cls):
-            kind = f.metadata["kind"]
-            values = [getattr(b, f.name) for b in batches]
-            if kind is None or all(v is None for v in values):
-                continue
-            if any(v is None for v in values):
-                raise ValueError(f"Batch.cat: {f.name} is set in some batches only")
-            if kind != ROW:
-                width = max(v.shape[1] for v in values)
-                pad = first.pad_id if f.name in ("input_ids", "response_ids") else 0
-                values = [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=pad) for v in values]
-            out[f.name] = torch.cat(values)
-        return first.replace(**out)
+        for name in parts[0]:
+            full = torch.zeros(len(self), self.response_ids.shape[1], dtype=parts[0][name].dtype)
+            for shard_rows, part in zip(rows, parts):
+                full[shard_rows, :part[name].shape[1]] = part[name]
+            out[name] = full
+        return self.replace(**out)
 
 
 @dataclass

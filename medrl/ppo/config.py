@@ -5,12 +5,27 @@ Defaults suit Qwen3-1.7B + LoRA on one 16-24 GB GPU. One PPO *step* = sample ``p
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from medrl.config_base import StrictModel
 from medrl.models.engine_config import EngineName, VLLMSettings
+
+
+EstimatorName = Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+"""The advantage estimators ``medrl.ppo.algos`` registers (it refuses to import when the two differ)."""
+PolicyLossName = Literal["ppo", "gspo"]
+"""The policy losses ``medrl.ppo.objective`` registers (it refuses to import when the two differ)."""
+
+
+def check_registry(registry: dict, names: object, key: str) -> None:
+    """Raise when a registry of ``medrl.ppo`` and the config's choices for ``key`` differ: the config (torch-free,
+    shown by ``--help``) lists the names, the registry holds the code, and neither may name what the other lacks."""
+    wanted, have = set(get_args(names)), set(registry)
+    if wanted != have:
+        raise RuntimeError(f"{key}: the config offers {sorted(wanted)} but the registry has {sorted(have)} "
+                           f"(add the name to both)")
 
 
 class GenerationSettings(StrictModel):
@@ -125,7 +140,7 @@ class CheckpointSettings(StrictModel):
 
 class PPOConfig(StrictModel):
     # ---- algorithm
-    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
+    estimator: EstimatorName = "grpo"
     """Advantage estimator. ``gae``: PPO with the value head and GAE. Critic-free: ``grpo`` (reward normalised
     within each prompt's group), ``dr_grpo`` (group mean subtracted, no std division), ``rloo`` (leave-one-out group
     baseline), ``reinforce_pp`` (REINFORCE++: batch-whitened returns). ``grpo`` is the default: no value head to
@@ -160,8 +175,8 @@ class PPOConfig(StrictModel):
     in their group's baseline and the reward metrics (``truncated_masked`` counts them)."""
 
     # ---- losses and optimisation
-    policy_loss: Literal["ppo", "gspo"] = "ppo"
-    """Policy loss (registry ``medrl.ppo.algos.POLICY_LOSSES``). ``ppo``: clipped surrogate on each token's ratio.
+    policy_loss: PolicyLossName = "ppo"
+    """Policy loss (registry ``medrl.ppo.objective.POLICY_LOSSES``). ``ppo``: clipped surrogate on each token's ratio.
     ``gspo``: the same on one ratio per response, the geometric mean of its token ratios (GSPO; clips of ~3e-4)."""
     clip: float = Field(0.2, gt=0)
     """PPO ratio clip epsilon (both sides unless ``clip_low`` / ``clip_high`` say otherwise)."""

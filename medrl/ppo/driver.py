@@ -17,8 +17,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from medrl.config import Config
@@ -28,7 +26,7 @@ from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
 from medrl.consult.ppo import ConsultPlan
 from medrl.ppo import checkpoint as ckpt
 from medrl.ppo.algos import advantages_and_weights, rows_to_learn
-from medrl.ppo.batch import Batch, Rollout, Sample
+from medrl.ppo.batch import Batch, Rollout
 from medrl.ppo.groups import ActorGroups
 from medrl.ppo.kl_controller import make_kl_controller
 from medrl.ppo.learner import num_minibatches
@@ -100,21 +98,22 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict[str, float]:
-        """One PPO step, one line per phase (``rec`` collects each phase's time and figures for the metrics row).
-        With ``async_rollout`` the samples of the step were drawn during the previous step (weights before its
-        update). ``keep`` empty (every group had zero reward spread with ``filter_zero_spread_groups``, or fewer
-        samples were left than learner ranks): no update."""
+        """One PPO step, one line per phase (``rec`` collects each phase's time and figures for the metrics row); from
+        the rewards on, the phases take and return the step's ``Batch`` (rewards with their rows). With ``async_rollout`` the samples of the step were drawn during the previous
+        step (weights before its update). No rows to learn from (every group had zero reward spread with
+        ``filter_zero_spread_groups``, or fewer samples were left than learner ranks): no update."""
         self.step_no += 1
         rec = StepRecord()
         rollout = rec.timed("generate", self._generate, rec)
-        experience = rec.timed("reward_wait", self._start_experience, rollout, rec)  # overlaps the judge
+        experience = rec.timed("experience", self._start_experience, rollout, rec)  # computed while the judge works
         results = rec.timed("reward_wait", self._rewards, rollout, rec)
-        batch, keep = rec.timed("experience", self._experience, experience, rollout, results, rec)
-        if keep:
-            batch, kl_coef = rec.timed("train", self._advantages, batch, rollout.samples, results, keep, rec)
-            rec.timed("train", self._train, batch, kl_coef, rec)
-            rec.timed("train", self._publish_adapter)
-        return self._log(rollout, results, keep, rec)
+        scored = rec.timed("experience", self._experience, experience, results, rollout.version, rec)
+        learned = rec.timed("experience", self._rows_to_learn, scored, rec)
+        if len(learned):
+            learned, kl_coef = rec.timed("advantages", self._advantages, learned, rec)
+            rec.timed("train", self._train, learned, kl_coef, rec)
+            rec.timed("publish", self._publish_adapter)
+        return self._log(rollout.records, scored, learned, rec)
 
     def _generate(self, rec: StepRecord) -> Rollout:
         """This step's samples (already running ahead, or dispatched now), each micro-batch to the judge as it comes
@@ -132,13 +131,14 @@ class PPOTrainer:
         return rollout
 
     def _start_experience(self, rollout: Rollout, rec: StepRecord):
-        """The learner's old / behaviour / ref log-probs and values, dispatched (they do not need the rewards). vLLM
-        on a GPU, synchronous: the engines first free their memory for the learner (``generate`` wakes them)."""
+        """The learner's old / behaviour / ref log-probs and values of the rollout's batch, dispatched (they do not
+        need the rewards). vLLM on a GPU, synchronous: the engines first free their memory for the learner
+        (``generate`` wakes them)."""
         rec.add(time_engine_sleep_s=self.groups.rollout.sleep() if self._engines_sleep else 0.0)
         return self.groups.learner.make_experience(rollout.batch, rollout.version)
 
     def _rewards(self, rollout: Rollout, rec: StepRecord) -> list[RewardResult]:
-        """The judge wait: every sample's reward (failed reward tasks resubmitted, counted)."""
+        """The judge wait: every sample's reward, in row order (failed reward tasks resubmitted, counted)."""
         self._wait_feeding_ahead(rollout.reward_refs)
         results, retries = self.groups.rewards(rollout.reward_inputs, rollout.reward_refs)
         if self.consult is not None:
@@ -147,42 +147,37 @@ class PPOTrainer:
         self.data_position = rollout.end_position
         return results
 
-    def _experience(self, experience, rollout: Rollout, results: list[RewardResult], rec: StepRecord
-                    ) -> tuple[Batch, list[int]]:
-        """The learner's log-probs and values, and the weight-sync proof: rollout vs learner log-probs of every
-        sampled token under the version that drew it (``sync_check``). The samples the reward plane dropped (and
-        with ``filter_zero_spread_groups`` the groups of equal rewards) leave the batch, which is cut to a multiple
-        of the learner ranks (equal shards on every rank). Returns it and the kept rows."""
+    def _experience(self, experience, results: list[RewardResult], version: int, rec: StepRecord) -> Batch:
+        """The batch with the learner's log-probs and values and the rewards (``Batch.with_rewards``), and the
+        weight-sync proof: rollout vs learner log-probs of every sampled token under the ``version`` that drew it
+        (``sync_check``)."""
         self._wait_feeding_ahead(experience.refs)
-        batch = experience.result()
+        batch = experience.result().with_rewards(results)
         gap, gap_mean = logprob_gaps(batch.rollout_logprobs, batch.behaviour_logprobs, batch.response_mask)
-        check_weight_sync(self.step_no, rollout.version, gap, gap_mean, self.ppo.logprob_gap_tolerance, self.gap_abort)
-        if all(r.dropped for r in results):
+        check_weight_sync(self.step_no, version, gap, gap_mean, self.ppo.logprob_gap_tolerance, self.gap_abort)
+        rec.add(logprob_gap=gap, logprob_gap_mean=gap_mean)
+        return batch
+
+    def _rows_to_learn(self, scored: Batch, rec: StepRecord) -> Batch:
+        """The samples the reward plane dropped (and with ``filter_zero_spread_groups`` the groups of equal rewards)
+        leave the batch, which is cut to a multiple of the learner ranks (equal shards on every rank)."""
+        if bool(scored.dropped.all()):
             raise RuntimeError(f"step {self.step_no}: every sample's judgement failed (reward.judge.on_failure=drop "
                                f"leaves them unscored): is the judge reachable? (rules_only trains on the rules)")
-        keep, stats = rows_to_learn([r.dropped for r in results], torch.tensor([r.reward for r in results]),
-                                    torch.tensor([s.prompt_index for s in rollout.samples]), self.ppo,
-                                    self.ppo.learner.ranks)
-        rec.add(logprob_gap=gap, logprob_gap_mean=gap_mean, **stats)
-        return (batch.take(torch.tensor(keep)) if 0 < len(keep) < len(results) else batch), keep
+        learned, stats = rows_to_learn(scored, self.ppo, self.ppo.learner.ranks)
+        rec.add(**stats)
+        return learned
 
-    def _advantages(self, batch: Batch, samples: list[Sample], results: list[RewardResult], keep: list[int],
-                    rec: StepRecord) -> tuple[Batch, float]:
-        """KL, advantages, returns and behaviour weights (``algos.advantages_and_weights``) of the kept rows; the KL
-        controller steps. Returns the batch with them and the KL coefficient used."""
-        kl_coef, samples, kept = self.kl_ctl.value, [samples[i] for i in keep], [results[i] for i in keep]
-        added, stats = advantages_and_weights(
-            self.ppo, scores=torch.tensor([r.reward for r in kept]),
-            group=torch.tensor([s.prompt_index for s in samples]), mask=batch.response_mask,
-            old_logprobs=batch.old_logprobs, ref_logprobs=batch.ref_logprobs,
-            behaviour_logprobs=batch.behaviour_logprobs, rollout_logprobs=batch.rollout_logprobs,
-            values=batch.values, kl_coef=kl_coef,
-            finished=torch.tensor([s.finished for s in samples]))
+    def _advantages(self, batch: Batch, rec: StepRecord) -> tuple[Batch, float]:
+        """KL, advantages, returns and behaviour weights (``algos.advantages_and_weights``); the KL controller steps.
+        Returns the batch with them and the KL coefficient used."""
+        kl_coef = self.kl_ctl.value
+        batch, stats = advantages_and_weights(self.ppo, batch, kl_coef)
         if "kl" in stats:  # no reference forward (nor KL) with a zero coefficient
             self.kl_ctl.update(stats["kl"], len(batch))
         rec.add(kl_coef=kl_coef, response_len=float(batch.response_mask.sum(1).mean()),
-                finished_frac=float(np.mean([s.finished for s in samples])), **stats)
-        return batch.replace(**added), kl_coef
+                finished_frac=float(batch.finished.double().mean()), **stats)
+        return batch, kl_coef
 
     def _train(self, batch: Batch, kl_coef: float, rec: StepRecord) -> None:
         training = self.groups.learner.train(batch, num_minibatches(len(batch), self.ppo),
@@ -202,21 +197,22 @@ class PPOTrainer:
         self.version += 1
         self.adapter_ref = self.groups.learner.adapter(self.version)
 
-    def _log(self, rollout: Rollout, results: list[RewardResult], keep: list[int], rec: StepRecord) -> dict[str, float]:
-        """The step's metrics row (``metrics.jsonl``, TensorBoard) and its samples (``samples.jsonl``)."""
-        if not keep:
+    def _log(self, records: list[dict], scored: Batch, learned: Batch, rec: StepRecord) -> dict[str, float]:
+        """The step's metrics row (``metrics.jsonl``, TensorBoard) and its samples (``samples.jsonl``): every scored
+        row, the reward figures of the rows learned from."""
+        if not len(learned):
             why = ("every group had zero reward spread" if rec.row["zero_spread_frac"] == 1.0 and
                    self.ppo.filter_zero_spread_groups else f"fewer samples left than {self.ppo.learner.ranks} ranks")
             log.warning("step %d: %s: update skipped", self.step_no, why)
         wait = self._rate_meter.step(self.groups.reward_stats(), rec.row["time_reward_wait_s"])
-        row = rec.finish(results, keep, data_position=self.data_position, judge_rate_wait_s=wait)
+        row = rec.finish(scored, learned, data_position=self.data_position, judge_rate_wait_s=wait)
         if row["judge_unscored_frac"] > self.ppo.unscored_warn_frac:
             log.warning("step %d: %.0f%% of the samples were left unscored (judgement failed): out of their groups' "
                         "baselines and the loss (ppo.unscored_warn_frac %.2f)", self.step_no,
                         100 * row["judge_unscored_frac"], self.ppo.unscored_warn_frac)
         self.metrics.log(self.step_no, row)
         if self.ppo.log_samples:
-            rows = append_samples(self.run.ppo_samples, self.step_no, rollout.records, rollout.samples, results)
+            rows = append_samples(self.run.ppo_samples, self.step_no, records, scored)
             self.metrics.log_table("samples", self.step_no, SAMPLE_TABLE_COLUMNS,
                                    [[r[c] for c in SAMPLE_TABLE_COLUMNS] for r in rows])
         return row

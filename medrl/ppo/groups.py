@@ -3,7 +3,8 @@
 ``LearnerGroup``: ``ppo.learner.ranks`` ``Learner`` actors forming one torch process group. It owns their placement
 group (``PACK``: across nodes when one cannot hold them) and rendezvous (at rank 0's node address), the calls every
 rank must make together (a collective on one rank alone hangs), and the sharding of each batch across ranks
-(``Batch.shard_rows``: equal row counts, balanced tokens) and back.
+(``Batch.shard_rows``: equal row counts, balanced tokens; the ranks get the tensors only, ``Batch.for_learner``, and
+their experience comes back as the four token fields they computed, ``Batch.put_rows``).
 
 ``RolloutGroup``: ``ppo.rollout.num_actors`` rollout engine actors, restarted by Ray when they die. It owns the
 dispatch of rollout micro-batches (chunk ``c`` goes to actor ``c % num_actors``) and tracks each actor's pid to
@@ -34,6 +35,7 @@ flight and collecting rewards (``RewardPool.collect``: failed reward tasks resub
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -65,6 +67,21 @@ class Pending:
 
     def result(self) -> Any:
         return self.combine(ray.get(self.refs))
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LearnerActor(Learner):
+    """A ``Learner`` with what only a Ray actor can tell: where it runs."""
+
+    def node(self) -> dict:
+        """This rank's Ray node (id, address) and a TCP port free on that address: rank 0's is the rendezvous."""
+        address = ray.util.get_node_ip_address()
+        return {"node_id": ray.get_runtime_context().get_node_id(), "address": address, "port": free_port(address)}
 
 
 def check_learner_layout(ranks: int, num_cpus: float, num_gpus: float) -> None:
@@ -110,7 +127,7 @@ class LearnerGroup:
         bundle = {"CPU": lc.num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self._placement = placement_group([bundle] * lc.ranks, strategy="PACK")
         ray.get(self._placement.ready(), timeout=300)
-        actor_cls = ray.remote(Learner)
+        actor_cls = ray.remote(LearnerActor)
         self.actors = [
             actor_cls.options(num_cpus=lc.num_cpus, num_gpus=num_gpus,
                               scheduling_strategy=PlacementGroupSchedulingStrategy(self._placement, rank))
@@ -126,15 +143,15 @@ class LearnerGroup:
         return [getattr(a, method).remote(*args) for a in self.actors]
 
     def _on_shards(self, method: str, batch: Batch, *args) -> tuple[list, list[torch.Tensor]]:
+        """``method`` on every rank with its shard of ``batch`` (``Batch.shard_rows``); the calls and the shards' rows."""
         rows = batch.shard_rows(len(self.actors))
-        return [getattr(a, method).remote(batch.take(r), *args) for a, r in zip(self.actors, rows)], rows
+        return [getattr(a, method).remote(batch.take(r).for_learner(), *args) for a, r in zip(self.actors, rows)], rows
 
     def make_experience(self, batch: Batch, version: int) -> Pending:
         """Old / behaviour (the weights of ``version``) / reference log-probs (+ values) of ``batch``; the result is
-        ``batch`` with them, rows in their order."""
+        ``batch`` with them (``Batch.put_rows``)."""
         refs, rows = self._on_shards("make_experience", batch, version)
-        order = torch.argsort(torch.cat(rows))
-        return Pending(refs, lambda parts: Batch.cat(parts).take(order))
+        return Pending(refs, lambda parts: batch.put_rows(rows, parts))
 
     def train(self, batch: Batch, n_minibatches: int, seed: int, kl_coef: float) -> Pending:
         """The PPO update on ``batch`` (each rank its shard; ``kl_coef`` weighs a KL loss term); the result is the

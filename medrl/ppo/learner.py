@@ -2,7 +2,7 @@
 plugin). The driver runs 1..N of these as Ray actors that form one torch process group (gloo on CPU, NCCL on GPU);
 they receive equal shards of every batch and all-reduce gradients, so their weights stay identical.
 
-No Ray in here: ``medrl.ppo.groups.LearnerGroup`` turns ``Learner`` into an actor class.
+No Ray in here: ``medrl.ppo.groups.LearnerActor`` (a ``Learner`` that can tell its Ray node) is the actor class.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import random
-import socket
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -29,12 +28,6 @@ log = logging.getLogger("medrl.ppo.learner")
 
 BEHAVIOUR_FILE = "behaviour_weights.pt"
 """In a checkpoint of an ``async_rollout`` run: the LoRA weights that sample the step after it."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def num_minibatches(n_samples: int, ppo_cfg) -> int:
@@ -56,6 +49,38 @@ def read_deepspeed_config(path: str | None) -> dict | None:
         raise UsageError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
 
 
+class TrainTally:
+    """The statistics of one ``Learner.train`` call: token-weighted sums of the micro-batches' figures, the losses
+    of the minibatches that updated, their gradient norms, and the minibatches skipped."""
+
+    def __init__(self) -> None:
+        self.token_sums: dict[str, float] = {}
+        self.tokens = 0.0
+        self.loss_sums: dict[str, float] = {}
+        self.updates = self.skipped = 0
+        self.grad_norms: list[float] = []
+
+    def add_tokens(self, info: dict[str, torch.Tensor], tokens: float) -> None:
+        self.tokens += tokens
+        for key, value in info.items():
+            self.token_sums[key] = self.token_sums.get(key, 0.0) + float(value) * tokens
+
+    def add_update(self, losses: dict[str, float], grad_norm) -> None:
+        self.updates += 1
+        for key, value in losses.items():
+            self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
+        if grad_norm is not None:
+            self.grad_norms.append(float(grad_norm))
+
+    def metrics(self, lr: float) -> dict[str, float]:
+        metrics = {k: v / max(self.tokens, 1.0) for k, v in self.token_sums.items()}
+        metrics.update({k: v / max(self.updates, 1) for k, v in self.loss_sums.items()})
+        metrics["grad_norm"] = float(np.mean(self.grad_norms)) if self.grad_norms else 0.0
+        metrics["lr"] = lr
+        metrics["nonfinite_skipped"] = self.skipped
+        return metrics
+
+
 class Learner:
     def __init__(self, cfg, rank: int = 0, world_size: int = 1, init_adapter: str | None = None,
                  deepspeed_config: dict | None = None):
@@ -69,13 +94,6 @@ class Learner:
         self._live_version: int | None = None  # the published version the live weights are (None after an update)
 
     # ------------------------------------------------------------------ setup
-    def node(self) -> dict:
-        """This rank's Ray node (id, address) and a TCP port free on that address: rank 0's is the rendezvous."""
-        import ray
-
-        address = ray.util.get_node_ip_address()
-        return {"node_id": ray.get_runtime_context().get_node_id(), "address": address, "port": free_port(address)}
-
     def setup(self, master_addr: str, master_port: int, local_rank: int) -> dict:
         """Join the process group at rank 0's ``master_addr:master_port`` (``local_rank``: this rank's index among
         the ranks on its node), load the policy, build the value head, optimizer and scheduler, and wrap them with
@@ -178,10 +196,11 @@ class Learner:
         return nullcontext()
 
     # ------------------------------------------------------------------ experience and training
-    def make_experience(self, shard: Batch, version: int | None = None) -> Batch:
-        """This rank's shard with old (proximal) log-probs (+ values) from the live weights and reference log-probs,
-        on CPU; ``behaviour_logprobs`` from the weights of the published ``version`` that sampled it (None: the live
-        weights), for the rollout/learner check and the behaviour weights."""
+    def make_experience(self, shard: Batch, version: int | None = None) -> dict[str, torch.Tensor]:
+        """This rank's shard's old (proximal) log-probs (+ values) from the live weights and reference log-probs, on
+        CPU; ``behaviour_logprobs`` from the weights of the published ``version`` that sampled it (None: the live
+        weights), for the rollout/learner check and the behaviour weights. Only these fields go back (``Batch`` field
+        names, as wide as the shard's ``response_ids``)."""
         out = old_and_ref_logprobs(self.model, self.unwrapped.policy, shard, self.ppo.micro_batch_size,
                                    self.ppo.generation.temperature, self.use_values, device=self.accelerator.device,
                                    with_reference=self.ppo.kl.init_coef > 0)
@@ -192,7 +211,7 @@ class Learner:
                 out["behaviour_logprobs"] = logprobs_and_values(
                     self.model, shard, self.ppo.micro_batch_size, self.ppo.generation.temperature,
                     with_values=False, device=self.accelerator.device)["logprobs"]
-        return shard.replace(**out)
+        return out
 
     def _is_live(self, version: int | None) -> bool:
         return version is None or version == self._live_version
@@ -227,66 +246,63 @@ class Learner:
         the KL loss term of ``kl.placement=loss``); metrics are token-weighted means, losses means over minibatches.
         A minibatch with a non-finite loss (or gradient) on any rank is skipped by all ranks: its gradients never
         reach the optimizer, and it is counted in ``nonfinite_skipped``."""
-        ppo, acc = self.ppo, self.accelerator
-        deepspeed = acc.state.deepspeed_plugin is not None
         self.model.train()
         gen = torch.Generator().manual_seed(seed * 1009 + self.rank)
-        n = len(shard)
-        totals: dict[str, float] = {}
-        losses: dict[str, float] = {}
-        tokens_seen, updates, skipped = 0.0, 0, 0
-        grad_norms = []
-        for _ in range(ppo.ppo_epochs):
-            for mb_rows in torch.randperm(n, generator=gen).tensor_split(n_minibatches):
-                micro = mb_rows.split(ppo.micro_batch_size)
-                n_tokens, n_seqs = loss_denominators(shard.loss_mask[mb_rows], acc.device)  # all ranks' counts
-                bad = False
-                mb_losses: dict[str, float] = {}
-                for i, rows in enumerate(micro):
-                    last = i == len(micro) - 1
-                    acc.sync_gradients = last  # DeepSpeed: accumulation boundary; DDP: all-reduce on the last
-                    mb = shard.take(rows).to(acc.device)
-                    with nullcontext() if last else acc.no_sync(self.model):
-                        out = self.model(mb.input_ids, mb.attention_mask, mb.prompt_lens, mb.response_ids,
-                                         temperature=ppo.generation.temperature, with_values=self.use_values,
-                                         with_entropy=ppo.log_entropy)
-                        entropy = out.pop("entropy", None)
-                        loss, info = micro_batch_loss(out, mb, ppo, kl_coef, n_tokens, n_seqs)
-                        bad = bad or not finite_on_all_ranks(loss)
-                        acc.backward(stand_in_loss(out, poison=deepspeed and last) if bad else loss)
-                    if bad:
-                        continue
-                    mask = mb.loss_mask
-                    if entropy is not None:
-                        info["entropy"] = (entropy * mask).sum() / mask.sum().clamp(min=1)
-                    for key in ("policy_loss", "kl_loss"):
-                        if key in info:
-                            mb_losses[key] = mb_losses.get(key, 0.0) + float(info.pop(key))
-                    weight = float(mask.sum())
-                    tokens_seen += weight
-                    for key, value in info.items():
-                        totals[key] = totals.get(key, 0.0) + float(value) * weight
-                norm = acc.clip_grad_norm_(self.model.parameters(), ppo.max_grad_norm)
-                bad = bad or (norm is not None and not math.isfinite(float(norm)))  # the same on every rank
-                if bad:  # DeepSpeed discarded them in its step (see stand_in_loss); plain torch: dropped here
-                    skipped += 1
-                    log.warning("rank %d: minibatch update skipped: non-finite loss or gradient", self.rank)
-                else:
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    updates += 1
-                    for key, value in mb_losses.items():
-                        losses[key] = losses.get(key, 0.0) + value
-                    if norm is not None:
-                        grad_norms.append(float(norm))
-                self.optimizer.zero_grad()
+        tally = TrainTally()
+        for _ in range(self.ppo.ppo_epochs):
+            for rows in torch.randperm(len(shard), generator=gen).tensor_split(n_minibatches):
+                self._minibatch_update(shard, rows, kl_coef, tally)
         self._live_version = None
-        metrics = {k: v / max(tokens_seen, 1.0) for k, v in totals.items()}
-        metrics.update({k: v / max(updates, 1) for k, v in losses.items()})
-        metrics["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
-        metrics["nonfinite_skipped"] = skipped
-        return metrics
+        return tally.metrics(self.scheduler.get_last_lr()[0])
+
+    def _minibatch_update(self, shard: Batch, rows: torch.Tensor, kl_coef: float, tally: "TrainTally") -> None:
+        """One optimizer step over the minibatch ``rows`` of the shard (the gradients of its micro-batches), or none
+        when its loss or gradient is not finite on some rank."""
+        acc = self.accelerator
+        bad, losses = self._backward(shard, rows, kl_coef, tally)
+        norm = acc.clip_grad_norm_(self.model.parameters(), self.ppo.max_grad_norm)
+        bad = bad or (norm is not None and not math.isfinite(float(norm)))  # the same on every rank
+        if bad:  # DeepSpeed discarded them in its step (see stand_in_loss); plain torch: dropped here
+            tally.skipped += 1
+            log.warning("rank %d: minibatch update skipped: non-finite loss or gradient", self.rank)
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+            tally.add_update(losses, norm)
+        self.optimizer.zero_grad()
+
+    def _backward(self, shard: Batch, rows: torch.Tensor, kl_coef: float, tally: "TrainTally"
+                  ) -> tuple[bool, dict[str, float]]:
+        """Forward and backward of the minibatch ``rows``, micro-batch by micro-batch, each micro-batch's statistics
+        into ``tally``. Returns whether a loss was not finite on some rank (every later micro-batch then backs a
+        stand-in loss, so that all ranks run the same backwards) and the minibatch's losses."""
+        ppo, acc = self.ppo, self.accelerator
+        deepspeed = acc.state.deepspeed_plugin is not None
+        micro = rows.split(ppo.micro_batch_size)
+        n_tokens, n_seqs = loss_denominators(shard.loss_mask[rows], acc.device)  # all ranks' counts
+        bad = False
+        losses: dict[str, float] = {}
+        for i, micro_rows in enumerate(micro):
+            last = i == len(micro) - 1
+            acc.sync_gradients = last  # DeepSpeed: accumulation boundary; DDP: all-reduce on the last
+            mb = shard.take(micro_rows).to(acc.device)
+            with nullcontext() if last else acc.no_sync(self.model):
+                out = self.model(mb.input_ids, mb.attention_mask, mb.prompt_lens, mb.response_ids,
+                                 temperature=ppo.generation.temperature, with_values=self.use_values,
+                                 with_entropy=ppo.log_entropy)
+                entropy = out.pop("entropy", None)
+                loss, info = micro_batch_loss(out, mb, ppo, kl_coef, n_tokens, n_seqs)
+                bad = bad or not finite_on_all_ranks(loss)
+                acc.backward(stand_in_loss(out, poison=deepspeed and last) if bad else loss)
+            if bad:
+                continue
+            if entropy is not None:
+                info["entropy"] = (entropy * mb.loss_mask).sum() / mb.loss_mask.sum().clamp(min=1)
+            for key in ("policy_loss", "kl_loss"):
+                if key in info:
+                    losses[key] = losses.get(key, 0.0) + float(info.pop(key))
+            tally.add_tokens(info, float(mb.loss_mask.sum()))
+        return bad, losses
 
     def release_memory(self) -> None:
         """Hand the allocator's cached blocks back to the device, so a sleeping vLLM engine on the same GPU wakes
@@ -317,12 +333,6 @@ class Learner:
                 return None
             state = get_peft_model_state_dict(self.unwrapped.policy)
             return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-
-    def weights_digest(self) -> dict[str, float]:
-        """Abs-sum of every trainable tensor (to check that ranks hold identical weights)."""
-        with self._gathered(p for p in self.unwrapped.parameters() if p.requires_grad):
-            return {n: float(p.detach().double().abs().sum()) for n, p in self.unwrapped.named_parameters()
-                    if p.requires_grad}
 
     def save(self, directory: str, with_optimizer: bool = True, behaviour_version: int | None = None) -> None:
         """Adapter (peft format) and value head; with ``with_optimizer`` also optimizer, scheduler and this rank's

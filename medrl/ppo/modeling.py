@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medrl.ppo.algos import entropy_from_logits
 from medrl.ppo.batch import Batch
+from medrl.ppo.objective import entropy_from_logits
 
 
 class PolicyWithValue(nn.Module):

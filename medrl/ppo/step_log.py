@@ -8,8 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medrl.ppo.batch import Sample
+from medrl.ppo.batch import Batch
 from medrl.reward.types import RewardResult
+
+
+LEARN_PHASES = ("experience", "advantages", "train", "publish")
+"""The phases after the rewards whose times add up to ``time_learn_s``."""
 
 
 class StepRecord:
@@ -31,13 +35,14 @@ class StepRecord:
     def add(self, **metrics: float) -> None:
         self.row.update(metrics)
 
-    def finish(self, results: list[RewardResult], keep: list[int], **extra: float) -> dict[str, float]:
-        """The row: reward metrics of the kept rows (``keep`` empty, an update skipped: of all not dropped), what
-        the phases added, ``time_learn_s`` (experience + train) and ``time_step_s``."""
-        kept = [results[i] for i in keep] or [r for r in results if not r.dropped]
-        row = {**reward_metrics(kept, results), **self.row, **extra, "samples": len(keep),
-               "update_skipped": int(not keep)}
-        row["time_learn_s"] = row.get("time_experience_s", 0.0) + row.get("time_train_s", 0.0)
+    def finish(self, scored: Batch, learned: Batch, **extra: float) -> dict[str, float]:
+        """The row: reward metrics of the rows ``learned`` from (none, an update skipped: of all ``scored`` rows not
+        dropped), what the phases added, ``time_learn_s`` (experience + advantages + train + publish) and
+        ``time_step_s``."""
+        kept = learned.results or [r for r in scored.results if not r.dropped]
+        row = {**reward_metrics(kept, scored.results), **self.row, **extra, "samples": len(learned),
+               "update_skipped": int(not len(learned))}
+        row["time_learn_s"] = sum(row.get(f"time_{phase}_s", 0.0) for phase in LEARN_PHASES)
         row["time_step_s"] = time.perf_counter() - self.started
         return row
 
@@ -64,15 +69,15 @@ SAMPLE_TABLE_COLUMNS = ["id", "sample", "reward", "judge_status", "flags", "resp
 """The columns of the per-step sample table sent to the trackers (``samples.jsonl`` keeps every field)."""
 
 
-def append_samples(path: Path, step_no: int, records: list[dict], samples: list[Sample],
-                   results: list[RewardResult]) -> list[dict]:
-    """One ``samples.jsonl`` row per scored sample: step, prompt id, sample index, response, reward, components,
-    judge status and reason, rule flags, dropped (and a consultation's ``dialogue``). Returns the rows written."""
+def append_samples(path: Path, step_no: int, records: list[dict], scored: Batch) -> list[dict]:
+    """One ``samples.jsonl`` row per scored row (``records``: the step's prompt records, by prompt index): step,
+    prompt id, sample index, response, reward, components, judge status and reason, rule flags, dropped (and a
+    consultation's ``dialogue``). Returns the rows written."""
     rows = [{"step": step_no, "id": records[s.prompt_index]["id"], "sample": s.sample_index, "response": s.text,
              "reward": r.reward, "components": r.components, "judge_status": r.judge_status,
              "judge_reason": r.reasons.get("judge", ""), "flags": r.flags, "dropped": r.dropped,
              **({"dialogue": s.dialogue} if s.dialogue else {})}  # a consultation's turns (docs/consultation.md)
-            for s, r in zip(samples, results)]
+            for s, r in zip(scored.samples, scored.results)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)

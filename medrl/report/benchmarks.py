@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medrl.evaluation.metrics import difference_interval
-from medrl.evaluation.render import Block, Heading, Image, Para, Table
+from medrl.render import Block, Heading, Image, Para, Table
 from medrl.report.plots import png_figure
 
 MODES = ("strict", "lenient")

@@ -18,7 +18,7 @@ import yaml
 from medrl import RESEARCH_NOTICE
 from medrl.consult.evaluate import consultation_section
 from medrl.data.config import RESERVED_SET_NAMES
-from medrl.evaluation.render import Banner, Block, Heading, Image, Para, Pre, SideBySide, Table, to_html, to_markdown
+from medrl.render import Banner, Block, Heading, Image, Para, Pre, SideBySide, Table, to_html, to_markdown
 from medrl.report.benchmarks import benchmark_blocks
 from medrl.report.caveats import caveats
 from medrl.report.feedback import feedback_section

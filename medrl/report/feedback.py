@@ -17,8 +17,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import fmean
 
-from medrl.evaluation.render import Block, Heading, Image, Para, Table
 from medrl.jsonl import read_jsonl
+from medrl.render import Block, Heading, Image, Para, Table
 from medrl.report.plots import png_figure
 from medrl.review.items import items_from_eval, items_from_ppo
 from medrl.reward.rubric import DIMENSIONS

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from medrl.evaluation.render import Block, Heading, Para, Table
+from medrl.render import Block, Heading, Para, Table
 from medrl.reward.rubric import DIMENSIONS
 from medrl.runs import RunDir
 

@@ -35,7 +35,8 @@ def has_think_format(text: str) -> bool:
     return format_rule(text, no_think_score=0.0).score == 1.0
 
 
-def _normalise(text: str) -> str:
+def _verdict_text(text: str) -> str:
+    """The form a verdict or an option letter is read from: NFKC, markdown emphasis and heading marks removed."""
     text = unicodedata.normalize("NFKC", text)
     return re.sub(r"[*_`#>]+", "", text).strip()  # markdown emphasis/headings around a verdict
 
@@ -84,7 +85,7 @@ def _verdict_label(word: str) -> str | None:
 
 def extract_yes_no_maybe(text: str, mode: Mode = "strict") -> str | None:
     """``yes`` / ``no`` / ``maybe`` from a response (its final answer), or None when no verdict is found."""
-    answer = _normalise(final_answer(text))
+    answer = _verdict_text(final_answer(text))
     if not answer:
         return None
     for pattern in _YNM_STRICT:
@@ -118,7 +119,7 @@ def _choice_patterns(letters: str, multi: bool = False) -> list[re.Pattern]:
 def extract_choice(text: str, options: dict[str, str], mode: Mode = "strict", multi: bool = False) -> str | None:
     """The chosen option letter (a key of ``options``) from a response, or None. ``multi`` (items with several
     correct options): the chosen letters, sorted and joined (``ACE``)."""
-    answer = _normalise(final_answer(text))
+    answer = _verdict_text(final_answer(text))
     letters = "".join(sorted(k.upper() for k in options if len(k) == 1 and k.isalpha()))
     if not answer or not letters:
         return None
