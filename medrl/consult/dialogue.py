@@ -92,29 +92,39 @@ def run_dialogues(model, tokenizer, dialogues: list[Dialogue], patient, *, max_t
     while active:
         for d, (ids, closed) in zip(active, _policy_turn(model, tokenizer, active, eos, pad_id, turn_tokens,
                                                          temperature, top_p)):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            d.response_ids += ids
-            d.policy_mask += [1] * len(ids)
-            d.turns.append({"role": "assistant", "content": text})
-            d.finished = closed
-            turn = read_turn(text)
-            if turn.final:
-                d.status, d.answer = "answered", turn.answer
-            elif d.policy_turns >= max_turns:
-                d.status = "out_of_turns"
-            else:
-                d.qa.append((turn.answer, None))
+            take_policy_turn(d, ids, tokenizer.decode(ids, skip_special_tokens=True), closed, max_turns)
         asking = [d for d in active if d.status == "running"]
         for d, reply in zip(asking, loop.run_until_complete(_replies(patient, asking)) if asking else []):
-            d.patient_calls += reply.calls
-            d.patient_cached += reply.status == "cached"
-            d.patient_cost_usd += reply.cost_usd
-            if reply.status not in ("ok", "cached"):
-                d.status = reply.status
-                continue
-            d.qa[-1] = (d.qa[-1][0], reply.text)
-            d.turns.append({"role": "user", "content": reply.text})
-            ids = joiner.ids(reply.text, d.finished)
-            d.response_ids += ids
-            d.policy_mask += [0] * len(ids)
+            take_patient_reply(d, reply, joiner)
         active = [d for d in active if d.status == "running"]
+
+
+def take_policy_turn(d: Dialogue, ids: list[int], text: str, closed: bool, max_turns: int) -> None:
+    """Add a sampled policy turn (``ids``, decoded ``text``; ``closed``: it ended with EOS) to ``d``: the final
+    answer ends it, the last allowed turn without one runs it out of turns, otherwise it is the next question."""
+    d.response_ids += ids
+    d.policy_mask += [1] * len(ids)
+    d.turns.append({"role": "assistant", "content": text})
+    d.finished = closed
+    turn = read_turn(text)
+    if turn.final:
+        d.status, d.answer = "answered", turn.answer
+    elif d.policy_turns >= max_turns:
+        d.status = "out_of_turns"
+    else:
+        d.qa.append((turn.answer, None))
+
+
+def take_patient_reply(d: Dialogue, reply: PatientReply, joiner: TurnJoiner) -> None:
+    """Add the patient's reply to the last question of ``d`` (a failed, leaked or over-budget reply ends it)."""
+    d.patient_calls += reply.calls
+    d.patient_cached += reply.status == "cached"
+    d.patient_cost_usd += reply.cost_usd
+    if reply.status not in ("ok", "cached"):
+        d.status = reply.status
+        return
+    d.qa[-1] = (d.qa[-1][0], reply.text)
+    d.turns.append({"role": "user", "content": reply.text})
+    ids = joiner.ids(reply.text, d.finished)
+    d.response_ids += ids
+    d.policy_mask += [0] * len(ids)

@@ -75,12 +75,14 @@ class ConsultSpec:
 def new_dialogues(tokenizer, items: list[tuple[int, Case]], n: int, spec: ConsultSpec) -> list[tuple[int, int,
                                                                                                   Dialogue]]:
     """``n`` fresh dialogues per ``(prompt_index, case)``: (prompt index, sample index, dialogue)."""
-    out = []
-    for index, case in items:
-        text = render_prompt(tokenizer, None, opening_turns(case, spec.system_prompt, spec.max_turns))
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        out += [(index, k, Dialogue(case, list(ids))) for k in range(n)]
-    return out
+    return [(index, k, opening_dialogue(tokenizer, case, spec.system_prompt, spec.max_turns))
+            for index, case in items for k in range(n)]
+
+
+def opening_dialogue(tokenizer, case: Case, system_prompt: str | None, max_turns: int) -> Dialogue:
+    """A fresh dialogue of ``case``: the rendered prompt (system + instructions + the patient's opening) as ids."""
+    text = render_prompt(tokenizer, None, opening_turns(case, system_prompt, max_turns))
+    return Dialogue(case, tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def play(model, tokenizer, items: list[tuple[int, Case]], n: int, seed: int, spec: ConsultSpec, patient, loop

@@ -89,22 +89,30 @@ async def _as_coroutine(fn, *args):
     return fn(*args)  # built inside the loop that runs its calls
 
 
-def run_consult_eval(cfg, models: dict[str, Path | None]) -> dict[str, dict]:
-    """Every model on the first ``consult.eval_limit`` cases of ``consult.cases`` (``evaluate_model``)."""
+def local_patient_spec(cfg) -> PatientSpec:
+    """The patient of ``cfg.consult.patient`` outside Ray (eval, demo): an LLM patient gets the judge's API key,
+    store and cache settings and no coordinator (its caller gives it a local ledger)."""
     from pydantic import SecretStr
 
-    from medrl.consult.ppo import load_all_cases, patient_spec
+    from medrl.consult.ppo import patient_spec
     from medrl.reward.preflight import judge_api_key
     from medrl.reward.store.database import store_url
 
-    cases = load_all_cases(cfg.consult.cases)[:cfg.consult.eval_limit]
     access = None
     if cfg.consult.patient.provider == "openai":
         url = store_url(cfg.reward.cache)
         access = {"coordinator": None, "api_key": SecretStr(judge_api_key(cfg.reward.judge)),
                   "store_url": SecretStr(url) if url else None, "cache": cfg.reward.cache}
+    return patient_spec(cfg, access)
+
+
+def run_consult_eval(cfg, models: dict[str, Path | None]) -> dict[str, dict]:
+    """Every model on the first ``consult.eval_limit`` cases of ``consult.cases`` (``evaluate_model``)."""
+    from medrl.consult.ppo import load_all_cases
+
+    cases = load_all_cases(cfg.consult.cases)[:cfg.consult.eval_limit]
     spec = ConsultSpec(cfg.consult.max_turns, cfg.consult.turn_tokens, 0.0, 1.0, cfg.model.system_prompt,
-                       patient_spec(cfg, access))
+                       local_patient_spec(cfg))
     jc = cfg.reward.judge
     return {name: evaluate_model(cfg.model, adapter, cases, spec, cfg.eval.decoding.max_new_tokens,
                                  (jc.rpm, jc.tpm, jc.budget_usd)) for name, adapter in models.items()}

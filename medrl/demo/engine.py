@@ -43,6 +43,7 @@ class DemoModels:
                 model.load_adapter(str(path), adapter_name=name)
         self.model = model.eval()
         self.available = ["base", *adapters]
+        self.eos = eos_ids(self.model.generation_config, self.tokenizer)
         self._lock = threading.Lock()
 
     def _adapter(self, name: str):
@@ -59,19 +60,27 @@ class DemoModels:
                seed: int = 0) -> Iterator[str]:
         """The response of model ``name`` (base, sft, rl) to a question or a conversation so far, after every decoded
         piece."""
+        prompt = render_prompt(self.tokenizer, self.cfg.system_prompt, turns)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for text, _ in self.stream_ids(name, ids, max_new_tokens, temperature, seed):
+            yield text
+
+    def stream_ids(self, name: str, input_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                   seed: int = 0) -> Iterator[tuple[str, list[int] | None]]:
+        """Model ``name`` continuing ``input_ids``: ``(text so far, None)`` after every decoded piece, then ``(text,
+        the new token ids)`` once (up to and including the EOS that ended it, if one did)."""
         import torch
         from transformers import TextIteratorStreamer
 
         tok = self.tokenizer
-        prompt = render_prompt(tok, self.cfg.system_prompt, turns)
         device = next(self.model.parameters()).device
-        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-        eos = sorted(eos_ids(self.model.generation_config, tok))
+        ids = torch.tensor([input_ids], device=device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
         sample = temperature > 0
-        kwargs = dict(**enc, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature if sample
-                      else None, top_p=None, top_k=None, streamer=streamer,
-                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos[0], eos_token_id=eos)
+        kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                      do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None,
+                      streamer=streamer, eos_token_id=sorted(self.eos),
+                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else min(self.eos))
         stop = threading.Event()  # set when the page goes away mid-answer: generation ends at the next token
         kwargs["stopping_criteria"] = [lambda ids, scores, **_: torch.full((ids.shape[0],), stop.is_set(),
                                                                            dtype=torch.bool, device=ids.device)]
@@ -79,11 +88,12 @@ class DemoModels:
             if sample:
                 torch.manual_seed(seed)
             errors: list[BaseException] = []
+            out: list[list[int]] = []
 
             def work():
                 try:
                     with torch.no_grad():
-                        self.model.generate(**kwargs)
+                        out.append(self.model.generate(**kwargs)[0, len(input_ids):].tolist())
                 except BaseException as exc:  # surfaced below, after the streamer is released
                     errors.append(exc)
                     streamer.end()
@@ -94,12 +104,13 @@ class DemoModels:
             try:
                 for piece in streamer:
                     text += piece
-                    yield text
+                    yield text, None
             finally:  # the adapter and the lock are released only once generation has stopped
                 stop.set()
                 thread.join()
             if errors:
                 raise errors[0]
+        yield text, out[0]
 
 
 def render_turns(turns: list[dict]) -> str:
@@ -165,7 +176,11 @@ class DemoJudge:
         if self._scorer is None:
             raise RuntimeError(self.unavailable)
         timeout = self.cfg.judge.timeout_s * (self.cfg.judge.max_retries + 1) * (self.cfg.judge.malformed_retries + 1)
-        return asyncio.run_coroutine_threadsafe(self._scorer.score_batch(items), self._loop).result(timeout + 30)
+        return self.run(self._scorer.score_batch(items), timeout + 30)
+
+    def run(self, coro, timeout: float):
+        """The result of ``coro`` run on the judge's event loop (where its client and an LLM patient live)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def close(self) -> None:
         if self._scorer is not None:
