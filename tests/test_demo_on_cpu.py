@@ -1,7 +1,8 @@
 """``medrl demo``: the gradio app started on a loopback port (a real subprocess), driven in headless Chromium: the
 three panes stream answers from one base model with two LoRA adapters, and "Judge it" shows the rubric scores from
 the loopback OpenAI-compatible judge (cached on the second click); the consultation tab's interviews (each model
-against the scripted patient of a sample case) through the app's functions and, once, in the same browser."""
+against the scripted patient of a sample case) through the app's functions and, once, in the same browser (there
+against the LLM patient on the loopback endpoint)."""
 import html
 import json
 import os
@@ -61,7 +62,8 @@ def _config(run, port, tmp_path):
                              "prices": {"loopback": {"input": 1.0, "input_cache_hit": 0.1, "output": 2.0}},
                              "api_key_env": "MEDRL_TEST_JUDGE_KEY", "max_retries": 0, "budget_usd": 1.0},
                    "cache": {"path": str(tmp_path / "judge.sqlite")}},
-        "eval": {"decoding": {"max_new_tokens": 24}}, "consult": {"max_turns": 2, "turn_tokens": 12}})
+        "eval": {"decoding": {"max_new_tokens": 24}},
+        "consult": {"max_turns": 2, "turn_tokens": 12, "patient": {"provider": "openai"}}})
     return cfg
 
 
@@ -127,13 +129,20 @@ def test_demo_three_panes_and_judge_in_chromium(demo_run, tiny_model_dir, tmp_pa
                 page.wait_for_selector("#consult-case-view .medrl-case", timeout=30_000)
                 assert page.inner_text("#consult-case-view .medrl-opening") == MI_OPENING
                 page.click("#consult-btn")
+                calls = {}
                 for name in ("base", "sft", "rl"):
                     page.wait_for_selector(f'#consult-{name} .medrl-consult[data-done="1"]', timeout=120_000)
                     roles = [t.get_attribute("data-role")
                              for t in page.locator(f"#consult-{name} .medrl-consult > .medrl-chat-turn").all()]
                     assert roles == ["patient", "doctor", "patient", "doctor"]  # max_turns 2, no final answer
                     assert page.get_attribute(f"#consult-{name} .medrl-outcome", "data-turns") == "2"
-                    assert "turns used 2 of 2" in page.inner_text(f"#consult-{name} .medrl-outcome")
+                    outcome = page.inner_text(f"#consult-{name} .medrl-outcome")
+                    assert "turns used 2 of 2" in outcome
+                    calls[name] = re.search(r"patient calls (\d) \((\d) cached\)", outcome).groups()
+                # the LLM patient on the loopback endpoint, under the demo's ledger and judge store: one reply per
+                # interview, paid once (an interview asking what an earlier one asked is answered from the store)
+                assert all(int(c) + int(k) == 1 for c, k in calls.values())
+                assert judge.stats()["total"] == paid + sum(int(c) for c, _ in calls.values()) > paid
                 body = page.inner_text("body")
                 assert "Research use only, not for clinical decisions" in body
                 assert "ST elevation" not in body and "150/95" not in body  # the hidden tests and exam
