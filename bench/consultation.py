@@ -37,6 +37,7 @@ def main() -> int:
 
     from medrl.config import load_config
     from medrl.consult.cases import load_cases
+    from medrl.consult.dialogue import hf_turns
     from medrl.consult.engine import ConsultSpec, PatientSpec, llm_patient, patient_judge_config, play
     from medrl.consult.protocol import whole_case_turns
     from medrl.models.chat import render_prompt
@@ -85,7 +86,8 @@ def main() -> int:
 
             patient = loop.run_until_complete(build())
             t0 = time.perf_counter()
-            samples = play(model, tok, [(i, c) for i, c in enumerate(cases)], args.samples, 0, spec, patient, loop)
+            samples = play(hf_turns(model, tok, spec, 0), tok, [(i, c) for i, c in enumerate(cases)], args.samples,
+                           spec, patient, loop)
             wall = time.perf_counter() - t0
             loop.run_until_complete(patient.close())
             loop.close()

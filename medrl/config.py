@@ -118,9 +118,6 @@ class Config(StrictModel):
                 raise ValueError("consult.patient.provider openai uses the judge's endpoint: it needs "
                                  "reward.judge.provider openai")
         if c.cases_per_step:
-            if self.ppo.rollout.engine != "hf":
-                raise ValueError("consult.cases_per_step > 0 needs ppo.rollout.engine hf (vLLM dialogues are not "
-                                 "implemented)")
             if self.ppo.estimator not in ("grpo", "dr_grpo", "rloo"):
                 raise ValueError("consult.cases_per_step > 0 needs a group estimator (grpo, dr_grpo, rloo): GAE and "
                                  "REINFORCE++ returns do not pass over the patient's turns")

@@ -168,6 +168,9 @@ def test_consult_config_checks():
     with pytest.raises(ConfigError, match="reward.judge.provider openai"):
         load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1", "reward.w_verifier=1",
                            "consult.patient.provider=openai", "reward.judge.provider=reference"])
+    cfg = load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1", "reward.w_verifier=1",
+                             "ppo.rollout.engine=vllm"])  # dialogues on both engines
+    assert cfg.consult.cases_per_step == 1 and cfg.ppo.rollout.engine == "vllm"
 
 
 def test_llm_patient_loopback_cache_and_leak_retry(tmp_path):

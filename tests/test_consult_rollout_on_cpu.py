@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from medrl.consult.cases import load_cases
+from medrl.consult.dialogue import PolicyTurn, hf_turns
 from medrl.consult.engine import ConsultSpec, PatientSpec, play
 from medrl.consult.patient import ScriptedPatient
 from medrl.models.loading import load_policy, load_tokenizer
@@ -29,7 +30,8 @@ def test_policy_mask_by_hand(tiny_model_dir, tmp_path):
     cases = load_cases(CASES)
     spec = ConsultSpec(3, 12, 1.0, 1.0, "sys", PatientSpec("scripted", 1))
     loop = asyncio.new_event_loop()
-    samples = play(policy.eval(), tok, [(0, cases[0]), (1, cases[4])], 2, 11, spec, ScriptedPatient(), loop)
+    samples = play(hf_turns(policy.eval(), tok, spec, 11), tok, [(0, cases[0]), (1, cases[4])], 2, spec,
+                   ScriptedPatient(), loop)
     loop.close()
     for s in samples:
         d = s.dialogue
@@ -70,6 +72,50 @@ def test_policy_mask_by_hand(tiny_model_dir, tmp_path):
 
     fresh = logprobs_and_values(PolicyWithValue(policy.eval()), batch, 8, 1.0, with_values=False)["logprobs"]
     assert torch.allclose(fresh * batch.response_mask, logprobs.detach() * batch.response_mask, atol=1e-5)
+
+
+def test_one_loop_for_both_engines_mask_and_engine_logprobs(tiny_model_dir):
+    """The same policy turns give the same tokens and policy mask whether the engine brings log-probs (vLLM) or not
+    (HF); the engine's log-probs run along the response, 0 on the patient's tokens."""
+    tok = load_tokenizer(str(tiny_model_dir), None)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    script = {("consult-en-mi", 0): ("How old are you?", True), ("consult-en-mi", 1): ("FINAL ANSWER: A", False),
+              ("consult-en-appendicitis", 0): ("FINAL ANSWER: C", True)}
+
+    def scripted(with_logprobs: bool):
+        def turns(dialogues, round_no):
+            out = []
+            for d in dialogues:
+                text, closed = script[d.case.id, round_no]
+                ids = tok(text, add_special_tokens=False)["input_ids"] + ([eos] if closed else [])
+                lps = [-0.5 - 0.01 * k for k in range(len(ids))] if with_logprobs else None
+                out.append(PolicyTurn(ids, closed, lps))
+            return out
+        return turns
+
+    cases = load_cases(CASES)
+    spec = ConsultSpec(3, 12, 1.0, 1.0, "sys", PatientSpec("scripted", 1))
+    loop = asyncio.new_event_loop()
+    runs = [play(scripted(lp), tok, [(0, cases[0]), (1, cases[1])], 1, spec, ScriptedPatient(), loop)
+            for lp in (False, True)]
+    loop.close()
+    hf, vllm = runs
+    assert [(s.response_ids, s.policy_mask, s.dialogue) for s in hf] == [(s.response_ids, s.policy_mask, s.dialogue)
+                                                                         for s in vllm]
+    mi, app = vllm
+    assert mi.dialogue["status"] == "answered" and mi.dialogue["answer"] == "A" and mi.dialogue["policy_turns"] == 2
+    q = tok("How old are you?", add_special_tokens=False)["input_ids"] + [eos]
+    a = tok("FINAL ANSWER: A", add_special_tokens=False)["input_ids"]
+    reply = mi.dialogue["turns"][1]["content"]
+    assert mi.dialogue["turns"][1]["role"] == "user" and "58-year-old man" in reply
+    joined = tok(f"\n<|im_start|>user\n{reply}<|im_end|>\n<|im_start|>assistant\n",
+                 add_special_tokens=False)["input_ids"]
+    assert mi.response_ids == q + joined + a and not mi.finished
+    assert mi.policy_mask == [1] * len(q) + [0] * len(joined) + [1] * len(a)
+    lps = [-0.5 - 0.01 * k for k in range(len(q))] + [0.0] * len(joined) + [-0.5 - 0.01 * k for k in range(len(a))]
+    assert mi.logprobs == pytest.approx(lps) and hf[0].logprobs == []
+    assert app.policy_mask == [1] * len(app.response_ids) and app.dialogue["policy_turns"] == 1
+    assert len(app.logprobs) == len(app.response_ids)
 
 
 @pytest.mark.slow

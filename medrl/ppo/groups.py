@@ -25,6 +25,9 @@ count restarts. The engine class is a parameter (``rollout_engine``: ``RolloutWo
       its prompt and response token ids, text, whether it finished, and the engine's own log-probs of the response
       tokens at the sampling temperature (the driver compares them with the learner's every step); ``pid`` of the
       engine process; seconds spent sampling and computing those log-probs.
+  ``consult(items, n, seed, adapter, version, spec) -> dict`` (with ``consult.cases_per_step``: ``ConsultingWorker``,
+      ``VLLMConsultingWorker`` of ``medrl.consult.shell``) as ``generate`` for ``(prompt_index, Case)`` items:
+      dialogues played turn by turn, each sample with its ``policy_mask`` and ``dialogue``.
   ``pid() -> int``  the engine process's pid (a restarted actor has a new one).
   ``sleep() -> float`` (engines with a sleep mode; called for ``vllm`` with ``rollout.vllm.sleep`` and sync
       rollouts) free the engine's GPU memory until the next ``generate``; returns the seconds it took.
@@ -44,7 +47,7 @@ import ray
 import torch
 
 from medrl.config import Config
-from medrl.consult.shell import ConsultingWorker
+from medrl.consult.shell import ConsultingWorker, VLLMConsultingWorker
 from medrl.errors import UsageError
 from medrl.ppo.batch import Batch
 from medrl.ppo.config import RolloutSettings
@@ -192,7 +195,8 @@ def rollout_engine(cfg: Config, init_adapter: str | None) -> tuple[type, tuple]:
         from medrl.models.vllm_engine import check_engine
 
         check_engine("ppo.rollout", cfg.model, ppo.rollout.vllm)
-        return VLLMRolloutWorker, (cfg.model, init_adapter, ppo.generation, ppo.rollout.vllm)
+        worker = VLLMConsultingWorker if cfg.consult.cases_per_step else VLLMRolloutWorker
+        return worker, (cfg.model, init_adapter, ppo.generation, ppo.rollout.vllm)
     worker = ConsultingWorker if cfg.consult.cases_per_step else RolloutWorker  # dialogues: docs/consultation.md
     return worker, (cfg.model, init_adapter, ppo.generation, ppo.micro_batch_size)
 
@@ -217,7 +221,8 @@ class RolloutGroup:
 
     def consult(self, chunks: list[list[tuple[int, Any]]], n: int, seeds: list[int], adapter_ref: ray.ObjectRef,
                 version: int, spec: Any, first_chunk: int) -> dict[ray.ObjectRef, int]:
-        """Dispatch consultation micro-batches (``ConsultingWorker.consult``), numbered from ``first_chunk``."""
+        """Dispatch consultation micro-batches (``ConsultingWorker.consult``, ``VLLMConsultingWorker.consult``),
+        numbered from ``first_chunk``."""
         return {self.actors[(first_chunk + c) % len(self.actors)].consult.remote(
             chunk, n, seeds[c], [adapter_ref], version, spec): first_chunk + c for c, chunk in enumerate(chunks)}
 

@@ -39,15 +39,24 @@ class VLLMRolloutWorker:
         """As ``RolloutWorker.generate``: ``n`` samples per ``(prompt_index, prompt_text)`` with adapter ``version``
         (``adapter`` = ``[ObjectRef]`` of its tensors, fetched only when this engine does not hold it), each with
         the engine's log-probs of its tokens."""
-        reloaded = version not in self.engine.loaded_versions()
-        if reloaded:
-            self.load_adapter(ray.get(adapter[0]), version)
+        reloaded = self._hold(adapter, version)
         t0 = time.perf_counter()  # a sleeping engine wakes in generate: counted as generation time
         ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in prompts]
         g = self.gen_cfg
         gens = self.engine.generate(ids, n=n, temperature=g.temperature, top_p=g.top_p, seed=seed, version=version)
         samples = [Sample(prompts[i // n][0], i % n, x.prompt_ids, x.response_ids, x.text, x.finished, x.logprobs)
                    for i, x in enumerate(gens)]
+        return self._answer(samples, reloaded, t0)
+
+    def _hold(self, adapter: list, version: int) -> bool:
+        """Load ``version`` from ``adapter[0]`` unless the engine holds it; whether it had to."""
+        reloaded = version not in self.engine.loaded_versions()
+        if reloaded:
+            self.load_adapter(ray.get(adapter[0]), version)
+        return reloaded
+
+    def _answer(self, samples: list[Sample], reloaded: bool, t0: float) -> dict:
+        """The answer of a ``generate`` call (the log-probs came with the samples: no scoring pass)."""
         return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "generate_s": time.perf_counter() - t0,
                 "logprob_s": 0.0}
 
