@@ -75,7 +75,7 @@ def bench_config(opts, judge_url: str | None, name: str):
 
 
 def prompt_rows(opts) -> list[dict]:
-    from medrl.ppo.prompts import load_prompts
+    from medrl.ppo.batch import load_prompts
 
     return load_prompts(Path(opts.workdir) / "prepared" / "data" / "rl_prompts.jsonl")
 
