@@ -75,7 +75,7 @@ def bench_config(opts, judge_url: str | None, name: str):
 
 
 def prompt_rows(opts) -> list[dict]:
-    from medrl.ppo.prompts import load_prompts
+    from medrl.ppo.batch import load_prompts
 
     return load_prompts(Path(opts.workdir) / "prepared" / "data" / "rl_prompts.jsonl")
 
@@ -203,7 +203,7 @@ def run_medrl(opts, judge_url: str | None) -> dict:
 def prepare(opts) -> None:
     """The tiny model and the prepared data, shared by every run."""
     from medrl.config import load_config
-    from medrl.data.prepare import run_prepare
+    from medrl.prepare.stage import run_prepare
     from medrl.models.tiny import build_tiny_model
     from medrl.runs import RunDir
 

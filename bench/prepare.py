@@ -52,7 +52,7 @@ def synth(n: int, path: Path, seed: int = 0) -> None:
 
 def child(n: int, data_file: str, root: str, tokenizer: str | None) -> None:
     from medrl.config import load_config
-    from medrl.data.prepare import run_prepare
+    from medrl.prepare.stage import run_prepare
     from medrl.runs import RunDir
 
     cfg = load_config(None, [f"run.root={root}", f"run.name=bench{n}", f"model.path={tokenizer or '/nonexistent'}",

@@ -163,7 +163,7 @@ def _run_stage(args, cfg, run) -> None:
     """Run the stage command ``args.command`` with its loaded config and run directory."""
     cmd = args.command
     if cmd == "prepare":
-        from medrl.data.prepare import run_prepare
+        from medrl.prepare.stage import run_prepare
 
         run_prepare(cfg, run, sources=args.sources, strict=args.strict)
     elif cmd == "sft":

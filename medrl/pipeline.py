@@ -16,7 +16,7 @@ log = logging.getLogger("medrl.pipeline")
 
 # stage -> (module, function, keyword arguments)
 _ENTRY = {
-    "prepare": ("medrl.data.prepare", "run_prepare", {"sources": None, "strict": False}),
+    "prepare": ("medrl.prepare.stage", "run_prepare", {"sources": None, "strict": False}),
     "sft": ("medrl.sft.trainer", "run_sft", {"resume": "auto"}),
     "ppo": ("medrl.ppo.driver", "run_ppo", {"resume": "auto"}),
     "eval": ("medrl.evaluation.evaluate", "run_eval", {"models": None, "sets": None}),

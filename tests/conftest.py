@@ -58,7 +58,7 @@ def prepared_run(tiny_model_dir, tmp_path, monkeypatch):
     """``medrl prepare`` of the shipped samples (configs/local_tiny.yaml) into ``tmp_path/runs/job/data`` (the run
     the Ray job tests submit their stages for)."""
     from medrl.config import load_config
-    from medrl.data.prepare import run_prepare
+    from medrl.prepare.stage import run_prepare
     from medrl.runs import RunDir
 
     monkeypatch.chdir(REPO)  # the config's sample paths are relative to the repository

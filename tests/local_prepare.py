@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from medrl.config import load_config
-from medrl.data.prepare import run_prepare
+from medrl.prepare.stage import run_prepare
 from medrl.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import pytest
 
 from medrl.config import load_config
 from medrl.data.config import DataConfig, SourceSpec
-from medrl.data.prepare import run_prepare
+from medrl.prepare.stage import run_prepare
 from medrl.data.readers import read_csv, read_json
 from medrl.data.sources import iter_rows, resolve_spec, source_files
 from medrl.errors import UsageError

@@ -6,13 +6,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from medrl.data.clean import (Decontaminator, MinHasher, TokenCounter, estimate_tokens_by_bytes, exact_duplicates,
-                              key64, near_duplicates, normalize_text, skeleton)
+from medrl.data.clean import (Decontaminator, MinHasher, estimate_tokens_by_bytes, exact_duplicates, key64,
+                              near_duplicates, normalize_text, skeleton)
 from medrl.data.redteam import CATEGORIES, load_redteam
 from medrl.data.risk import classify_risk
 from medrl.data.schema import RowError, build_record, detect_language
-from medrl.data.splits import assign_splits, select_gold, select_rl, split_hash
 from medrl.errors import UsageError
+from medrl.models.loading import TokenCounter
+from medrl.prepare.splits import assign_splits, select_gold, select_rl, split_hash
 
 
 def test_normalize_text():

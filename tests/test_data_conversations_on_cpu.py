@@ -12,7 +12,7 @@ from medrl.data.schema import RECORD_FIELDS, RL_PROMPT_FIELDS, build_record, rec
 from medrl.data.sources import iter_rows, resolve_spec, source_files
 from medrl.errors import UsageError
 from medrl.models.chat import conversation, messages_for, render_prompt
-from medrl.ppo.prompts import prompt_turns, reward_input
+from medrl.ppo.batch import prompt_turns, reward_input
 from local_prepare import prepare_local_tiny
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medrl.data.prepare import OUTPUT_FILES, run_prepare
+from medrl.prepare.stage import OUTPUT_FILES, run_prepare
 from medrl.data.schema import RECORD_FIELDS, RL_PROMPT_FIELDS, format_output
 from medrl.errors import UsageError
 from medrl.runs import RunDir, read_metrics, setup_logging

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from medrl.ppo.batch import Batch, Sample
+from medrl.ppo.batch import Batch, Sample, load_prompts, prompts_at
 from medrl.ppo.driver import PPOTrainer
-from medrl.ppo.prompts import load_prompts, prompts_at
 from medrl.reward.types import RewardResult
 from medrl.runs import read_metrics
 from ppo_setup import ppo_config

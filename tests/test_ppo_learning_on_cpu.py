@@ -56,7 +56,7 @@ def _format_warm_start(cfg, run, path):
     format."""
     from medrl.models.chat import render_prompt
     from medrl.models.loading import load_policy, load_tokenizer
-    from medrl.ppo.prompts import load_prompts
+    from medrl.ppo.batch import load_prompts
 
     torch.manual_seed(0)
     tok = load_tokenizer(cfg.model.path, cfg.model.cache_dir)

@@ -191,7 +191,7 @@ def test_two_scorers_at_once_pay_each_verifier_key_once(tmp_path):
 def test_rl_prompt_rows_carry_the_ground_truth_to_the_reward():
     from medrl.data.schema import rl_prompt_row
     from medrl.evaluation.config import McqPrompt
-    from medrl.ppo.prompts import reward_input
+    from medrl.ppo.batch import reward_input
 
     record = {"id": "r1", "question": MCQ, "reference": "Heparin", "label": "B", "options": OPTIONS, "risk": "low",
               "source": "medqa-train", "language": "en", "category": None, "expected_behavior": None}

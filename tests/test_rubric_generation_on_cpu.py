@@ -235,7 +235,7 @@ def test_cli_offline_rubrics_and_one_line_errors(tmp_path, capsys):
 
 def test_prepare_reads_the_edited_rubrics_back(tmp_path):
     from medrl.config import load_config
-    from medrl.data.prepare import run_prepare
+    from medrl.prepare.stage import run_prepare
     from medrl.errors import UsageError
     from medrl.runs import RunDir
 
@@ -283,7 +283,7 @@ def test_prepare_reads_the_edited_rubrics_back(tmp_path):
 
 def test_prepare_option_generates_rubrics(tmp_path):
     from medrl.config import load_config
-    from medrl.data.prepare import run_prepare
+    from medrl.prepare.stage import run_prepare
     from medrl.runs import RunDir
 
     src = _write(tmp_path / "qa.jsonl", [

@@ -10,7 +10,7 @@ import yaml
 
 from medrl.cli import main
 from medrl.config import load_config
-from medrl.data.prepare import run_prepare
+from medrl.prepare.stage import run_prepare
 from medrl.evaluation.evaluate import save_eval
 from medrl.runs import RunDir, setup_logging
 from test_report_on_cpu import PAIRWISE, _eval_rows

@@ -14,8 +14,7 @@ from medrl.consult.cases import Case, load_cases
 from medrl.consult.engine import ConsultSpec, PatientSpec, patient_judge_config
 from medrl.consult.reward import adjust, reward_input
 from medrl.errors import UsageError
-from medrl.ppo.batch import Sample
-from medrl.ppo.prompts import prompts_at
+from medrl.ppo.batch import Sample, prompts_at
 from medrl.reward.types import RewardInput, RewardResult
 
 

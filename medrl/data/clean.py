@@ -1,19 +1,16 @@
-"""Cleaning: text normalisation, token counting, exact and near-duplicate detection, decontamination.
+"""Cleaning: text normalisation, the token estimate by bytes, exact and near-duplicate detection, decontamination.
 
 Everything here is pure and works on compact numpy columns, so ``prepare`` keeps no record text in memory.
 """
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import os
 import re
 import unicodedata
 
 import numpy as np
-
-log = logging.getLogger("medrl.data")
 
 # ---------------------------------------------------------------------------------------------- normalisation
 _INVISIBLE = re.compile(r"[\ufeff\u200b\u200c\u200d\u2060\u00ad]")
@@ -54,43 +51,6 @@ def key64(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- token counting
-class TokenCounter:
-    """Token counts with the tokenizer of ``model.path``; if it cannot be loaded, a documented estimate
-    (``estimate_tokens_by_bytes``)."""
-
-    def __init__(self, model_path: str | None, cache_dir: str | None = None):
-        self._encode = None
-        if model_path:
-            try:
-                from medrl.models.loading import load_tokenizer, resolve_model_path
-
-                resolve_model_path(model_path, cache_dir)  # fails fast, before importing transformers
-                tok = load_tokenizer(model_path, cache_dir)
-                backend = getattr(tok, "backend_tokenizer", None)
-                if backend is not None:  # the Rust tokenizer directly; encode_batch_fast skips character offsets
-                    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-                    self._encode = lambda texts: [len(e.ids) for e in encode(texts, add_special_tokens=False)]
-                else:
-                    self._encode = lambda texts: [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
-                self.method = f"tokenizer of {model_path}"
-            except Exception as exc:  # any loading failure (missing dir, bad files): fall back, but say so
-                self.method = (f"estimate (non-ASCII chars / 1.5 + ASCII chars / 4): tokenizer of {model_path} "
-                               f"could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
-        else:
-            self.method = "estimate (non-ASCII chars / 1.5 + ASCII chars / 4)"
-        if self._encode is None:
-            log.warning("token counts: %s", self.method)
-
-    @property
-    def exact(self) -> bool:
-        return self._encode is not None
-
-    def count(self, texts: list[str]) -> list[int]:
-        if self._encode is not None:
-            return self._encode(texts)
-        return [estimate_tokens_by_bytes(t) for t in texts]
-
-
 def estimate_tokens_by_bytes(text: str) -> int:
     """Tokens of a text from its UTF-8 length alone, for bulk data without a tokenizer: every non-ASCII character
     counts 1/1.5 token (Qwen's BPE packs ~1.5 Chinese characters per token), every ASCII character 1/4. Not the

@@ -15,6 +15,7 @@ from medrl.data.config import (BUILTIN_SOURCES, EVAL_LAYOUTS, GENERIC_FORMATS, M
 from medrl.data.readers import read_bytes, read_csv, read_json, read_jsonl
 from medrl.data.schema import RowError, build_record
 from medrl.errors import UsageError
+from medrl.hub import hub_reachable, modelscope_cache_dir, modelscope_endpoint
 
 log = logging.getLogger("medrl.data")
 
@@ -134,8 +135,6 @@ def source_files(name: str, spec: SourceSpec, data: DataConfig) -> list[Path]:
 def fetch_modelscope(name: str, dataset_id: str, files: list[str], cache_dir: str | None) -> list[Path]:
     """Files of a ModelScope dataset, downloaded into ``<cache>/datasets/<id>/`` unless already there. Fails within
     seconds, naming the local-path alternative, when the hub cannot be reached."""
-    from medrl.models.loading import hub_reachable, modelscope_cache_dir, modelscope_endpoint
-
     target = modelscope_cache_dir(cache_dir) / "datasets" / dataset_id
     missing = [f for f in files if not (target / f).is_file()]
     if missing:

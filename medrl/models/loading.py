@@ -2,21 +2,13 @@
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
+from medrl.data.clean import estimate_tokens_by_bytes
 from medrl.errors import UsageError
+from medrl.hub import hub_reachable, modelscope_cache_dir, modelscope_endpoint
 
 log = logging.getLogger("medrl.models")
-
-MODELSCOPE_DEFAULT_ENDPOINT = "https://www.modelscope.cn"
-
-
-def modelscope_cache_dir(cache_dir: str | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("MODELSCOPE_CACHE") or Path.home() / ".cache" / "modelscope")
-
 
 def _cached_snapshot(model_id: str, cache_dir: str | None) -> Path | None:
     root = modelscope_cache_dir(cache_dir)
@@ -41,22 +33,6 @@ def resolve_model_path(path: str, cache_dir: str | None = None) -> Path:
         f"model '{path}' is neither a local directory nor in the ModelScope cache ({modelscope_cache_dir(cache_dir)}); "
         f"run `medrl download-model {path}` or set model.path to a local model directory"
     )
-
-
-def modelscope_endpoint() -> str:
-    """``$MODELSCOPE_DOMAIN`` (with a scheme) or the public ModelScope endpoint."""
-    endpoint = os.environ.get("MODELSCOPE_DOMAIN", MODELSCOPE_DEFAULT_ENDPOINT)
-    return endpoint if endpoint.startswith("http") else "https://" + endpoint
-
-
-def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    url = urlparse(endpoint)
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def download_model(model_id: str, cache_dir: str | None = None, revision: str | None = None) -> Path:
@@ -142,3 +118,38 @@ def load_policy(model_cfg, adapter: str | Path | None = None, trainable: bool = 
     if trainable:
         return get_peft_model(base, lora_config(model_cfg.lora))
     return base
+
+
+class TokenCounter:
+    """Token counts with the tokenizer of ``model.path`` (``medrl prepare`` counts every record's); if it cannot be
+    loaded, a documented estimate (``medrl.data.clean.estimate_tokens_by_bytes``)."""
+
+    def __init__(self, model_path: str | None, cache_dir: str | None = None):
+        self._encode = None
+        if model_path:
+            try:
+                resolve_model_path(model_path, cache_dir)  # fails fast, before importing transformers
+                tok = load_tokenizer(model_path, cache_dir)
+                backend = getattr(tok, "backend_tokenizer", None)
+                if backend is not None:  # the Rust tokenizer directly; encode_batch_fast skips character offsets
+                    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+                    self._encode = lambda texts: [len(e.ids) for e in encode(texts, add_special_tokens=False)]
+                else:
+                    self._encode = lambda texts: [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+                self.method = f"tokenizer of {model_path}"
+            except Exception as exc:  # any loading failure (missing dir, bad files): fall back, but say so
+                self.method = (f"estimate (non-ASCII chars / 1.5 + ASCII chars / 4): tokenizer of {model_path} "
+                               f"could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})")
+        else:
+            self.method = "estimate (non-ASCII chars / 1.5 + ASCII chars / 4)"
+        if self._encode is None:
+            log.warning("token counts: %s", self.method)
+
+    @property
+    def exact(self) -> bool:
+        return self._encode is not None
+
+    def count(self, texts: list[str]) -> list[int]:
+        if self._encode is not None:
+            return self._encode(texts)
+        return [estimate_tokens_by_bytes(t) for t in texts]

@@ -26,12 +26,11 @@ from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
 from medrl.consult.ppo import ConsultPlan
 from medrl.ppo import checkpoint as ckpt
 from medrl.ppo.algos import advantages_and_weights, rows_to_learn
-from medrl.ppo.batch import Batch, Rollout
+from medrl.ppo.batch import Batch, Rollout, load_prompts, micro_batches, prompt_turns, prompts_at, reward_input
 from medrl.ppo.groups import ActorGroups
 from medrl.ppo.kl_controller import make_kl_controller
 from medrl.ppo.learner import num_minibatches
 from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
-from medrl.ppo.prompts import load_prompts, micro_batches, prompt_turns, prompts_at, reward_input
 from medrl.ppo.step_log import SAMPLE_TABLE_COLUMNS, StepRecord, append_samples
 from medrl.ppo.sync_check import abort_threshold, check_weight_sync, logprob_gaps
 from medrl.reward.ledger import RateWaitMeter

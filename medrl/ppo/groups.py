@@ -158,7 +158,14 @@ class LearnerGroup:
 
     def train(self, batch: Batch, n_minibatches: int, seed: int, kl_coef: float) -> Pending:
         """The PPO update on ``batch`` (each rank its shard; ``kl_coef`` weighs a KL loss term); the result is the
-        metrics averaged over ranks."""
+        metrics averaged over ranks.
+
+        The rows to learn are sharded anew, not kept from ``make_experience``: the experience shards are chosen
+        before the rewards, and what ``rows_to_learn`` leaves of them (dropped rows, zero-spread groups) is in
+        general neither the same count on every rank (DDP and DeepSpeed need the same micro-batches and optimizer
+        steps on each) nor balanced in tokens. Keeping them would mean masked padding rows or moving rows between
+        ranks, and other minibatches than one ``shard_rows`` over the rows left (each rank's minibatches are a
+        permutation of its own shard, seeded by its rank)."""
         refs, _ = self._on_shards("train", batch, n_minibatches, seed, kl_coef)
         return Pending(refs, lambda per_rank: {k: float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]})
 

@@ -18,7 +18,7 @@ def check_run_inputs(cfg: Config, run: RunDir) -> None:
     """What PPO needs, checked before Ray starts (a missing file is one line in a second, not after the 9-11 s of a
     Ray start-up): the RL prompts, the judge (key, cache, one call) and the base model."""
     from medrl.models.loading import resolve_model_path
-    from medrl.ppo.prompts import load_prompts
+    from medrl.ppo.batch import load_prompts
     from medrl.reward.preflight import check_judge
 
     load_prompts(run.data / "rl_prompts.jsonl")

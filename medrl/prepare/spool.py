@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from medrl.config import Config
-from medrl.data.clean import MinHasher, TokenCounter, key64, skeleton
+from medrl.data.clean import MinHasher, key64, skeleton
 from medrl.data.schema import conversation_text
 from medrl.data.sources import Row
 from medrl.errors import UsageError
+from medrl.models.loading import TokenCounter
 
 RISK_CODE = {"high": 0, "medium": 1, "low": 2}
 POOL, BENCHMARK, REDTEAM = 0, 1, 2  # record kinds: training pool, benchmark item, red-team item

@@ -19,13 +19,13 @@ import numpy as np
 from tqdm import tqdm
 
 from medrl.config import Config
-from medrl.data.card import empty_set_warning, render_card
+from medrl.prepare.card import empty_set_warning, render_card
 from medrl.data.clean import Decontaminator, exact_duplicates, near_duplicates
 from medrl.data.redteam import REDTEAM_SOURCE, load_redteam
 from medrl.data.schema import conversation_text, rl_prompt_row
 from medrl.data.sources import Row, iter_rows, resolve_spec, source_files
-from medrl.data.splits import apply_train_size, assign_splits, rl_counts, select_gold, select_rl, split_hash
-from medrl.data.spool import BATCH, BENCHMARK, POOL, REDTEAM, Rejects, SourceStats, Spool
+from medrl.prepare.splits import apply_train_size, assign_splits, rl_counts, select_gold, select_rl, split_hash
+from medrl.prepare.spool import BATCH, BENCHMARK, POOL, REDTEAM, Rejects, SourceStats, Spool
 from medrl.errors import UsageError
 from medrl.reward.rubric_gen_cli import attach_generated, read_rubric_file
 from medrl.runs import MetricsLogger, RunDir
