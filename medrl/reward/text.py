@@ -122,10 +122,13 @@ def _stem(word: str) -> str:
     return word
 
 
+_ROOT_SUFFIX = re.compile(r"(?:ing|ed|ly|es|s)$")
+
+
 def root(word: str) -> str:
     """A rougher stem than ``_stem`` (stuffing detection, the offline rubric grader): "chewing" and "chewed" meet
     "chew", "immediately" meets "immediate"."""
-    return re.sub(r"(?:ing|ed|ly|es|s)$", "", word) if len(word) > 5 else word
+    return _ROOT_SUFFIX.sub("", word) if len(word) > 5 else word
 
 
 def en_words(text: str) -> set[str]:
@@ -253,6 +256,8 @@ acetylsalicylic acid; ECG or EKG; ..."); a plain enumeration (fever, cough, 乏�
 _ALTERNATIVES = frozenset({"or", "即", "或", "或者", "(", ")", "（", "）", "/", "[", "]"})
 _FRAGMENT_SEPS = frozenset({",", ";", "(", ")", "/", "、", "；", "（", "）", "，", "or", "即", "或", "或者", "[", "]"})
 _ENDS = frozenset({".", "!", "?", "。", "！", "？", ":", "："})
+_LINE_END = re.compile(r"[.!?。！？;；:：]$")
+_SENTENCE = re.compile(r"[^.!?。！？;；\n]+[.!?。！？;；]?")
 
 
 @lru_cache(maxsize=256)  # stuffing detection reads the answer and the reference twice (chains, fragments)
@@ -269,20 +274,30 @@ def _tokens(text: str) -> tuple[tuple[int, int, str], ...]:
     return tuple(out)
 
 
-def _is_term(tok: str, terms: frozenset[str]) -> bool:
-    """``tok``: a token of ``_tokens``; ``terms``: key terms and their roots."""
-    if _is_cjk(tok[0]):
-        return tok in terms
-    word = tok.lower()
-    return _stem(word) in terms or root(word) in terms
+class _TermTest(dict):
+    """token -> whether it is one of ``terms`` (key terms and their roots), worked out once per token: a CJK token
+    as it is, another one lowercased, stemmed (``_stem``) or rooted (``root``)."""
+
+    def __init__(self, terms: frozenset[str]):
+        super().__init__()
+        self.terms = terms
+
+    def __missing__(self, tok: str) -> bool:
+        if _is_cjk(tok[0]):
+            found = tok in self.terms
+        else:
+            word = tok.lower()
+            found = _stem(word) in self.terms or root(word) in self.terms
+        self[tok] = found
+        return found
 
 
-def _chains(text: str, terms: frozenset[str]) -> list[tuple[int, int, int]]:
+def _chains(text: str, is_term: _TermTest) -> list[tuple[int, int, int]]:
     """(start, end, terms) of each run of reference terms joined only by one or two joiners (and, or, of the, 和, 的,
     、, ...)."""
     runs, start, end, n, gap = [], 0, 0, 0, 0
     for s, e, tok in _tokens(text):
-        if _is_term(tok, terms):
+        if is_term[tok]:
             if n == 0:
                 start = s
             end, n, gap = e, n + 1, 0
@@ -359,28 +374,28 @@ def without_stuffing(answer: str, reference: str) -> str:
     section = _SECTION.search(answer)
     if section and section.start() > 0:
         answer = answer[:section.start()]
-    terms = frozenset(t for term in key_terms(reference, 64) for t in (term, root(term)))
+    is_term = _TermTest(frozenset(t for term in key_terms(reference, 64) for t in (term, root(term))))
     spans: list[tuple[int, int]] = []
     pos, run = 0, []
     for line in answer.split("\n") + [""]:
         body = line[_BULLET.match(line).end():].strip()
         words = len(_tokens(body))
-        if body and words <= 2 and not re.search(r"[.!?。！？;；:：]$", body):
+        if body and words <= 2 and not _LINE_END.search(body):
             run.append((pos, pos + len(line)))
         else:
             if len(run) >= SHORT_LINE_RUN:
                 spans += run
             run = []
         pos += len(line) + 1
-    limit = max(5, max((n for _, _, n in _chains(reference, terms)), default=0) + 1)
-    spans += [(s, e) for s, e, n in _chains(answer, terms) if n >= limit]
+    limit = max(5, max((n for _, _, n in _chains(reference, is_term)), default=0) + 1)
+    spans += [(s, e) for s, e, n in _chains(answer, is_term) if n >= limit]
     fragments = max((n for _, _, n in _fragment_runs(reference)), default=0)
     spans += [(s, e) for s, e, n in _fragment_runs(answer) if n > fragments]
     shapes: dict[str, list[tuple[int, int]]] = {}
-    for m in re.finditer(r"[^.!?。！？;；\n]+[.!?。！？;；]?", answer):
+    for m in _SENTENCE.finditer(answer):
         toks = _tokens(m.group())
-        if any(_is_term(t, terms) for _, _, t in toks):
-            shape = " ".join("#" if _is_term(t, terms) else t.lower() for _, _, t in toks)
+        if any(is_term[t] for _, _, t in toks):
+            shape = " ".join("#" if is_term[t] else t.lower() for _, _, t in toks)
             shapes.setdefault(shape, []).append(m.span())
     spans += [span for group in shapes.values() if len(group) >= TEMPLATE_RUN for span in group]
     return _blank(answer, spans) if spans else answer

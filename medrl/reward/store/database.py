@@ -224,10 +224,13 @@ class JudgeStore:
         now = time.time()
         rows = [[rec.get(c) for c in _COLUMNS[:-1]] + [rec.get("created", now)] for rec in records]
         with self._tx(durable=True):
-            self._run_many(f"INSERT INTO judgements ({', '.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))}) "
-                           "ON CONFLICT (key) DO NOTHING", rows)
+            for start in range(0, len(rows), _CHUNK):  # one statement per chunk of rows, not one per row
+                chunk = rows[start:start + _CHUNK]
+                values = _rows_sql(len(_COLUMNS), len(chunk))
+                self._run(f"INSERT INTO judgements ({', '.join(_COLUMNS)}) VALUES {values} "
+                          "ON CONFLICT (key) DO NOTHING", [v for row in chunk for v in row])
             if holder is not None:
-                self._run_many("DELETE FROM claims WHERE key = ? AND holder = ?", [(r[0], holder) for r in rows])
+                self._release([row[0] for row in rows], holder)
 
     @_reconnecting
     def count(self) -> int:
@@ -317,7 +320,12 @@ class JudgeStore:
 
     @_reconnecting
     def release(self, keys: Iterable[str], holder: str) -> None:
-        self._run_many("DELETE FROM claims WHERE key = ? AND holder = ?", [(k, holder) for k in keys])
+        self._release(keys, holder)
+
+    def _release(self, keys: Iterable[str], holder: str) -> None:
+        for chunk in _chunks(list(dict.fromkeys(keys))):
+            self._run(f"DELETE FROM claims WHERE holder = ? AND key IN ({','.join('?' * len(chunk))})",
+                      [holder, *chunk])
 
     @_reconnecting
     def renew_claims(self, holder: str, ttl_s: float) -> None:
