@@ -115,6 +115,7 @@ def test_consultation_ppo_learns_to_ask_for_the_lab_report(tiny_model_dir, tmp_p
     cases_path = tmp_path / "lab_cases.jsonl"
     _write_cases(cases_path)
     cfg, run = ppo_config(tmp_path, tiny_model_dir, "ask", "reward.preset=huatuo-o1", "reward.verifier.wrong=0",
+                          "consult.w_rule=0",  # a dialogue's R is its verifier score (consult.w_verifier 1)
                           "ppo.estimator=grpo", f"ppo.steps={STEPS}", "ppo.prompts_per_step=1",
                           "ppo.generation.max_new_tokens=16", "ppo.lr=0.0005", f"consult.cases=[{cases_path}]",
                           "consult.cases_per_step=4", f"consult.max_turns={MAX_TURNS}", "consult.turn_tokens=32",
