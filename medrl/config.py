@@ -121,9 +121,6 @@ class Config(StrictModel):
             if self.ppo.estimator not in ("grpo", "dr_grpo", "rloo"):
                 raise ValueError("consult.cases_per_step > 0 needs a group estimator (grpo, dr_grpo, rloo): GAE and "
                                  "REINFORCE++ returns do not pass over the patient's turns")
-            if self.reward.w_verifier <= 0:
-                raise ValueError("consult.cases_per_step > 0 needs reward.w_verifier > 0: the final answer's "
-                                 "correctness is the consultation's main reward")
         return self
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:

@@ -151,22 +151,55 @@ def test_reward_adjust_turn_cost_no_answer_drop_and_attacks():
 
 def test_reward_input_is_the_final_turn_after_the_dialogue():
     mi = load_cases(CASES)[0]
-    item = reward_input(mi, "id:1:0", _dialogue("Where?", "Chest.", "<think>x</think>FINAL ANSWER: A"), "sys", 4)
+    item = reward_input(mi, "id:1:0", _dialogue("Where?", "Chest.", "<think>x</think>FINAL ANSWER: A"), "sys",
+                        ConsultConfig())
     assert item.response.endswith("FINAL ANSWER: A") and item.label == "A" and item.options == mi.options
     assert [m["role"] for m in item.messages] == ["system", "user", "assistant", "user"]
     assert item.messages[-1]["content"] == "Chest." and item.rubrics == mi.rubrics
 
 
+def test_a_consultation_and_a_single_turn_item_in_one_batch_keep_their_own_weights():
+    """The consultation's R mixes ``consult.w_*`` (verifier and rules here: no teacher part, so no judge call for
+    it), the single-turn item's R ``reward.w_*`` (rules and the offline teacher, verifier off), in one batch."""
+    from medrl.reward.config import RewardConfig
+    from medrl.reward.scoring import Scorer
+    from medrl.reward.types import RewardInput
+
+    mi = load_cases(CASES)[0]
+    consult = ConsultConfig(w_verifier=0.6, w_rule=0.4, w_rubric=0.0)
+    dialogue = reward_input(mi, "c:1:0", _dialogue("Where?", "Chest.", "<think>ECG.</think>FINAL ANSWER: A"), "sys",
+                            consult)
+    single = RewardInput(id="s", prompt="Chest pain, what now?", response="<think>x</think>Call an ambulance now.",
+                         reference="Call emergency services now.", label="A", options={"A": "x", "B": "y"})
+    cfg = RewardConfig.model_validate({"w_rule": 0.5, "w_teacher": 0.5, "w_verifier": 0.0,
+                                       "judge": {"provider": "reference"}})
+
+    async def go():
+        ledger = Ledger(0, 0, None)
+        scorer = Scorer(cfg, local_gate(ledger, lease_size=4))
+        try:
+            return await scorer.score_batch([dialogue, single])
+        finally:
+            await scorer.close()
+
+    c, s = asyncio.run(go())
+    assert c.components["verifier"] == 1.0 and c.teacher is None and c.judge_status == "disabled"
+    assert c.reward == pytest.approx(0.6 * 1.0 + 0.4 * c.rule)
+    assert "verifier" not in s.components and s.teacher is not None  # the global weights: verifier 0, teacher on
+    assert s.reward == pytest.approx(0.5 * s.rule + 0.5 * s.teacher)
+    assert 0 < c.rule < 1 and 0 < s.teacher < 1  # the weights matter: neither mix is a component alone
+
+
 def test_consult_config_checks():
     with pytest.raises(ConfigError, match="needs consult.cases"):
         load_config(None, ["consult.cases_per_step=1"])
-    with pytest.raises(ConfigError, match="w_verifier > 0"):
-        load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1"])
+    with pytest.raises(ConfigError, match="consult.w_verifier"):
+        load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1", "consult.w_verifier=0"])
     with pytest.raises(ConfigError, match="group estimator"):
-        load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1", "reward.w_verifier=1",
+        load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1",
                            "ppo.estimator=gae"])
     with pytest.raises(ConfigError, match="reward.judge.provider openai"):
-        load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1", "reward.w_verifier=1",
+        load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1",
                            "consult.patient.provider=openai", "reward.judge.provider=reference"])
     cfg = load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1", "reward.w_verifier=1",
                              "ppo.rollout.engine=vllm"])  # dialogues on both engines

@@ -47,6 +47,16 @@ class ConsultConfig(StrictModel):
     """Token budget of one policy turn (``<think>`` + question or answer)."""
     patient: PatientConfig = PatientConfig()
     """The simulated patient: scripted (offline) or an LLM over the judge's endpoint."""
+    w_verifier: float = Field(1.0, gt=0)
+    """Weight of the final answer's correctness (the verifier: the case's label or diagnosis) in a consultation's R;
+    the consultation weights replace ``reward.w_*`` for dialogues only (single-turn prompts keep theirs)."""
+    w_rubric: float = Field(0.5, ge=0)
+    """Weight of the case's consultation rubric (information gathered, red flags asked, safety advice), graded on
+    the whole dialogue; cases without a rubric leave it out. 0: not graded."""
+    w_rule: float = Field(0.2, ge=0)
+    """Weight of the rules (format, length, safety, keywords) on the final answer turn. The safety rules on every
+    policy turn apply whatever the weights (dangerous content or an injection in any turn: R = 0). The teacher's
+    Likert judgement is never asked for a dialogue."""
     turn_cost: float = Field(0.02, ge=0, le=0.25)
     """Subtracted from R for every policy turn after the first: among equally good consultations the shorter one
     wins; small, so asking what is needed still pays."""

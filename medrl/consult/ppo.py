@@ -66,7 +66,7 @@ class ConsultPlan:
 
     def reward_input(self, record: dict, step_no: int, sample: Sample) -> RewardInput:
         return reward_input(record["case"], f"{record['id']}:{step_no}:{sample.sample_index}", sample.dialogue,
-                            self.cfg.model.system_prompt, self.consult.max_turns)
+                            self.cfg.model.system_prompt, self.consult)
 
     def adjust(self, results: list[RewardResult], samples: list[Sample]) -> list[RewardResult]:
         """The step's results with each dialogue's consultation parts applied (others unchanged)."""

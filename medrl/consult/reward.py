@@ -18,17 +18,20 @@ from medrl.consult.protocol import opening_turns
 from medrl.reward.config import RulesConfig
 from medrl.reward.rules import detect_injection, safety_rule
 from medrl.reward.text import split_response
-from medrl.reward.types import RewardInput, RewardResult
+from medrl.reward.types import RewardInput, RewardResult, Weights
 
 
-def reward_input(case: Case, item_id: str, dialogue: dict, system_prompt: str | None, max_turns: int
+def reward_input(case: Case, item_id: str, dialogue: dict, system_prompt: str | None, cfg: ConsultConfig
                  ) -> RewardInput:
-    """The final answer turn as the response, the dialogue before it (the policy's view) as its conversation."""
+    """The final answer turn as the response, the dialogue before it (the policy's view) as its conversation,
+    weighted by ``consult.w_*`` (no teacher part)."""
+    max_turns = cfg.max_turns
     turns = opening_turns(case, system_prompt, max_turns) + [dict(t) for t in dialogue["turns"][:-1]]
     final = dialogue["turns"][-1]["content"] if dialogue["turns"] else ""
     return RewardInput(id=item_id, prompt=turns[-1]["content"], response=final, reference=case.diagnosis,
                        language=case.language, label=case.label, options=case.options,  # type: ignore[arg-type]
-                       messages=tuple(turns), rubrics=case.rubrics)
+                       messages=tuple(turns), rubrics=case.rubrics,
+                       weights=Weights(rule=cfg.w_rule, teacher=0.0, verifier=cfg.w_verifier, rubric=cfg.w_rubric))
 
 
 def unsafe_turn(dialogue: dict, rules: RulesConfig) -> str | None:

@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from medrl.config_base import StrictModel
+from medrl.reward.types import RewardInput, Weights
 
 RUBRIC_VERSION = "medrl-rubric-v1"
 """Version of the judge prompt in ``medrl/reward/rubric.py``; part of every cache key (bump it with the text)."""
@@ -367,9 +368,17 @@ class RewardConfig(StrictModel):
             raise ValueError("at least one of w_rule, w_teacher, w_verifier, w_rubric must be > 0")
         return self
 
-    def mix(self, rule: float, teacher: float | None, verifier: float | None, rubric: float | None = None) -> float:
-        """The combined reward (see ``w_verifier``)."""
-        parts = [(self.w_rule, rule), (self.w_teacher, teacher), (self.w_verifier, verifier), (self.w_rubric, rubric)]
+    def weights(self, item: RewardInput | None = None) -> Weights:
+        """The weights of ``item``: its own (``RewardInput.weights``), else ``w_rule`` ... ``w_rubric``."""
+        if item is not None and item.weights is not None:
+            return item.weights
+        return Weights(self.w_rule, self.w_teacher, self.w_verifier, self.w_rubric)
+
+    def mix(self, rule: float, teacher: float | None, verifier: float | None, rubric: float | None = None,
+            item: RewardInput | None = None) -> float:
+        """The combined reward of ``item`` (see ``w_verifier``; ``weights``)."""
+        w = self.weights(item)
+        parts = [(w.rule, rule), (w.teacher, teacher), (w.verifier, verifier), (w.rubric, rubric)]
         present = [(w, v) for w, v in parts if v is not None and w > 0]
         total = sum(w for w, _ in present)
         return rule if total == 0 else sum(w * v for w, v in present) / total

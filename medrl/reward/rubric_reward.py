@@ -71,7 +71,7 @@ class RubricOutcome:
 
 def graded(cfg: RewardConfig, item: RewardInput) -> bool:
     """Whether ``item``'s rubric is graded (it has one and ``w_rubric`` > 0)."""
-    return bool(item.rubrics) and cfg.w_rubric > 0
+    return bool(item.rubrics) and cfg.weights(item).rubric > 0
 
 
 def _criteria(cfg: RewardConfig, item: RewardInput) -> list[dict]:
@@ -164,7 +164,8 @@ def judged_outcome(p: RubricPlan, outcomes: dict[str, JudgeOutcome]) -> RubricOu
     return RubricOutcome(_filled(p.criteria, verdicts), status, reason, usage, cost)
 
 
-def with_rubric(cfg: RewardConfig, result: RewardResult, outcome: RubricOutcome | None) -> RewardResult:
+def with_rubric(cfg: RewardConfig, result: RewardResult, outcome: RubricOutcome | None,
+                item: RewardInput | None = None) -> RewardResult:
     """``result`` with the rubric component, the criteria, the merged judge status, tokens and cost; R is mixed
     again (``RewardConfig.mix``) unless the response is a prompt injection or games the rubric (R = 0)."""
     if outcome is None:
@@ -182,7 +183,7 @@ def with_rubric(cfg: RewardConfig, result: RewardResult, outcome: RubricOutcome 
     if "rubric_gaming" in result.flags:  # an attempt to manipulate the grader, like a prompt injection: R = 0
         result.reward = 0.0
     elif "prompt_injection" not in result.flags:
-        result.reward = cfg.mix(result.rule, result.teacher, None, score)
+        result.reward = cfg.mix(result.rule, result.teacher, None, score, item)
     status = max(result.judge_status, outcome.status, key=_PRECEDENCE.index)
     if status != result.judge_status and status in ("failed", "over_budget"):
         result.flags.append(f"judge_{status}")

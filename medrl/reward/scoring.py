@@ -43,7 +43,7 @@ def combine(cfg: RewardConfig, item: RewardInput, rules: RuleOutcome, judgement:
             judge_reason = f"teacher score zeroed: the answer grades itself ({judge_reason})"
     if judge_reason:
         reasons["judge"] = judge_reason
-    reward = cfg.mix(rules.rule, teacher, None)
+    reward = cfg.mix(rules.rule, teacher, None, item=item)
     flags = list(rules.flags)
     if rules.injected:
         reward = 0.0
@@ -95,7 +95,7 @@ class Scorer:
             self._commits = GroupCommit(self.cache, self._claims.holder)
         self._rules_memo: dict[tuple, RuleOutcome] = {}
         self._warned_budget = False
-        self.verifier = Verifier(cfg, self.judge, self._claims, self._commits, self._slots) if cfg.w_verifier > 0 else None
+        self.verifier = Verifier(cfg, self.judge, self._claims, self._commits, self._slots)  # items weighted 0: none
 
     @staticmethod
     def _memo_key(item: RewardInput) -> tuple:
@@ -134,12 +134,12 @@ class Scorer:
 
     async def score_batch(self, items: list[RewardInput]) -> list[RewardResult]:
         provider = self.cfg.judge.provider if self.cfg.w_teacher > 0 else "none"  # weight 0: no rubric calls
-        verdicts = asyncio.ensure_future(self.verifier.verify_batch(items, self.gate)) if self.verifier else None
+        verdicts = asyncio.ensure_future(self.verifier.verify_batch(items, self.gate))
         plans = self._rubric_plans(items)
         asks: dict[str, Ask] = {}
         keys: list[str | None] = [None] * len(items)
         if provider == "openai":
-            keys = [self._judge_key(item) for item in items]
+            keys = [self._judge_key(item) if self.cfg.weights(item).teacher > 0 else None for item in items]
             for item, k in zip(items, keys):
                 if k is not None and k not in asks:
                     asks[k] = _likert_ask(self.cfg, item, item.parsed.answer)
@@ -169,7 +169,7 @@ class Scorer:
 
         results = []
         for i, (it, o, k) in enumerate(zip(items, outcomes, keys)):
-            if provider == "none":
+            if provider == "none" or self.cfg.weights(it).teacher <= 0:  # an item without a teacher part: no call
                 r = combine(self.cfg, it, o, None, "skipped" if o.injected else "disabled")
             elif provider == "reference":
                 j = None if o.injected else reference_judgement(o.answer, it.reference, o)
@@ -184,10 +184,9 @@ class Scorer:
             if p is not None:
                 r = with_rubric(self.cfg, r, fixed_outcome(p) if p.fixed else offline_outcome(self.cfg, p, o.answer)
                                 if self.cfg.judge.provider == "reference" else
-                                judged_outcome(p, {key: outcome(key) for key in p.keys}))
+                                judged_outcome(p, {key: outcome(key) for key in p.keys}), it)
             results.append(r)
-        if verdicts is not None:
-            results = [with_verdict(self.cfg, r, v) for r, v in zip(results, await verdicts)]
+        results = [with_verdict(self.cfg, r, v, it) for r, v, it in zip(results, await verdicts, items)]
         counts = dict.fromkeys(("judged", "cached", "failed", "over_budget", "skipped", "disabled", "dropped"), 0)
         for r in results:
             counts["judged" if r.judge_status == "ok" else r.judge_status] += 1

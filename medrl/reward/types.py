@@ -20,6 +20,15 @@ skipped: no judge call was needed or possible (prompt injection, or the offline 
 
 
 @dataclass(frozen=True)
+class Weights:
+    """The weights of R's parts for one item (``RewardConfig.mix``)."""
+    rule: float
+    teacher: float
+    verifier: float
+    rubric: float
+
+
+@dataclass(frozen=True)
 class RewardInput:
     id: str
     prompt: str
@@ -38,6 +47,9 @@ class RewardInput:
     is the whole conversation."""
     rubrics: tuple[dict[str, Any], ...] | None = None
     """Rubric criteria (``{criterion, points, tags}``) graded by the rubric reward (``reward.w_rubric``)."""
+    weights: Weights | None = None
+    """The item's own weights (a consultation's ``consult.w_*``); None: ``reward.w_*``. A part weighted 0 is not
+    asked for (no teacher call, no verdict, no rubric grading)."""
 
     @cached_property
     def parsed(self) -> SplitResponse:
