@@ -46,7 +46,8 @@ def main() -> int:
     from medrl.models.generation import generate
     from medrl.models.loading import load_policy, load_tokenizer
     from medrl.models.vllm_engine import VLLMEngine, adapter_config_of
-    from medrl.ppo.batch import Batch, Sample
+    from medrl.models.generation import Sample
+    from medrl.ppo.batch import Batch
     from medrl.ppo.modeling import PolicyWithValue, logprobs_and_values
     from medrl.ppo.sync_check import logprob_gaps
 

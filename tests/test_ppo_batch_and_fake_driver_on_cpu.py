@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from medrl.ppo.batch import Batch, Sample, load_prompts, prompts_at
+from medrl.models.generation import Sample
+from medrl.ppo.batch import Batch, load_prompts, prompts_at
 from medrl.ppo.driver import PPOTrainer
 from medrl.reward.types import RewardResult
 from medrl.runs import read_metrics

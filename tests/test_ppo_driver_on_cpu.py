@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 from medrl.errors import ConfigError, UsageError
 from medrl.models.chat import render_prompt
 from medrl.ppo.algos import advantages_and_weights
-from medrl.ppo.batch import Batch, Sample, load_prompts, prompts_at
+from medrl.models.generation import Sample
+from medrl.ppo.batch import Batch, load_prompts, prompts_at
 from medrl.ppo.checkpoint import complete_checkpoints
 from medrl.ppo.driver import PPOTrainer, run_ppo
 from medrl.runs import read_metrics

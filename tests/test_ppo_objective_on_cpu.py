@@ -8,7 +8,8 @@ import torch
 
 from medrl.config import load_config
 from medrl.ppo.algos import advantages_and_weights, rows_to_learn
-from medrl.ppo.batch import Batch, Sample
+from medrl.models.generation import Sample
+from medrl.ppo.batch import Batch
 from medrl.ppo.objective import micro_batch_loss
 
 

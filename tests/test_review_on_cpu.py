@@ -230,7 +230,8 @@ def test_html_form_in_chromium(run, tmp_path, capsys):
 
 def test_teacher_feedback_section(run):
     """Eval rows above plus two PPO steps; every number below is counted by hand from ROWS / the samples."""
-    from medrl.ppo.batch import Batch, Sample
+    from medrl.models.generation import Sample
+    from medrl.ppo.batch import Batch
     from medrl.ppo.step_log import append_samples
     from medrl.reward.types import RewardResult
     from medrl.runs import MetricsLogger

@@ -296,3 +296,15 @@ def case_from_mcq(record: dict) -> Case | None:
         opening = _en_opening(first)
     return Case(id=f"{record.get('id', 'mcq')}", language="zh" if zh else "en", opening=opening,
                 profile=profile, task=task, options=dict(options), label=str(label).upper())
+
+
+def load_all_cases(paths: list[str]) -> list[Case]:
+    cases = [c for p in paths for c in load_cases(p)]
+    seen: set[str] = set()
+    for c in cases:
+        if c.id in seen:
+            raise UsageError(f"consult.cases: case id {c.id!r} appears in two files")
+        seen.add(c.id)
+    if not cases:
+        raise UsageError(f"consult.cases: no case in {', '.join(paths)}")
+    return cases

@@ -3,6 +3,7 @@ patient's secrets as ``SecretStr``), the dialogues of a micro-batch and their ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
 
@@ -12,8 +13,11 @@ from medrl.consult.dialogue import Dialogue, PolicyTurns, run_dialogues
 from medrl.consult.patient import LLMPatient
 from medrl.consult.protocol import opening_turns
 from medrl.models.chat import render_prompt
-from medrl.ppo.batch import Sample
+from medrl.models.generation import Sample
 from medrl.reward.config import CacheConfig, JudgeConfig, RewardConfig
+
+if TYPE_CHECKING:
+    from medrl.config import Config
 
 
 @dataclass(frozen=True)
@@ -94,3 +98,14 @@ def play(turns: PolicyTurns, tokenizer, items: list[tuple[int, Case]], n: int, s
     run_dialogues(turns, tokenizer, [d for _, _, d in dialogues], patient, max_turns=spec.max_turns, loop=loop)
     return [Sample(index, k, d.prompt_ids, d.response_ids, d.final_text, d.finished, logprobs=d.logprobs,
                    policy_mask=d.policy_mask, dialogue=d.summary()) for index, k, d in dialogues]
+
+
+def patient_spec(cfg: Config, access: dict | None) -> PatientSpec:
+    """The patient of ``cfg.consult.patient``; ``access`` (openai): the reward pool's coordinator name, API key,
+    store URL and cache settings (``RewardPool.patient_access``)."""
+    p = cfg.consult.patient
+    if p.provider == "scripted":
+        return PatientSpec("scripted", p.leak_retries)
+    return PatientSpec("openai", p.leak_retries, judge=patient_judge_config(cfg.consult, cfg.reward),
+                       cache=access["cache"], api_key=access["api_key"], coordinator=access["coordinator"],
+                       store_url=access["store_url"], prompt_version=p.prompt_version)

@@ -95,7 +95,7 @@ def local_patient_spec(cfg) -> PatientSpec:
     store and cache settings and no coordinator (its caller gives it a local ledger)."""
     from pydantic import SecretStr
 
-    from medrl.consult.ppo import patient_spec
+    from medrl.consult.engine import patient_spec
     from medrl.reward.preflight import judge_api_key
     from medrl.reward.store.database import store_url
 
@@ -109,7 +109,7 @@ def local_patient_spec(cfg) -> PatientSpec:
 
 def run_consult_eval(cfg, models: dict[str, Path | None]) -> dict[str, dict]:
     """Every model on the first ``consult.eval_limit`` cases of ``consult.cases`` (``evaluate_model``)."""
-    from medrl.consult.ppo import load_all_cases
+    from medrl.consult.cases import load_all_cases
 
     cases = load_all_cases(cfg.consult.cases)[:cfg.consult.eval_limit]
     spec = ConsultSpec(cfg.consult.max_turns, cfg.consult.turn_tokens, 0.0, 1.0, cfg.model.system_prompt,

@@ -25,7 +25,7 @@ SAMPLE_CASES = Path(__file__).resolve().parents[2] / "data" / "samples" / "consu
 
 def demo_cases(consult_cfg) -> tuple[list[Case], str]:
     """The cases of ``consult.cases``, else the sample cases; and a line saying where they come from."""
-    from medrl.consult.ppo import load_all_cases
+    from medrl.consult.cases import load_all_cases
 
     if consult_cfg.cases:
         return load_all_cases(consult_cfg.cases), f"`consult.cases`: {', '.join(consult_cfg.cases)}"

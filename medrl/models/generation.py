@@ -20,6 +20,26 @@ class Generation:
     """The engine's log-probs of ``response_ids`` (vLLM only; the HF path scores its samples separately)."""
 
 
+@dataclass
+class Sample:
+    """One sampled response, as a rollout engine returns it (PPO rollouts, consultations)."""
+
+    prompt_index: int
+    """Position of the prompt in this step's prompt list (samples of one prompt form a GRPO/RLOO group)."""
+    sample_index: int
+    """Which of the ``samples_per_prompt`` responses of that prompt."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    finished: bool
+    logprobs: list[float] = field(default_factory=list)
+    """The engine's own log-probs of ``response_ids`` (temperature-scaled), for the rollout-vs-learner check."""
+    policy_mask: list[int] | None = None
+    """Consultation dialogues: 1 on the tokens the policy sampled, 0 on the patient's turns (None: all 1)."""
+    dialogue: dict | None = None
+    """Consultation dialogues: ``medrl.consult.dialogue.Dialogue.summary()`` (turns, status, answer, calls)."""
+
+
 def eos_ids(generation_config, tokenizer) -> set[int]:
     """Token ids that end a response: the model's generation config's EOS ids plus the tokenizer's."""
     eos = generation_config.eos_token_id

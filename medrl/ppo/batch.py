@@ -31,6 +31,7 @@ import torch
 from medrl.errors import UsageError
 from medrl.jsonl import read_jsonl
 from medrl.models.chat import conversation
+from medrl.models.generation import Sample
 from medrl.reward.types import RewardInput, RewardResult
 
 SEQUENCE, ROW, TOKEN, INFO = "sequence", "row", "token", "info"
@@ -86,26 +87,6 @@ def reward_input(record: dict, step_no: int, sample_index: int, response: str) -
 # --------------------------------------------------------------------------- samples and the batch
 def _kind(kind: str, optional: bool = False):
     return field(default=None, metadata={"kind": kind}) if optional else field(metadata={"kind": kind})
-
-
-@dataclass
-class Sample:
-    """One sampled response, as a rollout engine returns it."""
-
-    prompt_index: int
-    """Position of the prompt in this step's prompt list (samples of one prompt form a GRPO/RLOO group)."""
-    sample_index: int
-    """Which of the ``samples_per_prompt`` responses of that prompt."""
-    prompt_ids: list[int]
-    response_ids: list[int]
-    text: str
-    finished: bool
-    logprobs: list[float] = field(default_factory=list)
-    """The engine's own log-probs of ``response_ids`` (temperature-scaled), for the rollout-vs-learner check."""
-    policy_mask: list[int] | None = None
-    """Consultation dialogues: 1 on the tokens the policy sampled, 0 on the patient's turns (None: all 1)."""
-    dialogue: dict | None = None
-    """Consultation dialogues: ``medrl.consult.dialogue.Dialogue.summary()`` (turns, status, answer, calls)."""
 
 
 @dataclass

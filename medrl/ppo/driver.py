@@ -23,10 +23,10 @@ from medrl.config import Config
 from medrl.models.card import finish_adapter
 from medrl.models.chat import render_prompt
 from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
-from medrl.consult.ppo import ConsultPlan
 from medrl.ppo import checkpoint as ckpt
 from medrl.ppo.algos import advantages_and_weights, rows_to_learn
 from medrl.ppo.batch import Batch, Rollout, load_prompts, micro_batches, prompt_turns, prompts_at, reward_input
+from medrl.ppo.consult_plan import ConsultPlan
 from medrl.ppo.groups import ActorGroups
 from medrl.ppo.kl_controller import make_kl_controller
 from medrl.ppo.learner import num_minibatches
@@ -89,7 +89,7 @@ class PPOTrainer:
             except BaseException:
                 self.close()
                 raise
-        self.consult = None  # consultation cases (consult.cases_per_step): medrl.consult.ppo
+        self.consult = None  # consultation cases (consult.cases_per_step): medrl.ppo.consult_plan
         if cfg.consult.cases_per_step:
             access = self.groups.reward_pool.patient_access() if cfg.consult.patient.provider == "openai" else None
             self.consult = ConsultPlan(cfg, access)

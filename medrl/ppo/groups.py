@@ -26,7 +26,7 @@ count restarts. The engine class is a parameter (``rollout_engine``: ``RolloutWo
       tokens at the sampling temperature (the driver compares them with the learner's every step); ``pid`` of the
       engine process; seconds spent sampling and computing those log-probs.
   ``consult(items, n, seed, adapter, version, spec) -> dict`` (with ``consult.cases_per_step``: ``ConsultingWorker``,
-      ``VLLMConsultingWorker`` of ``medrl.consult.shell``) as ``generate`` for ``(prompt_index, Case)`` items:
+      ``VLLMConsultingWorker`` of ``medrl.ppo.consult_rollout``) as ``generate`` for ``(prompt_index, Case)`` items:
       dialogues played turn by turn, each sample with its ``policy_mask`` and ``dialogue``.
   ``pid() -> int``  the engine process's pid (a restarted actor has a new one).
   ``sleep() -> float`` (engines with a sleep mode; called for ``vllm`` with ``rollout.vllm.sleep`` and sync
@@ -47,10 +47,10 @@ import ray
 import torch
 
 from medrl.config import Config
-from medrl.consult.shell import ConsultingWorker, VLLMConsultingWorker
 from medrl.errors import UsageError
 from medrl.ppo.batch import Batch
 from medrl.ppo.config import RolloutSettings
+from medrl.ppo.consult_rollout import ConsultingWorker, VLLMConsultingWorker
 from medrl.ppo.learner import Learner, read_deepspeed_config
 from medrl.ppo.preflight import check_actor_resources
 from medrl.ppo.rollout import RolloutWorker

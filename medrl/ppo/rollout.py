@@ -16,7 +16,8 @@ import torch
 
 from medrl.models.generation import generate
 from medrl.models.loading import load_policy, load_tokenizer
-from medrl.ppo.batch import Batch, Sample
+from medrl.models.generation import Sample
+from medrl.ppo.batch import Batch
 from medrl.ppo.modeling import PolicyWithValue, logprobs_and_values
 
 

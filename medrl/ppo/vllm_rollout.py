@@ -16,7 +16,7 @@ import time
 
 import ray
 
-from medrl.ppo.batch import Sample
+from medrl.models.generation import Sample
 
 
 class VLLMRolloutWorker:

@@ -10,35 +10,12 @@ cases with the same seeds, and an LLM patient's replies come from the judge stor
 from __future__ import annotations
 
 from medrl.config import Config
-from medrl.consult.cases import Case, load_cases
-from medrl.consult.engine import ConsultSpec, PatientSpec, patient_judge_config
+from medrl.consult.cases import Case, load_all_cases
+from medrl.consult.engine import ConsultSpec, patient_spec
 from medrl.consult.reward import adjust, reward_input
-from medrl.errors import UsageError
-from medrl.ppo.batch import Sample, prompts_at
+from medrl.models.generation import Sample
+from medrl.ppo.batch import prompts_at
 from medrl.reward.types import RewardInput, RewardResult
-
-
-def load_all_cases(paths: list[str]) -> list[Case]:
-    cases = [c for p in paths for c in load_cases(p)]
-    seen: set[str] = set()
-    for c in cases:
-        if c.id in seen:
-            raise UsageError(f"consult.cases: case id {c.id!r} appears in two files")
-        seen.add(c.id)
-    if not cases:
-        raise UsageError(f"consult.cases: no case in {', '.join(paths)}")
-    return cases
-
-
-def patient_spec(cfg: Config, access: dict | None) -> PatientSpec:
-    """The patient of ``cfg.consult.patient``; ``access`` (openai): the reward pool's coordinator name, API key,
-    store URL and cache settings (``RewardPool.patient_access``)."""
-    p = cfg.consult.patient
-    if p.provider == "scripted":
-        return PatientSpec("scripted", p.leak_retries)
-    return PatientSpec("openai", p.leak_retries, judge=patient_judge_config(cfg.consult, cfg.reward),
-                       cache=access["cache"], api_key=access["api_key"], coordinator=access["coordinator"],
-                       store_url=access["store_url"], prompt_version=p.prompt_version)
 
 
 class ConsultPlan:
