@@ -119,7 +119,7 @@ class Config(StrictModel):
                                  "reward.judge.provider openai")
         if c.cases_per_step:
             if self.ppo.estimator not in ("grpo", "dr_grpo", "rloo"):
-                raise ValueError("consult.cases_per_step > 0 needs a group estimator (grpo, dr_grpo, rloo): GAE and "
+                raise ValueError("consult.cases_per_step > 0 needs a group ppo.estimator (grpo, dr_grpo, rloo): GAE and "
                                  "REINFORCE++ returns do not pass over the patient's turns")
         return self
 

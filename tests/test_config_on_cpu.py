@@ -122,10 +122,10 @@ def test_overrides_are_validated_together_and_errors_name_the_right_one():
 
 
 def test_a_whole_config_check_blames_the_override_it_names_not_the_last_one(tmp_path):
-    with pytest.raises(ConfigError) as e:  # local_tiny runs consultations, which need the HF engine
-        load_config(CONFIGS / "local_tiny.yaml", ["ppo.rollout.engine=vllm", "reward.judge.batch_size=16"])
-    assert str(e.value).startswith("override 'ppo.rollout.engine=vllm': ") and \
-        "needs ppo.rollout.engine hf" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # local_tiny runs consultations, which need a group estimator
+        load_config(CONFIGS / "local_tiny.yaml", ["ppo.estimator=gae", "reward.judge.batch_size=16"])
+    assert str(e.value).startswith("override 'ppo.estimator=gae': ") and \
+        "needs a group ppo.estimator" in str(e.value)
     p = _write(tmp_path, "consult:\n  cases_per_step: 1\n")  # no override names a key of the message: the file
     with pytest.raises(ConfigError) as e:
         load_config(p, ["run.seed=2"])

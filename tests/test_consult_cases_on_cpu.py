@@ -195,7 +195,7 @@ def test_consult_config_checks():
         load_config(None, ["consult.cases_per_step=1"])
     with pytest.raises(ConfigError, match="consult.w_verifier"):
         load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1", "consult.w_verifier=0"])
-    with pytest.raises(ConfigError, match="group estimator"):
+    with pytest.raises(ConfigError, match="group ppo.estimator"):
         load_config(None, [f"consult.cases=[{CASES}]", "consult.cases_per_step=1",
                            "ppo.estimator=gae"])
     with pytest.raises(ConfigError, match="reward.judge.provider openai"):
