@@ -154,9 +154,8 @@ def _job_args(judge: LoopbackJudge, tmp: Path, name: str, rows: list[dict], back
             "model.build_tiny_if_missing=false", "reward.judge.provider=openai",
             f"reward.judge.base_url={judge.base_url}", "reward.judge.budget_usd=null",
             "reward.cache.claim_ttl_s=15",  # short, so the kill test's restarted actor takes over soon
-            "reward.w_verifier=0", "consult.cases_per_step=0",  # one judge call per item (verifier claims: tested
-            # in test_reward_verifier_on_cpu.py; local_tiny turns the verifier on for its consultations)
-            *cache, *extra]
+            *cache, *extra]  # one judge call per item (local_tiny's verifier is off: verifier claims are tested in
+            # test_reward_verifier_on_cpu.py)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> dict:

@@ -236,6 +236,29 @@ def test_llm_patient_loopback_cache_and_leak_retry(tmp_path):
         assert reply_key(spec.simulator, mi, [(qs[0], None)]) != reply_key("scripted-v1", mi, [(qs[0], None)])
 
 
+def test_two_patients_on_one_store_pay_one_reply(tmp_path):
+    """Two LLM patients (two runs or nodes: two claim holders, two clients) asking the same reply at once on one
+    store: one paid call; the other waits on the claim and reads the stored reply."""
+    mi = load_cases(CASES)[0]
+    with LoopbackJudge(latency_s=0.3) as server:
+        cfg = load_config(None, [f"reward.judge.base_url={server.base_url}", "reward.judge.max_retries=0",
+                                 f"reward.cache.path={tmp_path / 'store.sqlite'}"])
+        spec = PatientSpec("openai", 1, judge=patient_judge_config(cfg.consult, cfg.reward), cache=cfg.reward.cache,
+                           api_key=SecretStr("sk-test"), prompt_version="patient-v1")
+
+        async def both():
+            patients = [llm_patient(spec, local_gate(Ledger(0, 0, None), lease_size=4)) for _ in range(2)]
+            replies = await asyncio.gather(*(p.reply(mi, [("How old are you?", None)]) for p in patients))
+            for p in patients:
+                await p.close()
+            return replies
+
+        replies = asyncio.run(both())
+        assert sum(server.stats()["served"].values()) == 1
+    assert sorted(r.status for r in replies) == ["cached", "ok"] and sum(r.calls for r in replies) == 1
+    assert replies[0].text == replies[1].text == "58-year-old man"
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_patient_reply_table_both_backends(backend, tmp_path, request, monkeypatch):
     from medrl.reward.config import CacheConfig

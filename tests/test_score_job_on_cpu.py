@@ -36,8 +36,7 @@ def test_score_job_on_a_real_ray_head(node_key, ray_head, tmp_path):
                "--config", "configs/local_tiny.yaml", "--input", str(src), "--out", str(out),
                f"run.root={tmp_path}/runs", "run.name=job", "model.build_tiny_if_missing=false",
                "reward.judge.provider=openai", f"reward.judge.base_url={server.base_url}",
-               f"reward.cache.path={tmp_path}/cache.sqlite", "reward.judge.num_actors=1",
-               "reward.w_verifier=0", "consult.cases_per_step=0"]  # one Likert call per row (local_tiny verifies)
+               f"reward.cache.path={tmp_path}/cache.sqlite", "reward.judge.num_actors=1"]  # one Likert call per row
         job = subprocess.run(cmd, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=300)
         served = server.stats()["requests"]
     # the requests of the rows (the job's start-up check call to the judge is left out)

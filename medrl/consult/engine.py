@@ -56,7 +56,7 @@ def llm_patient(spec: PatientSpec, gate) -> LLMPatient:
         await gate.flush()  # the usage reaches the ledger at once: rollouts have no end-of-batch flush
         return outcome
 
-    return LLMPatient(spec.simulator, store, call, spec.leak_retries, close=judge.close)
+    return LLMPatient(spec.simulator, store, call, spec.leak_retries, spec.cache.claim_ttl_s, close=judge.close)
 
 
 def patient_judge_config(consult: ConsultConfig, reward: RewardConfig) -> JudgeConfig:

@@ -9,6 +9,7 @@ then the dialogue ends as ``leaked`` and its sample leaves the batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -131,38 +132,49 @@ def reply_key(simulator: str, case: Case, dialogue: list[tuple[str, str | None]]
 
 
 class LLMPatient:
-    """The patient over ``OpenAIJudge.call`` (same client, gate: rate limits and budget, judge store). A reply is
-    looked up in the store first (key ``reply_key``) and stored once asked, so a resumed run replays the same
-    dialogue and pays nothing twice. ``call(messages, parse)`` is the bound judge call (gate included)."""
+    """The patient over ``OpenAIJudge.call`` (same client, gate: rate limits and budget, judge store). A reply goes
+    through the store's claims (``medrl.reward.store.claims``, key ``reply_key``) like a judgement: looked up first,
+    else claimed, asked and stored, so a resumed run replays the same dialogue and two runs or nodes asking the same
+    reply at once pay it once (the second waits for the first's reply). ``call(messages, parse)`` is the bound judge
+    call (gate included)."""
 
-    def __init__(self, simulator: str, store, call: Callable, leak_retries: int, close: Callable | None = None):
+    def __init__(self, simulator: str, store, call: Callable, leak_retries: int, claim_ttl_s: float,
+                 close: Callable | None = None):
+        from medrl.reward.store.claims import Claims
+
         self.version, self.store, self._call, self.leak_retries = simulator, store, call, leak_retries
+        self.claims = Claims(store, store.patient_replies_many, claim_ttl_s)
         self._close = close
 
     async def close(self) -> None:
-        """Close the client (``close``) and the store."""
+        """Release the claims left, close the client (``close``) and the store."""
+        await self.claims.close()
         if self._close is not None:
             await self._close()
-        if self.store is not None:
-            self.store.close()
+        self.store.close()
 
     async def reply(self, case: Case, dialogue: list[tuple[str, str | None]]) -> PatientReply:
+        paid = {"calls": 0, "cost": 0.0}
+
+        async def ask(key: str):  # this holder's claimed key: the call, and its leak retries
+            for retry in range(1 + self.leak_retries):
+                outcome = await self._call(patient_messages(case, dialogue, retry), parse_reply)
+                paid["calls"] += 1
+                paid["cost"] += outcome.cost_usd
+                if outcome.status != "ok" or not leaks(outcome.judgement, case):
+                    return outcome
+            return dataclasses.replace(outcome, judgement=None, status="leaked")
+
+        async def put(key: str, outcome) -> None:
+            u = outcome.usage
+            self.store.put_patient_reply({"key": key, "simulator": self.version, "reply": outcome.judgement,
+                                          "tokens_in": u.tokens_in, "tokens_out": u.tokens_out,
+                                          "tokens_cache_hit": u.tokens_cache_hit, "cost_usd": paid["cost"]},
+                                         self.claims.holder)
+
         key = reply_key(self.version, case, dialogue)
-        found = self.store.patient_replies_many([key]).get(key) if self.store is not None else None
-        if found is not None:
-            return PatientReply(found["reply"], "cached")
-        calls, cost = 0, 0.0
-        for retry in range(1 + self.leak_retries):
-            outcome = await self._call(patient_messages(case, dialogue, retry), parse_reply)
-            calls += 1
-            cost += outcome.cost_usd
-            if outcome.status != "ok":
-                return PatientReply("", outcome.status, calls, cost)
-            if not leaks(outcome.judgement, case):
-                if self.store is not None:
-                    u = outcome.usage
-                    self.store.put_patient_reply({"key": key, "simulator": self.version, "reply": outcome.judgement,
-                                                  "tokens_in": u.tokens_in, "tokens_out": u.tokens_out,
-                                                  "tokens_cache_hit": u.tokens_cache_hit, "cost_usd": cost})
-                return PatientReply(outcome.judgement, "ok", calls, cost)
-        return PatientReply("", "leaked", calls, cost)
+        done = (await self.claims.get([key], ask, put, lambda k, record: record["reply"]))[key]
+        if done.status == "cached":
+            return PatientReply(done.judgement, "cached")
+        text = done.judgement if done.status == "ok" else ""
+        return PatientReply(text, done.status, paid["calls"], paid["cost"])

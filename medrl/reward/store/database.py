@@ -291,13 +291,15 @@ class JudgeStore:
                 for row in self._rows_of(f"SELECT {', '.join(_PATIENT_COLUMNS)} FROM patient_replies", keys)}
 
     @_reconnecting
-    def put_patient_reply(self, record: dict) -> None:
-        """Store one patient reply (first writer wins: a replayed dialogue sees the reply the first run saw)."""
+    def put_patient_reply(self, record: dict, holder: str | None = None) -> None:
+        """Store one patient reply (first writer wins: a replayed dialogue sees the reply the first run saw) and drop
+        ``holder``'s claim on it."""
         rec = dict(record, created=record.get("created", time.time()))
         with self._tx(durable=True):
             self._run(f"INSERT INTO patient_replies ({', '.join(_PATIENT_COLUMNS)}) VALUES "
                       f"({','.join('?' * len(_PATIENT_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
                       [rec.get(c) for c in _PATIENT_COLUMNS])
+            self._drop_claim(rec["key"], holder)
 
     # ---- claims: who is working on a key right now (judgements, pairwise verdicts, rubrics: their keys never collide)
     def _drop_claim(self, key: str, holder: str | None) -> None:
