@@ -63,6 +63,9 @@ def bench_config(opts, judge_url: str | None, name: str):
         # Ray CPU reservations that let learner, rollout and judge actors all start on 2 CPUs
         "ppo.learner.num_cpus=0.5", "ppo.rollout.num_cpus=0.5",
         f"reward.cache.path={opts.workdir}/{name}-judge-cache.sqlite",
+        # the same work on both sides: single-turn prompts only (local_tiny also interviews consultation cases) and
+        # R = 0.6 rule + 0.4 teacher (no per-criterion rubric calls for local_tiny's rubric prompts)
+        "consult.cases_per_step=0", "reward.w_rubric=0",
     ]
     if judge_url:
         overrides += ["reward.judge.provider=openai", f"reward.judge.base_url={judge_url}",
