@@ -22,7 +22,7 @@ from medrl.consult.cases import load_cases
 from medrl.consult.patient import ScriptedPatient
 from medrl.consult.protocol import TurnJoiner, opening_turns
 from medrl.ppo.driver import PPOTrainer
-from ppo_setup import ppo_config
+from ppo_setup import fit_and_save, ppo_config
 
 STEPS = 14
 MAX_TURNS = 2
@@ -77,22 +77,7 @@ def warm_start(cfg, cases, path, steps=300):
     tok = load_tokenizer(cfg.model.path, cfg.model.cache_dir)
     policy = load_policy(cfg.model, None, trainable=True, device="cpu")
     pairs = warm_start_pairs(tok, cases[0], cases[1], cfg.model.system_prompt)
-    width = max(len(i) for i, _ in pairs)
-    ids = torch.full((len(pairs), width), tok.pad_token_id)
-    labels = torch.full((len(pairs), width), -100)
-    attention = torch.zeros(len(pairs), width, dtype=torch.long)
-    for row, (i, lab) in enumerate(pairs):
-        ids[row, :len(i)] = torch.tensor(i)
-        labels[row, :len(i)] = torch.tensor(lab)
-        attention[row, :len(i)] = 1
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        loss = policy(input_ids=ids, attention_mask=attention, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    policy.save_pretrained(path)
-    return float(loss.detach())
+    return fit_and_save(policy, tok.pad_token_id, pairs, steps, path)
 
 
 def _told(row) -> bool:

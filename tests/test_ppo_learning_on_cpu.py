@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medrl.ppo.driver import PPOTrainer
-from ppo_setup import ppo_config
+from ppo_setup import fit_and_save, ppo_config
 
 STEPS = 20
 DR_GRPO_CLIP_HIGHER = ("ppo.clip_low=0.2", "ppo.clip_high=0.28")
@@ -68,23 +68,8 @@ def _format_warm_start(cfg, run, path):
             answer = tok(f"<think>\nCheck the options.\n</think>\n\nThe answer is {letter}.<|im_end|>",
                          add_special_tokens=False)["input_ids"]
             pairs.append((prompt, answer))
-    width = max(len(p) + len(a) for p, a in pairs)
-    ids = torch.full((len(pairs), width), tok.pad_token_id)
-    labels = torch.full((len(pairs), width), -100)
-    attention = torch.zeros(len(pairs), width, dtype=torch.long)
-    for row, (prompt, answer) in enumerate(pairs):
-        n = len(prompt) + len(answer)
-        ids[row, :n] = torch.tensor(prompt + answer)
-        labels[row, len(prompt):n] = torch.tensor(answer)
-        attention[row, :n] = 1
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(150):
-        loss = policy(input_ids=ids, attention_mask=attention, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    policy.save_pretrained(path)
-    return float(loss.detach())
+    rows = [(prompt + answer, [-100] * len(prompt) + answer) for prompt, answer in pairs]
+    return fit_and_save(policy, tok.pad_token_id, rows, 150, path)
 
 
 @pytest.mark.slow
