@@ -278,7 +278,7 @@ def _item_requests(judge: LoopbackJudge, rows: list[dict]) -> dict[str, int]:
 
 def _store_keys(rows: list[dict]) -> list[str]:
     from medrl.reward.config import RewardConfig
-    from medrl.reward.store.database import judge_key
+    from medrl.reward.store.schema import judge_key
     from medrl.reward.text import split_response
     from medrl.reward.types import RewardInput
 

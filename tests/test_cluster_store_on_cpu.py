@@ -13,7 +13,8 @@ import pytest
 
 from medrl.errors import UsageError
 from medrl.reward.config import CacheConfig, RewardConfig
-from medrl.reward.store.database import SCHEMA_VERSION, open_store
+from medrl.reward.store.database import open_store
+from medrl.reward.store.schema import SCHEMA_VERSION
 from medrl.reward.types import RewardInput
 from medrl.runs import RunDir
 from medrl.testing.loopback_server import LoopbackJudge

@@ -24,7 +24,8 @@ from medrl.reward.config import CacheConfig, RewardConfig
 from medrl.reward.judge import content_of, usage_of
 from medrl.reward.ledger import Ledger, Settlement
 from medrl.reward.rubric import ANSWER_CLOSE, ANSWER_OPEN, RUBRIC, JudgementError, build_messages, parse_judgement
-from medrl.reward.store.database import cache_key, open_store
+from medrl.reward.store.database import open_store
+from medrl.reward.store.schema import cache_key
 from medrl.reward.text import split_response
 from medrl.reward.types import RewardInput
 from medrl.testing.loopback_server import LoopbackJudge, expected_scores, request_key

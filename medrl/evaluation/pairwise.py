@@ -25,7 +25,8 @@ from medrl.reward.judge import JudgeOutcome, OpenAIJudge
 from medrl.reward.ledger import Ledger, Usage, local_gate
 from medrl.reward.rubric import JudgementError, load_verdict_json
 from medrl.reward.store.claims import Claims
-from medrl.reward.store.database import cache_key, open_store
+from medrl.reward.store.database import open_store
+from medrl.reward.store.schema import cache_key
 
 log = logging.getLogger("medrl.eval")
 

@@ -16,7 +16,8 @@ from medrl.reward.preflight import check_judge
 from medrl.reward.rubric import build_messages
 from medrl.reward.rubric_reward import graded, plan
 from medrl.reward.rules import detect_injection, format_rule
-from medrl.reward.store.database import judge_key, open_store
+from medrl.reward.store.database import open_store
+from medrl.reward.store.schema import judge_key
 from medrl.reward.text import estimate_tokens
 from medrl.reward.types import RewardInput, RewardResult
 from medrl.runs import RunDir

@@ -20,7 +20,7 @@ from medrl.reward.judge import JudgeOutcome
 from medrl.reward.ledger import Usage
 from medrl.reward.rubric_guard import offline_criteria, rubric_gaming
 from medrl.reward.rules import covered_text
-from medrl.reward.store.database import cache_key
+from medrl.reward.store.schema import cache_key
 from medrl.reward.types import RewardInput, RewardResult
 
 _PRECEDENCE = ("disabled", "skipped", "cached", "ok", "over_budget", "failed")

@@ -18,7 +18,8 @@ from medrl.reward.rubric_reward import (Ask, RubricPlan, fixed_outcome, graded, 
                                         plan, with_rubric)
 from medrl.reward.rules import RuleOutcome, detect_injection, evaluate_rules, format_rule
 from medrl.reward.store.claims import Claims, GroupCommit
-from medrl.reward.store.database import judge_key, open_store
+from medrl.reward.store.database import open_store
+from medrl.reward.store.schema import judge_key
 from medrl.reward.types import RewardInput, RewardResult
 from medrl.reward.verifier import Verifier, with_verdict
 

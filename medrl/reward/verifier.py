@@ -25,7 +25,7 @@ from medrl.reward.rubric import (ANSWER_CLOSE, ANSWER_OPEN, JudgementError, load
                                  scrub_markers)
 from medrl.reward.rules import detect_injection, format_rule
 from medrl.reward.store.claims import Claims, GroupCommit
-from medrl.reward.store.database import cache_key
+from medrl.reward.store.schema import cache_key
 from medrl.reward.text import en_words, key_terms, term_found
 from medrl.reward.types import RewardInput, RewardResult
 

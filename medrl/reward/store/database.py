@@ -13,7 +13,6 @@ again (every operation is idempotent: insert-if-absent, re-claims by the same ho
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -25,46 +24,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from medrl.errors import UsageError
-from medrl.reward.config import CacheConfig, RewardConfig
+from medrl.reward.config import CacheConfig
 from medrl.reward.ledger import RateBucket, lease_buckets
-from medrl.reward.types import RewardInput
+from medrl.reward.store.schema import (JUDGEMENT_COLUMNS, PAIRWISE_COLUMNS, PATIENT_COLUMNS, RUBRIC_COLUMNS,
+                                     SCHEMA_VERSION, SELECT_JUDGEMENTS, TABLES)
 
 log = logging.getLogger("medrl.reward")
 
-SCHEMA_VERSION = 1
-"""Version of the tables below, recorded in ``medrl_schema``; a store written by a newer medrl is refused."""
-
-_TABLES = (
-    """CREATE TABLE IF NOT EXISTS judgements (
-  key TEXT PRIMARY KEY, judge TEXT NOT NULL, rubric_version TEXT NOT NULL, accuracy INTEGER NOT NULL,
-  safety INTEGER NOT NULL, completeness INTEGER NOT NULL, clarity INTEGER NOT NULL, reason TEXT NOT NULL,
-  prompt TEXT NOT NULL, answer TEXT NOT NULL, reference TEXT, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL,
-  tokens_cache_hit INTEGER NOT NULL, cost_usd DOUBLE PRECISION NOT NULL, created DOUBLE PRECISION NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS pairwise_verdicts (
-  key TEXT PRIMARY KEY, judge TEXT NOT NULL, version TEXT NOT NULL, winner TEXT NOT NULL, reason TEXT NOT NULL,
-  prompt TEXT NOT NULL, answers TEXT NOT NULL, reference TEXT, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL,
-  tokens_cache_hit INTEGER NOT NULL, cost_usd DOUBLE PRECISION NOT NULL, created DOUBLE PRECISION NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS generated_rubrics (
-  key TEXT PRIMARY KEY, generator TEXT NOT NULL, version TEXT NOT NULL, criteria TEXT NOT NULL, prompt TEXT NOT NULL,
-  reference TEXT NOT NULL, tokens_in INTEGER NOT NULL, tokens_out INTEGER NOT NULL, tokens_cache_hit INTEGER NOT NULL,
-  cost_usd DOUBLE PRECISION NOT NULL, created DOUBLE PRECISION NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS patient_replies (
-  key TEXT PRIMARY KEY, simulator TEXT NOT NULL, reply TEXT NOT NULL, tokens_in INTEGER NOT NULL,
-  tokens_out INTEGER NOT NULL, tokens_cache_hit INTEGER NOT NULL, cost_usd DOUBLE PRECISION NOT NULL,
-  created DOUBLE PRECISION NOT NULL)""",
-    "CREATE TABLE IF NOT EXISTS claims (key TEXT PRIMARY KEY, holder TEXT NOT NULL, expires DOUBLE PRECISION NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS rate_buckets (name TEXT PRIMARY KEY, tat DOUBLE PRECISION NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS spend (scope TEXT PRIMARY KEY, spent_usd DOUBLE PRECISION NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS medrl_schema (version INTEGER NOT NULL)",
-)
-_COLUMNS = ("key", "judge", "rubric_version", "accuracy", "safety", "completeness", "clarity", "reason", "prompt",
-            "answer", "reference", "tokens_in", "tokens_out", "tokens_cache_hit", "cost_usd", "created")
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM judgements"
-_PAIR_COLUMNS = ("key", "judge", "version", "winner", "reason", "prompt", "answers", "reference", "tokens_in",
-                 "tokens_out", "tokens_cache_hit", "cost_usd", "created")
-_RUBRIC_COLUMNS = ("key", "generator", "version", "criteria", "prompt", "reference", "tokens_in", "tokens_out",
-                   "tokens_cache_hit", "cost_usd", "created")
-_PATIENT_COLUMNS = ("key", "simulator", "reply", "tokens_in", "tokens_out", "tokens_cache_hit", "cost_usd", "created")
 _CHUNK = 500
 _PG_SCHEMA_LOCK = 0x6D6564726C  # advisory lock id taken while the schema is created
 _BACKOFF_S = (0.1, 5.0)
@@ -73,18 +39,6 @@ _BACKOFF_S = (0.1, 5.0)
 
 class StoreDownError(UsageError):
     """The judge store stayed unreachable past ``reward.cache.outage_s``: the run stops (never a per-sample failure)."""
-
-
-def cache_key(judge: str, rubric_version: str, prompt: str, answer: str, reference: str | None) -> str:
-    """sha256 of (judge model, rubric version, prompt, judged answer, reference). The judge only sees the final
-    answer, so two responses that differ only in their reasoning share one judgement."""
-    blob = json.dumps([judge, rubric_version, prompt, answer, reference], ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def judge_key(cfg: RewardConfig, item: RewardInput, answer: str) -> str:
-    """The cache key of ``item`` whose final answer is ``answer``, under the configured judge model and rubric."""
-    return cache_key(cfg.judge.model, cfg.judge.rubric_version, item.prompt, answer, item.reference)
 
 
 def _chunks(keys: list[str]):
@@ -191,7 +145,7 @@ class JudgeStore:
         with self._tx():
             if self._pg:
                 self._run("SELECT pg_advisory_xact_lock(?)", (_PG_SCHEMA_LOCK,))
-            for table in _TABLES:
+            for table in TABLES:
                 self._run(table)
             row = self._run("SELECT MAX(version) FROM medrl_schema").fetchone()
             if row[0] is None:
@@ -211,7 +165,7 @@ class JudgeStore:
     # ---- judgements
     def get_many(self, keys: Iterable[str]) -> dict[str, dict]:
         """Cached judgements of the given keys (missing keys are absent)."""
-        return {row[0]: dict(zip(_COLUMNS, row)) for row in self._rows_of(_SELECT, keys)}
+        return {row[0]: dict(zip(JUDGEMENT_COLUMNS, row)) for row in self._rows_of(SELECT_JUDGEMENTS, keys)}
 
     def put(self, record: dict, holder: str | None = None) -> None:
         """Store one judgement (``put_many`` of one)."""
@@ -222,12 +176,12 @@ class JudgeStore:
         """Store judgements (first writer wins) and drop ``holder``'s claims on them, in one transaction committed
         before returning (one WAL flush for the lot: ``claims.GroupCommit``)."""
         now = time.time()
-        rows = [[rec.get(c) for c in _COLUMNS[:-1]] + [rec.get("created", now)] for rec in records]
+        rows = [[rec.get(c) for c in JUDGEMENT_COLUMNS[:-1]] + [rec.get("created", now)] for rec in records]
         with self._tx(durable=True):
             for start in range(0, len(rows), _CHUNK):  # one statement per chunk of rows, not one per row
                 chunk = rows[start:start + _CHUNK]
-                values = _rows_sql(len(_COLUMNS), len(chunk))
-                self._run(f"INSERT INTO judgements ({', '.join(_COLUMNS)}) VALUES {values} "
+                values = _rows_sql(len(JUDGEMENT_COLUMNS), len(chunk))
+                self._run(f"INSERT INTO judgements ({', '.join(JUDGEMENT_COLUMNS)}) VALUES {values} "
                           "ON CONFLICT (key) DO NOTHING", [v for row in chunk for v in row])
             if holder is not None:
                 self._release([row[0] for row in rows], holder)
@@ -245,7 +199,7 @@ class JudgeStore:
         elif self._db is None:
             records = []
         else:
-            records = [dict(zip(_COLUMNS, r)) for r in self._run(f"{_SELECT} ORDER BY created").fetchall()]
+            records = [dict(zip(JUDGEMENT_COLUMNS, r)) for r in self._run(f"{SELECT_JUDGEMENTS} ORDER BY created").fetchall()]
         with open(out, "w", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -262,9 +216,9 @@ class JudgeStore:
         returning."""
         rec = dict(record, created=record.get("created", time.time()))
         with self._tx(durable=True):
-            self._run(f"INSERT INTO pairwise_verdicts ({', '.join(_PAIR_COLUMNS)}) VALUES "
-                      f"({','.join('?' * len(_PAIR_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
-                      [rec.get(c) for c in _PAIR_COLUMNS])
+            self._run(f"INSERT INTO pairwise_verdicts ({', '.join(PAIRWISE_COLUMNS)}) VALUES "
+                      f"({','.join('?' * len(PAIRWISE_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
+                      [rec.get(c) for c in PAIRWISE_COLUMNS])
             self._drop_claim(rec["key"], holder)
 
     # ---- generated rubrics (``medrl rubrics generate``; key: ``rubric_gen.rubric_key``)
@@ -279,16 +233,16 @@ class JudgeStore:
         rec = dict(record, criteria=json.dumps(record["criteria"], ensure_ascii=False),
                    created=record.get("created", time.time()))
         with self._tx(durable=True):
-            self._run(f"INSERT INTO generated_rubrics ({', '.join(_RUBRIC_COLUMNS)}) VALUES "
-                      f"({','.join('?' * len(_RUBRIC_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
-                      [rec.get(c) for c in _RUBRIC_COLUMNS])
+            self._run(f"INSERT INTO generated_rubrics ({', '.join(RUBRIC_COLUMNS)}) VALUES "
+                      f"({','.join('?' * len(RUBRIC_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
+                      [rec.get(c) for c in RUBRIC_COLUMNS])
             self._drop_claim(rec["key"], holder)
 
     # ---- simulated-patient replies (``medrl.consult``; key: ``medrl.consult.patient.reply_key``, prefix ``patient:``)
     def patient_replies_many(self, keys: Iterable[str]) -> dict[str, dict]:
         """Cached simulated-patient replies of the given keys."""
-        return {row[0]: dict(zip(_PATIENT_COLUMNS, row))
-                for row in self._rows_of(f"SELECT {', '.join(_PATIENT_COLUMNS)} FROM patient_replies", keys)}
+        return {row[0]: dict(zip(PATIENT_COLUMNS, row))
+                for row in self._rows_of(f"SELECT {', '.join(PATIENT_COLUMNS)} FROM patient_replies", keys)}
 
     @_reconnecting
     def put_patient_reply(self, record: dict, holder: str | None = None) -> None:
@@ -296,9 +250,9 @@ class JudgeStore:
         ``holder``'s claim on it."""
         rec = dict(record, created=record.get("created", time.time()))
         with self._tx(durable=True):
-            self._run(f"INSERT INTO patient_replies ({', '.join(_PATIENT_COLUMNS)}) VALUES "
-                      f"({','.join('?' * len(_PATIENT_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
-                      [rec.get(c) for c in _PATIENT_COLUMNS])
+            self._run(f"INSERT INTO patient_replies ({', '.join(PATIENT_COLUMNS)}) VALUES "
+                      f"({','.join('?' * len(PATIENT_COLUMNS))}) ON CONFLICT (key) DO NOTHING",
+                      [rec.get(c) for c in PATIENT_COLUMNS])
             self._drop_claim(rec["key"], holder)
 
     # ---- claims: who is working on a key right now (judgements, pairwise verdicts, rubrics: their keys never collide)
