@@ -50,9 +50,7 @@ class ConsultingWorker(_PatientHost, RolloutWorker):
                 spec: ConsultSpec) -> dict:
         """``n`` dialogues for each ``(prompt_index, case)``; otherwise as ``generate`` (same answer; each sample
         carries ``policy_mask`` and ``dialogue``)."""
-        reloaded = version != self.version
-        if reloaded:
-            self.load_adapter(ray.get(adapter[0]), version)
+        reloaded = self._hold(adapter, version)
         t0 = time.perf_counter()
         patient = self._patient(spec.patient)
         samples = play(hf_turns(self.policy, self.tokenizer, spec, seed), self.tokenizer, items, n, spec, patient,

@@ -47,9 +47,7 @@ class RolloutWorker:
         """``n`` responses for each ``(prompt_index, prompt_text)``; ``adapter`` is ``[ObjectRef]`` of the weights
         of ``version`` (wrapped in a list so Ray does not fetch it unless this actor lost them). Returns samples
         with the actor's own log-probs of the sampled tokens, and timings (``generate_s``, ``logprob_s``)."""
-        reloaded = version != self.version
-        if reloaded:
-            self.load_adapter(ray.get(adapter[0]), version)
+        reloaded = self._hold(adapter, version)
         t0 = time.perf_counter()
         g = self.gen_cfg
         gens = generate(self.policy, self.tokenizer, [text for _, text in prompts], max_new_tokens=g.max_new_tokens,
@@ -58,6 +56,13 @@ class RolloutWorker:
         samples = [Sample(prompts[i // n][0], i % n, x.prompt_ids, x.response_ids, x.text, x.finished)
                    for i, x in enumerate(gens)]
         return self._answer(samples, reloaded, t0)
+
+    def _hold(self, adapter: list, version: int) -> bool:
+        """Load ``version`` from ``adapter[0]`` unless the actor holds it; whether it had to."""
+        reloaded = version != self.version
+        if reloaded:
+            self.load_adapter(ray.get(adapter[0]), version)
+        return reloaded
 
     def _answer(self, samples: list[Sample], reloaded: bool, t0: float) -> dict:
         """The engine's log-probs of the samples' response tokens (0 where ``policy_mask`` is 0) and the answer of a

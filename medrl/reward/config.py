@@ -368,14 +368,14 @@ class RewardConfig(StrictModel):
             raise ValueError("at least one of w_rule, w_teacher, w_verifier, w_rubric must be > 0")
         return self
 
-    def weights(self, item: RewardInput | None = None) -> Weights:
+    def weights(self, item: RewardInput) -> Weights:
         """The weights of ``item``: its own (``RewardInput.weights``), else ``w_rule`` ... ``w_rubric``."""
-        if item is not None and item.weights is not None:
+        if item.weights is not None:
             return item.weights
         return Weights(self.w_rule, self.w_teacher, self.w_verifier, self.w_rubric)
 
-    def mix(self, rule: float, teacher: float | None, verifier: float | None, rubric: float | None = None,
-            item: RewardInput | None = None) -> float:
+    def mix(self, item: RewardInput, rule: float, teacher: float | None, verifier: float | None,
+            rubric: float | None) -> float:
         """The combined reward of ``item`` (see ``w_verifier``; ``weights``)."""
         w = self.weights(item)
         parts = [(w.rule, rule), (w.teacher, teacher), (w.verifier, verifier), (w.rubric, rubric)]

@@ -164,8 +164,8 @@ def judged_outcome(p: RubricPlan, outcomes: dict[str, JudgeOutcome]) -> RubricOu
     return RubricOutcome(_filled(p.criteria, verdicts), status, reason, usage, cost)
 
 
-def with_rubric(cfg: RewardConfig, result: RewardResult, outcome: RubricOutcome | None,
-                item: RewardInput | None = None) -> RewardResult:
+def with_rubric(cfg: RewardConfig, item: RewardInput, result: RewardResult, outcome: RubricOutcome | None
+                ) -> RewardResult:
     """``result`` with the rubric component, the criteria, the merged judge status, tokens and cost; R is mixed
     again (``RewardConfig.mix``) unless the response is a prompt injection or games the rubric (R = 0)."""
     if outcome is None:
@@ -183,7 +183,7 @@ def with_rubric(cfg: RewardConfig, result: RewardResult, outcome: RubricOutcome 
     if "rubric_gaming" in result.flags:  # an attempt to manipulate the grader, like a prompt injection: R = 0
         result.reward = 0.0
     elif "prompt_injection" not in result.flags:
-        result.reward = cfg.mix(result.rule, result.teacher, None, score, item)
+        result.reward = cfg.mix(item, result.rule, result.teacher, None, score)
     status = max(result.judge_status, outcome.status, key=_PRECEDENCE.index)
     if status != result.judge_status and status in ("failed", "over_budget"):
         result.flags.append(f"judge_{status}")

@@ -44,7 +44,7 @@ def combine(cfg: RewardConfig, item: RewardInput, rules: RuleOutcome, judgement:
             judge_reason = f"teacher score zeroed: the answer grades itself ({judge_reason})"
     if judge_reason:
         reasons["judge"] = judge_reason
-    reward = cfg.mix(rules.rule, teacher, None, item=item)
+    reward = cfg.mix(item, rules.rule, teacher, None, None)
     flags = list(rules.flags)
     if rules.injected:
         reward = 0.0
@@ -183,11 +183,11 @@ class Scorer:
                 r = combine(self.cfg, it, o, out.judgement, out.status, out.reason, out.usage, out.cost_usd)
             p = plans.get(i)
             if p is not None:
-                r = with_rubric(self.cfg, r, fixed_outcome(p) if p.fixed else offline_outcome(self.cfg, p, o.answer)
+                r = with_rubric(self.cfg, it, r, fixed_outcome(p) if p.fixed else offline_outcome(self.cfg, p, o.answer)
                                 if self.cfg.judge.provider == "reference" else
-                                judged_outcome(p, {key: outcome(key) for key in p.keys}), it)
+                                judged_outcome(p, {key: outcome(key) for key in p.keys}))
             results.append(r)
-        results = [with_verdict(self.cfg, r, v, it) for r, v, it in zip(results, await verdicts, items)]
+        results = [with_verdict(self.cfg, it, r, v) for r, v, it in zip(results, await verdicts, items)]
         counts = dict.fromkeys(("judged", "cached", "failed", "over_budget", "skipped", "disabled", "dropped"), 0)
         for r in results:
             counts["judged" if r.judge_status == "ok" else r.judge_status] += 1

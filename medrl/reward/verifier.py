@@ -188,8 +188,8 @@ def _stored_verdict(key: str, record: dict) -> tuple[bool, str]:
     return record["accuracy"] == 10, record["reason"]
 
 
-def with_verdict(cfg: RewardConfig, result: RewardResult, verdict: Verdict | None,
-                 item: RewardInput | None = None) -> RewardResult:
+def with_verdict(cfg: RewardConfig, item: RewardInput, result: RewardResult, verdict: Verdict | None
+                 ) -> RewardResult:
     """``result`` with the verifier's score mixed into the reward (``RewardConfig.mix``), its component
     (``verifier``), reason, and the judge tokens and cost it spent. A prompt injection or rubric gaming keeps
     R = 0."""
@@ -198,7 +198,7 @@ def with_verdict(cfg: RewardConfig, result: RewardResult, verdict: Verdict | Non
     result.components["verifier"] = verdict.score
     result.reasons["verifier"] = f"{verdict.verdict} ({verdict.method}){': ' + verdict.reason if verdict.reason else ''}"
     if not {"prompt_injection", "rubric_gaming"} & set(result.flags):
-        result.reward = cfg.mix(result.rule, result.teacher, verdict.score, result.components.get("rubric"), item)
+        result.reward = cfg.mix(item, result.rule, result.teacher, verdict.score, result.components.get("rubric"))
     result.tokens_in += verdict.usage.tokens_in
     result.tokens_out += verdict.usage.tokens_out
     result.tokens_cache_hit += verdict.usage.tokens_cache_hit
