@@ -61,6 +61,22 @@ def test_huatuo_preset_mcq_and_yes_no_values():
     assert results[2].reasons["verifier"].startswith("bad_format (format)")
 
 
+@pytest.mark.parametrize("shotgun", ["The answer is A, B, C or D.", "答案是A、B、C、D", "A or B or C or D",
+                                     "The answer is D (or C, B, A)."])
+def test_listing_every_option_pays_no_more_than_one_guess(shotgun):
+    """Attack: a single-answer MCQ answered with every letter. Over the four possible labels the shotgun must earn
+    at most what one fixed guess earns (mean 1.0 + 3 x 0.1 over 4): a verifier that accepted any listed letter would
+    pay it 1.0 on every label."""
+    cfg = RewardConfig.model_validate({"preset": "huatuo-o1", "judge": {"provider": "none"}})
+    think = "<think>\nnot sure which\n</think>\n\n"
+    items = [_mcq(i, think + shotgun, label=label) for i, label in enumerate("ABCD")]
+    guess = [_mcq(10 + i, think + "The answer is A.", label=label) for i, label in enumerate("ABCD")]
+    results, _ = _score(cfg, items + guess)
+    shot, one = [r.reward for r in results[:4]], [r.reward for r in results[4:]]
+    assert sum(shot) <= sum(one) + 1e-9, (shot, one)
+    assert max(shot) <= 1.0 and sorted(shot)[-2] <= 0.1  # right on one label at most
+
+
 def test_open_ended_offline_matcher_and_no_ground_truth():
     cfg = RewardConfig.model_validate({"preset": "huatuo-o1", "judge": {"provider": "reference"}})
     think = "<think>\nTSH high, T4 low.\n</think>\n\n"
