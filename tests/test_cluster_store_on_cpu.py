@@ -62,10 +62,10 @@ def test_store_claims_rates_and_spend_are_shared_between_connections(cache_cfg, 
         assert a.rate_lease([("ep|requests", 60, 1)], 5) == (1, 0.0)
         n, wait = b.rate_lease([("ep|requests", 60, 1)], 5)
         assert n == 1 and 0.8 < wait <= 1.0
-        b.rate_adjust([("ep|requests", 60, -1)])  # give it back: the next one waits as long again
+        b.settle_usage("shared:team", 0.0, [("ep|requests", 60, -1)])  # given back: the next one waits as long again
         assert 0.8 < a.rate_lease([("ep|requests", 60, 1)], 5)[1] <= 1.0
-        a.add_spend("shared:team", 0.25)
-        b.add_spend("shared:team", 0.5)
+        a.settle_usage("shared:team", 0.25, [])
+        b.settle_usage("shared:team", 0.5, [("ep|requests", 60, 0)])
         assert a.spent("shared:team") == pytest.approx(0.75) and a.spent("shared:other") == 0.0
     finally:
         a.close()

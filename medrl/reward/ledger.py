@@ -94,16 +94,15 @@ class LocalLimits:
         buckets = [(b, u) for b, u in ((self.requests, 1), (self.tokens, tokens_each)) if b is not None]
         return lease_buckets(buckets, n, self.clock())
 
-    def adjust(self, requests: int, tokens: int) -> None:
+    def settle(self, usd: float, requests: int, tokens: int) -> None:
+        """``usd`` spent; the rate buckets corrected by ``requests`` and ``tokens`` (negative: give back)."""
+        self.spent_usd += usd
         for bucket, units in ((self.requests, requests), (self.tokens, tokens)):
             if bucket is not None:
                 bucket.adjust(units)
 
     def spent(self) -> float:
         return self.spent_usd
-
-    def add_spend(self, usd: float) -> None:
-        self.spent_usd += usd
 
 
 class StoreLimits:
@@ -118,17 +117,13 @@ class StoreLimits:
         wanted = [(name, pm, units) for (name, pm), units in zip(self.limits, (1, tokens_each)) if pm > 0]
         return self.store.rate_lease(wanted, n) if wanted else (n, 0.0)
 
-    def adjust(self, requests: int, tokens: int) -> None:
+    def settle(self, usd: float, requests: int, tokens: int) -> None:
+        """``usd`` spent; the rate buckets corrected by ``requests`` and ``tokens``: one store transaction."""
         moves = [(name, pm, units) for (name, pm), units in zip(self.limits, (requests, tokens)) if pm > 0 and units]
-        if moves:
-            self.store.rate_adjust(moves)
+        self.store.settle_usage(self.scope, usd, moves)
 
     def spent(self) -> float:
         return self.store.spent(self.scope)
-
-    def add_spend(self, usd: float) -> None:
-        if usd:
-            self.store.add_spend(self.scope, usd)
 
 
 @dataclass
@@ -192,8 +187,7 @@ class Ledger:
         used."""
         self.reserved_usd = max(0.0, self.reserved_usd - s.reserved_cost)
         self.spent_usd += s.cost_usd
-        self.limits.add_spend(s.cost_usd)
-        self.limits.adjust(-s.unused, s.tokens_in + s.tokens_out - s.reserved_tokens)
+        self.limits.settle(s.cost_usd, -s.unused, s.tokens_in + s.tokens_out - s.reserved_tokens)
         self.add(requests=s.calls, http_attempts=s.http_attempts, tokens_in=s.tokens_in, tokens_out=s.tokens_out,
                  tokens_cache_hit=s.tokens_cache_hit)
 

@@ -104,7 +104,9 @@ class JudgeActor:
         if self._scorer is None:  # built inside the actor's event loop
             key = self._api_key.get_secret_value() if self._api_key is not None else None
             coordinator = ray.get_actor(self._coordinator_name)
-            lease_size = max(1, self.cfg.judge.concurrency // 2)
+            # one lease and one usage report per `concurrency` calls: each is a coordinator round trip and a store
+            # transaction (~0.8 ms of CPU), a quarter of the judge plane's CPU at half this size (bench/scoring.py)
+            lease_size = self.cfg.judge.concurrency
             gate = LeasedGate(coordinator.lease.remote, coordinator.settle.remote, coordinator.add.remote,
                               lease_size=lease_size, flush_every=lease_size)
             url = self._store_url.get_secret_value() if self._store_url is not None else None

@@ -310,21 +310,23 @@ class JudgeStore:
         return n, wait
 
     @_reconnecting
-    def rate_adjust(self, moves: list[tuple[str, int, int]]) -> None:
-        """Correct earlier bookings by (name, per minute, units) (negative units: give back)."""
-        self._run_many("UPDATE rate_buckets SET tat = tat + ? WHERE name = ?",
-                       [(units * 60.0 / per_minute, name) for name, per_minute, units in moves])
-
-    @_reconnecting
     def spent(self, scope: str) -> float:
         row = self._run("SELECT spent_usd FROM spend WHERE scope = ?", (scope,)).fetchone()
         return float(row[0]) if row else 0.0
 
     @_reconnecting
-    def add_spend(self, scope: str, usd: float) -> None:
-        with self._tx(durable=True):
-            self._run("INSERT INTO spend (scope, spent_usd) VALUES (?, ?) ON CONFLICT (scope) DO UPDATE "
-                      "SET spent_usd = spend.spent_usd + excluded.spent_usd", (scope, usd))
+    def settle_usage(self, scope: str, usd: float, moves: list[tuple[str, int, int]]) -> None:
+        """What finished calls used, in one transaction: ``usd`` added to the spending of ``scope`` (durable) and
+        the rate buckets corrected by ``moves``: (name, per minute, units), negative units give bookings back."""
+        if not usd and not moves:
+            return
+        with self._tx(durable=bool(usd)):
+            if usd:
+                self._run("INSERT INTO spend (scope, spent_usd) VALUES (?, ?) ON CONFLICT (scope) DO UPDATE "
+                          "SET spent_usd = spend.spent_usd + excluded.spent_usd", (scope, usd))
+            if moves:
+                self._run_many("UPDATE rate_buckets SET tat = tat + ? WHERE name = ?",
+                               [(units * 60.0 / per_minute, name) for name, per_minute, units in moves])
 
     def close(self) -> None:
         if self._db is not None:
