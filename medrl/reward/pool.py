@@ -105,7 +105,8 @@ class JudgeActor:
             key = self._api_key.get_secret_value() if self._api_key is not None else None
             coordinator = ray.get_actor(self._coordinator_name)
             # one lease and one usage report per `concurrency` calls: each is a coordinator round trip and a store
-            # transaction (~0.8 ms of CPU), a quarter of the judge plane's CPU at half this size (bench/scoring.py)
+            # transaction (~0.8 ms of the coordinator's CPU); at half this size the coordinator took about a tenth of
+            # the judge plane's CPU per judged item (bench/scoring.py), now about a twentieth
             lease_size = self.cfg.judge.concurrency
             gate = LeasedGate(coordinator.lease.remote, coordinator.settle.remote, coordinator.add.remote,
                               lease_size=lease_size, flush_every=lease_size)
