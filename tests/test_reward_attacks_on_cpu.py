@@ -13,7 +13,7 @@ from medrl.reward.config import RewardConfig
 from medrl.reward.injection import _FAMILY_RX, FAMILIES, TRIGGERS, fold, matching_views
 from medrl.reward.judge import reference_judgement
 from medrl.reward.rubric import ANSWER_CLOSE, ANSWER_OPEN, Judgement, build_messages
-from medrl.reward.rules import evaluate_rules, keyword_rule
+from medrl.reward.rules import INJECTION, evaluate_rules, keyword_rule
 from medrl.reward.scoring import combine
 from medrl.reward.types import RewardInput
 from reward_attacks import ATTACKS, EN_REF, ZH_REF, attack_response, stuffing_cases
@@ -111,6 +111,21 @@ def test_family_triggers_cover_their_patterns():
                     matched.add(family)
                     assert any(t in view for t in TRIGGERS[family]), (attack_id, family)
     assert matched == set(FAMILIES)
+
+
+def test_injection_triggers_cover_their_patterns():
+    """``rules.INJECTION``'s patterns run only on views holding one of their triggers: every match on both attack
+    tables holds one, and every pattern family is matched by some attack."""
+    texts = [text for _, text, _ in ATTACKS] + [injection_response(a, where, text)
+                                               for a, _, where, text in JUDGE_INJECTIONS]
+    matched = set()
+    for text in texts:
+        for view in matching_views(text):
+            for i, (triggers, rx) in enumerate(INJECTION):
+                if rx.search(view):
+                    matched.add(i)
+                    assert any(t in view for t in triggers), (i, text)
+    assert matched == set(range(len(INJECTION)))
 
 
 def test_every_family_has_attacks_in_both_languages():

@@ -29,42 +29,75 @@ _GRADER_EN = r"(?:judge|grader|evaluator|examiner|marker|reviewer|scorer|assesso
 _GRADER_ZH = r"(?:评分员|评分者|评分人|评分老师|评分模型|评分系统|阅卷老师|阅卷人|阅卷员|评委|裁判|评审专家|评审员|考官|打分员)"
 _TOP_EN = r"(?:10|ten|full marks|full points|(?:a |the )?(?:perfect|maximum|max|highest|top|full) (?:score|marks|points|rating|grade)s?)"
 _TOP_ZH = r"(?:满分|最高分|10分|十分|100分|一百分)(?!钟)"
+_GRADER_WORDS_EN = ("judge", "grader", "evaluator", "examiner", "marker", "reviewer", "scorer", "assessor",
+                    "grading model")
+"""What every match of ``_GRADER_EN`` holds."""
 
-INJECTION = _any_of(
+INJECTION: tuple[tuple[tuple[str, ...], re.Pattern], ...] = (
     # telling the judge to drop its instructions
-    r"\b(?:ignore|disregard|forget|override|bypass)\b[^.;\n]{0,30}?\b(?:rubric|grading|scoring|marking|criteria|"
-    r"evaluation|(?:previous|prior|above|earlier|preceding|all|any|system|your|these|those|the) (?:instructions?|"
-    r"rules|guidelines|prompts?))",
+    (("ignore", "disregard", "forget", "override", "bypass"), _any_of(
+        r"\b(?:ignore|disregard|forget|override|bypass)\b[^.;\n]{0,30}?\b(?:rubric|grading|scoring|marking|criteria|"
+        r"evaluation|(?:previous|prior|above|earlier|preceding|all|any|system|your|these|those|the) (?:instructions?|"
+        r"rules|guidelines|prompts?))",
+    )),
     # addressing the judge
-    rf"\b(?:note|message|instructions?|request|reminder)s? (?:to|for) (?:the |all |any )?{_GRADER_EN}\b",
-    rf"\b(?:to|dear|attention|hey|hello|as) (?:the |all |any |an )?{_GRADER_EN}(?:\s*[:,!\u2014\u2013-]|\s+(?:please|"
-    rf"you|kindly|note|this|i)\b)",
-    rf"(?:^|[\n.!?]\s*){_GRADER_EN}\s*[:,]",
-    r"(?:^|[\n.!?]\s*)(?:system|developer)(?: prompt| message| note)?\s*:",
-    r"\bnew (?:grading|scoring|evaluation|marking) (?:policy|instructions?|rules|criteria)",
+    (_GRADER_WORDS_EN, _any_of(
+        rf"\b(?:note|message|instructions?|request|reminder)s? (?:to|for) (?:the |all |any )?{_GRADER_EN}\b",
+        rf"\b(?:to|dear|attention|hey|hello|as) (?:the |all |any |an )?{_GRADER_EN}(?:\s*[:,!\u2014\u2013-]|\s+(?:please|"
+        rf"you|kindly|note|this|i)\b)",
+        rf"(?:^|[\n.!?]\s*){_GRADER_EN}\s*[:,]",
+    )),
+    # a system or developer line
+    (("system", "developer"), _any_of(
+        r"(?:^|[\n.!?]\s*)(?:system|developer)(?: prompt| message| note)?\s*:",
+    )),
+    # a new grading policy
+    (("new ",), _any_of(
+        r"\bnew (?:grading|scoring|evaluation|marking) (?:policy|instructions?|rules|criteria)",
+    )),
     # dictating a score
-    rf"\b(?:give|award|assign|rate|score|grade|mark)\s+(?:this|the|my|it|me|every|each|all|our)?\s*(?:answer|"
-    rf"response|reply|output|dimension|dimensions|criteri\w*|categor\w*)?\s*(?:an? |with |a score of |a rating of )?"
-    rf"(?:score of |rating of |grade of )?{_TOP_EN}\b(?!\s*(?:mg|ml|g|mcg|mm|cm|bpm|units?|tablets?|drops|minutes|"
-    rf"mins?|hours?|days?|times|beats|breaths|per\b|/\s*(?:min|h|hr|hour|day)\b|%))",
-    rf"\b(?:should|must|will|shall|to|is to) be (?:scored|rated|graded|marked|given|awarded|assigned)\s+{_TOP_EN}\b",
-    rf"\b(?:output|return|assign|award|give)\s+(?:it |them )?(?:the |a )?(?:maximum|max|highest|perfect|full|top) "
-    rf"(?:score|marks|points|rating|grade)s?",
-    r"\b(?:accuracy|completeness|clarity)\b[\"']?\s*[:=]\s*[\"']?(?!\d+(?:\.\d+)?\s*%)\d",
-    r"[\"'{,]\s*safety[\"']?\s*[:=]\s*[\"']?\d|\bsafety\s*=\s*\d|\bsafety\s*:\s*(?:10|[0-9])\s*(?:/\s*10\b|[,}])",
+    (("10", "ten", "full", "perfect", "max", "highest", "top"), _any_of(
+        rf"\b(?:give|award|assign|rate|score|grade|mark)\s+(?:this|the|my|it|me|every|each|all|our)?\s*(?:answer|"
+        rf"response|reply|output|dimension|dimensions|criteri\w*|categor\w*)?\s*(?:an? |with |a score of |a rating of )?"
+        rf"(?:score of |rating of |grade of )?{_TOP_EN}\b(?!\s*(?:mg|ml|g|mcg|mm|cm|bpm|units?|tablets?|drops|minutes|"
+        rf"mins?|hours?|days?|times|beats|breaths|per\b|/\s*(?:min|h|hr|hour|day)\b|%))",
+        rf"\b(?:should|must|will|shall|to|is to) be (?:scored|rated|graded|marked|given|awarded|assigned)\s+{_TOP_EN}\b",
+        rf"\b(?:output|return|assign|award|give)\s+(?:it |them )?(?:the |a )?(?:maximum|max|highest|perfect|full|top) "
+        rf"(?:score|marks|points|rating|grade)s?",
+    )),
+    # judge dimensions with values
+    (("accuracy", "completeness", "clarity"), _any_of(
+        r"\b(?:accuracy|completeness|clarity)\b[\"']?\s*[:=]\s*[\"']?(?!\d+(?:\.\d+)?\s*%)\d",
+    )),
+    (("safety",), _any_of(
+        r"[\"'{,]\s*safety[\"']?\s*[:=]\s*[\"']?\d|\bsafety\s*=\s*\d|\bsafety\s*:\s*(?:10|[0-9])\s*(?:/\s*10\b|[,}])",
+    )),
     # a look-alike of the answer (or rubric grader's response) delimiters
-    r"<{2,}\s*/?\s*(?:end\s*)?(?:answer|response)\s*>{2,}",
-    # Chinese
-    r"(?:忽略|忽视|无视|不要理会|不用管|忘记|忘掉|跳过)[^。\n]{0,12}?(?:指令|指示|提示词|系统提示|"
-    r"(?:评分|打分|评判|评审|评价|阅卷)(?:标准|规则|要求|细则)?|(?:以上|上面|上述|之前|前面|先前)的?(?:规则|标准|要求|内容|说明))",
-    rf"(?:致|给|亲爱的|尊敬的){_GRADER_ZH}|{_GRADER_ZH}(?:老师|们)?\s*(?:[:,]|请|注意|您好|你好)",
-    r"(?:致|给)(?:评委|裁判|评分员|评分模型|评审)",
-    rf"(?:给|打|评|判|给出|打出|评为|判为|记)(?:我|这个|此|本|该)?(?:回答|答案|回复)?(?:各项|所有维度|每项|每个维度|全部)?"
-    rf"(?:都|均|一律)?(?:打|给|评为)?{_TOP_ZH}",
-    r"(?:准确性|准确度|安全性|完整性|完整度|清晰度|清晰性)\s*[:=]?\s*(?:10|十)\s*分",
+    (("<<",), _any_of(
+        r"<{2,}\s*/?\s*(?:end\s*)?(?:answer|response)\s*>{2,}",
+    )),
+    # Chinese: telling the judge to drop its instructions
+    (("忽略", "忽视", "无视", "不要理会", "不用管", "忘记", "忘掉", "跳过"), _any_of(
+        r"(?:忽略|忽视|无视|不要理会|不用管|忘记|忘掉|跳过)[^。\n]{0,12}?(?:指令|指示|提示词|系统提示|"
+        r"(?:评分|打分|评判|评审|评价|阅卷)(?:标准|规则|要求|细则)?|(?:以上|上面|上述|之前|前面|先前)的?(?:规则|标准|要求|内容|说明))",
+    )),
+    # Chinese: addressing the judge
+    (("评分", "阅卷", "评委", "裁判", "评审", "考官", "打分员"), _any_of(
+        rf"(?:致|给|亲爱的|尊敬的){_GRADER_ZH}|{_GRADER_ZH}(?:老师|们)?\s*(?:[:,]|请|注意|您好|你好)",
+        r"(?:致|给)(?:评委|裁判|评分员|评分模型|评审)",
+    )),
+    # Chinese: dictating a score
+    (("满分", "最高分", "10分", "十分", "100分", "一百分"), _any_of(
+        rf"(?:给|打|评|判|给出|打出|评为|判为|记)(?:我|这个|此|本|该)?(?:回答|答案|回复)?(?:各项|所有维度|每项|每个维度|全部)?"
+        rf"(?:都|均|一律)?(?:打|给|评为)?{_TOP_ZH}",
+    )),
+    (("准确", "安全性", "完整", "清晰"), _any_of(
+        r"(?:准确性|准确度|安全性|完整性|完整度|清晰度|清晰性)\s*[:=]?\s*(?:10|十)\s*分",
+    )),
 )
 """Text that addresses the judge or dictates its verdict, matched on ``normalise``d lowercase text: R = 0 and the
-sample is never sent to the judge."""
+sample is never sent to the judge. Each pattern family runs only on text holding one of its trigger substrings (each
+of its matches holds one: tests/test_reward_attacks_on_cpu.py), which keeps ordinary answers cheap."""
 
 SCORE_DICTATION = _any_of(
     rf"\b(?:overall |total |final |my |self[- ])?(?<!pain )(?<!apgar )(?:score|rating|grade|marks?)\s*[:=]\s*"
@@ -204,9 +237,18 @@ def detect_injection(response: str) -> str | None:
     families), on every view of ``injection.matching_views`` (look-alikes, traditional Chinese, leetspeak, base64
     folded); returns the matched text."""
     for view in matching_views(response):
-        hit = _matches(INJECTION, view) or find_bait(view)
+        hit = _injection(view) or find_bait(view)
         if hit:
             return hit
+    return None
+
+
+def _injection(view: str) -> str | None:
+    for triggers, pattern in INJECTION:
+        if any(t in view for t in triggers):
+            hit = _matches(pattern, view)
+            if hit:
+                return hit
     return None
 
 
