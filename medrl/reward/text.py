@@ -113,6 +113,7 @@ def _cut(run: str) -> tuple[str, ...]:
     return tuple(_jieba().lcut(run))
 
 
+@lru_cache(maxsize=1 << 14)  # hundreds of thousands of words per thousand answers, from a vocabulary of thousands
 def _stem(word: str) -> str:
     """Light English stemming so 'infections' matches 'infection' (plural -s and -es only)."""
     if len(word) > 4 and word.endswith("es") and word[-3] in "sxz":
@@ -125,6 +126,7 @@ def _stem(word: str) -> str:
 _ROOT_SUFFIX = re.compile(r"(?:ing|ed|ly|es|s)$")
 
 
+@lru_cache(maxsize=1 << 14)
 def root(word: str) -> str:
     """A rougher stem than ``_stem`` (stuffing detection, the offline rubric grader): "chewing" and "chewed" meet
     "chew", "immediately" meets "immediate"."""
