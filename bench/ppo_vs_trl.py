@@ -1,9 +1,9 @@
 """medrl PPO (GRPO estimator) vs trl's ``GRPOTrainer`` on CPU: samples/s and per-phase times.
 
 Both sides train the same tiny Qwen3 (``medrl.models.tiny``) with the same fresh LoRA (``model.lora``), on the same
-prompts (``medrl prepare`` of ``configs/local_tiny.yaml``), with the same prompts per step, group size, generation
-length, temperature, learning rate, KL coefficient (0.04 against the adapter-disabled reference) and one
-forward/backward per step over the whole batch. The reward is the same arithmetic on both sides:
+prompts in the same steps (``medrl prepare`` of ``configs/local_tiny.yaml``; trl reads medrl's prompt stream in
+order), with the same prompts per step, group size, generation length, temperature, learning rate, KL coefficient
+(0.04 against the adapter-disabled reference) and one forward/backward per step over the whole batch. The reward is the same arithmetic on both sides:
 
   (a) rule   R = medrl's rule score (``reward.judge.provider=none``); trl gets a sync function computing it with
              ``medrl.reward.rules``.
@@ -95,6 +95,7 @@ def run_trl(opts, judge_url: str | None) -> dict:
 
     from medrl.models.chat import messages_for
     from medrl.models.loading import lora_config
+    from medrl.ppo.batch import prompts_at
     from medrl.reward.rubric import JudgementError, build_messages, parse_judgement
     from medrl.reward.rules import evaluate_rules
     from medrl.reward.scoring import combine
@@ -102,7 +103,10 @@ def run_trl(opts, judge_url: str | None) -> dict:
 
     cfg = bench_config(opts, judge_url, f"trl-{opts.reward}")
     rc, jc = cfg.reward, cfg.reward.judge
-    rows = prompt_rows(opts)
+    # medrl's prompt stream (``prompts_at``: step k takes positions k*prompts_per_step...), read in order by trl
+    # (shuffle_dataset=False): the same prompts in the same steps on both sides, so neither gets shorter prompts
+    # (a step costs what its longest prompt costs: every row is padded to it)
+    rows = prompts_at(prompt_rows(opts), 0, (opts.steps + 1) * cfg.ppo.prompts_per_step, cfg.run.seed)
     data = Dataset.from_list([{"prompt": messages_for(cfg.model.system_prompt, r["prompt"]), "rid": r["id"],
                                "reference": r.get("reference"), "risk": r.get("risk") or "low",
                                "expected_behavior": r.get("expected_behavior")} for r in rows])
@@ -172,7 +176,7 @@ def run_trl(opts, judge_url: str | None) -> dict:
         max_completion_length=ppo.generation.max_new_tokens, temperature=ppo.generation.temperature,
         top_p=ppo.generation.top_p, learning_rate=LR, lr_scheduler_type="constant", beta=KL_COEF, num_iterations=1,
         max_steps=opts.steps, gradient_checkpointing=cfg.model.gradient_checkpointing, disable_dropout=True,
-        logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0)
+        logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0, shuffle_dataset=False)
     t0 = time.perf_counter()
     trainer = TimedGRPOTrainer(model=str(opts.model_dir), reward_funcs=judge_reward if judge_url else rule_reward,
                                args=args, train_dataset=data, peft_config=lora_config(cfg.model.lora),
