@@ -3,7 +3,8 @@
 Both sides train the same tiny Qwen3 (``medrl.models.tiny``) with the same fresh LoRA (``model.lora``), on the same
 prompts in the same steps (``medrl prepare`` of ``configs/local_tiny.yaml``; trl reads medrl's prompt stream in
 order), with the same prompts per step, group size, generation length, temperature, learning rate, KL coefficient
-(0.04 against the adapter-disabled reference) and one forward/backward per step over the whole batch. The reward is the same arithmetic on both sides:
+(0.04 against the adapter-disabled reference) and one forward/backward per step over the whole batch. The reward is
+the same arithmetic on both sides:
 
   (a) rule   R = medrl's rule score (``reward.judge.provider=none``); trl gets a sync function computing it with
              ``medrl.reward.rules``.
