@@ -12,7 +12,6 @@ spending live in the store (``medrl.reward.store.database``), so they hold acros
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import resource
@@ -25,6 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from medrl.errors import UsageError
+from medrl.ray_utils import quiet_collector
 from medrl.reward.config import JudgeConfig, RewardConfig
 from medrl.reward.ledger import LeasedGate, Ledger, Settlement, StoreLimits
 from medrl.reward.preflight import judge_api_key
@@ -39,11 +39,6 @@ ROUTES_KEPT = 1 << 16
 """Judged contents whose actor the pool remembers (about 100 bytes each)."""
 REWARD_RETRIES = 2
 """Rounds of resubmission of items whose reward task failed (their judge actor died past its restarts)."""
-GC_YOUNG_THRESHOLD = 10_000
-"""Allocations between young-generation collections in a judge actor (Python's default: 700). A judged item
-allocates a few hundred short-lived objects, freed by reference counting; at the default the collector ran every few
-items and its full collections walked the whole heap (jieba's and opencc's tables, the rule memo): about 0.2 ms of
-CPU per judged item, 0.03 ms with this threshold and the heap frozen after the first batch (``bench/scoring.py``)."""
 PROBE_TIMEOUT_S = 30.0
 """How long a liveness probe waits for a judge actor (one being restarted by Ray answers once it is back)."""
 
@@ -125,10 +120,10 @@ class JudgeActor:
     async def _scored(self, items: list[RewardInput]) -> list[RewardResult]:
         first = self._scorer is None
         if first:
-            gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+            quiet_collector(freeze=False)
         results = await self._get_scorer().score_batch(items)
         if first:  # what the first batch loaded (clients, jieba, opencc) lives as long as the actor: not scanned again
-            gc.freeze()
+            quiet_collector()
         return results
 
     def process_info(self) -> dict:
