@@ -107,7 +107,7 @@ def run_trl(opts, judge_url: str | None) -> dict:
     # medrl's prompt stream (``prompts_at``: step k takes positions k*prompts_per_step...), read in order by trl
     # (shuffle_dataset=False): the same prompts in the same steps on both sides, so neither gets shorter prompts
     # (a step costs what its longest prompt costs: every row is padded to it)
-    rows = prompts_at(prompt_rows(opts), 0, (opts.steps + 1) * cfg.ppo.prompts_per_step, cfg.run.seed)
+    rows = prompts_at(prompt_rows(opts), 0, opts.steps * cfg.ppo.prompts_per_step, cfg.run.seed)
     data = Dataset.from_list([{"prompt": messages_for(cfg.model.system_prompt, r["prompt"]), "rid": r["id"],
                                "reference": r.get("reference"), "risk": r.get("risk") or "low",
                                "expected_behavior": r.get("expected_behavior")} for r in rows])

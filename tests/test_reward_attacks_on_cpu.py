@@ -10,7 +10,7 @@ import unicodedata
 import pytest
 
 from medrl.reward.config import RewardConfig
-from medrl.reward.injection import _FAMILY_RX, FAMILIES, TRIGGERS, fold, matching_views
+from medrl.reward.injection import GATED_FAMILIES, fold, matching_views
 from medrl.reward.judge import reference_judgement
 from medrl.reward.rubric import ANSWER_CLOSE, ANSWER_OPEN, Judgement, build_messages
 from medrl.reward.rules import INJECTION, evaluate_rules, keyword_rule
@@ -101,31 +101,20 @@ def test_folding_reads_look_alikes_traditional_chinese_and_leetspeak():
     assert len(matching_views("HbA1c, CYP2D6 and COVID-19")) == 1  # lab names are not leetspeak
 
 
-def test_family_triggers_cover_their_patterns():
-    """A family's regex runs only on views holding one of its TRIGGERS: every match on the attack set has one."""
-    matched = set()
-    for attack_id, _, where, text in JUDGE_INJECTIONS:
-        for view in matching_views(injection_response(attack_id, where, text)):
-            for family, rx in _FAMILY_RX.items():
-                if rx.search(view):
-                    matched.add(family)
-                    assert any(t in view for t in TRIGGERS[family]), (attack_id, family)
-    assert matched == set(FAMILIES)
-
-
-def test_injection_triggers_cover_their_patterns():
-    """``rules.INJECTION``'s patterns run only on views holding one of their triggers: every match on both attack
-    tables holds one, and every pattern family is matched by some attack."""
+@pytest.mark.parametrize("families", [GATED_FAMILIES, INJECTION], ids=["bait", "injection"])
+def test_family_triggers_cover_their_patterns(families):
+    """A family's regex runs only on views holding one of its triggers (``first_gated_match``): every match on both
+    attack tables holds one, and every family is matched by some attack."""
     texts = [text for _, text, _ in ATTACKS] + [injection_response(a, where, text)
                                                for a, _, where, text in JUDGE_INJECTIONS]
     matched = set()
     for text in texts:
         for view in matching_views(text):
-            for i, (triggers, rx) in enumerate(INJECTION):
+            for i, (triggers, rx) in enumerate(families):
                 if rx.search(view):
                     matched.add(i)
                     assert any(t in view for t in triggers), (i, text)
-    assert matched == set(range(len(INJECTION)))
+    assert matched == set(range(len(families)))
 
 
 def test_every_family_has_attacks_in_both_languages():

@@ -147,17 +147,25 @@ TRIGGERS: dict[str, tuple[str, ...]] = {
 family's regex runs only on views that contain one, which keeps ordinary text cheap (tested against every pattern
 of ``FAMILIES`` on the attack set)."""
 
-_FAMILY_RX = {family: re.compile(_any_of(patterns)) for family, patterns in FAMILIES.items()}
+GATED_FAMILIES: tuple[tuple[tuple[str, ...], re.Pattern], ...] = tuple(
+    (TRIGGERS[family], re.compile(_any_of(patterns))) for family, patterns in FAMILIES.items())
+"""(triggers, compiled patterns) of each family of ``FAMILIES``, in order (``first_gated_match``)."""
 
 
-def find_bait(view: str) -> str | None:
-    """The first bait for the judge in a ``matching_views`` view (None: none)."""
-    for family, rx in _FAMILY_RX.items():
-        if any(t in view for t in TRIGGERS[family]):
+def first_gated_match(families: tuple[tuple[tuple[str, ...], re.Pattern], ...], view: str) -> str | None:
+    """The first match of the first family whose regex matches ``view``; a family's regex runs only when ``view``
+    holds one of its trigger substrings (each of its matches holds one: tests/test_reward_attacks_on_cpu.py)."""
+    for triggers, rx in families:
+        if any(t in view for t in triggers):
             m = rx.search(view)
             if m:
                 return m.group(0)
     return None
+
+
+def find_bait(view: str) -> str | None:
+    """The first bait for the judge in a ``matching_views`` view (None: none)."""
+    return first_gated_match(GATED_FAMILIES, view)
 
 
 @lru_cache(maxsize=1)

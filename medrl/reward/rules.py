@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from medrl.reward.config import RulesConfig
-from medrl.reward.injection import find_bait, matching_views
+from medrl.reward.injection import find_bait, first_gated_match, matching_views
 from medrl.reward.text import (THINK_CLOSE, THINK_OPEN, en_words, estimate_tokens, key_terms, normalise,
                                split_response, term_found, without_keyword_lists, without_stuffing)
 from medrl.reward.types import RewardInput
@@ -25,13 +25,12 @@ def _any_of(*patterns: str) -> re.Pattern:
 _UNITS_EN = r"(?:mg|g|grams?|milligrams?|mcg|µg|ml|tablets?|pills?|capsules?)"
 _UNITS_ZH = r"(?:mg|g|ml|毫克|克|毫升|片|粒|颗)"
 
-_GRADER_EN = r"(?:judge|grader|evaluator|examiner|marker|reviewer|scorer|assessor|grading model|ai judge)s?"
+_GRADER_WORDS_EN = ("judge", "grader", "evaluator", "examiner", "marker", "reviewer", "scorer", "assessor",
+                    "grading model", "ai judge")
+_GRADER_EN = rf"(?:{'|'.join(_GRADER_WORDS_EN)})s?"
 _GRADER_ZH = r"(?:评分员|评分者|评分人|评分老师|评分模型|评分系统|阅卷老师|阅卷人|阅卷员|评委|裁判|评审专家|评审员|考官|打分员)"
 _TOP_EN = r"(?:10|ten|full marks|full points|(?:a |the )?(?:perfect|maximum|max|highest|top|full) (?:score|marks|points|rating|grade)s?)"
 _TOP_ZH = r"(?:满分|最高分|10分|十分|100分|一百分)(?!钟)"
-_GRADER_WORDS_EN = ("judge", "grader", "evaluator", "examiner", "marker", "reviewer", "scorer", "assessor",
-                    "grading model")
-"""What every match of ``_GRADER_EN`` holds."""
 
 INJECTION: tuple[tuple[tuple[str, ...], re.Pattern], ...] = (
     # telling the judge to drop its instructions
@@ -96,8 +95,8 @@ INJECTION: tuple[tuple[tuple[str, ...], re.Pattern], ...] = (
     )),
 )
 """Text that addresses the judge or dictates its verdict, matched on ``normalise``d lowercase text: R = 0 and the
-sample is never sent to the judge. Each pattern family runs only on text holding one of its trigger substrings (each
-of its matches holds one: tests/test_reward_attacks_on_cpu.py), which keeps ordinary answers cheap."""
+sample is never sent to the judge. Each pattern family runs only on text holding one of its trigger substrings
+(``injection.first_gated_match``, as the bait families), which keeps ordinary answers cheap."""
 
 SCORE_DICTATION = _any_of(
     rf"\b(?:overall |total |final |my |self[- ])?(?<!pain )(?<!apgar )(?:score|rating|grade|marks?)\s*[:=]\s*"
@@ -237,18 +236,9 @@ def detect_injection(response: str) -> str | None:
     families), on every view of ``injection.matching_views`` (look-alikes, traditional Chinese, leetspeak, base64
     folded); returns the matched text."""
     for view in matching_views(response):
-        hit = _injection(view) or find_bait(view)
+        hit = first_gated_match(INJECTION, view) or find_bait(view)
         if hit:
             return hit
-    return None
-
-
-def _injection(view: str) -> str | None:
-    for triggers, pattern in INJECTION:
-        if any(t in view for t in triggers):
-            hit = _matches(pattern, view)
-            if hit:
-                return hit
     return None
 
 
