@@ -1,5 +1,5 @@
-"""The learn phase of a PPO step in one process, on a fixed batch: the learner's experience (old, behaviour and
-reference log-probs), the driver's advantages and weights, the update and the adapter publish, timed phase by phase
+"""The learn phase of a PPO step in one process, on a fixed batch: the learner's experience (behaviour, old where
+the update needs a pass for them, and reference log-probs), the driver's advantages and weights, the update and the adapter publish, timed phase by phase
 (wall and process CPU seconds, medians over the timed repeats). No Ray, no rollout, no reward: the numbers move only
 when the learn-phase code does, so two trees can be compared on a shared machine (interleave their runs).
 
@@ -87,6 +87,11 @@ def main() -> None:
     noise = torch.randn(batch.response_mask.shape, generator=torch.Generator().manual_seed(2)) * 1e-6
     batch = batch.replace(rollout_logprobs=(first["behaviour_logprobs"] + noise) * batch.response_mask)
     new_api = hasattr(batch, "for_learner")
+    try:  # since 2026-12-07: no proximal pass of its own when the update is one optimizer step
+        from medrl.ppo.learner import proximal_pass_needed
+        proximal = {"proximal": proximal_pass_needed(len(batch), ppo)}
+    except ImportError:
+        proximal = {}
     if new_api:
         batch = batch.replace(scores=scores, dropped=torch.zeros(len(batch), dtype=torch.bool))
 
@@ -100,7 +105,8 @@ def main() -> None:
 
         def experience():  # the version that drew the samples: the live one, or (async) the one before it
             version = step - (2 if ppo.async_rollout else 1)
-            out = learner.make_experience(batch.for_learner() if new_api else batch, version if version >= 0 else None)
+            out = learner.make_experience(batch.for_learner() if new_api else batch, version if version >= 0 else None,
+                                          **proximal)
             return batch.replace(**out) if isinstance(out, dict) else out
 
         def advantages(b):

@@ -75,8 +75,9 @@ def test_policy_mask_by_hand(tiny_model_dir, tmp_path):
 
 
 def test_one_loop_for_both_engines_mask_and_engine_logprobs(tiny_model_dir):
-    """The same policy turns give the same tokens and policy mask whether the engine brings log-probs (vLLM) or not
-    (HF); the engine's log-probs run along the response, 0 on the patient's tokens."""
+    """The same policy turns give the same tokens and policy mask whether the engine brings log-probs (both engines
+    when sampling) or not (greedy HF turns); the engine's log-probs run along the response, 0 on the patient's
+    tokens."""
     tok = load_tokenizer(str(tiny_model_dir), None)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     script = {("consult-en-mi", 0): ("How old are you?", True), ("consult-en-mi", 1): ("FINAL ANSWER: A", False),

@@ -100,7 +100,7 @@ class FakeRollout:
             samples = [Sample(i, s, [1, 2, 3], [10 + s] * response_len(i, s), f"answer {i}.{s}", s == 0,
                               [-0.5] * response_len(i, s)) for i, _ in chunk for s in range(n)]
             refs[Done({"samples": samples, "reloaded": restarted, "pid": 101 if restarted else 100,
-                       "generate_s": 0.5, "logprob_s": 0.25})] = c
+                       "generate_s": 0.5})] = c
         return refs
 
     def receive(self, ref, chunk):
@@ -108,22 +108,27 @@ class FakeRollout:
 
 
 class FakeLearner:
-    """Behaviour log-probs 2^-10 above the engine's, old ones 0.25 below those, reference 0.5 below old."""
+    """Behaviour log-probs 2^-10 above the engine's, old ones 0.25 below those (asked for a proximal pass),
+    reference 0.5 below behaviour."""
 
     def __init__(self):
-        self.experience_versions, self.trained, self.published = [], [], []
+        self.experience_versions, self.proximal, self.trained, self.published = [], [], [], []
 
-    def make_experience(self, batch, version):
+    def make_experience(self, batch, version, proximal):
         self.experience_versions.append(version)
+        self.proximal.append(proximal)
         mask = batch.response_mask
         behaviour = batch.rollout_logprobs + 2 ** -10 * mask
-        old = behaviour - 0.25 * mask
-        return FakePending(batch.replace(old_logprobs=old, behaviour_logprobs=behaviour, ref_logprobs=old - 0.5 * mask))
+        old = behaviour - 0.25 * mask if proximal else None
+        return FakePending(batch.replace(old_logprobs=old, behaviour_logprobs=behaviour,
+                                         ref_logprobs=behaviour - 0.5 * mask))
 
     def train(self, batch, n_minibatches, seed, kl_coef):
-        assert batch.advantages is not None and batch.behaviour_weights is not None and batch.loss_mask is not None
+        assert batch.advantages is not None and batch.behaviour_logprobs is not None and batch.loss_mask is not None
+        assert batch.rollout_weights is None  # rollout_correction.mode none (the hf engine's default)
         self.trained.append((len(batch), n_minibatches, seed))
-        return FakePending({"policy_loss": 0.5, "grad_norm": 1.0, "lr": 0.02, "nonfinite_skipped": 0})
+        return FakePending({"policy_loss": 0.5, "grad_norm": 1.0, "lr": 0.02, "nonfinite_skipped": 0,
+                            "behaviour_weight_mean": 0.75})
 
     def adapter(self, version):
         self.published.append(version)
@@ -185,6 +190,7 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
     assert [m["judge_rate_wait_s"] for m in steps] == [1.5, 1.5, 1.5]  # per step, from the cumulative totals
     assert [m["rollout_staleness"] for m in steps] == [0, 1, 1]
     assert groups.learner.experience_versions == [1, 1, 2] and groups.learner.published == [1, 2, 3, 4]
+    assert groups.learner.proximal == [True] * 3  # two minibatches per step: the proximal pass is needed
     # two micro-batches of 2 prompts per step, seeds from (run seed, step, chunk), the adapter of the version
     assert groups.rollout.calls == [
         ((1_000_003 + s * 1_009 + c) % 2**31, f"adapter-v{v}", v, [2 * c, 2 * c + 1])
@@ -204,7 +210,7 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
     # 16 samples of response_len tokens: (1+2+3+1) + (2+3+1+2) + (3+1+2+3) + (1+2+3+1) = 31
     assert second["response_len"] == pytest.approx(31 / 16)
     assert second["kl"] == pytest.approx(0.5) and second["kl_seq_sum"] == pytest.approx(0.5 * 31 / 16)
-    assert second["behaviour_weight_mean"] == pytest.approx(math.exp(-0.25))
+    assert second["behaviour_weight_mean"] == 0.75  # the learner's figure (the loss computes the weights)
     assert second["logprob_gap"] == 2 ** -10 and second["kl_coef"] == 0.001
     # the learner's behaviour log-probs exceed the engine's by 2^-10 on every token: rho = e^(2^-10), its k3 KL
     # e^x - 1 - x; measured, not applied (rollout_correction.mode none with the hf engine)
@@ -212,7 +218,7 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
     assert second["rollout_is_mean"] == pytest.approx(math.exp(x)) == second["rollout_is_max"]
     assert second["rollout_kl"] == pytest.approx(math.exp(x) - 1 - x, rel=1e-2)
     assert 0 < second["logprob_gap_mean"] <= 2 ** -10 and second["time_engine_sleep_s"] == 0.0  # hf: no sleep
-    assert second["time_actor_generate_s"] == 1.0 and second["time_actor_logprob_s"] == 0.5
+    assert second["time_actor_generate_s"] == 1.0
     # minibatches: ceil(16 / 8) = 2 (at most 8 rows per rank); seeds from (run seed, step)
     assert [t[1:] for t in groups.learner.trained] == [(2, 100_003 + s) for s in (1, 2, 3)]
     assert set(second) == {
@@ -222,7 +228,7 @@ def test_one_async_step_bookkeeping_with_fake_groups(tiny_model_dir, tmp_path):
         "truncated_masked", "zero_spread_groups", "zero_spread_frac", "update_skipped",
         "behaviour_weight_mean", "kl", "kl_seq_sum", "advantage_mean", "return_mean", "kl_coef", "logprob_gap",
         "logprob_gap_mean", "time_engine_sleep_s", "response_len", "finished_frac", "samples", "rollout_restarts", "reward_retries", "rollout_staleness",
-        "time_generate_s", "time_rollout_s", "time_actor_generate_s", "time_actor_logprob_s", "time_reward_wait_s",
+        "time_generate_s", "time_rollout_s", "time_actor_generate_s", "time_reward_wait_s",
         "time_experience_s", "time_advantages_s", "time_train_s", "time_publish_s", "time_learn_s", "time_step_s",
         "data_position", "judge_rate_wait_s"}
     assert second["time_learn_s"] == pytest.approx(sum(second[f"time_{phase}_s"] for phase in (
@@ -254,7 +260,7 @@ def test_a_step_with_zero_reward_spread_logs_and_skips_its_update_with_fake_grou
         "judge_tokens_out", "judge_cost_usd", "cache_hit_rate", "zero_spread_groups", "zero_spread_frac",
         "update_skipped", "logprob_gap", "logprob_gap_mean", "time_engine_sleep_s", "samples", "rollout_restarts",
         "reward_retries", "rollout_staleness", "time_generate_s", "time_rollout_s", "time_actor_generate_s",
-        "time_actor_logprob_s", "time_reward_wait_s", "time_experience_s", "time_learn_s", "time_step_s",
+        "time_reward_wait_s", "time_experience_s", "time_learn_s", "time_step_s",
         "data_position", "judge_rate_wait_s"}  # none of the update's: advantages, losses, KL, response length
     logged = [json.loads(line) for line in run.ppo_samples.read_text(encoding="utf-8").splitlines()]
     assert len(logged) == 16 and [r["dropped"] for r in logged].count(True) == 1

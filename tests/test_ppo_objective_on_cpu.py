@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medrl.config import load_config
-from medrl.ppo.algos import advantages_and_weights, rows_to_learn
+from medrl.ppo.algos import advantages_and_weights, masked_mean, rows_to_learn
 from medrl.models.generation import Sample
 from medrl.ppo.batch import Batch
 from medrl.ppo.objective import micro_batch_loss
@@ -17,9 +17,12 @@ def _ppo(*overrides):
     return load_config(None, [f"ppo.{o}" for o in overrides]).ppo
 
 
-def _rows(logp, adv, mask, ref=None):
-    return SimpleNamespace(old_logprobs=logp.clone(), advantages=adv, loss_mask=mask,
-                           behaviour_weights=torch.ones_like(adv), ref_logprobs=ref)
+def _rows(logp, adv, mask, ref=None, behaviour=None, rollout_weights=None, old="copy"):
+    """Minibatch rows: proximal log-probs a copy of ``logp`` (``old=None``: from the training forward), behaviour
+    log-probs equal to them unless given (on-policy: decoupled weight 1)."""
+    return SimpleNamespace(old_logprobs=logp.clone() if old == "copy" else old, advantages=adv, loss_mask=mask,
+                           behaviour_logprobs=logp.clone() if behaviour is None else behaviour,
+                           rollout_weights=rollout_weights, ref_logprobs=ref)
 
 
 def test_kl_loss_term_by_hand():
@@ -104,19 +107,51 @@ def test_rollout_correction_multiplies_the_decoupled_weight_and_masks_the_loss()
     batch = _batch(mask, torch.tensor([1.0]), torch.tensor([0]), old, behaviour=behaviour, rollout=engine)
     decoupled = torch.exp(torch.tensor([[0.0, 0.5, 1.0]])).clamp(max=2.0)
     added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp"), batch, 0.0)
-    assert torch.equal(added.behaviour_weights, decoupled * mask)  # mode none: the decoupled weights, bit for bit
+    assert added.rollout_weights is None  # mode none: no correction factor at all
     assert stats["rollout_is_max"] == pytest.approx(3.0) and torch.equal(added.loss_mask, mask)
+    # the loss weighs each token by the decoupled weight: ratio 1, A = -1 -> token loss 1 x weight, token mean
+    ppo_cfg, adv = _ppo("estimator=reinforce_pp"), -torch.ones(1, 3)
+    _, info = micro_batch_loss({"logprobs": old}, _rows(old, adv, mask, behaviour=behaviour), ppo_cfg, 0.0, 3, 1)
+    assert info["policy_loss"].item() == pytest.approx(float(decoupled.mean()), rel=1e-6)
+    assert info["behaviour_weight_mean"].item() == pytest.approx(float(decoupled.mean()), rel=1e-6)
     # TIS (cap 2): [1 * 1, 1.6487 * 2, 2 * .25]; the weights multiply (pi_old / pi_behaviour) * (pi_behaviour /
     # pi_engine), so the product telescopes to veRL's decoupled weight pi_old / pi_rollout, each part truncated
-    added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp", "rollout_correction.mode=tis"), batch,
-                                           0.0)
-    assert torch.allclose(added.behaviour_weights, decoupled * torch.tensor([[1.0, 2.0, 0.25]]))
+    ppo_cfg = _ppo("estimator=reinforce_pp", "rollout_correction.mode=tis")
+    added, stats = advantages_and_weights(ppo_cfg, batch, 0.0)
+    assert torch.allclose(added.rollout_weights, torch.tensor([[1.0, 2.0, 0.25]]))
     assert stats["rollout_is_clipped_frac"] == pytest.approx(1 / 3)
+    rows = _rows(old, adv, mask, behaviour=behaviour, rollout_weights=added.rollout_weights)
+    _, info = micro_batch_loss({"logprobs": old}, rows, ppo_cfg, 0.0, 3, 1)
+    expect = float((decoupled * torch.tensor([[1.0, 2.0, 0.25]])).mean())
+    assert info["policy_loss"].item() == pytest.approx(expect, rel=1e-6)
     # MIS (band [.5, 2]): tokens 2 and 3 leave the loss mask (and its token count)
     added, stats = advantages_and_weights(_ppo("estimator=reinforce_pp", "rollout_correction.mode=mis"), batch,
                                            0.0)
     assert torch.equal(added.loss_mask, torch.tensor([[1.0, 0.0, 0.0]]))
     assert stats["rollout_is_masked_frac"] == pytest.approx(2 / 3)
+
+
+def test_proximal_log_probs_from_the_training_forward_equal_a_separate_pass():
+    # stale samples (behaviour != live) and one optimizer step: old_logprobs None means the training forward's own
+    # log-probs (detached) are the proximal ones. Same loss, same gradient as handing those values in; ratio 1, so the
+    # clip never binds, and the decoupled weight is exp(live - behaviour) capped at 2.
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    behaviour = torch.tensor([[-1.0, -0.7, -2.0], [-0.3, -1.1, 0.0]])
+    adv = torch.tensor([[0.5, 0.5, 0.5], [-1.0, -1.0, 0.0]])
+    ppo_cfg = _ppo("estimator=grpo", "clip=0.01")
+    grads, infos = [], []
+    for fused in (True, False):
+        live = torch.tensor([[-0.8, -0.9, -1.2], [-0.4, -0.2, -5.0]], requires_grad=True)
+        old = None if fused else live.detach().clone()
+        loss, info = micro_batch_loss({"logprobs": live}, _rows(live.detach(), adv, mask, behaviour=behaviour,
+                                                                old=old), ppo_cfg, 0.0, 5, 2)
+        loss.backward()
+        grads.append(live.grad)
+        infos.append(info)
+    assert torch.equal(grads[0], grads[1]) and infos[0]["policy_loss"] == infos[1]["policy_loss"]
+    weights = torch.exp(torch.tensor([[0.2, -0.2, 0.8], [-0.1, 0.9, 0.0]])).clamp(max=2.0)
+    assert torch.allclose(grads[0], -adv * weights * mask / 5)  # d(-A w r)/d logp = -A w, token mean over 5
+    assert infos[0]["clip_frac"].item() == 0.0
 
 
 def test_per_engine_and_per_loss_defaults():
@@ -196,4 +231,49 @@ def test_learner_skips_a_nonfinite_minibatch_and_keeps_learning(tiny_model_dir, 
     good = ray.get(learner.train.remote(batch, 1, 0, 0.01))
     assert good["nonfinite_skipped"] == 0 and math.isfinite(good["policy_loss"]) and good["kl_loss"] >= 0
     assert good["lr"] < cfg.ppo.lr and weights_digests(learner)[0] != before
+    ray.kill(learner)
+
+
+@pytest.mark.slow
+def test_stale_samples_with_one_update_skip_the_proximal_pass(tiny_model_dir, tmp_path, ray_local):
+    """A real learner rank with async_rollout: samples drawn by version 0 scored after an update (version 1 live).
+    Asked for no proximal pass, it returns the same behaviour and reference log-probs without the live weights'
+    (one forward fewer); training on that batch takes the proximal log-probs from its own forward, so nothing clips
+    and the decoupled weights are those of the separate pass."""
+    import ray
+
+    from medrl.ppo.learner import Learner, proximal_pass_needed
+    from ppo_setup import ppo_config
+
+    cfg, _ = ppo_config(tmp_path, tiny_model_dir, "fused", "ppo.async_rollout=true", "ppo.estimator=grpo",
+                        "ppo.minibatch_size=4", "ppo.micro_batch_size=4", "ppo.lr=0.05", "ppo.clip=0.01",
+                        "ppo.prompts_per_step=2", "ppo.samples_per_prompt=2")
+    assert not proximal_pass_needed(4, cfg.ppo) and proximal_pass_needed(8, cfg.ppo)  # 2 minibatches of 4
+    learner = ray.remote(Learner).options(num_cpus=0.5).remote(cfg, 0, 1, None, None)
+    ray.get(learner.setup.remote("127.0.0.1", 0, 0))
+    gen = torch.Generator().manual_seed(5)
+    batch = Batch.pack([Sample(i // 2, i % 2, torch.randint(10, 500, (5,), generator=gen).tolist(),
+                               torch.randint(10, 500, (4,), generator=gen).tolist(), "", True)
+                        for i in range(4)], 0).for_learner()
+    scores = torch.tensor([0.0, 1.0, 1.0, 0.2])
+    ray.get(learner.adapter_state.remote(0))  # version 0 published (and kept: the samples' weights)
+    first = batch.replace(**ray.get(learner.make_experience.remote(batch, 0, False)))  # live = 0: a full pass
+    assert first.old_logprobs is not None and torch.equal(first.old_logprobs, first.behaviour_logprobs)
+    first, _ = advantages_and_weights(cfg.ppo, first.replace(scores=scores), 0.01)
+    ray.get(learner.train.remote(first, 1, 0, 0.01))
+    ray.get(learner.adapter_state.remote(1))  # the update, published as version 1
+    full = ray.get(learner.make_experience.remote(batch, 0, True))
+    fused = ray.get(learner.make_experience.remote(batch, 0, False))
+    assert set(full) == {"old_logprobs", "behaviour_logprobs", "ref_logprobs"}
+    assert set(fused) == {"behaviour_logprobs", "ref_logprobs"}
+    assert torch.equal(fused["behaviour_logprobs"], full["behaviour_logprobs"])
+    assert torch.equal(fused["ref_logprobs"], full["ref_logprobs"])
+    mask = batch.response_mask
+    assert float(((full["old_logprobs"] - full["behaviour_logprobs"]).abs() * mask).max()) > 1e-4  # stale
+    expected_weight = float(masked_mean(torch.exp(full["old_logprobs"] - full["behaviour_logprobs"]).clamp(max=2.0),
+                                        mask))
+    fused_batch, _ = advantages_and_weights(cfg.ppo, batch.replace(**fused, scores=scores), 0.01)
+    metrics = ray.get(learner.train.remote(fused_batch, 1, 1, 0.01))
+    assert metrics["clip_frac"] == 0.0 and metrics["approx_kl"] == 0.0  # ratio exactly 1
+    assert metrics["behaviour_weight_mean"] == pytest.approx(expected_weight, rel=1e-5)
     ray.kill(learner)

@@ -34,7 +34,6 @@ def test_sync_three_steps_with_dialogues_then_a_stale_engine_stops_the_run(tiny_
         steps = [tr.step() for _ in range(3)]
         for m in steps:  # 4 prompts + 1 case, 4 samples each
             assert m["samples"] == 20 and m["logprob_gap"] < 1e-4 and m["time_engine_sleep_s"] == 0.0  # CPU
-        assert steps[-1]["time_actor_logprob_s"] == 0.0  # the log-probs came from the engine, no scoring pass
         assert ray.get(tr.groups.rollout.actors[0].loaded_versions.remote()) == [3]  # one LoRA in the engine, the newest
         rows = [json.loads(x) for x in run.ppo_samples.read_text().splitlines()]
         dialogues = [r["dialogue"] for r in rows if "dialogue" in r]

@@ -116,3 +116,29 @@ def test_generation_and_policy_helpers(tiny_model_dir, tmp_path):
         with reloaded.disable_adapter():
             base_logits = reloaded(input_ids=ids).logits
     assert base_logits.shape == policy(input_ids=ids).logits.shape
+
+
+def test_sampled_logprobs_are_the_learners_without_a_second_pass(tiny_model_dir):
+    """``generate(with_logprobs=True)`` keeps each sampled token's log-prob as the sampler saw it (temperature-scaled
+    scores before the top-p cut): the same tokens as without it, and the learner's full-forward log-probs of them to
+    float32 rounding (the KV-cached steps sum in another order), which is what the weight-sync check compares."""
+    from medrl.config import ModelConfig
+    from medrl.models.generation import Sample, generate
+    from medrl.models.loading import load_policy
+    from medrl.ppo.batch import Batch
+    from medrl.ppo.modeling import PolicyWithValue, logprobs_and_values
+
+    mcfg = ModelConfig(path=str(tiny_model_dir), device="cpu", dtype="float32")
+    tok = load_tokenizer(mcfg.path)
+    policy = load_policy(mcfg, trainable=True).eval()
+    prompts = ["hello there, doctor", "a longer prompt about chest pain and a fever since this morning"]
+    kw = dict(max_new_tokens=16, temperature=0.7, top_p=0.9, num_return_sequences=2, batch_size=2, seed=4)
+    plain = generate(policy, tok, prompts, **kw)
+    gens = generate(policy, tok, prompts, with_logprobs=True, **kw)
+    assert [g.response_ids for g in gens] == [g.response_ids for g in plain] and all(not g.logprobs for g in plain)
+    assert [len(g.logprobs) for g in gens] == [len(g.response_ids) for g in gens]
+    batch = Batch.pack([Sample(i // 2, i % 2, g.prompt_ids, g.response_ids, g.text, g.finished, g.logprobs)
+                        for i, g in enumerate(gens)], tok.pad_token_id)
+    learner = logprobs_and_values(PolicyWithValue(policy), batch, 4, 0.7, with_values=False)["logprobs"]
+    gap = (learner - batch.rollout_logprobs).abs() * batch.response_mask
+    assert float(gap.max()) < 1e-5 and float((learner * batch.response_mask).sum()) < -1.0

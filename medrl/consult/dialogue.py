@@ -8,7 +8,7 @@ has its final answer, runs out of turns, or its patient reply failed or leaked. 
 A dialogue is one token sequence (``protocol``): ``prompt_ids`` (system + instructions + the opening line) and
 ``response_ids`` (policy turns and patient turns, joined), with ``policy_mask`` 1 on the tokens the policy sampled
 and 0 on the patient's: only those are trained on and compared with the learner's log-probs (vLLM's own log-probs
-of the policy turns ride along as ``logprobs``; the HF engine scores its samples afterwards).
+of the policy turns ride along as ``logprobs``, from either engine, as it sampled them).
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from transformers import LogitsProcessorList
 
 from medrl.consult.cases import Case
 from medrl.consult.patient import PatientReply
 from medrl.consult.protocol import TurnJoiner, read_turn
-from medrl.models.generation import eos_ids
+from medrl.models.generation import SampledLogprobs, eos_ids
 
 if TYPE_CHECKING:
     from medrl.consult.engine import ConsultSpec
@@ -72,7 +73,7 @@ class PolicyTurn:
     closed: bool
     """The turn ended with EOS (not at the token budget)."""
     logprobs: list[float] | None = None
-    """The engine's log-probs of ``ids`` (vLLM); None where the engine scores its samples afterwards (HF)."""
+    """The engine's log-probs of ``ids`` as it sampled them (None: greedy HF turns, which keep none)."""
 
 
 PolicyTurns = Callable[[list[Dialogue], int], list[PolicyTurn]]
@@ -82,7 +83,8 @@ vLLM rollouts differ in; ``run_dialogues`` is the same loop for both."""
 
 def hf_turns(model, tokenizer, spec: ConsultSpec, seed: int) -> PolicyTurns:
     """Policy turns from HF ``generate`` (``spec``'s turn budget, temperature, top-p): every dialogue of the round in
-    one left-padded batch (seeded here: the same call gives the same dialogues)."""
+    one left-padded batch (seeded here: the same call gives the same dialogues), each turn with its log-probs as
+    sampled (``SampledLogprobs``)."""
     torch.manual_seed(seed)
     turn_tokens, temperature, top_p = spec.turn_tokens, spec.temperature, spec.top_p
     eos = eos_ids(model.generation_config, tokenizer)
@@ -95,14 +97,18 @@ def hf_turns(model, tokenizer, spec: ConsultSpec, seed: int) -> PolicyTurns:
         width = max(len(s) for s in seqs)
         ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], device=device)
         attn = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+        scorer = SampledLogprobs(temperature) if do_sample else None
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=turn_tokens, do_sample=do_sample,
                                  temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
-                                 top_k=None, pad_token_id=pad_id, eos_token_id=sorted(eos))
+                                 top_k=None, pad_token_id=pad_id, eos_token_id=sorted(eos),
+                                 logits_processor=LogitsProcessorList([scorer] if scorer else []))
+        logprobs = scorer.finish(out) if scorer else [None] * len(out)
         result = []
-        for row in out[:, width:].tolist():
+        for row, lps in zip(out[:, width:].tolist(), logprobs):
             cut = next((k for k, t in enumerate(row) if t in eos), None)
-            result.append(PolicyTurn(row[:cut + 1], True) if cut is not None else PolicyTurn(row, False))
+            n = len(row) if cut is None else cut + 1
+            result.append(PolicyTurn(row[:n], cut is not None, None if lps is None else lps[:n]))
         return result
 
     return turns

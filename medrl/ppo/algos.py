@@ -287,37 +287,34 @@ def rows_to_learn(batch: Batch, ppo_cfg, ranks: int) -> tuple[Batch, dict[str, f
 
 def advantages_and_weights(ppo_cfg, batch: Batch, kl_coef: float) -> tuple[Batch, dict[str, float]]:
     """The batch with what the PPO update needs beyond the log-probs, over the whole batch (group and batch
-    statistics): per-token ``kl`` (``ppo.kl.estimator``; 0 without ``ref_logprobs``, i.e. a zero coefficient),
-    ``advantages`` and ``returns`` of the configured estimator with ``scores`` on the last token (plus per-token
-    rewards ``-kl_coef * KL_t`` when ``kl.placement`` is ``reward``), ``behaviour_weights``: the truncated decoupled
-    weight ``pi_old / pi_behaviour`` times the rollout correction's weight of ``pi_behaviour / pi_engine``
-    (``rollout_correction``, from ``rollout_logprobs``; not applied with mode ``none``), and ``loss_mask``: the
-    response tokens the losses see (``ppo.mask_truncated`` removes the responses not ``finished``, mode ``mis`` the
-    tokens or responses outside its band); all 0 on padding. Also returns batch statistics (``kl``: the mean
-    per-token KL over the tokens that exist, what the adaptive controller steers; absent without a reference; the
-    rollout correction's)."""
-    mask, old_logprobs, ref_logprobs = batch.response_mask, batch.old_logprobs, batch.ref_logprobs
-    kl = torch.zeros_like(mask) if ref_logprobs is None else kl_estimate(old_logprobs, ref_logprobs,
+    statistics): per-token ``kl`` of the behaviour policy (the weights that drew the samples; ``ppo.kl.estimator``,
+    0 without ``ref_logprobs``, i.e. a zero coefficient), ``advantages`` and ``returns`` of the configured estimator
+    with ``scores`` on the last token (plus per-token rewards ``-kl_coef * KL_t`` when ``kl.placement`` is
+    ``reward``), ``rollout_weights``: the rollout correction's weight of ``pi_behaviour / pi_engine``
+    (``rollout_correction``, from ``rollout_logprobs``; None with mode ``none``), and ``loss_mask``: the response
+    tokens the losses see (``ppo.mask_truncated`` removes the responses not ``finished``, mode ``mis`` the tokens or
+    responses outside its band); all 0 on padding. The decoupled weight ``pi_old / pi_behaviour`` is the loss's
+    (``objective.micro_batch_loss``): the proximal log-probs may come from the training forward itself. Also returns
+    batch statistics (``kl``: the mean per-token KL over the tokens that exist, what the adaptive controller steers;
+    absent without a reference; the rollout correction's)."""
+    mask, behaviour, ref_logprobs = batch.response_mask, batch.behaviour_logprobs, batch.ref_logprobs
+    kl = torch.zeros_like(mask) if ref_logprobs is None else kl_estimate(behaviour, ref_logprobs,
                                                                          ppo_cfg.kl.estimator) * mask
     in_reward = kl_coef * kl if ppo_cfg.kl.placement == "reward" else torch.zeros_like(kl)
     advantages, returns = compute_advantages(
         ppo_cfg.estimator, scores=batch.scores.float(), kl_penalty=in_reward, mask=mask, group=batch.group,
         values=batch.values, gamma=ppo_cfg.gamma, lam=ppo_cfg.lam, whiten=ppo_cfg.whiten_advantages)
-    weights = behaviour_weights(old_logprobs, batch.behaviour_logprobs, ppo_cfg.behaviour_weight_cap)
-    correction, keep, rc_stats = rollout_correction(batch.behaviour_logprobs, batch.rollout_logprobs, mask,
+    correction, keep, rc_stats = rollout_correction(behaviour, batch.rollout_logprobs, mask,
                                                     ppo_cfg.rollout_correction)
     masked = ~batch.finished.bool() & ppo_cfg.mask_truncated
-    stats = {"behaviour_weight_mean": float(masked_mean(weights, mask)),
-             "advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask)),
+    stats = {"advantage_mean": float(masked_mean(advantages, mask)), "return_mean": float(masked_mean(returns, mask)),
              "truncated_masked": int(masked.sum()), **rc_stats}
-    if ppo_cfg.rollout_correction.mode != "none":  # none: the weights stay bit for bit the decoupled ones
-        weights = weights * correction
     if ref_logprobs is not None:
         stats.update(kl=float(masked_mean(kl, mask)), kl_seq_sum=float((kl * mask).sum(1).mean()))
     if batch.values is not None:
         stats["value_mean"] = float(masked_mean(batch.values, mask))
-    return batch.replace(kl=kl, advantages=advantages * mask, returns=returns * mask,
-                         behaviour_weights=weights * mask,
+    rollout_weights = None if ppo_cfg.rollout_correction.mode == "none" else correction
+    return batch.replace(kl=kl, advantages=advantages * mask, returns=returns * mask, rollout_weights=rollout_weights,
                          loss_mask=mask * (~masked).to(mask.dtype)[:, None] * keep), stats
 
 

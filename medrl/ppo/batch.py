@@ -13,10 +13,11 @@ A ``Batch`` has one row per response. Each field has a kind, which says how rows
   info      ``list``    one Python object per row, driver side only (``samples``, and ``results``: each row's
                         ``RewardResult``, as OpenRLHF's ``Experience.info``); the learner ranks get ``for_learner()``
 
-The fields after ``rollout_logprobs`` are ``None`` until a phase fills them: the learner ranks add ``old_logprobs``,
-``behaviour_logprobs``, ``ref_logprobs`` (not with a zero KL coefficient) and ``values``; the reward plane
-``scores``, ``dropped`` and ``results`` (``with_rewards``); the driver ``kl``, ``advantages``, ``returns``,
-``behaviour_weights`` and ``loss_mask`` (``medrl.ppo.algos.advantages_and_weights``).
+The fields after ``rollout_logprobs`` are ``None`` until a phase fills them: the learner ranks add
+``behaviour_logprobs``, ``old_logprobs`` (unless the training forward supplies them), ``ref_logprobs`` (not with a
+zero KL coefficient) and ``values``; the reward plane ``scores``, ``dropped`` and ``results`` (``with_rewards``); the
+driver ``kl``, ``advantages``, ``returns``, ``rollout_weights`` and ``loss_mask``
+(``medrl.ppo.algos.advantages_and_weights``).
 """
 from __future__ import annotations
 
@@ -113,7 +114,9 @@ class Batch:
     results: list[RewardResult] | None = _kind(INFO, optional=True)
     """Each row's ``RewardResult`` (components, judge status, cost): the step's reward metrics and samples."""
     old_logprobs: torch.Tensor | None = _kind(TOKEN, optional=True)
-    """Live learner weights before the update: the proximal policy the PPO ratio is clipped around."""
+    """Live learner weights before the update: the proximal policy the PPO ratio is clipped around. None when the
+    update is one optimizer step without a critic and the samples are stale (``proximal_pass_needed``): the
+    training forward's own log-probs, detached, are then the proximal ones."""
     behaviour_logprobs: torch.Tensor | None = _kind(TOKEN, optional=True)
     """The learner's log-probs under the adapter version that drew the sample (= old without async rollout)."""
     ref_logprobs: torch.Tensor | None = _kind(TOKEN, optional=True)
@@ -122,7 +125,9 @@ class Batch:
     kl: torch.Tensor | None = _kind(TOKEN, optional=True)
     advantages: torch.Tensor | None = _kind(TOKEN, optional=True)
     returns: torch.Tensor | None = _kind(TOKEN, optional=True)
-    behaviour_weights: torch.Tensor | None = _kind(TOKEN, optional=True)
+    rollout_weights: torch.Tensor | None = _kind(TOKEN, optional=True)
+    """The rollout correction's per-token weight of ``pi_behaviour / pi_engine`` (``ppo.rollout_correction``; None
+    with mode ``none``)."""
     loss_mask: torch.Tensor | None = _kind(TOKEN, optional=True)
     """The response tokens the losses see: ``response_mask`` without the truncated responses under
     ``ppo.mask_truncated``."""
@@ -255,7 +260,6 @@ class Rollout:
     reward_refs: list = field(default_factory=list)
     restarts: int = 0
     actor_generate_s: float = 0.0
-    actor_logprob_s: float = 0.0
     finished: float = 0.0
     batch: Batch | None = None
 
@@ -264,7 +268,6 @@ class Rollout:
         timings, their reward inputs and the reward calls already submitted."""
         self.restarts += restarted
         self.actor_generate_s += out["generate_s"]
-        self.actor_logprob_s += out["logprob_s"]
         self.samples += out["samples"]
         self.reward_inputs += reward_inputs
         self.reward_refs += reward_refs

@@ -29,7 +29,7 @@ from medrl.ppo.batch import Batch, Rollout, load_prompts, micro_batches, prompt_
 from medrl.ppo.consult_plan import ConsultPlan
 from medrl.ppo.groups import ActorGroups
 from medrl.ppo.kl_controller import make_kl_controller
-from medrl.ppo.learner import num_minibatches
+from medrl.ppo.learner import num_minibatches, proximal_pass_needed
 from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
 from medrl.ppo.step_log import SAMPLE_TABLE_COLUMNS, StepRecord, append_samples
 from medrl.ppo.sync_check import abort_threshold, check_weight_sync, logprob_gaps
@@ -125,16 +125,17 @@ class PPOTrainer:
             self._ahead = self._launch_rollout(self.step_no + 1, rollout.end_position)
         rollout.pack(self.tokenizer.pad_token_id)
         rec.add(rollout_restarts=rollout.restarts, time_rollout_s=rollout.finished - rollout.started,
-                time_actor_generate_s=rollout.actor_generate_s, time_actor_logprob_s=rollout.actor_logprob_s,
+                time_actor_generate_s=rollout.actor_generate_s,
                 rollout_staleness=self.version - rollout.version)  # updates between its weights and this update
         return rollout
 
     def _start_experience(self, rollout: Rollout, rec: StepRecord):
-        """The learner's old / behaviour / ref log-probs and values of the rollout's batch, dispatched (they do not
-        need the rewards). vLLM on a GPU, synchronous: the engines first free their memory for the learner
+        """The learner's behaviour / old / ref log-probs and values of the rollout's batch, dispatched (they do not
+        need the rewards; old ones only where the update needs a pass for them, ``proximal_pass_needed``). vLLM on a GPU, synchronous: the engines first free their memory for the learner
         (``generate`` wakes them)."""
         rec.add(time_engine_sleep_s=self.groups.rollout.sleep() if self._engines_sleep else 0.0)
-        return self.groups.learner.make_experience(rollout.batch, rollout.version)
+        return self.groups.learner.make_experience(rollout.batch, rollout.version,
+                                                   proximal_pass_needed(len(rollout.batch), self.ppo))
 
     def _rewards(self, rollout: Rollout, rec: StepRecord) -> list[RewardResult]:
         """The judge wait: every sample's reward, in row order (failed reward tasks resubmitted, counted)."""

@@ -20,11 +20,11 @@ count restarts. The engine class is a parameter (``rollout_engine``: ``RolloutWo
       ``adapter``: ``[ObjectRef]`` of the LoRA state dict (``get_peft_model_state_dict`` keys) of ``version``, in a
       list so that Ray does not fetch it unless the engine must load it (``version`` differs from the one it holds:
       after a publish, or after Ray restarted it with its initial adapter).
-      Returns ``{"samples": list[Sample], "reloaded": bool, "pid": int, "generate_s": float, "logprob_s": float}``:
+      Returns ``{"samples": list[Sample], "reloaded": bool, "pid": int, "generate_s": float}``:
       ``len(prompts) * n`` ``medrl.ppo.batch.Sample``s, ``sample_index`` ``i % n`` of prompt ``i // n``, each with
       its prompt and response token ids, text, whether it finished, and the engine's own log-probs of the response
-      tokens at the sampling temperature (the driver compares them with the learner's every step); ``pid`` of the
-      engine process; seconds spent sampling and computing those log-probs.
+      tokens at the sampling temperature, as it drew them (the driver compares them with the learner's every step);
+      ``pid`` of the engine process; seconds spent sampling.
   ``consult(items, n, seed, adapter, version, spec) -> dict`` (with ``consult.cases_per_step``: ``ConsultingWorker``,
       ``VLLMConsultingWorker`` of ``medrl.ppo.consult_rollout``) as ``generate`` for ``(prompt_index, Case)`` items:
       dialogues played turn by turn, each sample with its ``policy_mask`` and ``dialogue``.
@@ -150,10 +150,10 @@ class LearnerGroup:
         rows = batch.shard_rows(len(self.actors))
         return [getattr(a, method).remote(batch.take(r).for_learner(), *args) for a, r in zip(self.actors, rows)], rows
 
-    def make_experience(self, batch: Batch, version: int) -> Pending:
-        """Old / behaviour (the weights of ``version``) / reference log-probs (+ values) of ``batch``; the result is
-        ``batch`` with them (``Batch.put_rows``)."""
-        refs, rows = self._on_shards("make_experience", batch, version)
+    def make_experience(self, batch: Batch, version: int, proximal: bool = True) -> Pending:
+        """Behaviour (the weights of ``version``) / old (unless ``proximal`` is False: ``Learner.make_experience``) /
+        reference log-probs (+ values) of ``batch``; the result is ``batch`` with them (``Batch.put_rows``)."""
+        refs, rows = self._on_shards("make_experience", batch, version, proximal)
         return Pending(refs, lambda parts: batch.put_rows(rows, parts))
 
     def train(self, batch: Batch, n_minibatches: int, seed: int, kl_coef: float) -> Pending:
@@ -205,7 +205,7 @@ def rollout_engine(cfg: Config, init_adapter: str | None) -> tuple[type, tuple]:
         worker = VLLMConsultingWorker if cfg.consult.cases_per_step else VLLMRolloutWorker
         return worker, (cfg.model, init_adapter, ppo.generation, ppo.rollout.vllm)
     worker = ConsultingWorker if cfg.consult.cases_per_step else RolloutWorker  # dialogues: docs/consultation.md
-    return worker, (cfg.model, init_adapter, ppo.generation, ppo.micro_batch_size)
+    return worker, (cfg.model, init_adapter, ppo.generation)
 
 
 class RolloutGroup:

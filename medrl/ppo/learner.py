@@ -36,6 +36,16 @@ def num_minibatches(n_samples: int, ppo_cfg) -> int:
     return max(1, min(-(-n_samples // ppo_cfg.minibatch_size), per_rank))
 
 
+def proximal_pass_needed(n_samples: int, ppo_cfg) -> bool:
+    """Whether the proximal log-probs of a batch of ``n_samples`` (the live weights before the update) need a forward
+    pass of their own. Not when the update is one optimizer step (``ppo_epochs`` 1, one minibatch: fewer rows left
+    after filtering cannot make more) and there is no critic: the training forward runs at exactly those weights,
+    and its log-probs, detached, are the proximal ones (the ratio is 1, as in trl's GRPO with ``num_iterations=1``).
+    That saves one forward pass per step of stale samples (``async_rollout``); on-policy samples need the pass anyway,
+    as the behaviour log-probs of the weight-sync check."""
+    return ppo_cfg.ppo_epochs > 1 or num_minibatches(n_samples, ppo_cfg) > 1 or ppo_cfg.estimator == "gae"
+
+
 def read_deepspeed_config(path: str | None) -> dict | None:
     """The DeepSpeed JSON named by ``ppo.learner.deepspeed`` (read by the driver: actors on other nodes may not
     have the file at the same path)."""
@@ -196,14 +206,25 @@ class Learner:
         return nullcontext()
 
     # ------------------------------------------------------------------ experience and training
-    def make_experience(self, shard: Batch, version: int | None = None) -> dict[str, torch.Tensor]:
-        """This rank's shard's old (proximal) log-probs (+ values) from the live weights and reference log-probs, on
-        CPU; ``behaviour_logprobs`` from the weights of the published ``version`` that sampled it (None: the live
-        weights), for the rollout/learner check and the behaviour weights. Only these fields go back (``Batch`` field
-        names, as wide as the shard's ``response_ids``)."""
+    def make_experience(self, shard: Batch, version: int | None = None, proximal: bool = True
+                        ) -> dict[str, torch.Tensor]:
+        """This rank's shard's log-probs, on CPU: ``behaviour_logprobs`` from the weights of the published ``version``
+        that sampled it (None: the live weights), for the rollout/learner check and the behaviour weights;
+        ``old_logprobs`` (+ values) from the live weights, the proximal policy, unless ``proximal`` is False and the
+        samples are stale (``proximal_pass_needed``: the training forward supplies them); reference log-probs with a
+        non-zero KL coefficient. Only these fields go back (``Batch`` field names, as wide as the shard's
+        ``response_ids``)."""
+        with_reference = self.ppo.kl.init_coef > 0
+        if not proximal and not self._is_live(version):
+            with self._weights_of(version):  # the reference disables the adapter: any weights will do
+                out = old_and_ref_logprobs(self.model, self.unwrapped.policy, shard, self.ppo.micro_batch_size,
+                                           self.ppo.generation.temperature, False, device=self.accelerator.device,
+                                           with_reference=with_reference)
+            out["behaviour_logprobs"] = out.pop("old_logprobs")
+            return out
         out = old_and_ref_logprobs(self.model, self.unwrapped.policy, shard, self.ppo.micro_batch_size,
                                    self.ppo.generation.temperature, self.use_values, device=self.accelerator.device,
-                                   with_reference=self.ppo.kl.init_coef > 0)
+                                   with_reference=with_reference)
         if self._is_live(version):
             out["behaviour_logprobs"] = out["old_logprobs"]
         else:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from medrl.ppo.algos import LOG_RATIO_CLAMP, kl_estimate, masked_mean
+from medrl.ppo.algos import LOG_RATIO_CLAMP, behaviour_weights, kl_estimate, masked_mean
 from medrl.ppo.config import PolicyLossName, check_registry
 
 # --------------------------------------------------------------------------- policy losses (registry)
@@ -144,16 +144,26 @@ def loss_denominators(loss_mask: torch.Tensor, device: torch.device | str = "cpu
 def micro_batch_loss(out: dict[str, torch.Tensor], mb, ppo_cfg, kl_coef: float, n_tokens: float,
                      n_seqs: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the minibatch loss and its (detached) statistics. ``out``: the model's
-    ``logprobs`` (and ``values``); ``mb``: the rows (a ``medrl.ppo.batch.Batch``: ``old_logprobs``, ``advantages``,
-    ``loss_mask``, ``behaviour_weights``, and ``ref_logprobs`` / ``values`` / ``returns`` when used)."""
+    ``logprobs`` (and ``values``); ``mb``: the rows (a ``medrl.ppo.batch.Batch``: ``behaviour_logprobs``,
+    ``advantages``, ``loss_mask``, and ``old_logprobs`` / ``rollout_weights`` / ``ref_logprobs`` / ``values`` /
+    ``returns`` when set). Each token's policy loss is weighted by the decoupled weight ``pi_old / pi_behaviour``
+    (truncated at ``ppo.behaviour_weight_cap``; 1 on-policy) times the rollout correction's weight; their mean over
+    the loss tokens is reported as ``behaviour_weight_mean``."""
     mask = mb.loss_mask
     agg = dict(n_tokens=n_tokens, n_seqs=n_seqs,
                norm_len=float(ppo_cfg.loss_norm_len or ppo_cfg.generation.max_new_tokens))
     clip_low = ppo_cfg.clip if ppo_cfg.clip_low is None else ppo_cfg.clip_low
     clip_high = ppo_cfg.clip if ppo_cfg.clip_high is None else ppo_cfg.clip_high
-    token_loss, info = policy_loss(ppo_cfg.policy_loss, out["logprobs"], mb.old_logprobs, mb.advantages, mask,
+    # the proximal policy: the learner's pass before the update, or this forward itself when the update is one
+    # optimizer step (``old_logprobs`` None: the weights of this forward are the proximal weights)
+    old = out["logprobs"].detach() if mb.old_logprobs is None else mb.old_logprobs
+    weights = behaviour_weights(old, mb.behaviour_logprobs, ppo_cfg.behaviour_weight_cap)
+    if mb.rollout_weights is not None:
+        weights = weights * mb.rollout_weights
+    token_loss, info = policy_loss(ppo_cfg.policy_loss, out["logprobs"], old, mb.advantages, mask,
                                    clip_low=clip_low, clip_high=clip_high, dual_clip=ppo_cfg.dual_clip,
-                                   behaviour_weights=mb.behaviour_weights)
+                                   behaviour_weights=weights)
+    info["behaviour_weight_mean"] = masked_mean(weights, mask)
     loss = aggregate_loss(token_loss, mask, ppo_cfg.loss_agg_mode, **agg)
     info["policy_loss"] = loss.detach()
     if ppo_cfg.kl.placement == "loss" and kl_coef > 0:

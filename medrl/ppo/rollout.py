@@ -14,22 +14,16 @@ import time
 import ray
 import torch
 
-from medrl.models.generation import generate
+from medrl.models.generation import Sample, generate
 from medrl.models.loading import load_policy, load_tokenizer
-from medrl.models.generation import Sample
-from medrl.ppo.batch import Batch
-from medrl.ppo.modeling import PolicyWithValue, logprobs_and_values
 
 
 class RolloutWorker:
-    def __init__(self, model_cfg, init_adapter: str | None, gen_cfg, micro_batch_size: int):
+    def __init__(self, model_cfg, init_adapter: str | None, gen_cfg):
         self.gen_cfg = gen_cfg
-        self.micro_batch_size = micro_batch_size
         self.tokenizer = load_tokenizer(model_cfg.path, model_cfg.cache_dir)
         # the same LoRA shape as the learner's (same init adapter or the same fresh config)
         self.policy = load_policy(model_cfg, init_adapter, trainable=True).eval().requires_grad_(False)
-        self.logprob_model = PolicyWithValue(self.policy)
-        self.device = next(self.policy.parameters()).device
         self.version = -1
 
     def load_adapter(self, state: dict[str, torch.Tensor], version: int) -> int:
@@ -46,14 +40,15 @@ class RolloutWorker:
     def generate(self, prompts: list[tuple[int, str]], n: int, seed: int, adapter: list, version: int) -> dict:
         """``n`` responses for each ``(prompt_index, prompt_text)``; ``adapter`` is ``[ObjectRef]`` of the weights
         of ``version`` (wrapped in a list so Ray does not fetch it unless this actor lost them). Returns samples
-        with the actor's own log-probs of the sampled tokens, and timings (``generate_s``, ``logprob_s``)."""
+        with the log-probs of the sampled tokens as the actor drew them (``SampledLogprobs``: no scoring pass), and
+        the time taken (``generate_s``)."""
         reloaded = self._hold(adapter, version)
         t0 = time.perf_counter()
         g = self.gen_cfg
         gens = generate(self.policy, self.tokenizer, [text for _, text in prompts], max_new_tokens=g.max_new_tokens,
                         temperature=g.temperature, top_p=g.top_p, num_return_sequences=n,
-                        batch_size=len(prompts), seed=seed)
-        samples = [Sample(prompts[i // n][0], i % n, x.prompt_ids, x.response_ids, x.text, x.finished)
+                        batch_size=len(prompts), seed=seed, with_logprobs=True)
+        samples = [Sample(prompts[i // n][0], i % n, x.prompt_ids, x.response_ids, x.text, x.finished, x.logprobs)
                    for i, x in enumerate(gens)]
         return self._answer(samples, reloaded, t0)
 
@@ -65,16 +60,8 @@ class RolloutWorker:
         return reloaded
 
     def _answer(self, samples: list[Sample], reloaded: bool, t0: float) -> dict:
-        """The engine's log-probs of the samples' response tokens (0 where ``policy_mask`` is 0) and the answer of a
-        ``generate`` call (``t0``: when sampling began)."""
-        t1 = time.perf_counter()
-        batch = Batch.pack(samples, self.tokenizer.pad_token_id)
-        logprobs = logprobs_and_values(self.logprob_model, batch, self.micro_batch_size, self.gen_cfg.temperature,
-                                       with_values=False, device=self.device)["logprobs"]
-        for row, s in enumerate(samples):
-            s.logprobs = logprobs[row, :len(s.response_ids)].tolist()
-        return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "generate_s": t1 - t0,
-                "logprob_s": time.perf_counter() - t1}
+        """The answer of a ``generate`` call (``t0``: when sampling began; the log-probs came with the samples)."""
+        return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "generate_s": time.perf_counter() - t0}
 
     def pid(self) -> int:
         """This actor's process id (a restarted actor has a new one)."""

@@ -57,8 +57,7 @@ class VLLMRolloutWorker:
 
     def _answer(self, samples: list[Sample], reloaded: bool, t0: float) -> dict:
         """The answer of a ``generate`` call (the log-probs came with the samples: no scoring pass)."""
-        return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "generate_s": time.perf_counter() - t0,
-                "logprob_s": 0.0}
+        return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "generate_s": time.perf_counter() - t0}
 
     def sleep(self) -> float:
         """Release the engine's GPU memory until the next ``generate`` (vLLM sleep mode); seconds taken, 0 where
