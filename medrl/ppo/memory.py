@@ -36,7 +36,8 @@ Train-step peak = saved activations + max(forward logits, backward logits, recom
 A rollout actor on the same GPU (``0 < rollout.num_gpus`` and learner + rollout shares <= 1) is another process:
 CUDA context + weights + fp32 LoRA + max(generation: KV cache ``2 * L * k * p`` per token of ``batch_size *
 samples_per_prompt`` sequences of S tokens plus the larger of one layer's repeated K/V and the prefill MLP
-(``3pI`` per prompt token), or its scoring pass). With ``rollout.engine: vllm`` it is a vLLM engine instead
+(``3pI`` per prompt token), plus the sampler's two fp32 ``[sequences, V]`` buffers: it keeps the log-probs as it
+samples, no scoring pass). With ``rollout.engine: vllm`` it is a vLLM engine instead
 (``vllm_engine_bytes``: its KV cache is ``rollout.vllm.kv_cache_gib``); with sleep mode (sync rollouts) the GPU
 peak is the larger of learner peak + sleeping engines and learner at rest (persistent memory) + awake engines.
 
@@ -227,8 +228,9 @@ def estimate(shape: ModelShape, s: MemorySettings) -> dict[str, int]:
         kv = 2 * shape.layers * shape.kv_dim * p * s.rollout_sequences * S
         repeat = 2 * s.rollout_sequences * S * shape.q_dim * p
         prefill = s.rollout_sequences * s.prompt_tokens * 3 * p * shape.intermediate
+        sampler = 2 * 4 * s.rollout_sequences * V  # generate's fp32 scores and SampledLogprobs' log-softmax
         one = (CUDA_CONTEXT_BYTES + shape.params() * p + 4 * shape.lora_params(s.lora_r, s.lora_targets)
-               + max(kv + max(repeat, prefill), scoring))
+               + kv + max(repeat, prefill) + sampler)
         out["rollout_actor"] = one
         out["rollouts"] = one * s.colocated_rollouts
     out["gpu_peak"] = out["learner_peak"] + out.get("rollouts", 0)
