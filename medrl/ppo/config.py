@@ -208,7 +208,9 @@ class PPOConfig(StrictModel):
     ppo_epochs: int = Field(1, ge=1)
     """Passes over each step's batch."""
     minibatch_size: int = Field(16, ge=1)
-    """Samples per optimizer step (all learner ranks together)."""
+    """Samples per optimizer step (all learner ranks together). At least the step's batch with ``ppo_epochs: 1``
+    (one optimizer step per batch) and no critic: with ``async_rollout`` the learner then skips the forward pass for
+    the proximal log-probs (the training forward's serve)."""
     micro_batch_size: int = Field(1, ge=1)
     """Samples per forward/backward on one rank (gradient accumulation inside a minibatch). Its LM-head logits in
     fp32 (``micro x response tokens x vocab x 4`` bytes, ~0.45 GiB per 768 tokens of Qwen3) dominate the learner's
