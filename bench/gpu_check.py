@@ -138,25 +138,27 @@ def sft_step(policy, batch: int, seq_len: int, device: str) -> None:
 
 def generate_and_gap(model, device: str, prompts: int, samples: int, tokens: int) -> tuple[float, int, float, float]:
     """HF ``generate`` of prompts x samples x tokens: (seconds, tokens, max and mean abs gap between the log-probs
-    ``generate`` reports and ``PolicyWithValue``'s recompute of the same tokens)."""
+    the sampler keeps, ``SampledLogprobs`` as the HF rollout engine does, and ``PolicyWithValue``'s recompute of the
+    same tokens)."""
     import torch
+    from transformers import LogitsProcessorList
 
+    from medrl.models.generation import SampledLogprobs
     from medrl.ppo.modeling import PolicyWithValue
 
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (prompts, 32), device=device)
+    sampler = SampledLogprobs(1.0)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
-                             top_k=None, max_new_tokens=tokens, min_new_tokens=tokens, num_return_sequences=samples,
-                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        seqs = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=1.0,
+                              top_k=None, max_new_tokens=tokens, min_new_tokens=tokens, num_return_sequences=samples,
+                              logits_processor=LogitsProcessorList([sampler]), pad_token_id=0)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    seqs = out.sequences
     resp = seqs[:, ids.shape[1]:]
-    reported = torch.stack([torch.log_softmax(s.float(), -1).gather(-1, resp[:, j:j + 1]).squeeze(-1)
-                            for j, s in enumerate(out.scores)], dim=1)
+    reported = torch.tensor(sampler.finish(seqs), device=device)
     rows = slice(0, min(16, seqs.shape[0]))  # recompute a slice (memory: [rows, tokens, vocab] fp32 logits)
 
     class _Peft(torch.nn.Module):  # PolicyWithValue reads policy.get_base_model()

@@ -1,6 +1,7 @@
 """The rollout correction's effect on the async learning test (``tests/test_ppo_learning_on_cpu.py``, grpo-async):
 reward curves with ``ppo.rollout_correction.mode`` none / tis / mis, with the engine and the learner matched (the HF
-engine scores with the learner's code: rho ~ 1) and with an emulated mismatch.
+engine keeps the log-probs it samples with, the learner's model code in fp32: rho 1 to ~1e-6) and with an emulated
+mismatch.
 
 The mismatch: the rollout engines sample and score at ``--engine-temperature`` (default 1.3) while the learner scores
 the same tokens at 1.0, so pi_engine != pi_learner on every token, as a bf16 vLLM engine differs from the learner
@@ -40,8 +41,8 @@ def run(workdir: Path, model_dir: Path, mode: str, engine_temperature: float | N
     if engine_temperature is not None:
         def hot_engine(c, init_adapter):
             engine_cls, args = original(c, init_adapter)
-            model_cfg, adapter, gen, micro = args
-            return engine_cls, (model_cfg, adapter, gen.model_copy(update={"temperature": engine_temperature}), micro)
+            model_cfg, adapter, gen = args
+            return engine_cls, (model_cfg, adapter, gen.model_copy(update={"temperature": engine_temperature}))
 
         groups.rollout_engine = hot_engine
     try:
