@@ -88,7 +88,7 @@ def main() -> None:
     batch = batch.replace(rollout_logprobs=(first["behaviour_logprobs"] + noise) * batch.response_mask)
     new_api = hasattr(batch, "for_learner")
     try:  # since 2026-12-07: no proximal pass of its own when the update is one optimizer step
-        from medrl.ppo.learner import proximal_pass_needed
+        from medrl.ppo.algos import proximal_pass_needed
         proximal = {"proximal": proximal_pass_needed(len(batch), ppo)}
     except ImportError:
         proximal = {}

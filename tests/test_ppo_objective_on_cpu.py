@@ -242,7 +242,8 @@ def test_stale_samples_with_one_update_skip_the_proximal_pass(tiny_model_dir, tm
     and the decoupled weights are those of the separate pass."""
     import ray
 
-    from medrl.ppo.learner import Learner, proximal_pass_needed
+    from medrl.ppo.algos import proximal_pass_needed
+    from medrl.ppo.learner import Learner
     from ppo_setup import ppo_config
 
     cfg, _ = ppo_config(tmp_path, tiny_model_dir, "fused", "ppo.async_rollout=true", "ppo.estimator=grpo",

@@ -267,6 +267,22 @@ def _reinforce_pp(*, scores, kl_penalty, mask, group, values, gamma, lam, whiten
 
 
 # --------------------------------------------------------------------------- the driver's Batch -> Batch steps
+def num_minibatches(n_samples: int, ppo_cfg) -> int:
+    """Optimizer steps per epoch for a batch of ``n_samples`` (the same on every rank)."""
+    per_rank = n_samples // ppo_cfg.learner.ranks
+    return max(1, min(-(-n_samples // ppo_cfg.minibatch_size), per_rank))
+
+
+def proximal_pass_needed(n_samples: int, ppo_cfg) -> bool:
+    """Whether the proximal log-probs of a batch of ``n_samples`` (the live weights before the update) need a forward
+    pass of their own. Not when the update is one optimizer step (``ppo_epochs`` 1, one minibatch: fewer rows left
+    after filtering cannot make more) and there is no critic: the training forward runs at exactly those weights,
+    and its log-probs, detached, are the proximal ones (the ratio is 1, as in trl's GRPO with ``num_iterations=1``).
+    That saves one forward pass per step of stale samples (``async_rollout``); on-policy samples need the pass anyway,
+    as the behaviour log-probs of the weight-sync check."""
+    return ppo_cfg.ppo_epochs > 1 or num_minibatches(n_samples, ppo_cfg) > 1 or ppo_cfg.estimator == "gae"
+
+
 def rows_to_learn(batch: Batch, ppo_cfg, ranks: int) -> tuple[Batch, dict[str, float]]:
     """The rows a step learns from: not ``dropped`` by the reward plane, minus the groups whose ``scores`` have zero
     spread when ``ppo.filter_zero_spread_groups`` is on, cut to a multiple of ``ranks`` (equal shards); no rows: the

@@ -24,12 +24,11 @@ from medrl.models.card import finish_adapter
 from medrl.models.chat import render_prompt
 from medrl.models.loading import load_tokenizer, pick_device, pick_dtype
 from medrl.ppo import checkpoint as ckpt
-from medrl.ppo.algos import advantages_and_weights, rows_to_learn
+from medrl.ppo.algos import advantages_and_weights, num_minibatches, proximal_pass_needed, rows_to_learn
 from medrl.ppo.batch import Batch, Rollout, load_prompts, micro_batches, prompt_turns, prompts_at, reward_input
 from medrl.ppo.consult_plan import ConsultPlan
 from medrl.ppo.groups import ActorGroups
 from medrl.ppo.kl_controller import make_kl_controller
-from medrl.ppo.learner import num_minibatches, proximal_pass_needed
 from medrl.ppo.preflight import absolute_paths, check_run_inputs, resolve_init_adapter
 from medrl.ppo.step_log import SAMPLE_TABLE_COLUMNS, StepRecord, append_samples
 from medrl.ppo.sync_check import abort_threshold, check_weight_sync, logprob_gaps
@@ -131,8 +130,8 @@ class PPOTrainer:
 
     def _start_experience(self, rollout: Rollout, rec: StepRecord):
         """The learner's behaviour / old / ref log-probs and values of the rollout's batch, dispatched (they do not
-        need the rewards; old ones only where the update needs a pass for them, ``proximal_pass_needed``). vLLM on a GPU, synchronous: the engines first free their memory for the learner
-        (``generate`` wakes them)."""
+        need the rewards; old ones only where the update needs a pass for them, ``proximal_pass_needed``). vLLM on a
+        GPU, synchronous: the engines first free their memory for the learner (``generate`` wakes them)."""
         rec.add(time_engine_sleep_s=self.groups.rollout.sleep() if self._engines_sleep else 0.0)
         return self.groups.learner.make_experience(rollout.batch, rollout.version,
                                                    proximal_pass_needed(len(rollout.batch), self.ppo))

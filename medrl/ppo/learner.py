@@ -20,6 +20,7 @@ import torch
 
 from medrl.errors import UsageError
 from medrl.models.loading import load_policy, pick_device
+from medrl.ppo.algos import num_minibatches
 from medrl.ppo.batch import Batch
 from medrl.ppo.modeling import PolicyWithValue, logprobs_and_values, make_value_head, old_and_ref_logprobs
 from medrl.ppo.objective import finite_on_all_ranks, loss_denominators, micro_batch_loss, stand_in_loss
@@ -28,22 +29,6 @@ log = logging.getLogger("medrl.ppo.learner")
 
 BEHAVIOUR_FILE = "behaviour_weights.pt"
 """In a checkpoint of an ``async_rollout`` run: the LoRA weights that sample the step after it."""
-
-
-def num_minibatches(n_samples: int, ppo_cfg) -> int:
-    """Optimizer steps per epoch for a batch of ``n_samples`` (the same on every rank)."""
-    per_rank = n_samples // ppo_cfg.learner.ranks
-    return max(1, min(-(-n_samples // ppo_cfg.minibatch_size), per_rank))
-
-
-def proximal_pass_needed(n_samples: int, ppo_cfg) -> bool:
-    """Whether the proximal log-probs of a batch of ``n_samples`` (the live weights before the update) need a forward
-    pass of their own. Not when the update is one optimizer step (``ppo_epochs`` 1, one minibatch: fewer rows left
-    after filtering cannot make more) and there is no critic: the training forward runs at exactly those weights,
-    and its log-probs, detached, are the proximal ones (the ratio is 1, as in trl's GRPO with ``num_iterations=1``).
-    That saves one forward pass per step of stale samples (``async_rollout``); on-policy samples need the pass anyway,
-    as the behaviour log-probs of the weight-sync check."""
-    return ppo_cfg.ppo_epochs > 1 or num_minibatches(n_samples, ppo_cfg) > 1 or ppo_cfg.estimator == "gae"
 
 
 def read_deepspeed_config(path: str | None) -> dict | None:
