@@ -67,7 +67,7 @@ def test_policy_mask_by_hand(tiny_model_dir, tmp_path):
     grad = logprobs.grad
     assert torch.all(grad[batch.response_mask == 0] == 0)
     assert torch.all(grad[batch.response_mask == 1] != 0)
-    # the engine's own log-probs (RolloutWorker._answer path) equal a fresh forward on every policy token
+    # the learner's no-grad scoring pass (logprobs_and_values) equals this forward on every policy token
     from medrl.ppo.modeling import logprobs_and_values
 
     fresh = logprobs_and_values(PolicyWithValue(policy.eval()), batch, 8, 1.0, with_values=False)["logprobs"]

@@ -154,6 +154,17 @@ def test_proximal_log_probs_from_the_training_forward_equal_a_separate_pass():
     assert infos[0]["clip_frac"].item() == 0.0
 
 
+def test_the_proximal_pass_is_skipped_only_for_one_optimizer_step_without_a_critic():
+    from medrl.ppo.algos import proximal_pass_needed
+
+    one_step = ("minibatch_size=16", "prompts_per_step=4", "samples_per_prompt=4")
+    assert not proximal_pass_needed(16, _ppo("estimator=grpo", *one_step))
+    assert not proximal_pass_needed(12, _ppo("estimator=grpo", *one_step))  # rows filtered out: still one step
+    assert proximal_pass_needed(32, _ppo("estimator=grpo", *one_step))  # two minibatches
+    assert proximal_pass_needed(16, _ppo("estimator=grpo", "ppo_epochs=2", *one_step))
+    assert proximal_pass_needed(16, _ppo("estimator=gae", *one_step))  # values come from that pass
+
+
 def test_per_engine_and_per_loss_defaults():
     assert _ppo().rollout_correction.mode == "none" and _ppo("rollout.engine=vllm").rollout_correction.mode == "tis"
     assert _ppo("rollout.engine=vllm", "rollout_correction.mode=none").rollout_correction.mode == "none"

@@ -280,7 +280,7 @@ def proximal_pass_needed(n_samples: int, ppo_cfg) -> bool:
     and its log-probs, detached, are the proximal ones (the ratio is 1, as in trl's GRPO with ``num_iterations=1``).
     That saves one forward pass per step of stale samples (``async_rollout``); on-policy samples need the pass anyway,
     as the behaviour log-probs of the weight-sync check."""
-    return ppo_cfg.ppo_epochs > 1 or num_minibatches(n_samples, ppo_cfg) > 1 or ppo_cfg.estimator == "gae"
+    return ppo_cfg.ppo_epochs > 1 or num_minibatches(n_samples, ppo_cfg) > 1 or ppo_cfg.uses_critic
 
 
 def rows_to_learn(batch: Batch, ppo_cfg, ranks: int) -> tuple[Batch, dict[str, float]]:

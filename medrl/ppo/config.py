@@ -296,6 +296,11 @@ class PPOConfig(StrictModel):
                              f"would see a gap of -log(nucleus mass) and stop the run")
         return v
 
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the estimator needs a value head (``gae``: the learner trains one and scores values)."""
+        return self.estimator == "gae"
+
     @model_validator(mode="after")
     def _per_algorithm_defaults(self) -> "PPOConfig":
         """Fill the defaults that depend on other fields (``loss_agg_mode`` on the policy loss, the rollout

@@ -12,7 +12,7 @@ from medrl.consult.cases import Case
 from medrl.consult.dialogue import hf_turns, vllm_turns
 from medrl.consult.engine import ConsultSpec, PatientSpec, llm_patient, play
 from medrl.consult.patient import ScriptedPatient
-from medrl.ppo.rollout import RolloutWorker
+from medrl.ppo.rollout import RolloutWorker, engine_answer
 from medrl.ppo.vllm_rollout import VLLMRolloutWorker
 
 
@@ -55,7 +55,7 @@ class ConsultingWorker(_PatientHost, RolloutWorker):
         patient = self._patient(spec.patient)
         samples = play(hf_turns(self.policy, self.tokenizer, spec, seed), self.tokenizer, items, n, spec, patient,
                        self._loop)
-        return self._answer(samples, reloaded, t0)
+        return engine_answer(samples, reloaded, t0)
 
 
 class VLLMConsultingWorker(_PatientHost, VLLMRolloutWorker):
@@ -71,4 +71,4 @@ class VLLMConsultingWorker(_PatientHost, VLLMRolloutWorker):
         patient = self._patient(spec.patient)
         samples = play(vllm_turns(self.engine, version, spec, seed), self.tokenizer, items, n, spec, patient,
                        self._loop)
-        return self._answer(samples, reloaded, t0)
+        return engine_answer(samples, reloaded, t0)

@@ -117,7 +117,7 @@ class Learner:
                 module.p = 0.0  # PPO ratios must be exactly 1 before the first update
         if self.cfg.model.gradient_checkpointing:
             policy.get_base_model().gradient_checkpointing_enable({"use_reentrant": False})
-        self.use_values = self.ppo.estimator == "gae"
+        self.use_values = self.ppo.uses_critic
         value_head = make_value_head(policy) if self.use_values else None
         model = PolicyWithValue(policy, value_head, detach_value=self.ppo.value_head == "detached")
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": self.ppo.lr}]

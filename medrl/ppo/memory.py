@@ -321,7 +321,7 @@ def settings_from_config(cfg) -> MemorySettings:
         weight_bytes=4 if dtype == "float32" else 2, micro_batch=ppo.micro_batch_size, prompt_tokens=prompt,
         response_tokens=ppo.generation.max_new_tokens, lora_r=model.lora.r,
         lora_targets=tuple(model.lora.target_modules),
-        gradient_checkpointing=model.gradient_checkpointing, value_head=ppo.estimator == "gae",
+        gradient_checkpointing=model.gradient_checkpointing, value_head=ppo.uses_critic,
         entropy=ppo.log_entropy, zero_stage=stage, ranks=ppo.learner.ranks, offload_optimizer=off_opt,
         offload_params=off_param, cuda=on_gpu, behaviour_snapshots=ppo.async_rollout, colocated_rollouts=colocated,
         rollout_sequences=rollout.batch_size * ppo.samples_per_prompt, rollout_engine=rollout.engine,

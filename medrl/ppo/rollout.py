@@ -18,6 +18,12 @@ from medrl.models.generation import Sample, generate
 from medrl.models.loading import load_policy, load_tokenizer
 
 
+def engine_answer(samples: list[Sample], reloaded: bool, t0: float) -> dict:
+    """The answer of an engine's ``generate`` / ``consult`` call (``RolloutGroup``'s contract; ``t0``: when sampling
+    began; the log-probs came with the samples)."""
+    return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "generate_s": time.perf_counter() - t0}
+
+
 class RolloutWorker:
     def __init__(self, model_cfg, init_adapter: str | None, gen_cfg):
         self.gen_cfg = gen_cfg
@@ -50,7 +56,7 @@ class RolloutWorker:
                         batch_size=len(prompts), seed=seed, with_logprobs=True)
         samples = [Sample(prompts[i // n][0], i % n, x.prompt_ids, x.response_ids, x.text, x.finished, x.logprobs)
                    for i, x in enumerate(gens)]
-        return self._answer(samples, reloaded, t0)
+        return engine_answer(samples, reloaded, t0)
 
     def _hold(self, adapter: list, version: int) -> bool:
         """Load ``version`` from ``adapter[0]`` unless the actor holds it; whether it had to."""
@@ -58,10 +64,6 @@ class RolloutWorker:
         if reloaded:
             self.load_adapter(ray.get(adapter[0]), version)
         return reloaded
-
-    def _answer(self, samples: list[Sample], reloaded: bool, t0: float) -> dict:
-        """The answer of a ``generate`` call (``t0``: when sampling began; the log-probs came with the samples)."""
-        return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "generate_s": time.perf_counter() - t0}
 
     def pid(self) -> int:
         """This actor's process id (a restarted actor has a new one)."""

@@ -17,6 +17,7 @@ import time
 import ray
 
 from medrl.models.generation import Sample
+from medrl.ppo.rollout import engine_answer
 
 
 class VLLMRolloutWorker:
@@ -46,7 +47,7 @@ class VLLMRolloutWorker:
         gens = self.engine.generate(ids, n=n, temperature=g.temperature, top_p=g.top_p, seed=seed, version=version)
         samples = [Sample(prompts[i // n][0], i % n, x.prompt_ids, x.response_ids, x.text, x.finished, x.logprobs)
                    for i, x in enumerate(gens)]
-        return self._answer(samples, reloaded, t0)
+        return engine_answer(samples, reloaded, t0)
 
     def _hold(self, adapter: list, version: int) -> bool:
         """Load ``version`` from ``adapter[0]`` unless the engine holds it; whether it had to."""
@@ -54,10 +55,6 @@ class VLLMRolloutWorker:
         if reloaded:
             self.load_adapter(ray.get(adapter[0]), version)
         return reloaded
-
-    def _answer(self, samples: list[Sample], reloaded: bool, t0: float) -> dict:
-        """The answer of a ``generate`` call (the log-probs came with the samples: no scoring pass)."""
-        return {"samples": samples, "reloaded": reloaded, "pid": os.getpid(), "generate_s": time.perf_counter() - t0}
 
     def sleep(self) -> float:
         """Release the engine's GPU memory until the next ``generate`` (vLLM sleep mode); seconds taken, 0 where
