@@ -255,13 +255,6 @@ def pairwise_rows(cfg: Config, rows: list[dict]) -> tuple[dict[str, list[dict]],
 
 
 # --------------------------------------------------------------------------- entry point
-def rubric_grader(cfg: Config) -> str | None:
-    """What grades rubric criteria (printed beside every HealthBench figure): the judge and the grader version."""
-    if cfg.reward.w_rubric <= 0 or cfg.reward.judge.provider == "none":
-        return None
-    return f"{cfg.reward.judge.judge_id} · {cfg.reward.rubric.grader_version}"
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -311,7 +304,7 @@ def run_eval(cfg: Config, run: RunDir, *, models: list[str] | None = None, sets:
         "skipped": skipped_models + skipped_sets + pair_notes,
         "decoding": cfg.eval.decoding.model_dump(),
         "judge": cfg.reward.judge.judge_id,
-        "rubric_grader": rubric_grader(cfg),
+        "rubric_grader": cfg.reward.rubric_grader,
         "consultation": {m: r["metrics"] for m, r in consultation.items()},
         "timings": {"generate_s": {m: g["seconds"] for m, g in generations.items()},
                     "generate_wall_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),

@@ -82,14 +82,13 @@ def run_meta_eval(cfg, run: RunDir, path: Path, limit: int | None = None) -> dic
     ``review/meta_eval.json``: macro F1 and balanced accuracy against the physicians' labels, overall and per
     category. Each criterion is shown to the grader as worth +1 point (met = the behaviour it describes is present,
     which is what the physicians labelled); the format gate is off (the completions have no think block)."""
-    from medrl.evaluation.evaluate import rubric_grader
     from medrl.ray_utils import init_ray
     from medrl.reward.pool import RewardPool
     from medrl.reward.preflight import check_judge
     from medrl.reward.types import RewardInput
 
     rows = read_meta_eval(path, limit)
-    grader = rubric_grader(cfg)
+    grader = cfg.reward.rubric_grader
     if grader is None:
         raise UsageError("meta-eval needs a rubric grader: reward.w_rubric > 0 and reward.judge.provider openai or "
                          "reference")

@@ -351,22 +351,31 @@ class RewardConfig(StrictModel):
     rubric: RubricConfig = RubricConfig()
     """How the criteria of a prompt's rubric are graded (per criterion or batched, grader version, format gate)."""
 
+    cache: CacheConfig = CacheConfig()
+    """The judgement store shared by actors, processes and runs."""
+    rubric_generation: RubricGenerationConfig = RubricGenerationConfig()
+    """``medrl rubrics generate``: the teacher writes a rubric per prompt from its reference answer."""
+
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, data):
         if isinstance(data, dict) and data.get("preset", "none") in PRESETS:
             data = _merged(PRESETS[data["preset"]], data)
         return data
-    cache: CacheConfig = CacheConfig()
-    """The judgement store shared by actors, processes and runs."""
-    rubric_generation: RubricGenerationConfig = RubricGenerationConfig()
-    """``medrl rubrics generate``: the teacher writes a rubric per prompt from its reference answer."""
 
     @model_validator(mode="after")
     def _weights(self):
         if self.w_rule + self.w_teacher + self.w_verifier + self.w_rubric <= 0:
             raise ValueError("at least one of w_rule, w_teacher, w_verifier, w_rubric must be > 0")
         return self
+
+    @property
+    def rubric_grader(self) -> str | None:
+        """What grades rubric criteria (printed beside every HealthBench figure, eval's and the meta-eval's): the
+        judge and the grader version; None when rubrics are not graded."""
+        if self.w_rubric <= 0 or self.judge.provider == "none":
+            return None
+        return f"{self.judge.judge_id} · {self.rubric.grader_version}"
 
     def weights(self, item: RewardInput) -> Weights:
         """The weights of ``item``: its own (``RewardInput.weights``), else ``w_rule`` ... ``w_rubric``."""
