@@ -69,7 +69,7 @@ def synthetic_batch(prompts: int, samples: int, seed: int) -> Batch:
 
 
 def rewards(batch: Batch, samples: int) -> list[RewardResult]:
-    """Scores with spread in three groups of four, none in the fourth (filtered)."""
+    """Scores that differ within each group, except in every fourth group (all 0.5: zero spread, filtered)."""
     return [RewardResult(id=str(i), reward=0.5 if int(g) % 4 == 3 else float(i % samples) / samples, rule=0.0,
                          teacher=None)
             for i, g in enumerate(batch.group.tolist())]
@@ -102,7 +102,8 @@ def one_step(actors: list, batch: Batch, ppo, samples: int) -> dict[str, float]:
         keys = [(scored.samples[i].prompt_index, scored.samples[i].sample_index) for i in shard.tolist()]
         local = [k for k, key in enumerate(keys) if key in position]
         at = torch.tensor([position[keys[k]] for k in local], dtype=torch.long)
-        fields = {name: getattr(learned, name)[at] for name in DRIVER_FIELDS}
+        mine = learned.take(at)  # trimmed to these rows' longest response, as a shipped shard is
+        fields = {name: getattr(mine, name) for name in DRIVER_FIELDS}
         shipped += megabytes(fields)
         calls.append(actor.train_kept.remote(torch.tensor(local, dtype=torch.long), fields))
     ray.get(calls)

@@ -165,7 +165,7 @@ class LearnerGroup:
         general neither the same count on every rank (DDP and DeepSpeed need the same micro-batches and optimizer
         steps on each) nor balanced in tokens. Keeping them would mean masked padding rows or moving rows between
         ranks, and other minibatches than one ``shard_rows`` over the rows left (each rank's minibatches are a
-        permutation of its own shard, seeded by its rank). Shipping the rows again costs 11-17 ms per step at
+        permutation of its own shard, seeded by its rank). Shipping the rows again costs ~10 ms per step at
         ``configs/qwen3_1p7b_24gb.yaml``'s batch shape (``bench/ppo_sharding.py``)."""
         refs, _ = self._on_shards("train", batch, n_minibatches, seed, kl_coef)
         return Pending(refs, lambda per_rank: {k: float(np.mean([m[k] for m in per_rank])) for k in per_rank[0]})
