@@ -6,6 +6,7 @@ module whose docstring says it has no Ray does not load Ray."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -52,8 +53,9 @@ def _imported(node: ast.AST, package: str, modules: dict[str, Path]) -> list[str
     return out
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
-    """module -> the medrl modules it imports at run time, at any level of the file."""
+    """module -> the medrl modules it imports at run time, at any level of the file (read once per session)."""
     modules = _modules()
     graph = {}
     for name, path in modules.items():
@@ -91,21 +93,6 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_the_graph_reader_finds_what_it_must(tmp_path):
-    """The reader itself: function-level and relative imports count, TYPE_CHECKING does not, and a cycle is found."""
-    graph = import_graph()
-    assert "medrl.ppo.driver" in graph["medrl.cli"]  # imported inside a function
-    assert "medrl.ray_utils" in graph["medrl.ppo.driver"]  # imported inside run_ppo
-    assert "medrl.consult.engine" not in graph["medrl.consult.dialogue"]  # only under TYPE_CHECKING
-    found = cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})  # a imports b imports c imports a
-    assert found is not None and found[0] == found[-1] and "".join(found[:-1]) in ("abc", "bca", "cab")
-    assert cycle({"a": {"b"}, "b": set()}) is None
-    stage_configs = [m for m in graph if m.endswith(".config") and m != "medrl.config"]
-    assert len(stage_configs) >= 6
-    for module in stage_configs:  # what makes the config root's arrows into the stages harmless
-        assert "medrl.config" not in loads(graph, module), module
-
-
 def loads(graph: dict[str, set[str]], module: str) -> set[str]:
     """Every module that importing ``module`` loads (transitively)."""
     seen, todo = set(), [module]
@@ -114,6 +101,24 @@ def loads(graph: dict[str, set[str]], module: str) -> set[str]:
             seen.add(target)
             todo.append(target)
     return seen
+
+
+def test_the_graph_reader_finds_what_it_must():
+    """The reader itself: function-level and relative imports count, TYPE_CHECKING does not, and a cycle is found."""
+    graph = import_graph()
+    assert "medrl.ppo.driver" in graph["medrl.cli"]  # imported inside a function
+    assert "medrl.ray_utils" in graph["medrl.ppo.driver"]  # imported inside run_ppo
+    assert "medrl.consult.engine" not in graph["medrl.consult.dialogue"]  # only under TYPE_CHECKING
+    relative = ast.parse("from .batch import Batch\nfrom ..models import chat").body
+    assert [_imported(node, "medrl.ppo", _modules()) for node in relative] == [["medrl.ppo.batch"],
+                                                                                ["medrl.models.chat"]]
+    found = cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})  # a imports b imports c imports a
+    assert found is not None and found[0] == found[-1] and "".join(found[:-1]) in ("abc", "bca", "cab")
+    assert cycle({"a": {"b"}, "b": set()}) is None
+    stage_configs = [m for m in graph if m.endswith(".config") and m != "medrl.config"]
+    assert len(stage_configs) >= 6
+    for module in stage_configs:  # what makes the config root's arrows into the stages harmless
+        assert "medrl.config" not in loads(graph, module), module
 
 
 def test_no_module_and_no_package_imports_itself_back():
